@@ -1,0 +1,107 @@
+"""`selfllm` — the one entry point of every image and of a native (AutoDL) install.
+
+  selfllm start [--recipe DIR]       acquire the model, then run the recipe's task
+  selfllm health                     exit 0 when the task answers (the image's HEALTHCHECK)
+  selfllm smoke-model OUT            write a tiny random model of the recipe's architecture
+  selfllm fetch-model                download the model into the cache and print its folder
+  selfllm install RECIPE_DIR         native install: the recipe's lock, then this runtime
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import subprocess
+import sys
+import sysconfig
+import urllib.request
+from pathlib import Path
+
+from .context import RUNTIME_ROOT, RecipeContext, load_context
+from .metadata import MetadataError, TaskKind
+from .model_source import ModelNotFound, request_from_env, resolve_model
+
+TASK_MODULES = {
+    TaskKind.fastapi: "fastapi_server",
+    TaskKind.webdemo: "webdemo",
+    TaskKind.langchain: "langchain_app",
+    TaskKind.lora: "lora",
+    TaskKind.vllm: "vllm_server",
+}
+# Path probed by `selfllm health`; tasks without a server are healthy when the process runs.
+HEALTH_PATHS = {TaskKind.fastapi: "/health", TaskKind.vllm: "/health", TaskKind.webdemo: "/_stcore/health"}
+
+
+def task_module(context: RecipeContext):
+    return importlib.import_module(f"selfllm_runtime.tasks.{TASK_MODULES[context.recipe.task]}")
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    context = load_context(args.recipe)
+    model_dir = resolve_model(request_from_env(context.recipe))
+    task_module(context).run(context, model_dir)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    context = load_context(args.recipe)
+    path = HEALTH_PATHS.get(context.recipe.task)
+    if path is None:
+        return 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{context.recipe.port}{path}", timeout=4) as answer:
+        return 0 if answer.status == 200 else 1
+
+
+def cmd_smoke_model(args: argparse.Namespace) -> int:
+    from .smoke_model import make_smoke_model
+
+    print(make_smoke_model(load_context(args.recipe), Path(args.out)))
+    return 0
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    print(resolve_model(request_from_env(load_context(args.recipe).recipe)))
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """Native path (AutoDL has no Docker): the same lock the image installs, then this runtime."""
+    recipe_dir = Path(args.recipe_dir).resolve()
+    load_context(recipe_dir)  # validate before installing anything
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--require-hashes",
+                    "-r", str(recipe_dir / "requirements.lock")], check=True)
+    site = Path(sysconfig.get_paths()["purelib"])
+    (site / "selfllm_runtime.pth").write_text(str(RUNTIME_ROOT) + "\n")
+    launcher = Path(sys.executable).with_name("selfllm")
+    launcher.write_text(f"#!/bin/sh\nRECIPE_DIR=${{RECIPE_DIR:-{recipe_dir}}} exec {sys.executable} -m selfllm_runtime \"$@\"\n")
+    launcher.chmod(0o755)
+    print(f"installed {recipe_dir.parent.name}/{recipe_dir.name}; start it with: {launcher} start")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="selfllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func in (("start", cmd_start), ("health", cmd_health), ("fetch-model", cmd_fetch_model)):
+        p = sub.add_parser(name)
+        p.add_argument("--recipe", help="recipe folder (default: $RECIPE_DIR or /opt/recipe)")
+        p.set_defaults(func=func)
+    p = sub.add_parser("smoke-model")
+    p.add_argument("out")
+    p.add_argument("--recipe")
+    p.set_defaults(func=cmd_smoke_model)
+    p = sub.add_parser("install")
+    p.add_argument("recipe_dir")
+    p.set_defaults(func=cmd_install)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (MetadataError, ModelNotFound) as exc:
+        print(f"selfllm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if args.command == "health":
+            print(f"selfllm: unhealthy: {exc}", file=sys.stderr)
+            return 1
+        raise

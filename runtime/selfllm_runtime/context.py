@@ -1,0 +1,44 @@
+"""Which recipe this process serves, and the model family data that goes with it."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .metadata import ModelFamily, Recipe, chat_template_text, load_family, load_recipe
+
+RUNTIME_ROOT = Path(__file__).resolve().parent.parent  # runtime/ in the repo, /opt/selfllm/runtime in images
+DEFAULT_RECIPE_DIR = Path("/opt/recipe")
+
+
+def recipes_root() -> Path:
+    """recipes/ beside runtime/ (the repo checkout natively, /opt/selfllm/recipes in images)."""
+    return Path(os.environ.get("SELFLLM_RECIPES_ROOT", RUNTIME_ROOT.parent / "recipes"))
+
+
+@dataclass(frozen=True)
+class RecipeContext:
+    recipe_dir: Path
+    recipe: Recipe
+    family_dir: Path
+    family: ModelFamily
+
+    @property
+    def chat_template(self) -> str:
+        return chat_template_text(self.family_dir, self.family)
+
+    def template_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """Family defaults, then the recipe's, then the request's (None means 'not given')."""
+        merged = {**self.family.chat_template_kwargs, **self.recipe.chat_template_kwargs}
+        if self.family.thinking is not None:
+            merged.setdefault(self.family.thinking.template_kwarg, self.family.thinking.default)
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        return merged
+
+
+def load_context(recipe_dir: Path | str | None = None) -> RecipeContext:
+    folder = Path(recipe_dir or os.environ.get("RECIPE_DIR") or DEFAULT_RECIPE_DIR)
+    recipe = load_recipe(folder)
+    family_dir = recipes_root() / recipe.model
+    return RecipeContext(folder, recipe, family_dir, load_family(family_dir))

@@ -1,0 +1,180 @@
+"""The one schema of recipe metadata, shared by the host toolkit and the in-image runtime.
+
+Two files describe a recipe:
+- ``recipes/<model>/model.yaml``: what is true of the model family for every task (architecture,
+  chat template quirks, thinking switch, stop tokens, reasoning parser, LoRA targets);
+- ``recipes/<model>/<task>/recipe.yaml``: what this task adds (stack, port, GPU needs, contributors).
+
+Only pydantic and PyYAML are imported here, so the host toolkit can validate without torch.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MODEL_FILE = "model.yaml"
+RECIPE_FILE = "recipe.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskKind(str, Enum):
+    fastapi = "fastapi"
+    webdemo = "webdemo"
+    langchain = "langchain"
+    lora = "lora"
+    vllm = "vllm"
+
+
+class ModelSource(str, Enum):
+    modelscope = "modelscope"
+    huggingface = "huggingface"
+
+
+class CheckpointIds(Strict):
+    """Default checkpoint of a recipe on each hub."""
+
+    modelscope: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    huggingface: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+
+
+class SpecialTokens(Strict):
+    eos: str
+    pad: str
+    bos: str | None = None
+    additional: list[str] = []
+
+
+class Thinking(Strict):
+    """A chat-template switch that turns step-by-step thinking on or off (Qwen3's enable_thinking)."""
+
+    template_kwarg: str
+    default: bool = True
+
+
+class Reasoning(Strict):
+    """How reasoning text is delimited in the output, and vLLM's parser for it."""
+
+    start: str
+    end: str
+    vllm_parser: str | None = None
+
+
+class LoraDefaults(Strict):
+    target_modules: list[str]
+    r: int = Field(8, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class SmokeModelShape(Strict):
+    """Size of the tiny random model used by smoke tests (same architecture as the real one)."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    head_dim: int = Field(16, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    vocab_size: int = Field(1024, ge=300)
+
+
+class ModelFamily(Strict):
+    """recipes/<model>/model.yaml"""
+
+    display_name: str
+    architecture: str = Field(pattern=r"^[A-Z]\w+For\w+$", description="HF class, e.g. Qwen3ForCausalLM")
+    trust_remote_code: bool = False
+    chat_template: str = Field(description="file beside model.yaml holding the family's Jinja chat template")
+    special_tokens: SpecialTokens
+    stop_tokens: list[str] = []
+    chat_template_kwargs: dict[str, Any] = {}
+    thinking: Thinking | None = None
+    reasoning: Reasoning | None = None
+    lora: LoraDefaults
+    smoke: SmokeModelShape = SmokeModelShape()
+
+
+class GpuNeeds(Strict):
+    required: bool = True
+    min_vram_gb: float = Field(gt=0)
+
+
+class SmokeSettings(Strict):
+    timeout_s: int = Field(600, gt=0)
+
+
+class Recipe(Strict):
+    """recipes/<model>/<task>/recipe.yaml"""
+
+    name: str
+    model: str = Field(description="the folder name under recipes/, e.g. qwen3")
+    task: TaskKind
+    stack: str = Field(description="folder under base-images/stacks/ whose image this recipe builds on")
+    default_model: CheckpointIds
+    port: int = Field(6006, ge=1, le=65535)
+    gpu: GpuNeeds
+    contributors: list[str] = Field(min_length=1)
+    chat_template_kwargs: dict[str, Any] = {}
+    smoke: SmokeSettings = SmokeSettings()
+    env: dict[str, str] = {}
+
+    @field_validator("contributors")
+    @classmethod
+    def _names_are_trimmed(cls, names: list[str]) -> list[str]:
+        return [n.strip() for n in names if n.strip()]
+
+
+class MetadataError(ValueError):
+    """A metadata file that can't be used; the message names the file and the field."""
+
+    def __init__(self, path: Path, field: str, problem: str):
+        self.path, self.field, self.problem = Path(path), field, problem
+        super().__init__(f"{path}: {field}: {problem}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MetadataError(path, "(file)", "missing")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(yaml)"
+        raise MetadataError(path, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise MetadataError(path, "(top level)", "expected a mapping of fields")
+    return data
+
+
+def _validate(schema: type[Strict], path: Path) -> Any:
+    data = read_yaml(path)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise MetadataError(path, field, first["msg"] + more) from None
+
+
+def load_family(model_dir: Path) -> ModelFamily:
+    path = Path(model_dir) / MODEL_FILE
+    family: ModelFamily = _validate(ModelFamily, path)
+    if not (Path(model_dir) / family.chat_template).is_file():
+        raise MetadataError(path, "chat_template", f"file {family.chat_template!r} not found beside it")
+    return family
+
+
+def load_recipe(recipe_dir: Path) -> Recipe:
+    return _validate(Recipe, Path(recipe_dir) / RECIPE_FILE)
+
+
+def chat_template_text(model_dir: Path, family: ModelFamily) -> str:
+    return (Path(model_dir) / family.chat_template).read_text(encoding="utf-8")

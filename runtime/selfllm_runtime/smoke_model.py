@@ -1,0 +1,85 @@
+"""A tiny random model of the recipe's real architecture, for smoke tests without a model hub.
+
+Made inside the recipe's own image (so its pinned transformers writes it): a BPE tokenizer trained
+on the spot with the family's special tokens and real chat template, and a randomly initialised
+`<architecture>` of a few layers. The runtime then loads it with `from_pretrained(folder)`, the
+same code path as real weights.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .context import RecipeContext
+
+CORPUS = [
+    "Hello! How can I help you today? I am a helpful assistant.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "你好，我是甄嬛，家父是大理寺少卿甄远道。",
+    "Please answer the question based on the context below.",
+    "system user assistant tool think The answer is yes. Thank you.",
+    "小主，皇上今日翻了您的牌子。嬛嬛，朕的心意你可明白？",
+    "def add(a, b): return a + b  # Python code { } [ ] ( ) : ; , . ! ?",
+]
+
+
+def _train_tokenizer(context: RecipeContext, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    family = context.family
+    tokens = family.special_tokens
+    special = list(dict.fromkeys([tokens.pad, tokens.eos, *([tokens.bos] if tokens.bos else []),
+                                  *family.stop_tokens, *tokens.additional]))
+    # Reasoning markers stay visible in decoded text, as in the real checkpoints.
+    visible = {family.reasoning.start, family.reasoning.end} if family.reasoning else set()
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[t for t in special if t not in visible],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = CORPUS * 4 + [context.chat_template]
+    core.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=tokens.eos, pad_token=tokens.pad, bos_token=tokens.bos,
+        additional_special_tokens=[t for t in special if t not in visible and t not in (tokens.eos, tokens.pad, tokens.bos)],
+    )
+    if visible:
+        tokenizer.add_tokens(sorted(visible))
+    tokenizer.chat_template = context.chat_template
+    return tokenizer
+
+
+def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0) -> Path:
+    import torch
+    import transformers
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    torch.manual_seed(seed)
+    shape = context.family.smoke
+    tokenizer = _train_tokenizer(context, shape.vocab_size)
+    model_class = getattr(transformers, context.family.architecture)
+    config = model_class.config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.intermediate_size,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.convert_tokens_to_ids(context.family.special_tokens.eos),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    config.architectures = [context.family.architecture]
+    model = model_class(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
+        {"architecture": context.family.architecture, "random": True, "note": "tiny random model for smoke tests"}))
+    return out_dir

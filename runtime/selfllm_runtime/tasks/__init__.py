@@ -1,0 +1,1 @@
+"""One module per task kind; each exposes `run(context, model_dir)`."""

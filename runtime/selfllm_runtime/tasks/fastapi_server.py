@@ -1,0 +1,80 @@
+"""Task `fastapi`: upstream's API (`POST /`) on port 6006, plus `GET /health`."""
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..chat_engine import ChatEngine, GenerationParams, Message
+from ..context import RecipeContext
+
+log = logging.getLogger("selfllm.fastapi")
+
+
+class LegacyRequest(BaseModel):
+    """Upstream tutorial's body. history: [[user, assistant], ...] or [{"role", "content"}, ...]."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = Field(min_length=1)
+    history: list[Any] = []
+    max_length: int = Field(2048, ge=1, le=32768)
+    top_p: float = Field(0.8, gt=0, le=1)
+    temperature: float = Field(0.7, ge=0, le=2)
+
+
+class LegacyResponse(BaseModel):
+    response: str
+    history: list[Any]
+    status: int
+    time: str
+
+
+def history_to_messages(history: list[Any]) -> list[Message]:
+    messages: list[Message] = []
+    for turn in history:
+        if isinstance(turn, dict) and {"role", "content"} <= turn.keys():
+            messages.append({"role": str(turn["role"]), "content": str(turn["content"])})
+        elif isinstance(turn, (list, tuple)) and len(turn) == 2:
+            messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+        else:
+            raise ValueError("history items must be [user, assistant] pairs or {role, content} objects")
+    return messages
+
+
+def create_app(engine: ChatEngine):
+    from fastapi import FastAPI, HTTPException
+    from fastapi.concurrency import run_in_threadpool
+
+    recipe = engine.context.recipe
+    app = FastAPI(title=recipe.name, version="1")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": engine.model_name, "device": engine.device}
+
+    @app.post("/", response_model=LegacyResponse)
+    async def legacy_chat(body: LegacyRequest) -> LegacyResponse:
+        try:
+            messages = history_to_messages(body.history)
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        messages.append({"role": "user", "content": body.prompt})
+        params = GenerationParams(max_new_tokens=body.max_length, temperature=body.temperature, top_p=body.top_p)
+        completion = await run_in_threadpool(engine.generate, messages, params)
+        pairs_style = not body.history or isinstance(body.history[0], (list, tuple))
+        turn: list[Any] = ([[body.prompt, completion.text]] if pairs_style else
+                           [{"role": "user", "content": body.prompt}, {"role": "assistant", "content": completion.text}])
+        now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        log.info('[%s] prompt:"%s", response:"%s"', now, body.prompt, completion.text)
+        return LegacyResponse(response=completion.text, history=[*body.history, *turn], status=200, time=now)
+    return app
+
+
+def run(context: RecipeContext, model_dir: Path) -> None:
+    import uvicorn
+
+    app = create_app(ChatEngine(context, model_dir))
+    uvicorn.run(app, host="0.0.0.0", port=context.recipe.port, workers=1)

@@ -1,0 +1,1 @@
+"""Host toolkit of self-llm recipes: discover → plan → build → smoke-test → report."""

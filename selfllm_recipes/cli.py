@@ -1,0 +1,190 @@
+"""The matrix builder: discover → plan (base before recipes) → build → smoke-test → report.
+
+    python scripts/build_matrix.py [--only MODEL[/TASK]]... [--changed-since REF] [--report-dir DIR]
+    python scripts/build_matrix.py --github-matrix        # selected recipes as a GitHub Actions matrix
+    python scripts/build_matrix.py lock [--only ...]      # regenerate requirements.lock files
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from .build import BuildError, BuildResult, build_node
+from .discover import BrokenRecipe, RecipeSpec, discover
+from .engine import EngineError, choose_base, connect, has_nvidia_runtime
+from .images import NodeKind, plan_images
+from .layout import CACHE_DIR, LOCK_FILE, REPO_ROOT
+from .locks import compile_lock
+from .plan import SelectionError, select
+from .report import RecipeReport, render_table, write_reports
+from .smoke.runner import cached_pass, remember_pass, remove_leftovers, run_smoke
+
+log = logging.getLogger("selfllm")
+SOURCE_URL = "https://github.com/datawhalechina/self-llm"
+
+
+def _terminate_as_interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="build_matrix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", choices=["matrix", "lock", "list"], default="matrix")
+    p.add_argument("--only", action="append", default=[], metavar="MODEL[/TASK]", help="select recipes (repeatable)")
+    p.add_argument("--changed-since", metavar="GIT_REF", help="only recipes whose inputs changed since GIT_REF")
+    p.add_argument("--base", choices=["auto", "official", "local"], default="auto",
+                   help="CUDA base: official nvidia/cuda image, the local Debian stand-in, or auto (default)")
+    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="GPU device request for smoke tests")
+    p.add_argument("--report-dir", type=Path, help="write report.json, report.md and junit.xml here")
+    p.add_argument("--github-matrix", action="store_true", help="print the selection as a GitHub Actions matrix and exit")
+    p.add_argument("--no-smoke", action="store_true", help="build only")
+    p.add_argument("--rebuild", action="store_true", help="rebuild even when inputs are unchanged")
+    p.add_argument("--pip-index-url", help="PIP_INDEX_URL for image builds (e.g. the Tsinghua mirror)")
+    p.add_argument("--hf-endpoint", help="HF_ENDPOINT baked into images (e.g. https://hf-mirror.com)")
+    return p.parse_args(argv)
+
+
+def selected(args: argparse.Namespace) -> tuple[list[RecipeSpec], list[BrokenRecipe]]:
+    good, broken = discover()
+    keys = select([*good, *broken], args.only, args.changed_since)
+    return [s for s in good if s.key in keys], [b for b in broken if b.key in keys]
+
+
+def cmd_lock(args: argparse.Namespace, console: Console) -> int:
+    good, broken = selected(args)
+    stacks = {spec.stack.dir for spec in good}
+    for folder in sorted(stacks):
+        console.print(f"locking stack {folder.relative_to(REPO_ROOT)}")
+        compile_lock(folder)
+    for spec in good:
+        console.print(f"locking {spec.key}")
+        compile_lock(spec.dir, constraints=spec.stack.dir / LOCK_FILE)
+    for item in broken:  # a lock that fails validation is regenerated too, when its recipe.yaml is fine
+        console.print(f"[yellow]{item.key}[/]: {item.error}")
+    return 1 if broken else 0
+
+
+def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
+    recipes, broken = selected(args)
+    rows: dict[str, RecipeReport] = {
+        b.key: RecipeReport(b.key, "fail", 0.0, "", error=str(b.error), build="not built") for b in broken}
+    for b in broken:
+        log.error("broken recipe %s", b.error)
+    if not recipes:
+        console.print("no recipe selected" + (" (all selected ones are broken)" if broken else ""))
+        return finish(list(rows.values()), args, console, {})
+
+    client = connect()
+    gpu = {"on": True, "off": False}.get(args.gpu, has_nvidia_runtime(client))
+    base = choose_base(client, args.base)
+    log.info("CUDA base: %s (%s)", base.image, base.reason)
+    extra = {k: v for k, v in {"PIP_INDEX_URL": args.pip_index_url, "HF_ENDPOINT": args.hf_endpoint}.items() if v}
+    nodes = plan_images(recipes, base.image, client.images.get(base.image).id, extra)
+    by_key = {spec.key: spec for spec in recipes}
+    built: dict[str, BuildResult] = {}
+    failed_parents: dict[str, str] = {}
+    report_dir = args.report_dir or CACHE_DIR / "last-run"
+    meta = {"base": f"{base.image} ({base.reason})", "engine": "nvidia runtime (GPU)" if gpu else "no nvidia runtime (CPU)"}
+    left = remove_leftovers(client)
+    if left:
+        log.warning("removed %d container(s) left by an interrupted run", left)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=False) as progress:
+        for node in nodes:
+            started = time.monotonic()
+            task = progress.add_task(f"build {node.key}", total=None)
+            blocked = next((failed_parents[p] for p in node.parents if p in failed_parents), None)
+            if blocked:
+                failed_parents[node.key] = blocked
+                progress.update(task, description=f"[red]✗[/] {node.key}: not built ({blocked})", completed=1, total=1)
+                if node.kind is NodeKind.recipe:
+                    rows[node.key] = RecipeReport(node.key, "fail", 0.0, node.tag, error=blocked, build="not built")
+                continue
+            try:
+                result = build_node(client, node, report_dir / "logs", SOURCE_URL, force=args.rebuild)
+            except BuildError as exc:
+                failed_parents[node.key] = f"build of {node.key} failed"
+                progress.update(task, description=f"[red]✗[/] build {node.key}", completed=1, total=1)
+                if node.kind is NodeKind.recipe:
+                    rows[node.key] = RecipeReport(node.key, "fail", time.monotonic() - started, node.tag,
+                                                  error=str(exc), build="failed")
+                else:
+                    log.error("%s", exc)
+                continue
+            built[node.key] = result
+            how = "reused" if result.reused else "built"
+            progress.update(task, description=f"[green]✓[/] {how} {node.key} ({node.tag})", completed=1, total=1)
+            if node.kind is not NodeKind.recipe:
+                continue
+            spec = by_key[node.key]
+            row = RecipeReport(node.key, "pass", time.monotonic() - started, node.tag, build=how)
+            rows[node.key] = row
+            if args.no_smoke:
+                row.status, row.smoke = "skip", "--no-smoke"
+                continue
+            smoke_task = progress.add_task(f"smoke {node.key}", total=None)
+            smoke = cached_pass(spec, result.image_id, gpu)
+            if smoke is None:
+                smoke = run_smoke(spec, node.tag, gpu, report_dir)
+                if smoke.ok:
+                    remember_pass(spec, result.image_id, gpu, smoke)
+            row.seconds = time.monotonic() - started
+            row.smoke = ("reused: " if smoke.reused else "") + smoke.detail.splitlines()[0]
+            row.level = smoke.level
+            if not smoke.ok:
+                row.status, row.error = "fail", smoke.detail
+            mark = "[green]✓[/]" if smoke.ok else "[red]✗[/]"
+            progress.update(smoke_task, description=f"{mark} smoke {node.key}: {row.smoke}", completed=1, total=1)
+    return finish(list(rows.values()), args, console, meta)
+
+
+def finish(rows: list[RecipeReport], args: argparse.Namespace, console: Console, meta: dict) -> int:
+    rows.sort(key=lambda r: r.recipe)
+    render_table(rows, console)
+    if args.report_dir:
+        write_reports(rows, args.report_dir, meta)
+        console.print(f"report: {args.report_dir}/report.json, report.md, junit.xml")
+    return 1 if any(r.status == "fail" for r in rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console(stderr=args.github_matrix)
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        if args.github_matrix:
+            recipes, broken = selected(args)
+            keys = sorted([s.key for s in recipes] + [b.key for b in broken])
+            print(json.dumps({"recipe": keys}))
+            return 0
+        if args.command == "lock":
+            return cmd_lock(args, console)
+        if args.command == "list":
+            good, broken = discover()
+            for spec in good:
+                console.print(f"{spec.key}\t{spec.recipe.task.value}\t{spec.stack.name}\t{spec.image}")
+            for item in broken:
+                console.print(f"[red]{item.key}\tBROKEN: {item.error}[/]")
+            return 1 if broken else 0
+        return cmd_matrix(args, console)
+    except (SelectionError, EngineError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: removing smoke-test containers[/]")
+        try:
+            remove_leftovers(connect())
+        except EngineError:
+            pass
+        return 130

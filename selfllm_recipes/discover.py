@@ -1,0 +1,93 @@
+"""Discover: find every recipe folder and validate it into a RecipeSpec, or a BrokenRecipe."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selfllm_runtime.metadata import (
+    MODEL_FILE,
+    RECIPE_FILE,
+    MetadataError,
+    ModelFamily,
+    Recipe,
+    load_family,
+    load_recipe,
+)
+
+from .layout import LOCK_FILE, LOCK_INPUT, RECIPES_DIR, STACKS_DIR
+from .locks import Pin, check_against_stack, parse_lock
+
+REQUIRED_FILES = ("Dockerfile", RECIPE_FILE, LOCK_INPUT, LOCK_FILE, "README.md")
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    name: str
+    dir: Path
+    pins: tuple[Pin, ...]
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    key: str  # "qwen3/fastapi"
+    dir: Path
+    model_dir: Path
+    recipe: Recipe
+    family: ModelFamily
+    stack: StackSpec
+    pins: tuple[Pin, ...] = field(repr=False)
+
+    @property
+    def image(self) -> str:
+        return "selfllm/" + self.key.replace("/", "-")
+
+
+@dataclass(frozen=True)
+class BrokenRecipe:
+    key: str
+    dir: Path
+    error: MetadataError
+
+
+def recipe_dirs(root: Path = RECIPES_DIR) -> list[Path]:
+    """Folders recipes/<model>/<task>/ (a task folder is one holding a recipe.yaml or a Dockerfile)."""
+    found = {p.parent for pattern in (f"*/*/{RECIPE_FILE}", "*/*/Dockerfile") for p in root.glob(pattern)}
+    return sorted(found)
+
+
+def load_stack(name: str, referenced_by: Path) -> StackSpec:
+    folder = STACKS_DIR / name
+    if not (folder / "Dockerfile").is_file():
+        raise MetadataError(referenced_by, "stack", f"no stack {name!r} (expected {folder}/Dockerfile)")
+    return StackSpec(name, folder, tuple(parse_lock(folder / LOCK_FILE)))
+
+
+def load_spec(task_dir: Path) -> RecipeSpec:
+    model_dir = task_dir.parent
+    key = f"{model_dir.name}/{task_dir.name}"
+    for name in REQUIRED_FILES:
+        if not (task_dir / name).is_file():
+            raise MetadataError(task_dir / name, "(file)", "missing")
+    recipe = load_recipe(task_dir)
+    if recipe.model != model_dir.name:
+        raise MetadataError(task_dir / RECIPE_FILE, "model", f"{recipe.model!r} must equal its folder {model_dir.name!r}")
+    family = load_family(model_dir)
+    stack = load_stack(recipe.stack, task_dir / RECIPE_FILE)
+    pins = parse_lock(task_dir / LOCK_FILE)
+    check_against_stack(task_dir / LOCK_FILE, pins, stack.dir / LOCK_FILE, list(stack.pins))
+    return RecipeSpec(key, task_dir, model_dir, recipe, family, stack, tuple(pins))
+
+
+def discover(root: Path = RECIPES_DIR) -> tuple[list[RecipeSpec], list[BrokenRecipe]]:
+    """All recipes under root. A broken one is reported, never fatal to the others."""
+    good: list[RecipeSpec] = []
+    broken: list[BrokenRecipe] = []
+    for task_dir in recipe_dirs(root):
+        try:
+            good.append(load_spec(task_dir))
+        except MetadataError as exc:
+            broken.append(BrokenRecipe(f"{task_dir.parent.name}/{task_dir.name}", task_dir, exc))
+    return good, broken
+
+
+__all__ = ["BrokenRecipe", "RecipeSpec", "StackSpec", "discover", "load_spec", "recipe_dirs", "MODEL_FILE"]

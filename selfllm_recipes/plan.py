@@ -1,0 +1,68 @@
+"""Select which recipes to build: --only MODEL[/TASK] (repeatable) and --changed-since GIT_REF."""
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+
+from .discover import BrokenRecipe, RecipeSpec
+from .layout import REPO_ROOT
+
+# Paths whose change affects every recipe.
+SHARED_PATHS = ("base-images/cuda12.1/", "runtime/", "selfllm_recipes/smoke/")
+
+
+class SelectionError(ValueError):
+    pass
+
+
+def _matches(key: str, selector: str) -> bool:
+    selector = selector.strip().strip("/")
+    return key == selector or key.split("/")[0] == selector
+
+
+def select_by_name(keys: Sequence[str], only: Sequence[str]) -> list[str]:
+    if not only:
+        return list(keys)
+    chosen: list[str] = []
+    for selector in only:
+        hits = [k for k in keys if _matches(k, selector)]
+        if not hits:
+            raise SelectionError(f"--only {selector!r}: no such recipe (known: {', '.join(keys) or 'none'})")
+        chosen += [k for k in hits if k not in chosen]
+    return chosen
+
+
+def changed_paths(ref: str) -> list[str]:
+    def git(*args: str) -> list[str]:
+        result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SelectionError(f"--changed-since {ref!r}: {result.stderr.strip() or 'git failed'}")
+        return [line for line in result.stdout.splitlines() if line]
+
+    return git("diff", "--name-only", ref) + git("ls-files", "--others", "--exclude-standard")
+
+
+def recipe_inputs(spec: RecipeSpec) -> list[str]:
+    rel = lambda p: str(p.relative_to(REPO_ROOT)) + "/"  # noqa: E731
+    return [rel(spec.dir), rel(spec.model_dir) + "model.yaml", rel(spec.model_dir) + spec.family.chat_template,
+            rel(spec.stack.dir)]
+
+
+def select_changed(specs: Sequence[RecipeSpec | BrokenRecipe], ref: str) -> list[str]:
+    paths = changed_paths(ref)
+    if any(p.startswith(SHARED_PATHS) for p in paths):
+        return [s.key for s in specs]
+    chosen = []
+    for spec in specs:
+        inputs = recipe_inputs(spec) if isinstance(spec, RecipeSpec) else [str(spec.dir.relative_to(REPO_ROOT)) + "/"]
+        if any(p == i.rstrip("/") or p.startswith(i) for p in paths for i in inputs):
+            chosen.append(spec.key)
+    return chosen
+
+
+def select(specs: Sequence[RecipeSpec | BrokenRecipe], only: Sequence[str], changed_since: str | None) -> list[str]:
+    keys = select_by_name([s.key for s in specs], only)
+    if changed_since:
+        changed = set(select_changed(specs, changed_since))
+        keys = [k for k in keys if k in changed]
+    return keys

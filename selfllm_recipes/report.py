@@ -1,0 +1,63 @@
+"""Report: a rich table on the console, and report.json, report.md, junit.xml in --report-dir."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from rich.console import Console
+from rich.table import Table
+
+STATUS_STYLE = {"pass": "bold green", "fail": "bold red", "skip": "yellow"}
+
+
+@dataclass
+class RecipeReport:
+    recipe: str  # "qwen3/fastapi"
+    status: str  # pass | fail | skip
+    seconds: float
+    image: str
+    error: str = ""
+    build: str = ""  # built | reused | failed | not built
+    smoke: str = ""  # one-line detail of the smoke check
+    level: str = ""  # where the smoke test ran: cpu | gpu (+ any reduced level the check names)
+
+
+def render_table(rows: list[RecipeReport], console: Console) -> None:
+    table = Table(title="self-llm recipes: build & smoke test")
+    for column in ("recipe", "status", "build", "smoke", "seconds", "image / error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.recipe, f"[{STATUS_STYLE[row.status]}]{row.status.upper()}[/]", row.build,
+                      (row.smoke or "-") + (f" [{row.level}]" if row.level else ""), f"{row.seconds:.1f}",
+                      row.error.splitlines()[0] if row.error else row.image)
+    console.print(table)
+    for row in rows:
+        if row.error and len(row.error.splitlines()) > 1:
+            console.print(f"[red]{row.recipe}[/]: {row.error}")
+
+
+def write_reports(rows: list[RecipeReport], folder: Path, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps([asdict(r) for r in rows], ensure_ascii=False, indent=2))
+    lines = [f"# self-llm recipes — matrix report", "", f"base: {meta.get('base', '')}  ",
+             f"engine: {meta.get('engine', '')}", "",
+             "| recipe | status | build | smoke | seconds | image / error |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cell = (r.error.splitlines()[0] if r.error else r.image).replace("|", "\\|")
+        smoke = (r.smoke + (f" [{r.level}]" if r.level else "")).replace("|", "\\|")
+        lines.append(f"| {r.recipe} | {r.status.upper()} | {r.build} | {smoke} | {r.seconds:.1f} | {cell} |")
+    (folder / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    suite = ET.Element("testsuite", name="selfllm-matrix", tests=str(len(rows)),
+                       failures=str(sum(r.status == "fail" for r in rows)),
+                       skipped=str(sum(r.status == "skip" for r in rows)),
+                       time=f"{sum(r.seconds for r in rows):.1f}")
+    for r in rows:
+        case = ET.SubElement(suite, "testcase", classname="recipes", name=r.recipe, time=f"{r.seconds:.1f}")
+        if r.status == "fail":
+            ET.SubElement(case, "failure", message=r.error.splitlines()[0] if r.error else "failed").text = r.error
+        elif r.status == "skip":
+            ET.SubElement(case, "skipped", message=r.error or "skipped")
+        ET.SubElement(case, "system-out").text = f"image={r.image} build={r.build} smoke={r.smoke} level={r.level}"
+    ET.ElementTree(suite).write(folder / "junit.xml", encoding="utf-8", xml_declaration=True)

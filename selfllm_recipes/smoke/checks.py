@@ -1,0 +1,77 @@
+"""What a smoke check is, and the helpers every task's check shares.
+
+Each task kind has one module `task_<kind>.py` here defining `CHECK: SmokeCheck`."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import requests
+
+from selfllm_runtime.metadata import TaskKind
+
+SMOKE_MODEL_DIR = "/root/autodl-tmp/smoke-model"
+
+
+class SmokeFailure(AssertionError):
+    pass
+
+
+@dataclass(frozen=True)
+class SmokeCheck:
+    """How to start the task on the tiny model, and how to judge it."""
+
+    command: str  # shell command run in the recipe image
+    verify: Callable[["SmokeSession"], str]  # returns a one-line detail for the report
+    serves_http: bool = True
+    health_path: str = "/health"
+    env: dict[str, str] = field(default_factory=dict)
+    shm_size: str | None = None
+
+
+@dataclass
+class SmokeSession:
+    base_url: str  # http://127.0.0.1:<published port>
+    recipe_key: str
+    logs: Callable[[], str]
+    exit_code: Callable[[], int | None]
+    artifacts_dir: "object | None" = None
+
+
+def start_on_smoke_model(start: str = "selfllm start") -> str:
+    return f"selfllm smoke-model {SMOKE_MODEL_DIR} && exec {start}"
+
+
+def wait_until_healthy(session: SmokeSession, path: str, timeout_s: float) -> float:
+    """Poll until GET path answers 200; fail early when the container exits."""
+    started = time.monotonic()
+    last = "no answer yet"
+    while time.monotonic() - started < timeout_s:
+        code = session.exit_code()
+        if code is not None:
+            raise SmokeFailure(f"container exited with code {code} before it was ready")
+        try:
+            answer = requests.get(session.base_url + path, timeout=5)
+            if answer.status_code == 200:
+                return time.monotonic() - started
+            last = f"HTTP {answer.status_code}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(1)
+    raise SmokeFailure(f"not ready after {timeout_s:.0f} s ({last})")
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise SmokeFailure(message)
+
+
+def check_for(task: TaskKind) -> SmokeCheck:
+    import importlib
+
+    try:
+        module = importlib.import_module(f"selfllm_recipes.smoke.task_{task.value}")
+    except ModuleNotFoundError as exc:
+        raise SmokeFailure(f"no smoke check for task {task.value!r} (selfllm_recipes/smoke/task_{task.value}.py)") from exc
+    return module.CHECK

@@ -1,0 +1,131 @@
+"""Run one recipe image in a container through testcontainers and apply its task's check.
+
+The container is always removed: on success, failure, timeout and Ctrl-C (SIGINT/SIGTERM).
+Published ports bind to 127.0.0.1 and every request goes to 127.0.0.1.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+from docker.types import DeviceRequest
+
+from ..build import RECIPE_LABEL
+from ..discover import RecipeSpec
+from ..layout import CACHE_DIR, LABEL_PREFIX
+from .checks import SmokeFailure, SmokeSession, check_for, wait_until_healthy
+
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # its reaper image can't be pulled here
+SMOKE_LABEL = f"{LABEL_PREFIX}.smoke"
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class SmokeResult:
+    ok: bool
+    detail: str
+    seconds: float
+    reused: bool = False
+    level: str = ""  # e.g. "cpu" or "gpu"
+
+
+def check_code_hash() -> str:
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _cache_file(spec: RecipeSpec, image_id: str, gpu: bool) -> Path:
+    name = f"{spec.key.replace('/', '-')}-{image_id.split(':')[-1][:16]}-{check_code_hash()}-{'gpu' if gpu else 'cpu'}.json"
+    return CACHE_DIR / "smoke" / name
+
+
+def cached_pass(spec: RecipeSpec, image_id: str, gpu: bool) -> SmokeResult | None:
+    path = _cache_file(spec, image_id, gpu)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return SmokeResult(True, data["detail"], 0.0, reused=True, level=data.get("level", ""))
+
+
+def remember_pass(spec: RecipeSpec, image_id: str, gpu: bool, result: SmokeResult) -> None:
+    path = _cache_file(spec, image_id, gpu)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"detail": result.detail, "level": result.level, "seconds": result.seconds}))
+
+
+def remove_leftovers(client: docker.DockerClient) -> int:
+    """Containers of an earlier run that died before its own cleanup."""
+    leftovers = client.containers.list(all=True, filters={"label": SMOKE_LABEL})
+    for container in leftovers:
+        container.remove(force=True, v=True)
+    return len(leftovers)
+
+
+def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> SmokeResult:
+    from testcontainers.core.container import DockerContainer
+
+    check = check_for(spec.recipe.task)
+    port = spec.recipe.port
+    kwargs: dict = {"labels": {SMOKE_LABEL: "1", RECIPE_LABEL: spec.key}, "entrypoint": ["/bin/sh", "-c"]}
+    if gpu:
+        kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    if check.shm_size:
+        kwargs["shm_size"] = check.shm_size
+    container = DockerContainer(image).with_command([check.command]).with_kwargs(**kwargs)
+    for key, value in {"HF_HUB_OFFLINE": "1", **check.env}.items():
+        container = container.with_env(key, value)
+    if check.serves_http:
+        container = container.with_bind_ports(port, (LOOPBACK, None))  # a random port on loopback only
+    started = time.monotonic()
+    try:
+        container.start()
+        wrapped = container.get_wrapped_container()
+
+        def exit_code() -> int | None:
+            wrapped.reload()
+            return wrapped.attrs["State"]["ExitCode"] if wrapped.status == "exited" else None
+
+        def logs() -> str:
+            out, err = container.get_logs()
+            return (out + err).decode(errors="replace")
+
+        base_url = f"http://{LOOPBACK}:{container.get_exposed_port(port)}" if check.serves_http else ""
+        session = SmokeSession(base_url, spec.key, logs, exit_code, artifacts_dir)
+        if check.serves_http:
+            wait_until_healthy(session, check.health_path, spec.recipe.smoke.timeout_s)
+        detail = check.verify(session)
+        return SmokeResult(True, detail, time.monotonic() - started, level="gpu" if gpu else "cpu")
+    except SmokeFailure as exc:
+        tail = _tail(container)
+        return SmokeResult(False, f"{exc}{tail}", time.monotonic() - started, level="gpu" if gpu else "cpu")
+    finally:
+        _save_logs(container, artifacts_dir / f"{spec.key.replace('/', '-')}.container.log")
+        try:
+            container.stop()
+        except Exception:  # noqa: BLE001 - never mask the real outcome
+            pass
+
+
+def _tail(container) -> str:
+    try:
+        out, err = container.get_logs()
+        lines = (out + err).decode(errors="replace").strip().splitlines()[-6:]
+        return "\n    " + "\n    ".join(lines) if lines else ""
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _save_logs(container, path: Path) -> None:
+    try:
+        out, err = container.get_logs()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(out + err)
+    except Exception:  # noqa: BLE001 - the container may never have started
+        pass
