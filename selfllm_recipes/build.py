@@ -66,7 +66,7 @@ def existing_image(client: docker.DockerClient, node: ImageNode):
 def _run_build(client: docker.DockerClient, node: ImageNode, log_file: Path, *, fileobj, tag: str,
                buildargs: dict[str, str] | None = None, labels: dict[str, str] | None = None) -> str:
     image_id = ""
-    with log_file.open("a", encoding="utf-8") as log:
+    with log_file.open("a", encoding="utf-8", buffering=1) as log:  # line-buffered: follow it live
         stream = client.api.build(fileobj=fileobj, custom_context=True, tag=tag, buildargs=buildargs or {},
                                   labels=labels or {}, network_mode="host", rm=True, forcerm=True, decode=True,
                                   pull=False)

@@ -23,7 +23,7 @@ from .discover import BrokenRecipe, RecipeSpec, discover
 from .engine import EngineError, choose_base, connect, has_nvidia_runtime
 from .images import NodeKind, plan_images
 from .layout import CACHE_DIR, LOCK_FILE, REPO_ROOT
-from .locks import compile_lock
+from .locks import LOCK_PYTHON, compile_lock
 from .plan import SelectionError, select
 from .report import RecipeReport, render_table, write_reports
 from .smoke.runner import cached_pass, remember_pass, remove_leftovers, run_smoke
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rebuild", action="store_true", help="rebuild even when inputs are unchanged")
     p.add_argument("--pip-index-url", help="PIP_INDEX_URL for image builds (e.g. the Tsinghua mirror)")
     p.add_argument("--hf-endpoint", help="HF_ENDPOINT baked into images (e.g. https://hf-mirror.com)")
+    p.add_argument("--find-links", action="append", default=[], metavar="DIR_OR_URL",
+                   help="lock: also resolve from here (CPU torch: https://download.pytorch.org/whl/cpu)")
     return p.parse_args(argv)
 
 
@@ -61,13 +63,20 @@ def selected(args: argparse.Namespace) -> tuple[list[RecipeSpec], list[BrokenRec
 
 def cmd_lock(args: argparse.Namespace, console: Console) -> int:
     good, broken = selected(args)
-    stacks = {spec.stack.dir for spec in good}
-    for folder in sorted(stacks):
+    links = [arg for link in args.find_links for arg in ("--find-links", link)]
+    stacks = {spec.stack.dir: LOCK_PYTHON for spec in good}
+    stacks |= {spec.cpu_stack.dir: spec.recipe.cpu_variant.python for spec in good if spec.cpu_stack}
+    for folder, python in sorted(stacks.items()):
         console.print(f"locking stack {folder.relative_to(REPO_ROOT)}")
-        compile_lock(folder)
+        compile_lock(folder, extra_args=links, python=python)
     for spec in good:
         console.print(f"locking {spec.key}")
-        compile_lock(spec.dir, constraints=spec.stack.dir / LOCK_FILE)
+        compile_lock(spec.dir, constraints=spec.stack.dir / LOCK_FILE, extra_args=links)
+        if (variant := spec.recipe.cpu_variant) and spec.cpu_stack:
+            console.print(f"locking {spec.key} (CPU variant: {variant.lock})")
+            excluded = [arg for name in variant.lock_exclude for arg in ("--no-emit-package", name)]
+            compile_lock(spec.dir, constraints=spec.cpu_stack.dir / LOCK_FILE, extra_args=links + excluded,
+                         lock_name=variant.lock, python=variant.python)
     for item in broken:  # a lock that fails validation is regenerated too, when its recipe.yaml is fine
         console.print(f"[yellow]{item.key}[/]: {item.error}")
     return 1 if broken else 0
@@ -88,7 +97,7 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
     base = choose_base(client, args.base)
     log.info("CUDA base: %s (%s)", base.image, base.reason)
     extra = {k: v for k, v in {"PIP_INDEX_URL": args.pip_index_url, "HF_ENDPOINT": args.hf_endpoint}.items() if v}
-    nodes = plan_images(recipes, base.image, client.images.get(base.image).id, extra)
+    nodes = plan_images(recipes, base.image, client.images.get(base.image).id, extra, cpu=not gpu)
     by_key = {spec.key: spec for spec in recipes}
     built: dict[str, BuildResult] = {}
     failed_parents: dict[str, str] = {}

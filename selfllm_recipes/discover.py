@@ -36,6 +36,15 @@ class RecipeSpec:
     family: ModelFamily
     stack: StackSpec
     pins: tuple[Pin, ...] = field(repr=False)
+    cpu_stack: StackSpec | None = None  # recipe.cpu_variant's stack, when the recipe has a CPU build
+
+    def variant(self, cpu: bool) -> tuple[StackSpec, str, dict[str, str]]:
+        """(stack, lock file name, build args) of the build to make: the CPU variant when asked for
+        and declared, else the recipe's own (GPU) build."""
+        variant = self.recipe.cpu_variant
+        if cpu and variant is not None and self.cpu_stack is not None:
+            return self.cpu_stack, variant.lock, dict(variant.build_args)
+        return self.stack, LOCK_FILE, {}
 
     @property
     def image(self) -> str:
@@ -75,7 +84,12 @@ def load_spec(task_dir: Path) -> RecipeSpec:
     stack = load_stack(recipe.stack, task_dir / RECIPE_FILE)
     pins = parse_lock(task_dir / LOCK_FILE)
     check_against_stack(task_dir / LOCK_FILE, pins, stack.dir / LOCK_FILE, list(stack.pins))
-    return RecipeSpec(key, task_dir, model_dir, recipe, family, stack, tuple(pins))
+    cpu_stack = None
+    if recipe.cpu_variant is not None:
+        cpu_stack = load_stack(recipe.cpu_variant.stack, task_dir / RECIPE_FILE)
+        cpu_lock = task_dir / recipe.cpu_variant.lock
+        check_against_stack(cpu_lock, parse_lock(cpu_lock), cpu_stack.dir / LOCK_FILE, list(cpu_stack.pins))
+    return RecipeSpec(key, task_dir, model_dir, recipe, family, stack, tuple(pins), cpu_stack)
 
 
 def discover(root: Path = RECIPES_DIR) -> tuple[list[RecipeSpec], list[BrokenRecipe]]:

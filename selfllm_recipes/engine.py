@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from .layout import LABEL_PREFIX
 log = logging.getLogger("selfllm")
 
 OFFICIAL_BASE = "nvidia/cuda:12.1.1-runtime-ubuntu22.04"
+DOCKER_HUB = "registry-1.docker.io"
 LOCAL_BASE = "selfllm/local-base:bookworm"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 DEBIAN_MIRROR = os.environ.get("SELFLLM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -53,6 +55,18 @@ def _image_present(client: docker.DockerClient, name: str) -> bool:
         return False
 
 
+def registry_reachable(client: docker.DockerClient, timeout_s: float = 5.0) -> bool:
+    """A quick probe, so an offline machine doesn't wait on the engine's pull retries.
+    An engine with registry mirrors (common in China) is trusted to try its mirrors."""
+    if (client.info().get("RegistryConfig") or {}).get("Mirrors"):
+        return True
+    try:
+        with socket.create_connection((DOCKER_HUB, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def choose_base(client: docker.DockerClient, mode: str) -> BaseChoice:
     """mode: official | local | auto (official when it is present or can be pulled, else local)."""
     if mode == "official":
@@ -61,6 +75,8 @@ def choose_base(client: docker.DockerClient, mode: str) -> BaseChoice:
         return BaseChoice(ensure_local_base(client), "--base local")
     if _image_present(client, OFFICIAL_BASE):
         return BaseChoice(OFFICIAL_BASE, "present in the engine")
+    if not registry_reachable(client):
+        return BaseChoice(ensure_local_base(client), f"{OFFICIAL_BASE} not present and {DOCKER_HUB} unreachable")
     try:
         client.images.pull(OFFICIAL_BASE)
         return BaseChoice(OFFICIAL_BASE, "pulled from its registry")

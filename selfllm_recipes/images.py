@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 from dataclasses import dataclass, field
 from enum import Enum
@@ -51,6 +52,34 @@ def folder_files(folder: Path, prefix: str = "") -> dict[str, Path]:
             if p.is_file() and not IGNORED_PARTS & set(p.parts) and p.suffix != ".pyc"}
 
 
+# Folders searched for pinned wheels that no index the builds reach serves (torch 2.13.0+cpu lies
+# only on PyTorch's own index): a matching wheel (same sha256 as in the lock) joins the stack's
+# build context under wheels/, and the stack's Dockerfile installs from there.
+WHEELHOUSE_DIRS = [Path(p) for p in os.environ.get("SELFLLM_WHEELHOUSE", "/opt/wheels").split(os.pathsep) if p]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def local_wheels(pins, dirs: list[Path] | None = None) -> dict[str, Path]:
+    """wheels/<file> → path, for pins with a local version label (+cpu) found in the wheelhouse."""
+    found: dict[str, Path] = {}
+    for pin in pins:
+        if "+" not in pin.version:
+            continue
+        stem = f"{pin.name.replace('-', '_')}-{pin.version}-"
+        for folder in WHEELHOUSE_DIRS if dirs is None else dirs:
+            for wheel in sorted(folder.glob("*.whl")) if folder.is_dir() else []:
+                if wheel.name.startswith(stem) and f"sha256:{_sha256(wheel)}" in pin.hashes:
+                    found[f"wheels/{wheel.name}"] = wheel
+    return found
+
+
 def runtime_files() -> dict[str, Path]:
     files = {"Dockerfile": RUNTIME_DIR / "Dockerfile"}
     files |= folder_files(RUNTIME_DIR / "bin", "bin/")
@@ -78,8 +107,10 @@ def digest(node: ImageNode, parent_hashes: list[str], external: str = "") -> str
     return h.hexdigest()[:16]
 
 
-def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, extra_args: dict[str, str]) -> list[ImageNode]:
-    """Nodes in build order (parents first); only what the selected recipes need."""
+def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, extra_args: dict[str, str],
+                cpu: bool = False) -> list[ImageNode]:
+    """Nodes in build order (parents first); only what the selected recipes need. cpu: build a
+    recipe's CPU variant (tag :cpu) instead of its GPU build where it declares one."""
     base = ImageNode("base", NodeKind.base, f"{IMAGE_PREFIX}/base:cuda12.1", folder_files(CUDA_BASE_DIR),
                      buildargs={"BASE_IMAGE": base_image, **extra_args})
     base.input_hash = digest(base, [], base_image_id)
@@ -87,19 +118,24 @@ def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, 
     runtime.input_hash = digest(runtime, [])
     nodes: dict[str, ImageNode] = {"base": base}
     for spec in recipes:
-        stack_key = f"stack/{spec.stack.name}"
+        stack_spec = spec.variant(cpu)[0]
+        stack_key = f"stack/{stack_spec.name}"
         if stack_key not in nodes:
-            stack = ImageNode(stack_key, NodeKind.stack, f"{IMAGE_PREFIX}/stack:{spec.stack.name}",
-                              folder_files(spec.stack.dir), parents=["base"], buildargs={"BASE_IMAGE": base.tag})
+            wheels = local_wheels(stack_spec.pins)
+            stack = ImageNode(stack_key, NodeKind.stack, f"{IMAGE_PREFIX}/stack:{stack_spec.name}",
+                              folder_files(stack_spec.dir) | wheels, parents=["base"],
+                              buildargs={"BASE_IMAGE": base.tag, **({"FIND_LINKS": "/opt/selfllm/stack"} if wheels else {})})
             stack.input_hash = digest(stack, [base.input_hash])
             nodes[stack_key] = stack
     if recipes:
         nodes["runtime"] = runtime
     for spec in recipes:
-        stack = nodes[f"stack/{spec.stack.name}"]
-        node = ImageNode(spec.key, NodeKind.recipe, f"{spec.image}:latest", folder_files(spec.dir),
+        stack_spec, _lock, variant_args = spec.variant(cpu)
+        stack = nodes[f"stack/{stack_spec.name}"]
+        tag = f"{spec.image}:{'latest' if stack_spec is spec.stack else 'cpu'}"
+        node = ImageNode(spec.key, NodeKind.recipe, tag, folder_files(spec.dir),
                          parents=[stack.key, "runtime"],
-                         buildargs={"STACK_IMAGE": stack.tag, "RUNTIME_IMAGE": runtime.tag})
+                         buildargs={"STACK_IMAGE": stack.tag, "RUNTIME_IMAGE": runtime.tag, **variant_args})
         node.input_hash = digest(node, [stack.input_hash, runtime.input_hash])
         nodes[spec.key] = node
     return list(nodes.values())

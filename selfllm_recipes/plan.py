@@ -45,7 +45,7 @@ def changed_paths(ref: str) -> list[str]:
 def recipe_inputs(spec: RecipeSpec) -> list[str]:
     rel = lambda p: str(p.relative_to(REPO_ROOT)) + "/"  # noqa: E731
     return [rel(spec.dir), rel(spec.model_dir) + "model.yaml", rel(spec.model_dir) + spec.family.chat_template,
-            rel(spec.stack.dir)]
+            rel(spec.stack.dir)] + ([rel(spec.cpu_stack.dir)] if spec.cpu_stack else [])
 
 
 def select_changed(specs: Sequence[RecipeSpec | BrokenRecipe], ref: str) -> list[str]:

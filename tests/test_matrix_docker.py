@@ -1,0 +1,135 @@
+"""Docker integration: the matrix builder builds qwen3/fastapi, starts it, calls its API; broken
+recipes fail clearly while the good one passes; reruns reuse; Ctrl-C leaves no container behind.
+
+These are real builds on the local engine (a cold machine builds the ~6 GB torch stack once)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selfllm_recipes.layout import REPO_ROOT
+from selfllm_recipes.smoke.runner import SMOKE_LABEL
+
+pytestmark = pytest.mark.docker
+MATRIX = [sys.executable, str(REPO_ROOT / "scripts" / "build_matrix.py")]
+
+
+def run_matrix(*args: str, recipes: Path | None = None, timeout: int = 3000) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TESTCONTAINERS_RYUK_DISABLED": "true"}
+    if recipes is not None:
+        env["SELFLLM_RECIPES_DIR"] = str(recipes)
+    return subprocess.run([*MATRIX, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def smoke_containers(client) -> list:
+    return client.containers.list(all=True, filters={"label": SMOKE_LABEL})
+
+
+@pytest.fixture(scope="module")
+def recipes_with_broken(tmp_path_factory) -> Path:
+    """The real qwen3/fastapi plus two broken recipes (bad YAML; an unpinned requirement)."""
+    root = tmp_path_factory.mktemp("tree") / "recipes"
+    (root / "qwen3").mkdir(parents=True)
+    for name in ("model.yaml", "chat_template.jinja"):
+        shutil.copy(REPO_ROOT / "recipes/qwen3" / name, root / "qwen3" / name)
+    shutil.copytree(REPO_ROOT / "recipes/qwen3/fastapi", root / "qwen3/fastapi")
+    bad_yaml = root / "qwen3/badyaml"
+    shutil.copytree(REPO_ROOT / "recipes/qwen3/fastapi", bad_yaml)
+    (bad_yaml / "recipe.yaml").write_text("name: broken\ntask: [fastapi\n")
+    unpinned = root / "qwen3/unpinned"
+    shutil.copytree(REPO_ROOT / "recipes/qwen3/fastapi", unpinned)
+    lock = unpinned / "requirements.lock"
+    lock.write_text("requests>=2 \\\n    --hash=sha256:0000\n" + lock.read_text())
+    return root
+
+
+def test_matrix_builds_and_smoke_tests_with_broken_recipes_beside(docker_client, recipes_with_broken, tmp_path):
+    result = run_matrix("--report-dir", str(tmp_path), recipes=recipes_with_broken)
+    assert result.returncode == 1, result.stdout + result.stderr  # broken recipes make the run fail...
+    report = {row["recipe"]: row for row in json.loads((tmp_path / "report.json").read_text())}
+    assert report["qwen3/fastapi"]["status"] == "pass", report["qwen3/fastapi"]  # ...but not the good one
+    assert report["qwen3/badyaml"]["status"] == "fail"
+    assert "badyaml/recipe.yaml: line 2: invalid YAML" in report["qwen3/badyaml"]["error"]
+    assert "unpinned/requirements.lock: line 1: 'requests>=2' is not pinned" in report["qwen3/unpinned"]["error"]
+    for name in ("report.md", "junit.xml"):
+        assert (tmp_path / name).is_file()
+    image = docker_client.images.get("selfllm/qwen3-fastapi:latest")
+    labels = image.labels
+    assert labels["org.selfllm.recipe"] == "qwen3/fastapi"
+    assert "transformers==" in labels["org.selfllm.pip-freeze"]
+    assert {"org.opencontainers.image.source", "org.opencontainers.image.revision",
+            "org.opencontainers.image.created"} <= labels.keys()
+    assert not smoke_containers(docker_client)
+
+
+def test_rerun_with_nothing_changed_reuses_image_and_smoke_result(docker_client, tmp_path):
+    first = run_matrix("--only", "qwen3/fastapi", "--report-dir", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    started = time.monotonic()
+    second = run_matrix("--only", "qwen3/fastapi", "--report-dir", str(tmp_path / "b"))
+    elapsed = time.monotonic() - started
+    assert second.returncode == 0, second.stdout + second.stderr
+    (row,) = json.loads((tmp_path / "b/report.json").read_text())
+    assert row["status"] == "pass" and row["build"] == "reused" and row["smoke"].startswith("reused")
+    print(f"no-change rerun took {elapsed:.1f} s")
+
+
+def test_api_of_the_built_image_over_http(docker_client):
+    """Start the image the way a user does (plus the tiny model) and call the API on 127.0.0.1."""
+    import requests
+    from testcontainers.core.container import DockerContainer
+
+    from selfllm_recipes.smoke.checks import SMOKE_MODEL_DIR
+
+    container = (DockerContainer("selfllm/qwen3-fastapi:latest")
+                 .with_env("MODEL_PATH", SMOKE_MODEL_DIR)
+                 .with_kwargs(entrypoint=["/bin/sh", "-c"], labels={SMOKE_LABEL: "1"})
+                 .with_command([f"selfllm smoke-model {SMOKE_MODEL_DIR} && exec selfllm start"])
+                 .with_bind_ports(6006, ("127.0.0.1", None)))
+    try:
+        container.start()
+        url = f"http://127.0.0.1:{container.get_exposed_port(6006)}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url + "/health", timeout=3).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(1)
+        answer = requests.post(url + "/", json={"prompt": "你好", "history": [], "max_length": 16}, timeout=60)
+        assert answer.status_code == 200
+        assert answer.json()["response"].strip()
+        health = container.get_wrapped_container()
+        health.reload()
+        assert health.attrs["Config"]["Healthcheck"]["Test"][-2:] == ["selfllm", "health"]
+    finally:
+        container.stop()
+    assert not smoke_containers(docker_client)
+
+
+def test_ctrl_c_removes_the_smoke_container(docker_client, tmp_path):
+    env = {**os.environ, "TESTCONTAINERS_RYUK_DISABLED": "true"}
+    shutil.rmtree(REPO_ROOT / ".selfllm-cache" / "smoke", ignore_errors=True)  # force a real smoke run
+    proc = subprocess.Popen([*MATRIX, "--only", "qwen3/fastapi", "--report-dir", str(tmp_path)], cwd=REPO_ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not smoke_containers(docker_client):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no smoke container appeared"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert not smoke_containers(docker_client)

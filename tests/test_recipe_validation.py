@@ -1,0 +1,95 @@
+"""Discovery and validation: a broken recipe gets one clear error naming file and field."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from selfllm_recipes.discover import discover
+from selfllm_recipes.layout import RECIPES_DIR
+from selfllm_recipes.locks import parse_lock
+from selfllm_runtime.metadata import MetadataError
+
+QWEN3 = RECIPES_DIR / "qwen3"
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "recipes"
+    shutil.copytree(QWEN3, root / "qwen3", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_repository_recipes_are_valid():
+    good, broken = discover()
+    assert not broken, [str(b.error) for b in broken]
+    assert "qwen3/fastapi" in [g.key for g in good]
+
+
+def test_bad_yaml_names_file_and_line(tree: Path):
+    (tree / "qwen3/fastapi/recipe.yaml").write_text("name: x\ntask: [fastapi\n")
+    good, broken = discover(tree)
+    (item,) = [b for b in broken if b.key == "qwen3/fastapi"]
+    assert item.error.path.name == "recipe.yaml"
+    assert item.error.field.startswith("line ")
+    assert "invalid YAML" in str(item.error)
+
+
+def test_unknown_field_is_named(tree: Path):
+    path = tree / "qwen3/fastapi/recipe.yaml"
+    path.write_text(path.read_text() + "gpus_please: 8\n")
+    _, broken = discover(tree)
+    assert broken[0].error.field == "gpus_please"
+    assert "Extra inputs are not permitted" in broken[0].error.problem
+
+
+def test_wrong_task_value_is_named(tree: Path):
+    path = tree / "qwen3/fastapi/recipe.yaml"
+    path.write_text(path.read_text().replace("task: fastapi", "task: finetune"))
+    _, broken = discover(tree)
+    assert broken[0].error.field == "task"
+
+
+def test_missing_file_is_named(tree: Path):
+    (tree / "qwen3/fastapi/README.md").unlink()
+    _, broken = discover(tree)
+    assert broken[0].error.path.name == "README.md" and broken[0].error.problem == "missing"
+
+
+def test_unpinned_requirement_names_lock_line(tree: Path):
+    lock = tree / "qwen3/fastapi/requirements.lock"
+    lock.write_text("transformers>=4.51 \\\n    --hash=sha256:abc\n" + lock.read_text())
+    _, broken = discover(tree)
+    assert broken[0].error.path == lock and broken[0].error.field == "line 1"
+    assert "not pinned with ==" in broken[0].error.problem
+
+
+def test_requirement_without_hash_is_rejected(tmp_path: Path):
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("torch==2.6.0\n")
+    with pytest.raises(MetadataError, match="has no --hash"):
+        parse_lock(lock)
+
+
+def test_lock_must_match_the_stack(tree: Path):
+    lock = tree / "qwen3/fastapi/requirements.lock"
+    lock.write_text(lock.read_text().replace("torch==2.6.0", "torch==2.5.1"))
+    _, broken = discover(tree)
+    assert "torch must be ==2.6.0" in broken[0].error.problem
+
+
+def test_broken_model_yaml_breaks_only_its_recipes(tree: Path):
+    other = tree / "other"
+    shutil.copytree(tree / "qwen3", other)
+    (other / "fastapi/recipe.yaml").write_text((other / "fastapi/recipe.yaml").read_text().replace("model: qwen3", "model: other"))
+    (tree / "qwen3/model.yaml").write_text("display_name: Qwen3\n")
+    good, broken = discover(tree)
+    assert [g.key for g in good] == ["other/fastapi"]
+    assert broken[0].key == "qwen3/fastapi" and broken[0].error.path.name == "model.yaml"
+
+
+def test_real_locks_are_fully_pinned_and_hashed():
+    for lock in [*RECIPES_DIR.glob("*/*/requirements.lock")]:
+        pins = parse_lock(lock)
+        assert all(p.hashes for p in pins)
