@@ -30,11 +30,12 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "runtime"))  # selfllm_runtime.metadata: the recipes' schema
 CONTRIBUTORS_FILE = "contributors.json"
 CONFIG_FILE = "contributors_config.json"
 README_FILE = "README.md"
 RECIPES_DIR = "recipes"
-RECIPE_LABEL = "org.selfllm.recipe"
+RECIPE_LABEL = "org.selfllm.recipe"  # set on every recipe image by the matrix builder (selfllm_recipes/build.py)
 DEFAULT_API = "https://www.codewithgpu.com"
 DEFAULT_USER = "Datawhale"
 PAGE_SIZE = 100
@@ -83,26 +84,20 @@ def markdown_credits(path: Path) -> list[Credit]:
 def recipe_credits(recipes_root: Path) -> list[Credit]:
     """One task per recipes/<model>/<task>/recipe.yaml, credited to each name in its `contributors:`.
 
-    A recipe.yaml that cannot be read is skipped with a warning naming it; the others still count.
+    Read through the recipes' own schema (selfllm_runtime.metadata); a recipe.yaml that fails it is
+    skipped with a warning naming the file and field, and the others still count.
     """
+    from selfllm_runtime.metadata import MetadataError, TaskKind, load_recipe
+
     credits: list[Credit] = []
-    if not recipes_root.is_dir():
-        return credits
-    for path in sorted(recipes_root.glob("*/*/recipe.yaml")):
+    for path in sorted(recipes_root.glob("*/*/recipe.yaml")) if recipes_root.is_dir() else []:
         try:
-            meta = yaml.safe_load(path.read_text(encoding="utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError("not a YAML mapping")
-            task, names = meta.get("task"), meta.get("contributors")
-            if not isinstance(task, str):
-                raise ValueError("'task' must be a string")
-            if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
-                raise ValueError("'contributors' must be a list of names")
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:
-            warn(f"skipping {path}: {_one_line(exc)}")
+            recipe = load_recipe(path.parent)
+        except MetadataError as exc:
+            warn(f"skipping {_one_line(exc)}")
             continue
-        points = task_points(task.strip().lower() == "lora")
-        credits.extend((name.strip(), points, str(path)) for name in names)
+        points = task_points(recipe.task is TaskKind.lora)
+        credits.extend((name, points, str(path)) for name in recipe.contributors)
     return credits
 
 
@@ -155,6 +150,9 @@ def update_contributors(
             raise UtilsError(f"source {source} not found") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise UtilsError(f"cannot read source {source}: {_one_line(exc)}") from None
+    if not credits:
+        raise UtilsError(f"no task lines ('- [x] [Title](link) @Name') in {readme.name} or --source files: "
+                         "pass upstream's support list, e.g. --source support_model.md; contributors.json left as it is")
     credits += recipe_credits(root / RECIPES_DIR)
     credits += extra_credits(root / CONFIG_FILE)
 

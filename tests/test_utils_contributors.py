@@ -24,6 +24,13 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=4, ensure_ascii=False), encoding="utf-8")
 
 
+def valid_recipe(model: str, task: str, contributors: str) -> str:
+    """The repository's qwen3/fastapi recipe.yaml with another model, task and contributors."""
+    text = (REPO / "recipes/qwen3/fastapi/recipe.yaml").read_text(encoding="utf-8")
+    text = text.replace("model: qwen3", f"model: {model}").replace("task: fastapi", f"task: {task}")
+    return "\n".join(line for line in text.splitlines() if not line.startswith("contributors:")) + f"\ncontributors: {contributors}\n"
+
+
 def write_recipe(root: Path, model: str, task: str, text: str) -> Path:
     path = root / "recipes" / model / task / "recipe.yaml"
     path.parent.mkdir(parents=True)
@@ -88,10 +95,10 @@ def test_add_unknown_adds_names_with_empty_info(project: Path):
 
 def test_readme_recipes_and_extra_points_all_count(project: Path, capsys):
     (project / "README.md").write_text("- [x] [Qwen3 vLLM](./q.md) @Erin\n", encoding="utf-8")
-    write_recipe(project, "qwen3", "lora", "task: lora\ncontributors: [Erin, ' Dave ']\n")
-    write_recipe(project, "qwen3", "fastapi", "task: fastapi\ncontributors:\n  - Erin\n")
+    write_recipe(project, "qwen3", "lora", valid_recipe("qwen3", "lora", "[Erin, ' Dave ']"))
+    write_recipe(project, "qwen3", "fastapi", valid_recipe("qwen3", "fastapi", "[Erin]"))
     broken = write_recipe(project, "qwen3", "vllm", "task: vllm\ncontributors: [Erin\n")
-    nameless = write_recipe(project, "glm4", "webdemo", "task: webdemo\n")
+    nameless = write_recipe(project, "glm4", "webdemo", valid_recipe("glm4", "webdemo", "[]"))
     write_json(project / "contributors_config.json", {"extra_points": {"Alice": 300, "Zed": 150}})
 
     result = utils.update_contributors(project, echo=False)
@@ -101,8 +108,8 @@ def test_readme_recipes_and_extra_points_all_count(project: Path, capsys):
     assert result["Alice"]["task_num"] == 300
     assert list(result)[:2] == ["Alice", "Erin"]
     err = capsys.readouterr().err
-    assert f"skipping {broken}" in err
-    assert f"skipping {nameless}: 'contributors' must be a list of names" in err
+    assert f"skipping {broken}: line 3: invalid YAML" in err
+    assert f"skipping {nameless}: contributors: List should have at least 1 item" in err
     assert "unknown contributor 'Zed' at" in err and "contributors_config.json" in err
 
 
@@ -125,6 +132,13 @@ def test_cli_end_to_end(project: Path):
     assert proc.stdout.splitlines()[:2] == ["- [Carol](https://github.com/carol)", "- [Bob](https://github.com/bob)"]
     assert "unknown contributor 'Mallory'" in proc.stderr
     assert json.loads((project / "contributors.json").read_text(encoding="utf-8"))["Bob"]["task_num"] == 4
+
+
+def test_no_task_lines_leaves_contributors_json_untouched(project: Path):
+    before = (project / "contributors.json").read_text(encoding="utf-8")
+    proc = run_cli("contributors", "--root", str(project))
+    assert proc.returncode == 2 and "no task lines" in proc.stderr and "Traceback" not in proc.stderr
+    assert (project / "contributors.json").read_text(encoding="utf-8") == before
 
 
 @pytest.mark.parametrize("case", ["missing-source", "missing-contributors", "broken-contributors"])
