@@ -167,9 +167,11 @@ def finish(rows: list[RecipeReport], args: argparse.Namespace, console: Console,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(stderr=args.github_matrix)
+    stream = sys.stderr if args.github_matrix else sys.stdout
+    console = Console(stderr=args.github_matrix, width=None if stream.isatty() else 160)
     logging.basicConfig(level=logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # smoke clients' per-request lines
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         if args.github_matrix:
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: removing smoke-test containers[/]")
         try:
-            remove_leftovers(connect())
+            remove_leftovers(connect(), own=True)
         except EngineError:
             pass
         return 130

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from selfllm_recipes.layout import REPO_ROOT
-from selfllm_recipes.smoke.runner import SMOKE_LABEL
+from selfllm_recipes.smoke.runner import SMOKE_LABEL, owner_label, publish_on_loopback
 
 pytestmark = pytest.mark.docker
 MATRIX = [sys.executable, str(REPO_ROOT / "scripts" / "build_matrix.py")]
@@ -29,8 +29,10 @@ def run_matrix(*args: str, recipes: Path | None = None, timeout: int = 3000) -> 
     return subprocess.run([*MATRIX, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def smoke_containers(client) -> list:
-    return client.containers.list(all=True, filters={"label": SMOKE_LABEL})
+def smoke_containers(client, owner: int | None = None) -> set[str]:
+    """Ids of smoke-test containers (of one run's pid, when given); other runs may share the engine."""
+    label = SMOKE_LABEL if owner is None else f"{SMOKE_LABEL}={owner}"
+    return {c.id for c in client.containers.list(all=True, filters={"label": label})}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,7 @@ def recipes_with_broken(tmp_path_factory) -> Path:
 
 
 def test_matrix_builds_and_smoke_tests_with_broken_recipes_beside(docker_client, recipes_with_broken, tmp_path):
+    before = smoke_containers(docker_client)
     result = run_matrix("--report-dir", str(tmp_path), recipes=recipes_with_broken)
     assert result.returncode == 1, result.stdout + result.stderr  # broken recipes make the run fail...
     report = {row["recipe"]: row for row in json.loads((tmp_path / "report.json").read_text())}
@@ -67,7 +70,7 @@ def test_matrix_builds_and_smoke_tests_with_broken_recipes_beside(docker_client,
     assert "transformers==" in labels["org.selfllm.pip-freeze"]
     assert {"org.opencontainers.image.source", "org.opencontainers.image.revision",
             "org.opencontainers.image.created"} <= labels.keys()
-    assert not smoke_containers(docker_client)
+    assert smoke_containers(docker_client) <= before  # the run removed its own container
 
 
 def test_rerun_with_nothing_changed_reuses_image_and_smoke_result(docker_client, tmp_path):
@@ -91,9 +94,9 @@ def test_api_of_the_built_image_over_http(docker_client):
 
     container = (DockerContainer("selfllm/qwen3-fastapi:latest")
                  .with_env("MODEL_PATH", SMOKE_MODEL_DIR)
-                 .with_kwargs(entrypoint=["/bin/sh", "-c"], labels={SMOKE_LABEL: "1"})
-                 .with_command([f"selfllm smoke-model {SMOKE_MODEL_DIR} && exec selfllm start"])
-                 .with_bind_ports(6006, ("127.0.0.1", None)))
+                 .with_kwargs(entrypoint=["/bin/sh", "-c"], labels=owner_label())
+                 .with_command([f"selfllm smoke-model {SMOKE_MODEL_DIR} && exec selfllm start"]))
+    publish_on_loopback(container, 6006)
     try:
         container.start()
         url = f"http://127.0.0.1:{container.get_exposed_port(6006)}"
@@ -112,7 +115,7 @@ def test_api_of_the_built_image_over_http(docker_client):
         assert health.attrs["Config"]["Healthcheck"]["Test"][-2:] == ["selfllm", "health"]
     finally:
         container.stop()
-    assert not smoke_containers(docker_client)
+    assert not smoke_containers(docker_client, os.getpid())
 
 
 def test_ctrl_c_removes_the_smoke_container(docker_client, tmp_path):
@@ -122,7 +125,7 @@ def test_ctrl_c_removes_the_smoke_container(docker_client, tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 600
-        while not smoke_containers(docker_client):
+        while not smoke_containers(docker_client, proc.pid):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "no smoke container appeared"
             time.sleep(0.5)
@@ -132,4 +135,4 @@ def test_ctrl_c_removes_the_smoke_container(docker_client, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, output
-    assert not smoke_containers(docker_client)
+    assert not smoke_containers(docker_client, proc.pid)

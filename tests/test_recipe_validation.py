@@ -16,8 +16,13 @@ QWEN3 = RECIPES_DIR / "qwen3"
 
 @pytest.fixture()
 def tree(tmp_path: Path) -> Path:
+    """recipes/qwen3 with only its fastapi task."""
     root = tmp_path / "recipes"
-    shutil.copytree(QWEN3, root / "qwen3", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "qwen3").mkdir(parents=True)
+    for path in QWEN3.iterdir():
+        if path.is_file():
+            shutil.copy(path, root / "qwen3" / path.name)
+    shutil.copytree(QWEN3 / "fastapi", root / "qwen3" / "fastapi", ignore=shutil.ignore_patterns("__pycache__"))
     return root
 
 

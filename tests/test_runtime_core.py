@@ -67,6 +67,8 @@ def test_split_reasoning():
     assert split_reasoning("just answer", THINK) == (None, "just answer")
     assert split_reasoning("<think>cut off", THINK) == ("cut off", "")
     assert split_reasoning("<think>x</think>", None) == (None, "<think>x</think>")
+    assert split_reasoning("opened in the prompt\n</think>\n\nanswer", THINK) == ("opened in the prompt", "answer")
+    assert split_reasoning("an answer that mentions <think> later", THINK) == (None, "an answer that mentions <think> later")
 
 
 def test_reasoning_stream_handles_markers_split_across_deltas():

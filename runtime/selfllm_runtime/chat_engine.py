@@ -44,13 +44,19 @@ class Completion:
 
 
 def split_reasoning(text: str, markers: Reasoning | None) -> tuple[str | None, str]:
-    """('reasoning', 'answer') from '<think>…</think>answer'; (None, text) when there is no marker."""
-    if markers is None or (markers.end not in text and markers.start not in text):
+    """('reasoning', 'answer') from '<think>…</think>answer', or from 'reasoning</think>answer' when the
+    chat template opened the block in the prompt (R1-style); (None, text) otherwise."""
+    if markers is None:
         return None, text.strip()
-    if markers.end not in text:  # cut off while thinking
-        return text.split(markers.start, 1)[1].strip(), ""
-    head, answer = text.split(markers.end, 1)
-    return head.replace(markers.start, "", 1).strip(), answer.strip()
+    body = text.lstrip()
+    if body.startswith(markers.start):
+        body = body[len(markers.start):]
+        if markers.end not in body:  # cut off while thinking
+            return body.strip(), ""
+    elif markers.end not in body:
+        return None, text.strip()
+    reasoning, answer = body.split(markers.end, 1)
+    return reasoning.strip(), answer.strip()
 
 
 class ReasoningStream:
@@ -166,6 +172,12 @@ class ChatEngine:
         cuts = [text.index(s) for s in stop if s and s in text]
         return (text[: min(cuts)], True) if cuts else (text, False)
 
+    @staticmethod
+    def _stop_prefix_len(text: str, stop: list[str]) -> int:
+        """Length of the longest tail of text that may still grow into a stop string."""
+        return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+                   default=0)
+
     def _finish(self, raw: str, prompt_tokens: int, new_ids: list[int], params: GenerationParams) -> Completion:
         text, stopped = self._cut_at_stop(raw, params.stop)
         hit_eos = bool(new_ids) and new_ids[-1] in self.stop_token_ids
@@ -185,12 +197,20 @@ class ChatEngine:
 
     def stream(self, messages: list[Message], params: GenerationParams) -> Iterator[tuple[str, str] | Completion]:
         """Yields ('reasoning' | 'content', delta) pieces, then one Completion with the totals."""
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         kwargs = self._generate_kwargs(messages, params)
         prompt_tokens = kwargs["input_ids"].shape[1]
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         result: dict[str, Any] = {}
+        abandoned = threading.Event()  # set when the consumer stops early (client gone): free the model
+        torch = self.torch
+
+        class _Abandoned(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Abandoned()])
 
         def run() -> None:
             try:
@@ -204,17 +224,26 @@ class ChatEngine:
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         splitter = ReasoningStream(self.family.reasoning)
-        emitted = ""
-        for delta in streamer:
-            # hold text back while it could be the start of a stop string
-            emitted_before = emitted
-            emitted += delta
-            cut, stopped = self._cut_at_stop(emitted, params.stop)
-            yield from splitter.feed(cut[len(emitted_before):] if len(cut) >= len(emitted_before) else "")
-            if stopped:
-                emitted = cut
-                break
-        yield from splitter.feed("", final=True)
+        emitted, sent, stopped, finished = "", 0, False, False
+        try:
+            for delta in streamer:
+                emitted += delta
+                cut, stopped = self._cut_at_stop(emitted, params.stop)
+                # hold text back while it could be the start of a stop string
+                safe = len(cut) if stopped else len(cut) - self._stop_prefix_len(cut, params.stop)
+                if safe > sent:
+                    yield from splitter.feed(cut[sent:safe])
+                    sent = safe
+                if stopped:
+                    abandoned.set()
+                    break
+            if not stopped:
+                yield from splitter.feed(self._cut_at_stop(emitted, params.stop)[0][sent:])
+            yield from splitter.feed("", final=True)
+            finished = True
+        finally:
+            if not finished:
+                abandoned.set()
         worker.join()
         if "error" in result:
             raise result["error"]

@@ -4,14 +4,14 @@
   selfllm health                     exit 0 when the task answers (the image's HEALTHCHECK)
   selfllm smoke-model OUT            write a tiny random model of the recipe's architecture
   selfllm fetch-model                download the model into the cache and print its folder
-  selfllm install RECIPE_DIR         native install: the recipe's lock, then this runtime
+  selfllm link RECIPE_DIR            native install's last step (runtime/bin/selfllm-install)
+  selfllm lora train|infer|merge     LoRA fine-tuning (selfllm lora -h)
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
-import subprocess
 import sys
 import sysconfig
 import urllib.request
@@ -64,12 +64,11 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_install(args: argparse.Namespace) -> int:
-    """Native path (AutoDL has no Docker): the same lock the image installs, then this runtime."""
+def cmd_link(args: argparse.Namespace) -> int:
+    """Native path, second half (runtime/bin/selfllm-install runs the lock's pip install first):
+    make this runtime importable by the current Python and put a `selfllm` launcher beside it."""
     recipe_dir = Path(args.recipe_dir).resolve()
-    load_context(recipe_dir)  # validate before installing anything
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--require-hashes",
-                    "-r", str(recipe_dir / "requirements.lock")], check=True)
+    load_context(recipe_dir)  # the recipe must validate
     site = Path(sysconfig.get_paths()["purelib"])
     (site / "selfllm_runtime.pth").write_text(str(RUNTIME_ROOT) + "\n")
     launcher = Path(sys.executable).with_name("selfllm")
@@ -77,6 +76,12 @@ def cmd_install(args: argparse.Namespace) -> int:
     launcher.chmod(0o755)
     print(f"installed {recipe_dir.parent.name}/{recipe_dir.name}; start it with: {launcher} start")
     return 0
+
+
+def cmd_lora(args: argparse.Namespace) -> int:
+    from .tasks.lora import main as lora_main
+
+    return lora_main(args.args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--recipe")
     p.set_defaults(func=cmd_smoke_model)
-    p = sub.add_parser("install")
+    p = sub.add_parser("link", help="native install's last step (see runtime/bin/selfllm-install)")
     p.add_argument("recipe_dir")
-    p.set_defaults(func=cmd_install)
+    p.set_defaults(func=cmd_link)
+    p = sub.add_parser("lora", add_help=False, help="LoRA fine-tuning: train | infer | merge | sample-data")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lora)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lora"]:  # lora parses its own flags, so that `selfllm lora -h` shows them
+        return cmd_lora(argparse.Namespace(args=argv[1:]))
     args = parser.parse_args(argv)
     try:
         return args.func(args)

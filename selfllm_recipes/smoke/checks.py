@@ -62,6 +62,17 @@ def wait_until_healthy(session: SmokeSession, path: str, timeout_s: float) -> fl
     raise SmokeFailure(f"not ready after {timeout_s:.0f} s ({last})")
 
 
+def wait_until_exited(session: SmokeSession, timeout_s: float) -> int:
+    """For a task that runs to completion (serves_http=False): its exit code, once it has exited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        code = session.exit_code()
+        if code is not None:
+            return code
+        time.sleep(1)
+    raise SmokeFailure(f"still running after {timeout_s:.0f} s")
+
+
 def expect(condition: bool, message: str) -> None:
     if not condition:
         raise SmokeFailure(message)

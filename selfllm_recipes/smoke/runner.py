@@ -18,7 +18,7 @@ from docker.types import DeviceRequest
 from ..build import RECIPE_LABEL
 from ..discover import RecipeSpec
 from ..layout import CACHE_DIR, LABEL_PREFIX
-from .checks import SmokeFailure, SmokeSession, check_for, wait_until_healthy
+from .checks import SmokeFailure, SmokeSession, check_for, wait_until_exited, wait_until_healthy
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # its reaper image can't be pulled here
 SMOKE_LABEL = f"{LABEL_PREFIX}.smoke"
@@ -60,12 +60,37 @@ def remember_pass(spec: RecipeSpec, image_id: str, gpu: bool, result: SmokeResul
     path.write_text(json.dumps({"detail": result.detail, "level": result.level, "seconds": result.seconds}))
 
 
-def remove_leftovers(client: docker.DockerClient) -> int:
-    """Containers of an earlier run that died before its own cleanup."""
-    leftovers = client.containers.list(all=True, filters={"label": SMOKE_LABEL})
-    for container in leftovers:
-        container.remove(force=True, v=True)
-    return len(leftovers)
+def publish_on_loopback(container, port: int) -> None:
+    """Publish `port` on a random host port bound to 127.0.0.1 only (testcontainers' with_bind_ports
+    takes no address; its `ports` mapping goes to docker-py as is)."""
+    container.ports[f"{port}/tcp"] = (LOOPBACK, None)
+
+
+def owner_label() -> dict[str, str]:
+    """Smoke containers carry the pid of the run that owns them, so concurrent runs leave each other alone."""
+    return {SMOKE_LABEL: str(os.getpid())}
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def remove_leftovers(client: docker.DockerClient, own: bool = False) -> int:
+    """Smoke containers whose run died before its own cleanup (own=True: this run's, after Ctrl-C)."""
+    mine = str(os.getpid())
+    removed = 0
+    for container in client.containers.list(all=True, filters={"label": SMOKE_LABEL}):
+        owner = container.labels.get(SMOKE_LABEL, "")
+        if owner == mine if own else (owner != mine and not _alive(owner)):
+            container.remove(force=True, v=True)
+            removed += 1
+    return removed
 
 
 def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> SmokeResult:
@@ -73,7 +98,7 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
 
     check = check_for(spec.recipe.task)
     port = spec.recipe.port
-    kwargs: dict = {"labels": {SMOKE_LABEL: "1", RECIPE_LABEL: spec.key}, "entrypoint": ["/bin/sh", "-c"]}
+    kwargs: dict = {"labels": {**owner_label(), RECIPE_LABEL: spec.key}, "entrypoint": ["/bin/sh", "-c"]}
     if gpu:
         kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
     if check.shm_size:
@@ -82,7 +107,7 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
     for key, value in {"HF_HUB_OFFLINE": "1", **check.env}.items():
         container = container.with_env(key, value)
     if check.serves_http:
-        container = container.with_bind_ports(port, (LOOPBACK, None))  # a random port on loopback only
+        publish_on_loopback(container, port)
     started = time.monotonic()
     try:
         container.start()
@@ -100,6 +125,8 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
         session = SmokeSession(base_url, spec.key, logs, exit_code, artifacts_dir)
         if check.serves_http:
             wait_until_healthy(session, check.health_path, spec.recipe.smoke.timeout_s)
+        else:  # a task that runs to completion: verify sees its exit code and logs
+            wait_until_exited(session, spec.recipe.smoke.timeout_s)
         detail = check.verify(session)
         return SmokeResult(True, detail, time.monotonic() - started, level="gpu" if gpu else "cpu")
     except SmokeFailure as exc:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat_engine import ChatEngine, GenerationParams, Message
 from ..context import RecipeContext
+from .openai_api import add_openai_routes
 
 log = logging.getLogger("selfllm.fastapi")
 
@@ -70,6 +72,8 @@ def create_app(engine: ChatEngine):
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         log.info('[%s] prompt:"%s", response:"%s"', now, body.prompt, completion.text)
         return LegacyResponse(response=completion.text, history=[*body.history, *turn], status=200, time=now)
+
+    add_openai_routes(app, engine)  # GET /v1/models, POST /v1/chat/completions (tasks/openai_api.py)
     return app
 
 
@@ -77,4 +81,5 @@ def run(context: RecipeContext, model_dir: Path) -> None:
     import uvicorn
 
     app = create_app(ChatEngine(context, model_dir))
-    uvicorn.run(app, host="0.0.0.0", port=context.recipe.port, workers=1)
+    # HOST: 0.0.0.0 serves the published port; 127.0.0.1 keeps a host-network process private.
+    uvicorn.run(app, host=os.environ.get("HOST", "0.0.0.0"), port=context.recipe.port, workers=1)

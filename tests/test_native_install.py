@@ -1,0 +1,64 @@
+"""The native path (AutoDL: no Docker inside the instance): in a plain container standing in for the
+instance (Debian + Python + torch, like AutoDL's PyTorch images), install a recipe with the same
+script users run, start it, and call its API on 127.0.0.1."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from selfllm_recipes.discover import load_spec
+from selfllm_recipes.layout import RECIPES_DIR, REPO_ROOT
+from selfllm_recipes.smoke.runner import owner_label
+
+pytestmark = pytest.mark.docker
+CHECKOUT = "/root/self-llm-recipes"
+
+
+@pytest.fixture(scope="module")
+def instance_image(docker_client) -> str:
+    """The torch stack image: an OS with Python and torch, but no recipe and no runtime in it."""
+    spec = load_spec(RECIPES_DIR / "qwen3" / "fastapi")
+    built = subprocess.run([sys.executable, "scripts/build_matrix.py", "--only", "qwen3/fastapi", "--no-smoke"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
+    assert built.returncode == 0, built.stdout + built.stderr
+    return f"selfllm/stack:{spec.stack.name}"
+
+
+def test_native_install_then_start_serves_the_api(docker_client, instance_image):
+    from testcontainers.core.container import DockerContainer
+
+    script = (f"python3 {CHECKOUT}/runtime/bin/selfllm-install {CHECKOUT}/recipes/qwen3/fastapi"
+              " && selfllm smoke-model /root/autodl-tmp/tiny"
+              " && MODEL_PATH=/root/autodl-tmp/tiny exec selfllm start")
+    container = (DockerContainer(instance_image)
+                 .with_volume_mapping(str(REPO_ROOT), CHECKOUT, "ro")
+                 .with_env("PYTHONDONTWRITEBYTECODE", "1")
+                 .with_env("HOST", "127.0.0.1")
+                 .with_kwargs(entrypoint=["/bin/sh", "-c"], labels=owner_label(), network_mode="host")
+                 .with_command([script]))
+    # host networking: pip reaches the package index as on an AutoDL instance; the API is then on
+    # the host's loopback at the recipe's port.
+    try:
+        container.start()
+        wrapped = container.get_wrapped_container()
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            wrapped.reload()
+            assert wrapped.status == "running", wrapped.logs().decode()[-3000:]
+            try:
+                if requests.get("http://127.0.0.1:6006/health", timeout=3).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(2)
+        else:
+            pytest.fail("native install did not come up in 900 s:\n" + wrapped.logs().decode()[-3000:])
+        answer = requests.post("http://127.0.0.1:6006/", json={"prompt": "你好", "history": [], "max_length": 16}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["response"].strip()
+        logs = wrapped.logs().decode()
+        assert "installed qwen3/fastapi" in logs
+    finally:
+        container.stop()
