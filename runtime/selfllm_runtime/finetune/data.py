@@ -1,0 +1,221 @@
+"""Training data: upstream's instruction format and a conversation format, detected per record,
+tokenized through the model's own chat template with the prompt masked out of the loss.
+
+Formats (a JSON list, or JSONL with one record a line; both may be mixed in one file):
+- instruction (upstream's huanhuan.json): {"instruction": str, "input": str (optional), "output": str,
+  "system": str (optional)}
+- conversation: {"conversation": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  (the key "messages" is accepted too). Every assistant turn becomes one example whose prompt is the
+  conversation before it, rendered exactly as at inference time.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (the prompt, padding)
+ROLES = {"system", "user", "assistant"}
+Message = dict[str, str]
+
+
+class DataError(ValueError):
+    """A training file or record that can't be used; the message names the file and the record."""
+
+    def __init__(self, path: Path | str, index: int | None, problem: str):
+        self.path, self.index, self.problem = Path(path), index, problem
+        where = f"{path}" if index is None else f"{path}: record {index}"
+        super().__init__(f"{where}: {problem}")
+
+
+def read_records(path: Path | str) -> list[Any]:
+    """A JSON list, or JSON Lines (one object a line, blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "file not found")
+    text = path.read_text(encoding="utf-8-sig")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, None, f"invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        if not isinstance(data, list):
+            raise DataError(path, None, "expected a JSON list of records")
+        return data
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(path, len(records), f"line {number} is not valid JSON: {exc.msg}") from None
+    if not records:
+        raise DataError(path, None, "no records (expected a JSON list or JSON Lines)")
+    return records
+
+
+def _text(value: Any, field: str, path: Path, index: int, required: bool = True) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(path, index, f"{field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def record_to_messages(record: Any, path: Path, index: int, system_prompt: str | None = None) -> list[Message]:
+    """One record of either format as chat messages; a bad record raises DataError."""
+    if not isinstance(record, dict):
+        raise DataError(path, index, f"expected an object, got {type(record).__name__}")
+    turns = record.get("conversation", record.get("messages"))
+    if turns is not None:
+        if not isinstance(turns, list) or not turns:
+            raise DataError(path, index, "'conversation' must be a non-empty list of {role, content}")
+        messages: list[Message] = []
+        for number, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not {"role", "content"} <= turn.keys():
+                raise DataError(path, index, f"conversation turn {number} needs 'role' and 'content'")
+            role = turn["role"]
+            if role not in ROLES:
+                raise DataError(path, index, f"conversation turn {number}: role {role!r} is not one of {sorted(ROLES)}")
+            messages.append({"role": role, "content": _text(turn["content"], f"turn {number} content", path, index)})
+        if not any(m["role"] == "assistant" for m in messages[1:]):
+            raise DataError(path, index, "conversation has no assistant turn after a user turn")
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return messages
+    if "instruction" in record and "output" in record:
+        instruction = _text(record["instruction"], "instruction", path, index)
+        extra = _text(record.get("input"), "input", path, index, required=False)
+        output = _text(record["output"], "output", path, index)
+        system = _text(record.get("system"), "system", path, index, required=False) or system_prompt
+        user = "\n".join(part for part in (instruction, extra) if part)
+        if not user.strip() or not output.strip():
+            raise DataError(path, index, "'instruction' (with 'input') and 'output' must not be empty")
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    keys = ", ".join(sorted(map(str, record.keys()))) or "none"
+    raise DataError(path, index, f"unknown format (keys: {keys}); expected {{instruction, input, output}} "
+                                 "or {conversation: [{role, content}, ...]}")
+
+
+def turns_to_examples(messages: list[Message]) -> Iterator[tuple[list[Message], Message]]:
+    """(conversation so far, assistant reply) for every assistant turn that follows a user turn."""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant" and any(m["role"] == "user" for m in messages[:i]):
+            yield messages[:i], message
+
+
+@dataclass
+class ChatTokenizer:
+    """Turns (prompt messages, reply) into input_ids/labels through the chat template.
+
+    The prompt is what the template renders with add_generation_prompt=True (for Qwen3 with
+    enable_thinking=False that ends in an empty think block); the learned part is the reply up to
+    and including the end-of-turn token (eos, e.g. <|im_end|>), so the model learns to stop.
+    """
+
+    tokenizer: Any
+    template_kwargs: dict[str, Any]
+    eos_token: str
+    max_length: int = 1024
+
+    def render(self, context: list[Message], reply: Message) -> tuple[str, str]:
+        prompt = self.tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True,
+                                                    **self.template_kwargs)
+        full = self.tokenizer.apply_chat_template([*context, reply], tokenize=False, add_generation_prompt=False,
+                                                  **self.template_kwargs)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template renders the prompt differently when the reply follows it; "
+                             f"cannot mask the prompt (prompt ends {prompt[-40:]!r})")
+        answer = full[len(prompt):]
+        end = answer.find(self.eos_token)
+        if end < 0:
+            raise ValueError(f"the chat template did not end the reply with {self.eos_token!r}")
+        return prompt, answer[: end + len(self.eos_token)]
+
+    def encode(self, context: list[Message], reply: Message) -> dict[str, list[int]] | None:
+        """None when truncation to max_length leaves no reply token to learn."""
+        prompt, answer = self.render(context, reply)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        input_ids = (prompt_ids + answer_ids)[: self.max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[: self.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            return None
+        return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+@dataclass
+class EncodedData:
+    examples: list[dict[str, list[int]]]
+    records: int
+    skipped: int  # examples with no reply token left after truncation
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.examples)
+
+
+def encode_files(paths: Iterable[Path | str], chat: ChatTokenizer, system_prompt: str | None = None,
+                 max_samples: int | None = None) -> EncodedData:
+    paths = [Path(p) for p in paths]
+    examples: list[dict[str, list[int]]] = []
+    records = skipped = 0
+    for path in paths:
+        for index, record in enumerate(read_records(path)):
+            if max_samples is not None and records >= max_samples:
+                break
+            messages = record_to_messages(record, path, index, system_prompt)
+            records += 1
+            for context, reply in turns_to_examples(messages):
+                try:
+                    encoded = chat.encode(context, reply)
+                except ValueError as exc:
+                    raise DataError(path, index, str(exc)) from None
+                if encoded is None:
+                    skipped += 1
+                else:
+                    examples.append(encoded)
+    if not examples:
+        raise DataError(paths[0] if paths else "(no data)", None, "no trainable example")
+    return EncodedData(examples, records, skipped)
+
+
+SAMPLE_PAIRS = [
+    ("你是谁？", "我是甄嬛，家父是大理寺少卿甄远道。"),
+    ("小主，皇上今日翻了您的牌子。", "知道了，替我更衣吧。"),
+    ("Hello! Who are you?", "I am a helpful assistant. How can I help you today?"),
+    ("What is the answer?", "The answer is yes. Thank you."),
+    ("写一个加法函数", "def add(a, b): return a + b"),
+    ("嬛嬛，朕的心意你可明白？", "臣妾明白，皇上的心意臣妾一直记在心里。"),
+]
+
+
+def sample_records(count: int = 36) -> list[dict[str, Any]]:
+    """A small synthetic data set mixing both formats (for smoke tests and the benchmark)."""
+    out: list[dict[str, Any]] = []
+    for i in range(count):
+        question, answer = SAMPLE_PAIRS[i % len(SAMPLE_PAIRS)]
+        if i % 3 == 2:
+            follow_q, follow_a = SAMPLE_PAIRS[(i + 1) % len(SAMPLE_PAIRS)]
+            out.append({"conversation": [
+                {"role": "user", "content": question}, {"role": "assistant", "content": answer},
+                {"role": "user", "content": follow_q}, {"role": "assistant", "content": follow_a}]})
+        else:
+            out.append({"instruction": question, "input": "" if i % 2 else "请回答。", "output": answer})
+    return out
+
+
+def write_sample_data(path: Path | str, count: int = 36) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = sample_records(count)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    else:
+        path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path

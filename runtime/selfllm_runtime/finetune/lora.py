@@ -1,0 +1,223 @@
+"""LoRA training (transformers Trainer + PEFT), inference with an adapter, and merging."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ..context import RecipeContext
+from .data import ChatTokenizer, EncodedData, encode_files
+from .settings import LoraSettings
+
+log = logging.getLogger("selfllm.lora")
+RESULT_PREFIX = "SELFLLM_RESULT "  # one JSON line per action, parsed by smoke checks and scripts
+RUN_INFO = "selfllm_lora.json"  # beside the adapter: how it was trained (infer/merge reuse it)
+
+
+def emit_result(action: str, **fields: Any) -> dict[str, Any]:
+    result = {"action": action, **fields}
+    print(RESULT_PREFIX + json.dumps(result, ensure_ascii=False, default=str), flush=True)
+    return result
+
+
+def thinking_kwargs(context: RecipeContext, enable_thinking: bool) -> dict[str, Any]:
+    family = context.family
+    overrides = {family.thinking.template_kwarg: enable_thinking} if family.thinking else {}
+    return context.template_kwargs(**overrides)
+
+
+def fetch_data(url: str, folder: Path) -> Path:
+    """Download url into folder once (atomic rename, so parallel ranks don't read half a file)."""
+    target = folder / Path(url.split("?")[0]).name
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(target.suffix + f".{os.getpid()}.part")
+    log.info("downloading training data %s → %s", url, target)
+    with urllib.request.urlopen(url, timeout=60) as answer, partial.open("wb") as out:
+        out.write(answer.read())
+    partial.replace(target)
+    return target
+
+
+def training_device() -> tuple[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return "cpu", torch.float32
+
+
+def load_tokenizer(context: RecipeContext, model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=context.family.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = context.family.special_tokens.pad
+    return tokenizer
+
+
+def prepare_data(context: RecipeContext, tokenizer, settings: LoraSettings) -> tuple[list[Path], EncodedData]:
+    paths = list(settings.data)
+    if not paths:
+        if not settings.data_url:
+            raise ValueError("no training data: set DATA_PATH (a mounted JSON/JSONL file) or DATA_URL")
+        paths = [fetch_data(settings.data_url, settings.data_dir)]
+    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, settings.enable_thinking),
+                         context.family.special_tokens.eos, settings.max_length)
+    return paths, encode_files(paths, chat, settings.system_prompt, settings.max_samples)
+
+
+def _report_to(settings: LoraSettings, run_dir: Path) -> list[str]:
+    if settings.report_to == "none":
+        return []
+    if settings.report_to == "tensorboard":
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("REPORT_TO=tensorboard needs the tensorboard package: pip install tensorboard")
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "runs"))
+        return ["tensorboard"]
+    if importlib.util.find_spec("swanlab") is None:
+        raise ValueError("REPORT_TO=swanlab needs the swanlab package (not in the image): pip install swanlab")
+    os.environ.setdefault("SWANLAB_MODE", "local")  # offline; SWANLAB_MODE=cloud with SWANLAB_API_KEY to upload
+    os.environ.setdefault("SWANLAB_LOG_DIR", str(run_dir / "swanlog"))
+    os.environ.setdefault("SWANLAB_PROJECT", "selfllm-lora")
+    return ["swanlab"]
+
+
+def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter; returns (and prints as SELFLLM_RESULT) a summary with the losses."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    model_dir = Path(model_dir)
+    run_dir = settings.run_dir(model_dir)
+    torch.manual_seed(settings.seed)
+    tokenizer = load_tokenizer(context, model_dir)
+    paths, data = prepare_data(context, tokenizer, settings)
+    log.info("%d examples from %d records in %s (%d tokens, %d skipped as too long)", len(data.examples),
+             data.records, ", ".join(map(str, paths)), data.tokens, data.skipped)
+    device, dtype = training_device()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                 trust_remote_code=context.family.trust_remote_code)
+    model.config.use_cache = False
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # else frozen embeddings give checkpointed blocks no grad (upstream #119)
+    lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=settings.target_modules, r=settings.r,
+                             lora_alpha=settings.alpha, lora_dropout=settings.dropout, inference_mode=False)
+    model = get_peft_model(model, lora_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d alpha=%d on %s: %d trainable of %d parameters (%.3f%%)", settings.r, settings.alpha,
+             ",".join(settings.target_modules), trainable, total, 100 * trainable / total)
+
+    losses: list[float] = []
+
+    class LossRecorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        logging_steps=settings.logging_steps,
+        save_steps=settings.save_steps,
+        save_total_limit=3,
+        save_on_each_node=True,
+        gradient_checkpointing=False,  # enabled on the base model above, before PEFT wraps it
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu",
+        report_to=_report_to(settings, run_dir),
+        run_name=run_dir.name,
+        seed=settings.seed,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data.examples, processing_class=tokenizer,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                      callbacks=[LossRecorder()])
+    started = time.monotonic()
+    output = trainer.train()
+    seconds = time.monotonic() - started
+    trainer.save_model(str(run_dir))  # the adapter only: adapter_config.json + adapter_model.safetensors
+    if not trainer.is_world_process_zero():
+        return {}
+    tokenizer.save_pretrained(str(run_dir))
+    peak_gb = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    info = {"base_model": str(model_dir), "family": context.recipe.model, "data": [str(p) for p in paths],
+            "system_prompt": settings.system_prompt, "enable_thinking": settings.enable_thinking,
+            "settings": json.loads(settings.model_dump_json())}
+    (run_dir / RUN_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    print(f"LoRA adapter saved to {run_dir}", flush=True)
+    return emit_result(
+        "train", adapter_dir=str(run_dir), device=device, steps=int(output.global_step), examples=len(data.examples),
+        records=data.records, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+        loss_min=min(losses) if losses else None, losses=[round(x, 4) for x in losses[:200]],
+        train_tokens=tokens, peak_gpu_memory_gb=peak_gb, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else None,
+        adapter_files=sorted(p.name for p in run_dir.glob("adapter_*")))
+
+
+def read_run_info(adapter_dir: Path | None) -> dict[str, Any]:
+    path = Path(adapter_dir) / RUN_INFO if adapter_dir else None
+    return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+
+
+def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, prompt: str,
+          system_prompt: str | None = None, enable_thinking: bool | None = None, max_new_tokens: int = 256,
+          temperature: float = 0.7, top_p: float = 0.8, seed: int | None = 0) -> dict[str, Any]:
+    """One reply from the base model plus adapter (or from a merged model when adapter_dir is None).
+    The system prompt and thinking switch default to what the adapter was trained with."""
+    from ..chat_engine import ChatEngine, GenerationParams
+
+    info = read_run_info(adapter_dir) or read_run_info(Path(model_dir))  # a merged folder keeps it too
+    system_prompt = system_prompt if system_prompt is not None else info.get("system_prompt")
+    thinking = enable_thinking if enable_thinking is not None else info.get("enable_thinking", False)
+    engine = ChatEngine(context, Path(model_dir))
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        engine.model = PeftModel.from_pretrained(engine.model, str(adapter_dir)).eval()
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}]
+    kwargs = {context.family.thinking.template_kwarg: thinking} if context.family.thinking else {}
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              template_kwargs=kwargs)
+    completion = engine.generate(messages, params)
+    print(completion.text, flush=True)
+    return emit_result("infer", model=str(model_dir), adapter=str(adapter_dir) if adapter_dir else None,
+                       prompt=prompt, reply=completion.text, completion_tokens=completion.completion_tokens,
+                       finish_reason=completion.finish_reason)
+
+
+def merge(context: RecipeContext, model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Fold the adapter into the base weights: a full model folder for from_pretrained, vLLM, etc."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trust = context.family.trust_remote_code
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir))
+    load_tokenizer(context, Path(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file()
+                   else model_dir).save_pretrained(str(out_dir))
+    if (Path(adapter_dir) / RUN_INFO).is_file():
+        (out_dir / RUN_INFO).write_bytes((Path(adapter_dir) / RUN_INFO).read_bytes())
+    print(f"merged model saved to {out_dir}", flush=True)
+    return emit_result("merge", model=str(model_dir), adapter=str(adapter_dir), merged_dir=str(out_dir),
+                       files=sorted(p.name for p in out_dir.iterdir()))

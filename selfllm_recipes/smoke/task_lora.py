@@ -1,0 +1,61 @@
+"""Smoke check of task `lora`: a run to completion, not a server. On the tiny model and a small
+generated data set (both formats), the container trains 20 steps through `selfllm start`, answers
+with the adapter, merges it, and answers from the merged model; each step prints `SELFLLM_RESULT {json}`."""
+from __future__ import annotations
+
+import json
+
+from .checks import SMOKE_MODEL_DIR, SmokeCheck, SmokeFailure, SmokeSession, expect
+
+RESULT_PREFIX = "SELFLLM_RESULT "
+DATA = "/root/autodl-tmp/data/lora-sample.json"
+ADAPTER = "/root/autodl-tmp/lora/smoke"
+MERGED = ADAPTER + "-merged"
+COMMAND = " && ".join([
+    f"selfllm smoke-model {SMOKE_MODEL_DIR}",
+    f"selfllm lora sample-data {DATA}",
+    "selfllm start",  # train with the settings in ENV below
+    f"selfllm lora infer --adapter {ADAPTER} --prompt '你是谁？' --max-new-tokens 16",
+    f"selfllm lora merge --adapter {ADAPTER} --out {MERGED}",
+    f"selfllm lora infer --model {MERGED} --prompt '你是谁？' --max-new-tokens 16",
+])
+ENV = {"MODEL_PATH": SMOKE_MODEL_DIR, "DATA_PATH": DATA, "RUN_NAME": "smoke", "MAX_STEPS": "20",
+       "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1",
+       "SYSTEM_PROMPT": "现在你要扮演皇帝身边的女人--甄嬛"}
+
+
+def results(logs: str) -> list[dict]:
+    found = []
+    for line in logs.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            try:
+                found.append(json.loads(line[len(RESULT_PREFIX):]))
+            except json.JSONDecodeError as exc:
+                raise SmokeFailure(f"unreadable result line {line[:120]!r}: {exc}") from None
+    return found
+
+
+def verify_lora(session: SmokeSession) -> str:
+    code = session.exit_code()
+    found = results(session.logs())
+    actions = [r["action"] for r in found]
+    expect(code == 0, f"the container exited with code {code} after {actions or 'no result'}")
+    expect(actions == ["train", "infer", "merge", "infer"], f"expected train, infer, merge, infer; got {actions}")
+    trained, infer_adapter, merged, infer_merged = found
+    losses = trained["losses"]
+    expect(trained["steps"] == 20 and len(losses) >= 6, f"trained {trained['steps']} steps, logged {len(losses)} losses")
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    expect(last < first, f"loss did not go down: {losses}")
+    expect({"adapter_config.json", "adapter_model.safetensors"} <= set(trained["adapter_files"]),
+           f"adapter files: {trained['adapter_files']}")
+    expect(infer_adapter["adapter"] == ADAPTER and infer_adapter["completion_tokens"] > 0,
+           f"inference with the adapter: {infer_adapter}")
+    expect("config.json" in merged["files"] and any(f.endswith(".safetensors") for f in merged["files"]),
+           f"merged folder holds {merged['files']}")
+    expect(infer_merged["adapter"] is None and infer_merged["model"] == MERGED and infer_merged["completion_tokens"] > 0,
+           f"the merged model did not generate: {infer_merged}")
+    return (f"trained {trained['steps']} steps on {trained['examples']} examples, loss {first:.2f} → {last:.2f}, "
+            f"{trained['tokens_per_s']} tokens/s ({trained['device']}); adapter and merged model generated")
+
+
+CHECK = SmokeCheck(command=COMMAND, verify=verify_lora, serves_http=False, env=ENV)

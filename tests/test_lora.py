@@ -1,0 +1,187 @@
+"""LoRA task on the host with the tiny random Qwen3: data formats, prompt masking, training,
+adapter files, inference with the adapter, merge into a loadable model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+from selfllm_runtime.context import load_context  # noqa: E402
+from selfllm_runtime.finetune.data import (IGNORE_INDEX, ChatTokenizer, DataError, encode_files,  # noqa: E402
+                                           read_records, record_to_messages, write_sample_data)
+from selfllm_runtime.finetune.lora import RUN_INFO, infer, merge, thinking_kwargs, train  # noqa: E402
+from selfllm_runtime.finetune.settings import resolve_settings  # noqa: E402
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "qwen3" / "lora"
+
+
+@pytest.fixture(scope="session")
+def context():
+    return load_context(RECIPE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(context, tmp_path_factory) -> Path:
+    from selfllm_runtime.smoke_model import make_smoke_model
+
+    return make_smoke_model(context, tmp_path_factory.mktemp("lora") / "smoke-model")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture()
+def chat(context, tokenizer) -> ChatTokenizer:
+    return ChatTokenizer(tokenizer, thinking_kwargs(context, False), context.family.special_tokens.eos, 512)
+
+
+def test_both_formats_detected_per_record(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"instruction": "你是谁？", "input": "", "output": "我是甄嬛。"}, ensure_ascii=False) + "\n\n"
+                    + json.dumps({"conversation": [{"role": "user", "content": "hi"},
+                                                   {"role": "assistant", "content": "hello"}]}) + "\n")
+    records = read_records(path)
+    assert len(records) == 2
+    first = record_to_messages(records[0], path, 0, system_prompt="现在你要扮演皇帝身边的女人--甄嬛")
+    assert [m["role"] for m in first] == ["system", "user", "assistant"] and first[1]["content"] == "你是谁？"
+    second = record_to_messages(records[1], path, 1)
+    assert [m["role"] for m in second] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"prompt": "x"}, "unknown format"),
+    ({"instruction": "q", "output": 3}, "'output' must be a string"),
+    ({"conversation": [{"role": "user", "content": "q"}]}, "no assistant turn"),
+    ({"conversation": [{"role": "robot", "content": "q"}]}, "role 'robot'"),
+    ("text", "expected an object"),
+])
+def test_bad_record_names_file_and_index(tmp_path, record, problem):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"instruction": "q", "input": "", "output": "a"}, record]))
+    with pytest.raises(DataError) as caught:
+        record_to_messages(read_records(path)[1], path, 1)
+    assert str(path) in str(caught.value) and "record 1" in str(caught.value) and problem in str(caught.value)
+
+
+def test_invalid_json_line_is_reported(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"instruction": "q", "output": "a"}\n{oops\n')
+    with pytest.raises(DataError, match=r"record 1: line 2 is not valid JSON"):
+        read_records(path)
+
+
+def test_prompt_masked_and_end_of_turn_learned(chat, tokenizer, context):
+    messages = [{"role": "system", "content": "现在你要扮演皇帝身边的女人--甄嬛"},
+                {"role": "user", "content": "你是谁？"}]
+    encoded = chat.encode(messages, {"role": "assistant", "content": "我是甄嬛。"})
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    assert len(ids) == len(labels) == len(encoded["attention_mask"])
+    learned = [t for t in labels if t != IGNORE_INDEX]
+    first_learned = labels.index(learned[0])
+    assert all(label == IGNORE_INDEX for label in labels[:first_learned])
+    prompt_text = tokenizer.decode(ids[:first_learned])
+    assert prompt_text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3, thinking off
+    assert "你是谁？" in prompt_text
+    im_end = tokenizer.convert_tokens_to_ids(context.family.special_tokens.eos)
+    assert learned[-1] == im_end and labels[-1] == im_end
+    assert tokenizer.decode(learned) == "我是甄嬛。<|im_end|>"
+
+
+def test_multi_turn_gives_one_example_per_reply_and_truncates(tmp_path, chat):
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps([{"conversation": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]))
+    data = encode_files([path], chat)
+    assert len(data.examples) == 2 and data.records == 1
+    chat.max_length = 12  # shorter than the prompt: nothing left to learn, so the example is skipped
+    with pytest.raises(DataError, match="no trainable example"):
+        encode_files([path], chat)
+
+
+def test_settings_precedence(context):
+    settings = resolve_settings(context, {"lora_r": None, "r": 4}, {"LORA_R": "16", "LORA_ALPHA": "64",
+                                                                       "LORA_TARGET_MODULES": "q_proj, v_proj"})
+    assert (settings.r, settings.alpha, settings.target_modules) == (4, 64, ["q_proj", "v_proj"])
+    assert settings.dropout == context.family.lora.dropout
+    assert settings.system_prompt == "现在你要扮演皇帝身边的女人--甄嬛"  # recipe default goes with default data
+    assert resolve_settings(context, {}, {"DATA_PATH": "/x.json"}).system_prompt is None
+    assert resolve_settings(context, {}, {}).data_url.endswith("/dataset/huanhuan.json")
+
+
+@pytest.fixture(scope="session")
+def trained(context, tiny_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("lora-run")
+    data = write_sample_data(work / "sample.json", 36)
+    env = {"DATA_PATH": str(data), "OUTPUT_DIR": str(work / "out"), "RUN_NAME": "test", "MAX_STEPS": "20",
+           "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1",
+           "SYSTEM_PROMPT": "现在你要扮演皇帝身边的女人--甄嬛"}
+    return train(context, tiny_model, resolve_settings(context, {}, env))
+
+
+def test_training_reduces_loss_and_saves_adapter(trained):
+    assert trained["steps"] == 20 and len(trained["losses"]) == 20
+    first, last = trained["losses"][:3], trained["losses"][-3:]
+    assert sum(last) / 3 < sum(first) / 3 - 0.2, trained["losses"]  # ~6.57 → ~6.02 with seed 42
+    adapter = Path(trained["adapter_dir"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / RUN_INFO).read_text())["system_prompt"] == "现在你要扮演皇帝身边的女人--甄嬛"
+    assert trained["train_tokens"] > 0 and trained["tokens_per_s"] > 0
+
+
+def test_infer_with_adapter(context, tiny_model, trained):
+    result = infer(context, tiny_model, Path(trained["adapter_dir"]), "你是谁？", max_new_tokens=16, temperature=0)
+    assert result["adapter"] and result["completion_tokens"] > 0
+
+
+def test_merge_gives_loadable_model(context, tiny_model, trained, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    merge(context, tiny_model, Path(trained["adapter_dir"]), out)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("你好，我是", return_tensors="pt")
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                             trained["adapter_dir"]).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(**ids).logits, with_adapter(**ids).logits, atol=1e-4)
+    result = infer(context, out, None, "你是谁？", max_new_tokens=8, temperature=0)
+    assert result["adapter"] is None and result["completion_tokens"] > 0
+
+
+def test_cli_sample_data_and_bad_data(context, tiny_model, tmp_path, capsys):
+    from selfllm_runtime.cli import main
+
+    out = tmp_path / "s.jsonl"
+    assert main(["lora", "sample-data", str(out), "--count", "6"]) == 0
+    assert len(out.read_text().splitlines()) == 6
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "q", "output": "a"}, {"foo": 1}]))
+    code = main(["lora", "--recipe", str(RECIPE_DIR), "train", "--model", str(tiny_model), "--data", str(bad),
+                 "--output-dir", str(tmp_path / "o")])
+    assert code == 2
+    assert f"{bad}: record 1: unknown format" in capsys.readouterr().err
+
+
+def test_report_to_imports_only_what_is_chosen(tmp_path, monkeypatch):
+    import importlib.util
+
+    from selfllm_runtime.finetune import lora as lora_module
+    from selfllm_runtime.finetune.settings import LoraSettings
+
+    base = {"target_modules": ["q_proj"]}
+    assert lora_module._report_to(LoraSettings(**base), tmp_path) == []
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "swanlab" else real_find_spec(name))
+    with pytest.raises(ValueError, match="pip install swanlab"):
+        lora_module._report_to(LoraSettings(**base, report_to="swanlab"), tmp_path)
