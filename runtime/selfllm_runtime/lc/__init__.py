@@ -1,0 +1,1 @@
+"""LangChain integration of the shared ChatEngine: a chat model class and a small RAG pipeline."""

@@ -1,0 +1,135 @@
+"""`ChatSelfLLM`: a LangChain chat model (langchain-core 1.x `BaseChatModel`) over one ChatEngine.
+
+invoke/batch go through `_generate`, stream through `_stream`; async variants use LangChain's
+executor defaults. The engine's lock serializes generations, so `batch` queues safely.
+Reasoning (Qwen3's <think>…</think>) is kept out of the content and returned in
+`additional_kwargs["reasoning_content"]`, the convention of LangChain's DeepSeek/Qwen integrations.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict, Field
+
+from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
+
+ROLES: dict[type[BaseMessage], str] = {
+    SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant", ToolMessage: "tool",
+}
+
+
+def message_text(message: BaseMessage) -> str:
+    """The text of a message; content blocks other than text (images, tool calls) are dropped."""
+    if isinstance(message.content, str):
+        return message.content
+    parts = []
+    for block in message.content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+    return "".join(parts)
+
+
+def to_engine_messages(messages: list[BaseMessage]) -> list[Message]:
+    """LangChain messages → the role/content dicts the chat template takes."""
+    out: list[Message] = []
+    for message in messages:
+        if isinstance(message, ChatMessage):
+            role = message.role
+        else:
+            role = next((r for cls, r in ROLES.items() if isinstance(message, cls)), None)
+            if role is None:
+                raise ValueError(f"unsupported message type {type(message).__name__}")
+        out.append({"role": role, "content": message_text(message)})
+    return out
+
+
+def usage(completion: Completion) -> UsageMetadata:
+    return UsageMetadata(input_tokens=completion.prompt_tokens, output_tokens=completion.completion_tokens,
+                         total_tokens=completion.prompt_tokens + completion.completion_tokens)
+
+
+class ChatSelfLLM(BaseChatModel):
+    """A local chat model for LangChain chains: `ChatSelfLLM(engine=ChatEngine(context, model_dir))`.
+
+    Call-time keyword arguments (`llm.invoke(msgs, max_new_tokens=64)`, or `.bind(...)`) override
+    the fields below for that call.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    engine: ChatEngine = Field(exclude=True)
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.8
+    seed: int | None = None
+    enable_thinking: bool | None = None  # None: the model family's default (model.yaml)
+
+    @property
+    def _llm_type(self) -> str:
+        return "selfllm-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.engine.model_name, "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "enable_thinking": self.enable_thinking}
+
+    def _params(self, stop: list[str] | None, overrides: dict[str, Any]) -> GenerationParams:
+        template_kwargs: dict[str, Any] = dict(overrides.get("template_kwargs") or {})
+        thinking = overrides.get("enable_thinking", self.enable_thinking)
+        switch = self.engine.family.thinking
+        if thinking is not None and switch is not None:
+            template_kwargs.setdefault(switch.template_kwarg, thinking)
+        return GenerationParams(
+            max_new_tokens=int(overrides.get("max_new_tokens", self.max_new_tokens)),
+            temperature=float(overrides.get("temperature", self.temperature)),
+            top_p=float(overrides.get("top_p", self.top_p)),
+            seed=overrides.get("seed", self.seed),
+            stop=list(stop or []),
+            template_kwargs=template_kwargs,
+        )
+
+    def _response_metadata(self, completion: Completion) -> dict[str, Any]:
+        return {"model_name": self.engine.model_name, "finish_reason": completion.finish_reason}
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        completion = self.engine.generate(to_engine_messages(messages), self._params(stop, kwargs))
+        extra = {"reasoning_content": completion.reasoning} if completion.reasoning else {}
+        message = AIMessage(content=completion.text, additional_kwargs=extra, usage_metadata=usage(completion),
+                            response_metadata=self._response_metadata(completion))
+        return ChatResult(generations=[ChatGeneration(message=message)],
+                          llm_output={"model_name": self.engine.model_name})
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        for piece in self.engine.stream(to_engine_messages(messages), self._params(stop, kwargs)):
+            if isinstance(piece, Completion):
+                chunk = ChatGenerationChunk(message=AIMessageChunk(
+                    content="", usage_metadata=usage(piece), response_metadata=self._response_metadata(piece),
+                    chunk_position="last"))
+                yield chunk
+                continue
+            kind, delta = piece
+            if kind == "reasoning":
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": delta}))
+            else:
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+            if run_manager is not None:
+                run_manager.on_llm_new_token(delta, chunk=chunk)
+            yield chunk

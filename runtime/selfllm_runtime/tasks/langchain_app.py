@@ -1,0 +1,210 @@
+"""Task `langchain`: the model as a LangChain chat model, answering questions over your documents (RAG).
+
+`selfllm start` serves no port (serves_http=False). It indexes DOCS_DIR into a persistent Chroma
+store, then:
+- QUESTION set: answers it (several questions, one per line, run as one `batch`), prints the
+  retrieved sources and the answer, and exits;
+- no QUESTION and a terminal attached (`docker run -it`): an interactive question loop;
+- otherwise: answers DEFAULT_QUESTION once and exits.
+The last stdout line is `SELFLLM_RESULT {json}` (sources, answers, timings) for scripts and tests.
+
+Environment: DOCS_DIR (.txt/.md files; default: three bundled sample documents), QUESTION,
+EMBEDDING_MODEL (hub id or local folder; default sentence-transformers/all-MiniLM-L6-v2),
+CHROMA_DIR (default $MODEL_CACHE/langchain-chroma), COLLECTION, TOP_K, CHUNK_SIZE,
+CHUNK_OVERLAP, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED, ENABLE_THINKING (0/1; unset: the
+family's default), LANGCHAIN_SELFTEST=1 (also exercise the chat model's invoke/stream/batch).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..chat_engine import ChatEngine
+from ..context import RecipeContext
+from ..model_source import DEFAULT_CACHE
+
+log = logging.getLogger("selfllm.langchain")
+
+SAMPLE_DOCS_DIR = Path(__file__).resolve().parent.parent / "lc" / "sample_docs"
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_QUESTION = "AutoDL 的数据盘挂载在哪个目录？"
+RESULT_PREFIX = "SELFLLM_RESULT "
+TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class RagSettings:
+    docs_dir: Path = SAMPLE_DOCS_DIR
+    questions: list[str] = field(default_factory=list)
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    chroma_dir: Path = DEFAULT_CACHE / "langchain-chroma"
+    embedding_cache: Path = DEFAULT_CACHE / "huggingface" / "hub"
+    collection: str = "selfllm_rag"
+    top_k: int = 3
+    chunk_size: int = 500
+    chunk_overlap: int = 50
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.8
+    seed: int | None = None
+    enable_thinking: bool | None = None
+    selftest: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RagSettings:
+        env = os.environ if env is None else env
+        cache = Path(env.get("MODEL_CACHE") or DEFAULT_CACHE)
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        thinking = get("ENABLE_THINKING")
+        seed = get("SEED")
+        return cls(
+            docs_dir=Path(get("DOCS_DIR") or SAMPLE_DOCS_DIR),
+            questions=[q.strip() for q in (env.get("QUESTION") or "").splitlines() if q.strip()],
+            embedding_model=get("EMBEDDING_MODEL") or DEFAULT_EMBEDDING_MODEL,
+            chroma_dir=Path(get("CHROMA_DIR") or cache / "langchain-chroma"),
+            embedding_cache=cache / "huggingface" / "hub",
+            collection=get("COLLECTION") or "selfllm_rag",
+            top_k=int(get("TOP_K") or 3),
+            chunk_size=int(get("CHUNK_SIZE") or 500),
+            chunk_overlap=int(get("CHUNK_OVERLAP") or 50),
+            max_new_tokens=int(get("MAX_NEW_TOKENS") or 512),
+            temperature=float(get("TEMPERATURE") or 0.7),
+            top_p=float(get("TOP_P") or 0.8),
+            seed=int(seed) if seed is not None else None,
+            enable_thinking=(thinking.lower() in TRUE) if thinking is not None else None,
+            selftest=(get("LANGCHAIN_SELFTEST") or "").lower() in TRUE,
+        )
+
+
+class RagApp:
+    """Chat model + embeddings + the synced Chroma store + the chain, built once."""
+
+    def __init__(self, engine: ChatEngine, settings: RagSettings):
+        from ..lc.chat_model import ChatSelfLLM
+        from ..lc.rag import (SentenceTransformerEmbeddings, load_documents, open_store, rag_chain,
+                              split_documents, sync_index)
+
+        self.settings = settings
+        self.llm = ChatSelfLLM(engine=engine, max_new_tokens=settings.max_new_tokens,
+                               temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+                               enable_thinking=settings.enable_thinking)
+        log.info("embedding model %s", settings.embedding_model)
+        self.embeddings = SentenceTransformerEmbeddings(settings.embedding_model,
+                                                        cache_folder=str(settings.embedding_cache))
+        docs = load_documents(settings.docs_dir)
+        if not docs:
+            raise FileNotFoundError(f"no .txt/.md documents under {settings.docs_dir}")
+        chunks = split_documents(docs, settings.chunk_size, settings.chunk_overlap)
+        self.store = open_store(settings.chroma_dir, self.embeddings, settings.collection)
+        self.index = sync_index(self.store, chunks)
+        log.info("indexed %s: %s", settings.docs_dir, self.index)
+        self.retriever = self.store.as_retriever(search_kwargs={"k": settings.top_k})
+        self.chain = rag_chain(self.retriever, self.llm)
+
+    def ask(self, question: str, out=None) -> dict[str, Any]:
+        """Answer one question, streaming the answer to out when given."""
+        from ..lc.rag import describe_sources
+
+        started = time.monotonic()
+        result: dict[str, Any] = {}
+        for part in self.chain.stream(question):
+            if "docs" in part and out is not None:
+                print_sources(part["docs"], out)
+                print("答案 / Answer: ", end="", file=out, flush=True)
+            if "answer" in part and out is not None:
+                print(part["answer"], end="", file=out, flush=True)
+            for key, value in part.items():
+                result[key] = result.get(key, "") + value if key == "answer" else value
+        if out is not None:
+            print("\n", file=out, flush=True)
+        return {"question": question, "sources": describe_sources(result.get("docs", [])),
+                "answer": result.get("answer", ""), "seconds": round(time.monotonic() - started, 3)}
+
+    def ask_many(self, questions: list[str]) -> list[dict[str, Any]]:
+        from ..lc.rag import describe_sources
+
+        started = time.monotonic()
+        results = self.chain.batch(questions)
+        seconds = round(time.monotonic() - started, 3)
+        return [{"question": q, "sources": describe_sources(r["docs"]), "answer": r["answer"], "seconds": seconds}
+                for q, r in zip(questions, results)]
+
+
+def print_sources(docs, out) -> None:
+    print("检索到的文档 / Retrieved sources:", file=out)
+    for rank, doc in enumerate(docs, 1):
+        preview = doc.page_content[:60].replace("\n", " ")
+        print(f"  {rank}. {doc.metadata.get('source')}: {preview}…", file=out)
+
+
+def selftest(llm) -> dict[str, Any]:
+    """Exercise the chat model alone: invoke, stream and batch must each give AIMessage text."""
+    from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
+
+    messages = [SystemMessage("You are a helpful assistant."), HumanMessage("你好，请介绍一下你自己")]
+    reply = llm.invoke(messages)
+    chunks = list(llm.stream(messages))
+    merged = sum(chunks[1:], chunks[0]) if chunks else None
+    batch = llm.batch(["你好", "What is RAG?"])
+    return {
+        "invoke": {"ok": isinstance(reply, AIMessage) and isinstance(reply.content, str),
+                   "chars": len(reply.content), "usage": dict(reply.usage_metadata or {}),
+                   "finish_reason": reply.response_metadata.get("finish_reason")},
+        "stream": {"ok": bool(chunks) and all(isinstance(c, AIMessageChunk) for c in chunks),
+                   "chunks": len(chunks), "chars": len(merged.content) if merged is not None else 0,
+                   "usage": dict(merged.usage_metadata or {}) if merged is not None else {}},
+        "batch": {"ok": len(batch) == 2 and all(isinstance(m, AIMessage) for m in batch),
+                  "n": len(batch), "chars": [len(m.content) for m in batch]},
+    }
+
+
+def emit_result(payload: dict[str, Any], out=None) -> None:
+    print(RESULT_PREFIX + json.dumps(payload, ensure_ascii=False), file=out or sys.stdout, flush=True)
+
+
+def interactive(app: RagApp) -> None:
+    print("输入问题后回车；exit 或 Ctrl-D 退出。 / Type a question; exit or Ctrl-D quits.", flush=True)
+    while True:
+        try:
+            question = input("问题 / Question> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if question.lower() in {"exit", "quit", "q"}:
+            return
+        if question:
+            app.ask(question, out=sys.stdout)
+
+
+def run(context: RecipeContext, model_dir: Path) -> None:
+    settings = RagSettings.from_env()
+    app = RagApp(ChatEngine(context, model_dir), settings)
+    payload: dict[str, Any] = {"ok": True, "model": app.llm.engine.model_name, "device": app.llm.engine.device,
+                               "embedding_model": settings.embedding_model, "docs_dir": str(settings.docs_dir),
+                               "chroma_dir": str(settings.chroma_dir), "index": asdict(app.index)}
+    if settings.selftest:
+        payload["selftest"] = selftest(app.llm)
+    if not settings.questions and sys.stdin.isatty():
+        interactive(app)
+        return
+    questions = settings.questions or [DEFAULT_QUESTION]
+    if len(questions) == 1:
+        print(f"问题 / Question: {questions[0]}", flush=True)
+        payload["answers"] = [app.ask(questions[0], out=sys.stdout)]
+    else:
+        payload["answers"] = app.ask_many(questions)
+        for item in payload["answers"]:
+            print(f"问题 / Question: {item['question']}\n来源 / Sources: {[s['source'] for s in item['sources']]}\n"
+                  f"答案 / Answer: {item['answer']}\n", flush=True)
+    emit_result(payload)
