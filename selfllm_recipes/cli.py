@@ -17,14 +17,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from selfllm_runtime.metadata import MetadataError, load_recipe
 
 from .build import BuildError, BuildResult, build_node
-from .discover import BrokenRecipe, RecipeSpec, discover
+from .discover import BrokenRecipe, RecipeSpec, discover, recipe_dirs
 from .engine import EngineError, choose_base, connect, has_nvidia_runtime
 from .images import NodeKind, plan_images
-from .layout import CACHE_DIR, LOCK_FILE, REPO_ROOT
+from .layout import CACHE_DIR, LOCK_FILE, LOCK_INPUT, REPO_ROOT, STACKS_DIR
 from .locks import LOCK_PYTHON, compile_lock
-from .plan import SelectionError, select
+from .plan import SelectionError, select, select_by_name
 from .report import RecipeReport, render_table, write_reports
 from .smoke.runner import cached_pass, remember_pass, remove_leftovers, run_smoke
 
@@ -62,24 +63,29 @@ def selected(args: argparse.Namespace) -> tuple[list[RecipeSpec], list[BrokenRec
 
 
 def cmd_lock(args: argparse.Namespace, console: Console) -> int:
-    good, broken = selected(args)
-    links = [arg for link in args.find_links for arg in ("--find-links", link)]
-    stacks = {spec.stack.dir: LOCK_PYTHON for spec in good}
-    stacks |= {spec.cpu_stack.dir: spec.recipe.cpu_variant.python for spec in good if spec.cpu_stack}
-    for folder, python in sorted(stacks.items()):
-        console.print(f"locking stack {folder.relative_to(REPO_ROOT)}")
-        compile_lock(folder, extra_args=links, python=python)
-    for spec in good:
-        console.print(f"locking {spec.key}")
-        compile_lock(spec.dir, constraints=spec.stack.dir / LOCK_FILE, extra_args=links)
-        if (variant := spec.recipe.cpu_variant) and spec.cpu_stack:
-            console.print(f"locking {spec.key} (CPU variant: {variant.lock})")
-            excluded = [arg for name in variant.lock_exclude for arg in ("--no-emit-package", name)]
-            compile_lock(spec.dir, constraints=spec.cpu_stack.dir / LOCK_FILE, extra_args=links + excluded,
-                         lock_name=variant.lock, python=variant.python)
-    for item in broken:  # a lock that fails validation is regenerated too, when its recipe.yaml is fine
-        console.print(f"[yellow]{item.key}[/]: {item.error}")
-    return 1 if broken else 0
+    """Regenerate locks from requirements.in, stacks first. Works on a recipe whose lock is missing
+    or invalid (that is what it repairs), as long as its recipe.yaml is valid."""
+    folders = {f"{d.parent.name}/{d.name}": d for d in recipe_dirs()}
+    keys = select_by_name(list(folders), args.only)
+    failures = 0
+    stacks: dict[Path, list[str]] = {}
+    for key in keys:
+        try:
+            stacks.setdefault(STACKS_DIR / load_recipe(folders[key]).stack, []).append(key)
+        except MetadataError as exc:
+            console.print(f"[red]{key}[/]: {exc}")
+            failures += 1
+    for stack_dir, members in sorted(stacks.items()):
+        if not (stack_dir / LOCK_INPUT).is_file():
+            console.print(f"[red]{', '.join(members)}[/]: no stack {stack_dir.name!r} ({stack_dir / LOCK_INPUT} missing)")
+            failures += len(members)
+            continue
+        console.print(f"locking stack {stack_dir.relative_to(REPO_ROOT)}")
+        compile_lock(stack_dir)
+        for key in members:
+            console.print(f"locking {key}")
+            compile_lock(folders[key], constraints=stack_dir / LOCK_FILE)
+    return 1 if failures else 0
 
 
 def cmd_matrix(args: argparse.Namespace, console: Console) -> int:

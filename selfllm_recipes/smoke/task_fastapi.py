@@ -1,12 +1,12 @@
-"""Smoke check of task `fastapi`: upstream's legacy API over HTTP."""
+"""Smoke check of task `fastapi`: upstream's legacy API and the OpenAI-compatible /v1 API over HTTP."""
 from __future__ import annotations
 
 import requests
 
-from .checks import SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .checks import SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect, start_on_smoke_model
 
 
-def verify_fastapi(session: SmokeSession) -> str:
+def verify_legacy(session: SmokeSession) -> str:
     body = {"prompt": "你好，请介绍一下你自己", "history": [], "max_length": 24, "top_p": 0.8, "temperature": 0.7}
     answer = requests.post(session.base_url + "/", json=body, timeout=120)
     expect(answer.status_code == 200, f"POST / answered HTTP {answer.status_code}: {answer.text[:200]}")
@@ -19,4 +19,40 @@ def verify_fastapi(session: SmokeSession) -> str:
     return f"POST / answered {len(data['response'])} chars"
 
 
-CHECK = SmokeCheck(command=start_on_smoke_model(), verify=verify_fastapi)
+def verify_openai(session: SmokeSession) -> str:
+    """The official `openai` client, whole and streamed, then one malformed request and a good one."""
+    import openai
+
+    api = openai.OpenAI(base_url=session.base_url + "/v1", api_key="dummy", max_retries=0, timeout=120)
+    models = [m.id for m in api.models.list().data]
+    expect(len(models) == 1, f"GET /v1/models listed {models}")
+    messages = [{"role": "user", "content": "你好，请介绍一下你自己"}]
+    whole = api.chat.completions.create(model=models[0], messages=messages, max_tokens=16, seed=0,
+                                        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    content = whole.choices[0].message.content
+    expect(isinstance(content, str) and content.strip() != "", f"/v1/chat/completions gave {content!r}")
+    expect(whole.usage is not None and 1 <= whole.usage.completion_tokens <= 16, f"usage {whole.usage!r}")
+    chunks = list(api.chat.completions.create(model=models[0], messages=messages, max_tokens=16, stream=True,
+                                              stream_options={"include_usage": True}))
+    streamed = "".join((c.choices[0].delta.content or "")
+                       + (getattr(c.choices[0].delta, "reasoning_content", None) or "")
+                       for c in chunks if c.choices)
+    expect(streamed.strip() != "", "the stream carried no text")
+    expect(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1,
+           "the stream's last chunk has no usage")
+    bad = requests.post(session.base_url + "/v1/chat/completions", data="{not json",
+                        headers={"Content-Type": "application/json"}, timeout=30)
+    expect(400 <= bad.status_code < 500, f"malformed JSON answered HTTP {bad.status_code}")
+    expect(set(bad.json().get("error", {})) >= {"message", "type", "param", "code"},
+           f"malformed JSON got a non-OpenAI error body: {bad.text[:200]}")
+    again = api.chat.completions.create(model=models[0], messages=messages, max_tokens=4)
+    expect(again.choices[0].finish_reason in {"stop", "length"}, "a good request after a bad one failed")
+    return f"/v1 served {models[0]}: {len(content)} chars, {len(chunks)} stream chunks, bad JSON → {bad.status_code}"
+
+
+def verify_fastapi(session: SmokeSession) -> str:
+    return f"{verify_legacy(session)}; {verify_openai(session)}"
+
+
+# MODEL_PATH: serve the tiny model written by `selfllm smoke-model` (no hub download)
+CHECK = SmokeCheck(command=start_on_smoke_model(), verify=verify_fastapi, env={"MODEL_PATH": SMOKE_MODEL_DIR})

@@ -1,0 +1,391 @@
+"""OpenAI-compatible chat API on any FastAPI app that serves one ChatEngine.
+
+`add_openai_routes(app, engine)` adds:
+- `GET /v1/models`, `GET /v1/models/{id}`;
+- `POST /v1/chat/completions`: whole answers or SSE streams (`data: {...}` chunks, then
+  `data: [DONE]`), `usage` counts (also as a last stream chunk with `stream_options.include_usage`),
+  `stop`, `temperature`, `top_p`, `max_tokens` / `max_completion_tokens`, `seed`;
+  the family's thinking switch (Qwen3's `enable_thinking`) as a top-level field or inside
+  `chat_template_kwargs` as vLLM takes it, with the thinking returned as `reasoning_content`
+  (message and delta) as vLLM's reasoning parsers do;
+- errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` under /v1 (bad JSON,
+  wrong types, empty `messages`, out-of-range `max_tokens`, unknown model), other routes keep
+  FastAPI's default answers;
+- an optional API key (env `API_KEY`): `Authorization: Bearer <key>` on every route but /health
+  and the docs.
+
+Served model name: env `SERVED_MODEL_NAME`, else `MODEL_ID`, else the recipe's default checkpoint
+id; the model folder's name is accepted too.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
+
+log = logging.getLogger("selfllm.openai")
+
+DEFAULT_MAX_TOKENS = 4096  # when a request gives none (capped by what the context has left)
+MAX_STOP_STRINGS = 16
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# apply_chat_template's own arguments: a chat_template_kwargs entry may not collide with them
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
+# ----------------------------------------------------------------------------- errors
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
+    """('field: problem; ...', first param) from pydantic/FastAPI validation errors."""
+    parts: list[str] = []
+    param: str | None = None
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            parts.append(f"the body is not valid JSON ({ctx.get('error', 'parse error')})")
+            continue
+        if err.get("type") == "missing" and not loc:
+            parts.append("the request needs a JSON body")
+            continue
+        if not loc and err.get("type") in {"model_attributes_type", "dict_type"}:
+            parts.append("the body must be a JSON object sent with Content-Type: application/json")
+            continue
+        where = ".".join(loc)
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request", param
+
+
+# ----------------------------------------------------------------------------- request schema
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_needed(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def to_engine(self) -> Message:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat-completions body this server honours; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    enable_thinking: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        stops = [s for s in stops if s]
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return stops
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _safe_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        clash = sorted(set(value or {}) & RESERVED_TEMPLATE_KWARGS)
+        if clash:
+            raise ValueError(f"keys {clash} are reserved by the chat template call")
+        return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        if self.n != 1:
+            raise ValueError("n > 1 is not supported by this server")
+        if self.logprobs:
+            raise ValueError("logprobs are not supported by this server")
+        if self.tools:
+            raise ValueError("tool calling is not supported by this server (use the vllm recipe)")
+        return self
+
+    def template_kwargs(self, thinking_kwarg: str | None) -> dict[str, Any]:
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.enable_thinking is not None:  # vLLM-style top-level switch; wins over chat_template_kwargs
+            kwargs[thinking_kwarg or "enable_thinking"] = self.enable_thinking
+        return kwargs
+
+
+# ----------------------------------------------------------------------------- the API
+
+class OpenAIChat:
+    """Request → engine parameters → OpenAI-shaped answers, for one engine."""
+
+    def __init__(self, engine: ChatEngine, served_model_name: str | None = None):
+        self.engine = engine
+        context = engine.context
+        default_id = (os.environ.get("MODEL_ID") or context.recipe.default_model.huggingface).strip()
+        self.served_name = (served_model_name or os.environ.get("SERVED_MODEL_NAME") or default_id).strip()
+        self.aliases = {self.served_name, engine.model_name, default_id}
+        self.created = int(time.time())
+        config = getattr(engine.model, "config", None)
+        self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 32768)
+        thinking = engine.family.thinking
+        self.thinking_kwarg = thinking.template_kwarg if thinking else None
+        gen = getattr(engine.model, "generation_config", None)
+        self.default_temperature = float(getattr(gen, "temperature", None) or 1.0)
+        self.default_top_p = float(getattr(gen, "top_p", None) or 1.0)
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "self-llm",
+                "root": self.served_name, "parent": None, "max_model_len": self.max_model_len}
+
+    def check_model(self, name: str | None) -> str:
+        if name is None or name in self.aliases:
+            return name or self.served_name
+        raise OpenAIError(404, f"The model `{name}` does not exist. This server serves `{self.served_name}` "
+                          "(GET /v1/models).", param="model", code="model_not_found")
+
+    def prepare(self, body: ChatCompletionRequest) -> tuple[list[Message], GenerationParams, int]:
+        """Engine messages and parameters; 400 when the template fails or the context is too short."""
+        messages = [m.to_engine() for m in body.messages]
+        template_kwargs = body.template_kwargs(self.thinking_kwarg)
+        try:
+            prompt = self.engine.format_prompt(messages, template_kwargs)
+        except Exception as exc:  # noqa: BLE001 - Jinja errors (raise_exception in the template) and friends
+            raise OpenAIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        prompt_tokens = len(self.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        room = self.max_model_len - prompt_tokens
+        asked = body.max_completion_tokens or body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        if room < 1 or (asked is not None and asked > room):
+            raise OpenAIError(
+                400, f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_tokens + (asked or 0)} tokens ({prompt_tokens} in the messages, {asked or 0} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                param=param if room >= 1 else "messages", code="context_length_exceeded")
+        params = GenerationParams(
+            max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, room),
+            temperature=self.default_temperature if body.temperature is None else body.temperature,
+            top_p=self.default_top_p if body.top_p is None else body.top_p,
+            seed=body.seed, stop=list(body.stop or []), template_kwargs=template_kwargs,
+        )
+        return messages, params, prompt_tokens
+
+    @staticmethod
+    def usage(completion: Completion) -> dict[str, int]:
+        return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+                "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+    def response(self, model: str, completion: Completion) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": None,
+            "choices": [{"index": 0, "logprobs": None, "finish_reason": completion.finish_reason,
+                         "message": {"role": "assistant", "content": completion.text,
+                                     "reasoning_content": completion.reasoning, "tool_calls": []}}],
+            "usage": self.usage(completion),
+        }
+
+    def sse_events(self, model: str, pieces: Iterator[tuple[str, str] | Completion],
+                   include_usage: bool) -> Iterator[str]:
+        """`data: {...}` lines of one streamed answer, from the engine's pieces, ending with [DONE]."""
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": model, "system_fingerprint": None}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            data = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                    **extra}
+            if include_usage:
+                data.setdefault("usage", None)
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            for piece in pieces:
+                if isinstance(piece, Completion):
+                    yield chunk({}, piece.finish_reason)
+                    if include_usage:
+                        yield f"data: {json.dumps({**base, 'choices': [], 'usage': self.usage(piece)})}\n\n"
+                    continue
+                kind, text = piece
+                if text:
+                    yield chunk({"reasoning_content": text} if kind == "reasoning" else {"content": text})
+        except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band as vLLM does
+            log.exception("stream failed")
+            yield f"data: {json.dumps(error_body(f'generation failed: {exc}', 'server_error', code='500'))}\n\n"
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+        yield "data: [DONE]\n\n"
+
+
+class ApiKeyMiddleware:
+    """Pure ASGI (streams pass through untouched): every HTTP route but OPEN_PATHS needs the key."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        from fastapi.responses import JSONResponse
+
+        message = ("Incorrect API key provided." if given else
+                   "Missing API key: send the header `Authorization: Bearer <API_KEY>`.")
+        answer = JSONResponse(error_body(message, code="invalid_api_key"), status_code=401,
+                              headers={"WWW-Authenticate": "Bearer"})
+        await answer(scope, receive, send)
+
+
+async def iterate_in_thread(iterator: Iterator[str]) -> AsyncIterator[str]:
+    """Pull a blocking iterator from worker threads; close it (freeing the model) if the client leaves."""
+    from fastapi.concurrency import run_in_threadpool
+
+    done = object()
+    try:
+        while True:
+            item = await run_in_threadpool(next, iterator, done)
+            if item is done:
+                return
+            yield item
+    finally:  # not awaited: a cancelled scope (client gone) would skip an await here
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()  # GeneratorExit in the engine's stream: it stops generating and frees the lock
+
+
+def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = None,
+                      served_model_name: str | None = None) -> OpenAIChat:
+    """Add /v1/models and /v1/chat/completions (+ OpenAI-shaped errors and the optional API key) to app."""
+    from fastapi import APIRouter, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    chat = OpenAIChat(engine, served_model_name)
+    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+    @router.get("/models")
+    def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [chat.model_card()]}
+
+    @router.get("/models/{model_id:path}")
+    def get_model(model_id: str) -> dict[str, Any]:
+        chat.check_model(model_id)
+        return chat.model_card()
+
+    @router.post("/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        model = chat.check_model(body.model)
+        messages, params, _ = await run_in_threadpool(chat.prepare, body)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = chat.sse_events(model, engine.stream(messages, params), include_usage)
+            return StreamingResponse(iterate_in_thread(events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        completion = await run_in_threadpool(engine.generate, messages, params)
+        return chat.response(model, completion)
+
+    app.include_router(router)
+
+    def is_v1(request: Request) -> bool:
+        return request.url.path == "/v1" or request.url.path.startswith("/v1/")
+
+    async def on_openai_error(request: Request, exc: Exception) -> Any:
+        assert isinstance(exc, OpenAIError)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Any:
+        assert isinstance(exc, RequestValidationError)
+        if not is_v1(request):
+            return await request_validation_exception_handler(request, exc)
+        message, param = describe_validation_errors(list(exc.errors()))
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    async def on_http_error(request: Request, exc: Exception) -> Any:
+        assert isinstance(exc, StarletteHTTPException)
+        if not is_v1(request):
+            return await http_exception_handler(request, exc)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), param=None, code=code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def on_crash(request: Request, exc: Exception) -> Any:
+        log.exception("request failed", exc_info=exc)
+        if not is_v1(request):
+            from fastapi.responses import PlainTextResponse
+
+            return PlainTextResponse("Internal Server Error", status_code=500)
+        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
+
+    app.add_exception_handler(OpenAIError, on_openai_error)
+    app.add_exception_handler(Exception, on_crash)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+
+    key = api_key if api_key is not None else os.environ.get("API_KEY", "")
+    if key:
+        app.add_middleware(ApiKeyMiddleware, api_key=key)
+    log.info("OpenAI-compatible API at /v1 serving %r%s", chat.served_name, " (API key required)" if key else "")
+    return chat
