@@ -57,4 +57,4 @@ ensure_python_env() {
 ensure_python_env
 ensure_docker_engine
 # Browser tests (webdemo) and the local CUDA stand-in need these Debian packages too.
-ensure_apt_packages debootstrap busybox-static
+ensure_apt_packages debootstrap busybox-static chromium fonts-noto-cjk

@@ -1,0 +1,68 @@
+"""Task `webdemo`: upstream's Streamlit chat page on port 6006 (health: `GET /_stcore/health`).
+
+`run()` replaces this process with `streamlit run webdemo_app.py`; the page finds the recipe and
+the model folder through the environment variables below and loads the ChatEngine once per process.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..chat_engine import GenerationParams
+from ..context import RUNTIME_ROOT, RecipeContext
+
+APP_FILE = Path(__file__).with_name("webdemo_app.py")
+ENV_RECIPE_DIR = "RECIPE_DIR"  # the same variable load_context() reads
+ENV_MODEL_DIR = "SELFLLM_MODEL_DIR"
+
+
+@dataclass(frozen=True)
+class Slider:
+    label: str
+    min_value: float
+    max_value: float
+    value: float
+    step: float
+
+
+MAX_LENGTH = Slider("max_length", 16, 8192, 2048, 16)
+TEMPERATURE = Slider("temperature", 0.0, 2.0, 0.7, 0.05)
+TOP_P = Slider("top_p", 0.05, 1.0, 0.8, 0.05)
+
+
+def generation_params(context: RecipeContext, max_length: int, temperature: float, top_p: float,
+                      thinking: bool | None) -> GenerationParams:
+    """Sidebar values → GenerationParams; `thinking` is None when the family has no such switch."""
+    template_kwargs: dict[str, Any] = {}
+    if context.family.thinking is not None and thinking is not None:
+        template_kwargs[context.family.thinking.template_kwarg] = thinking
+    return GenerationParams(max_new_tokens=int(max_length), temperature=float(temperature), top_p=float(top_p),
+                            template_kwargs=template_kwargs)
+
+
+def streamlit_command(context: RecipeContext, app_file: Path = APP_FILE, address: str = "0.0.0.0") -> list[str]:
+    return [sys.executable, "-m", "streamlit", "run", str(app_file),
+            "--server.port", str(context.recipe.port), "--server.address", address,
+            "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
+
+
+def streamlit_env(context: RecipeContext, model_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env[ENV_RECIPE_DIR] = str(Path(context.recipe_dir).resolve())
+    env[ENV_MODEL_DIR] = str(Path(model_dir).resolve())
+    # the page imports selfllm_runtime; streamlit puts only the page's own folder on sys.path
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(RUNTIME_ROOT) not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([str(RUNTIME_ROOT), *paths])
+    return env
+
+
+def run(context: RecipeContext, model_dir: Path) -> None:
+    command = streamlit_command(context)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, streamlit_env(context, model_dir))

@@ -1,0 +1,96 @@
+"""The Streamlit page of task `webdemo`, run by `streamlit run` (see tasks/webdemo.py).
+
+Streamlit reruns this file top to bottom on every interaction: the ChatEngine is loaded once per
+process (st.cache_resource), the conversation lives in st.session_state per browser tab.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import streamlit as st
+
+from selfllm_runtime.chat_engine import ChatEngine, Completion, Message
+from selfllm_runtime.context import load_context
+from selfllm_runtime.tasks.webdemo import (ENV_MODEL_DIR, ENV_RECIPE_DIR, MAX_LENGTH, TEMPERATURE, TOP_P, Slider,
+                                           generation_params)
+
+THINKING_LABEL = "思考过程 / Thinking"
+NO_ANSWER = "（没有回答内容 / no answer）"
+NO_ANSWER_WHILE_THINKING = "（思考未结束就达到了 max_length / max_length reached while thinking）"
+
+
+@st.cache_resource(show_spinner="正在加载模型… / Loading the model…")
+def load_engine(recipe_dir: str, model_dir: str) -> ChatEngine:
+    return ChatEngine(load_context(recipe_dir), Path(model_dir))
+
+
+def slider(spec: Slider, key: str):
+    as_int = all(float(v).is_integer() for v in (spec.min_value, spec.max_value, spec.value, spec.step))
+    cast = int if as_int else float
+    return st.slider(spec.label, cast(spec.min_value), cast(spec.max_value), cast(spec.value), cast(spec.step), key=key)
+
+
+def show_message(message: dict) -> None:
+    with st.chat_message(message["role"]):
+        if message.get("reasoning"):
+            with st.expander(THINKING_LABEL):
+                st.markdown(message["reasoning"])
+        if message["content"]:
+            st.markdown(message["content"])
+        elif message["role"] == "assistant":
+            st.caption(NO_ANSWER_WHILE_THINKING if message.get("reasoning") else NO_ANSWER)
+
+
+engine = load_engine(os.environ.get(ENV_RECIPE_DIR, ""), os.environ[ENV_MODEL_DIR])
+context = engine.context
+st.set_page_config(page_title=context.recipe.name, page_icon="💬")
+st.title(context.recipe.name)
+st.caption(f"{context.family.display_name} · {engine.model_name} · {engine.device}")
+if "messages" not in st.session_state:
+    st.session_state.messages = []
+
+with st.sidebar:
+    st.header("参数 / Settings")
+    max_length = slider(MAX_LENGTH, "max_length")
+    temperature = slider(TEMPERATURE, "temperature")
+    top_p = slider(TOP_P, "top_p")
+    thinking: bool | None = None
+    if context.family.thinking is not None:
+        thinking = st.toggle("深度思考 / Thinking", value=context.family.thinking.default, key="thinking",
+                             help=f"chat template: {context.family.thinking.template_kwarg}")
+    if st.button("清空对话 / Clear history", key="clear"):
+        st.session_state.messages = []
+
+for past in st.session_state.messages:
+    show_message(past)
+
+if prompt := st.chat_input("输入消息… / Type a message…"):
+    history: list[Message] = [{"role": m["role"], "content": m["content"]} for m in st.session_state.messages]
+    history.append({"role": "user", "content": prompt})
+    st.session_state.messages.append({"role": "user", "content": prompt})
+    show_message(st.session_state.messages[-1])
+    params = generation_params(context, max_length, temperature, top_p, thinking)
+    with st.chat_message("assistant"):
+        thinking_slot = st.empty()
+        reasoning: list[str] = []
+
+        def content_deltas() -> Iterator[str]:
+            for piece in engine.stream(history, params):
+                if isinstance(piece, Completion):
+                    continue  # token counts: not shown
+                if piece[0] == "content":
+                    yield piece[1]
+                    continue
+                reasoning.append(piece[1])
+                with thinking_slot.container(), st.expander(THINKING_LABEL, expanded=True):
+                    st.markdown("".join(reasoning))
+
+        streamed = st.write_stream(content_deltas())
+        # history keeps what the page showed, so a rerun draws the same conversation
+        answer = (streamed if isinstance(streamed, str) else "".join(map(str, streamed))).strip()
+        if not answer:
+            st.caption(NO_ANSWER_WHILE_THINKING if reasoning else NO_ANSWER)
+    st.session_state.messages.append(
+        {"role": "assistant", "content": answer, "reasoning": "".join(reasoning).strip() or None})

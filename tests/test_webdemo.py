@@ -1,0 +1,184 @@
+"""Task `webdemo`: the Streamlit page through AppTest (in-process, fast), then a real `streamlit run`
+on 127.0.0.1 driven by the smoke check's headless browser (Debian's chromium)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selfllm_runtime.chat_engine import ChatEngine, Completion
+from selfllm_runtime.context import load_context
+from selfllm_runtime.smoke_model import make_smoke_model
+from selfllm_runtime.tasks import webdemo
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE_DIR = REPO / "recipes" / "qwen3" / "webdemo"
+
+
+@pytest.fixture(scope="session")
+def context():
+    return load_context(RECIPE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(context, tmp_path_factory) -> Path:
+    return make_smoke_model(context, tmp_path_factory.mktemp("webdemo-model"))
+
+
+@pytest.fixture
+def app(context, tiny_model, monkeypatch) -> AppTest:
+    monkeypatch.setenv(webdemo.ENV_RECIPE_DIR, str(RECIPE_DIR))
+    monkeypatch.setenv(webdemo.ENV_MODEL_DIR, str(tiny_model))
+    at = AppTest.from_file(str(webdemo.APP_FILE), default_timeout=120).run()
+    assert not at.exception, at.exception
+    at.slider(key="max_length").set_value(16).run()
+    return at
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """Records the (messages, params) of every ChatEngine.stream call, then streams for real."""
+    seen: list = []
+    real = ChatEngine.stream
+
+    def spy(self, messages, params):
+        seen.append(([dict(m) for m in messages], params))
+        return real(self, messages, params)
+
+    monkeypatch.setattr(ChatEngine, "stream", spy)
+    return seen
+
+
+def test_command_and_env(context, tiny_model):
+    command = webdemo.streamlit_command(context)
+    assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("webdemo_app.py")
+    flags = dict(zip(command[5::2], command[6::2]))
+    assert flags["--server.port"] == "6006" and flags["--server.address"] == "0.0.0.0"
+    assert flags["--server.headless"] == "true" and flags["--browser.gatherUsageStats"] == "false"
+    env = webdemo.streamlit_env(context, tiny_model, base={"PYTHONPATH": "/elsewhere"})
+    assert env["RECIPE_DIR"] == str(RECIPE_DIR) and env["SELFLLM_MODEL_DIR"] == str(tiny_model.resolve())
+    assert env["PYTHONPATH"].split(os.pathsep)[1:] == ["/elsewhere"]
+
+
+def test_generation_params(context):
+    params = webdemo.generation_params(context, 64, 0.3, 0.9, thinking=False)
+    assert (params.max_new_tokens, params.temperature, params.top_p) == (64, 0.3, 0.9)
+    assert params.template_kwargs == {"enable_thinking": False}
+    assert webdemo.generation_params(context, 64, 0.3, 0.9, thinking=None).template_kwargs == {}
+
+
+def test_page_controls(app, context):
+    assert app.title[0].value == context.recipe.name
+    assert [s.label for s in app.sidebar.slider] == ["max_length", "temperature", "top_p"]
+    assert app.slider(key="temperature").value == pytest.approx(0.7)
+    assert app.slider(key="top_p").value == pytest.approx(0.8)
+    assert app.toggle(key="thinking").value is True  # Qwen3's enable_thinking defaults to on
+    assert app.button(key="clear").label.startswith("清空对话")
+    assert len(app.chat_input) == 1 and len(app.chat_message) == 0
+
+
+def test_chat_keeps_history_and_passes_sliders(app, calls):
+    app.slider(key="temperature").set_value(0.0)
+    app.slider(key="top_p").set_value(0.5)
+    app.chat_input[0].set_value("你好，请介绍一下你自己").run()
+    assert not app.exception, app.exception
+    history = app.session_state["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert history[0]["content"] == "你好，请介绍一下你自己"
+    assert [m.name for m in app.chat_message] == ["user", "assistant"]
+    messages, params = calls[-1]
+    assert messages == [{"role": "user", "content": "你好，请介绍一下你自己"}]
+    assert (params.max_new_tokens, params.temperature, params.top_p) == (16, 0.0, 0.5)
+    assert params.template_kwargs == {"enable_thinking": True}
+
+    app.chat_input[0].set_value("再说一遍").run()
+    messages, _ = calls[-1]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]  # the earlier turns go back in
+    assert messages[1]["content"] == history[1]["content"]
+    assert len(app.session_state["messages"]) == 4 and len(app.chat_message) == 4
+
+
+def test_thinking_toggle_reaches_the_template(app, calls):
+    app.toggle(key="thinking").set_value(False)
+    app.chat_input[0].set_value("hi").run()
+    assert calls[-1][1].template_kwargs == {"enable_thinking": False}
+
+
+def test_clear_history(app):
+    app.chat_input[0].set_value("hi").run()
+    assert len(app.session_state["messages"]) == 2
+    app.button(key="clear").click().run()
+    assert app.session_state["messages"] == [] and len(app.chat_message) == 0
+
+
+def test_reasoning_goes_to_an_expander(app, monkeypatch):
+    def fake_stream(self, messages, params):
+        yield ("reasoning", "先想一想")
+        yield ("content", "答案是")
+        yield ("content", "四十二")
+        yield Completion("答案是四十二", "先想一想", 3, 3, "stop")
+
+    monkeypatch.setattr(ChatEngine, "stream", fake_stream)
+    app.chat_input[0].set_value("问题").run()
+    assert not app.exception, app.exception
+    assert app.session_state["messages"][-1] == {"role": "assistant", "content": "答案是四十二", "reasoning": "先想一想"}
+    reply = app.chat_message[1]
+    assert [e.label for e in reply.expander] == ["思考过程 / Thinking"]
+    assert reply.expander[0].markdown[0].value == "先想一想"
+    assert "答案是四十二" in [m.value for m in reply.markdown]
+
+
+def test_reasoning_only_reply_says_so(app, monkeypatch):
+    def fake_stream(self, messages, params):
+        yield ("reasoning", "想了很久")
+        yield Completion("", "想了很久", 3, 16, "length")
+
+    monkeypatch.setattr(ChatEngine, "stream", fake_stream)
+    app.chat_input[0].set_value("问题").run()
+    assert app.session_state["messages"][-1]["content"] == ""
+    assert any("max_length" in c.value for c in app.chat_message[1].caption)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (scripts/setup_host.sh)")
+def test_browser_against_streamlit_run(context, tiny_model, tmp_path):
+    """The smoke check's own browser session against `streamlit run` on 127.0.0.1."""
+    pytest.importorskip("playwright")
+    from selfllm_recipes.smoke.checks import SmokeSession, wait_until_healthy
+    from selfllm_recipes.smoke.task_webdemo import chat_in_browser
+
+    port = _free_port()
+    command = webdemo.streamlit_command(context, address="127.0.0.1")
+    command[command.index("--server.port") + 1] = str(port)
+    log = (tmp_path / "streamlit.log").open("wb")
+    server = subprocess.Popen(command, env=webdemo.streamlit_env(context, tiny_model), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        session = SmokeSession(f"http://127.0.0.1:{port}", "qwen3/webdemo", lambda: "", server.poll, tmp_path)
+        wait_until_healthy(session, "/_stcore/health", 60)
+        started = time.monotonic()
+        detail = chat_in_browser(session, timeout_s=120)
+        assert "2 replies" in detail and "history cleared" in detail, detail
+        shot = tmp_path / "qwen3-webdemo.png"
+        assert shot.name in detail and shot.stat().st_size > 10_000
+        assert time.monotonic() - started < 120
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
