@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import requests
 
-from .checks import SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .checks import SmokeCheck, SmokeSession, expect, start_on_smoke_model
 
 
 def verify_legacy(session: SmokeSession) -> str:
@@ -54,5 +54,4 @@ def verify_fastapi(session: SmokeSession) -> str:
     return f"{verify_legacy(session)}; {verify_openai(session)}"
 
 
-# MODEL_PATH: serve the tiny model written by `selfllm smoke-model` (no hub download)
-CHECK = SmokeCheck(command=start_on_smoke_model(), verify=verify_fastapi, env={"MODEL_PATH": SMOKE_MODEL_DIR})
+CHECK = SmokeCheck(command=start_on_smoke_model(), verify=verify_fastapi)

@@ -12,7 +12,7 @@ import json
 import shlex
 from typing import Any
 
-from .checks import SMOKE_MODEL_DIR, SmokeCheck, SmokeFailure, SmokeSession, expect, start_on_smoke_model
+from .checks import SmokeCheck, SmokeFailure, SmokeSession, expect, start_on_smoke_model
 
 RESULT_PREFIX = "SELFLLM_RESULT "
 DOCS_DIR = "/tmp/smoke-docs"
@@ -68,7 +68,6 @@ CHECK = SmokeCheck(
     verify=verify_langchain,
     serves_http=False,
     env={
-        "MODEL_PATH": SMOKE_MODEL_DIR,
         "DOCS_DIR": DOCS_DIR,
         "QUESTION": "\n".join(EXPECTED),
         "CHROMA_DIR": "/tmp/smoke-chroma",

@@ -19,7 +19,7 @@ COMMAND = " && ".join([
     f"selfllm lora merge --adapter {ADAPTER} --out {MERGED}",
     f"selfllm lora infer --model {MERGED} --prompt '你是谁？' --max-new-tokens 16",
 ])
-ENV = {"MODEL_PATH": SMOKE_MODEL_DIR, "DATA_PATH": DATA, "RUN_NAME": "smoke", "MAX_STEPS": "20",
+ENV = {"DATA_PATH": DATA, "RUN_NAME": "smoke", "MAX_STEPS": "20",
        "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1",
        "SYSTEM_PROMPT": "现在你要扮演皇帝身边的女人--甄嬛"}
 

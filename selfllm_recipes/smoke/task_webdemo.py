@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from .checks import SMOKE_MODEL_DIR, SmokeCheck, SmokeFailure, SmokeSession, expect, start_on_smoke_model
+from .checks import SmokeCheck, SmokeFailure, SmokeSession, expect, start_on_smoke_model
 
 CHROMIUM = os.environ.get("SELFLLM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"]
@@ -113,5 +113,4 @@ def verify_webdemo(session: SmokeSession) -> str:
     return chat_in_browser(session)
 
 
-CHECK = SmokeCheck(command=start_on_smoke_model(), verify=verify_webdemo, health_path="/_stcore/health",
-                   env={"MODEL_PATH": SMOKE_MODEL_DIR})
+CHECK = SmokeCheck(command=start_on_smoke_model(), verify=verify_webdemo, health_path="/_stcore/health")
