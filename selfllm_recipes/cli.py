@@ -68,23 +68,33 @@ def cmd_lock(args: argparse.Namespace, console: Console) -> int:
     folders = {f"{d.parent.name}/{d.name}": d for d in recipe_dirs()}
     keys = select_by_name(list(folders), args.only)
     failures = 0
-    stacks: dict[Path, list[str]] = {}
+    links = [arg for link in args.find_links for arg in ("--find-links", link)]
+    # (stack folder, lock Python) → [(recipe key, lock file, extra uv args)]; a recipe's CPU variant
+    # is locked against its own stack, for its own Python, without the packages it excludes.
+    stacks: dict[tuple[Path, str], list[tuple[str, str, list[str]]]] = {}
     for key in keys:
         try:
-            stacks.setdefault(STACKS_DIR / load_recipe(folders[key]).stack, []).append(key)
+            recipe = load_recipe(folders[key])
         except MetadataError as exc:
             console.print(f"[red]{key}[/]: {exc}")
             failures += 1
-    for stack_dir, members in sorted(stacks.items()):
+            continue
+        stacks.setdefault((STACKS_DIR / recipe.stack, LOCK_PYTHON), []).append((key, LOCK_FILE, []))
+        if (variant := recipe.cpu_variant) is not None:
+            excluded = [arg for name in variant.lock_exclude for arg in ("--no-emit-package", name)]
+            stacks.setdefault((STACKS_DIR / variant.stack, variant.python), []).append((key, variant.lock, excluded))
+    for (stack_dir, python), members in sorted(stacks.items()):
         if not (stack_dir / LOCK_INPUT).is_file():
-            console.print(f"[red]{', '.join(members)}[/]: no stack {stack_dir.name!r} ({stack_dir / LOCK_INPUT} missing)")
+            names = ", ".join(key for key, _, _ in members)
+            console.print(f"[red]{names}[/]: no stack {stack_dir.name!r} ({stack_dir / LOCK_INPUT} missing)")
             failures += len(members)
             continue
         console.print(f"locking stack {stack_dir.relative_to(REPO_ROOT)}")
-        compile_lock(stack_dir)
-        for key in members:
-            console.print(f"locking {key}")
-            compile_lock(folders[key], constraints=stack_dir / LOCK_FILE)
+        compile_lock(stack_dir, extra_args=links, python=python)
+        for key, lock_name, excluded in members:
+            console.print(f"locking {key}" + ("" if lock_name == LOCK_FILE else f" ({lock_name})"))
+            compile_lock(folders[key], constraints=stack_dir / LOCK_FILE, extra_args=links + excluded,
+                         lock_name=lock_name, python=python)
     return 1 if failures else 0
 
 

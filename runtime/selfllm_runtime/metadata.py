@@ -110,6 +110,18 @@ class SmokeSettings(Strict):
     timeout_s: int = Field(600, gt=0)
 
 
+class CpuVariant(Strict):
+    """A CPU build of the same recipe (its own stack and lock), built and smoke-tested instead of the
+    GPU build when the Docker engine has no nvidia runtime. Reports name it, never the GPU build."""
+
+    stack: str = Field(description="folder under base-images/stacks/ of the CPU build")
+    lock: str = Field("requirements-cpu.lock", pattern=r"^[\w.-]+\.lock$",
+                      description="its lock beside recipe.yaml; the hand-edited input has the same name with .in")
+    build_args: dict[str, str] = {}
+    python: str = Field("3.11", pattern=r"^3\.\d+$", description="Python the lock is resolved for (the base image's)")
+    lock_exclude: list[str] = Field([], description="packages the resolver pulls in that must not be installed")
+
+
 class Recipe(Strict):
     """recipes/<model>/<task>/recipe.yaml"""
 
@@ -123,6 +135,8 @@ class Recipe(Strict):
     contributors: list[str] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] = {}
     smoke: SmokeSettings = SmokeSettings()
+    smoke_model: SmokeModelShape | None = Field(None, description="overrides the family's smoke shape for this task")
+    cpu_variant: CpuVariant | None = None
     env: dict[str, str] = {}
 
     @field_validator("contributors")
@@ -145,9 +159,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        # The construct that is broken starts at context_mark (e.g. an unclosed "[" on line 2);
+        # problem_mark is where the parser gave up (often the end of the file).
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(yaml)"
-        raise MetadataError(path, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        detail = getattr(exc, "problem", None) or str(exc)
+        if getattr(exc, "context", None):
+            detail += f" ({exc.context})"
+        raise MetadataError(path, where, f"invalid YAML: {detail}") from None
     if not isinstance(data, dict):
         raise MetadataError(path, "(top level)", "expected a mapping of fields")
     return data

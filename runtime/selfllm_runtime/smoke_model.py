@@ -58,7 +58,7 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0) -> Pa
     if (out_dir / "config.json").is_file():
         return out_dir
     torch.manual_seed(seed)
-    shape = context.family.smoke
+    shape = context.recipe.smoke_model or context.family.smoke  # a task may need another shape (vLLM CPU: head_dim 64)
     tokenizer = _train_tokenizer(context, shape.vocab_size)
     model_class = getattr(transformers, context.family.architecture)
     config = model_class.config_class(

