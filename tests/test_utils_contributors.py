@@ -108,7 +108,7 @@ def test_readme_recipes_and_extra_points_all_count(project: Path, capsys):
     assert result["Alice"]["task_num"] == 300
     assert list(result)[:2] == ["Alice", "Erin"]
     err = capsys.readouterr().err
-    assert f"skipping {broken}: line 3: invalid YAML" in err
+    assert f"skipping {broken}: line 2: invalid YAML" in err
     assert f"skipping {nameless}: contributors: List should have at least 1 item" in err
     assert "unknown contributor 'Zed' at" in err and "contributors_config.json" in err
 
