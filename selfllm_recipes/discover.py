@@ -43,7 +43,7 @@ class RecipeSpec:
         and declared, else the recipe's own (GPU) build."""
         variant = self.recipe.cpu_variant
         if cpu and variant is not None and self.cpu_stack is not None:
-            return self.cpu_stack, variant.lock, dict(variant.build_args)
+            return self.cpu_stack, variant.lock, {"RECIPE_LOCK": variant.lock, **variant.build_args}
         return self.stack, LOCK_FILE, {}
 
     @property

