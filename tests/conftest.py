@@ -28,3 +28,23 @@ def docker_client():
     client = _engine_or_fail()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tmp_path_factory):
+    """tiny_recipe("qwen3/lora") → (RecipeContext, folder of its tiny random model), made once per
+    recipe for the whole session through the runtime's own make_smoke_model."""
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_runtime.context import load_context
+    from selfllm_runtime.smoke_model import make_smoke_model
+
+    made: dict[str, tuple] = {}
+
+    def make(recipe: str):
+        if recipe not in made:
+            context = load_context(RECIPES_DIR / recipe)
+            folder = tmp_path_factory.mktemp(recipe.replace("/", "-")) / "smoke-model"
+            made[recipe] = (context, make_smoke_model(context, folder))
+        return made[recipe]
+
+    return make

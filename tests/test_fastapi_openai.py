@@ -11,8 +11,6 @@ from typing import Any
 
 import pytest
 
-from selfllm_runtime.context import load_context
-from selfllm_recipes.layout import RECIPES_DIR
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -22,16 +20,15 @@ HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 
 
 @pytest.fixture(scope="session")
-def context():
-    return load_context(RECIPES_DIR / "qwen3" / "fastapi")
+def context(tiny_recipe):
+    return tiny_recipe("qwen3/fastapi")[0]
 
 
 @pytest.fixture(scope="session")
-def engine(context, tmp_path_factory):
+def engine(tiny_recipe):
     from selfllm_runtime.chat_engine import ChatEngine
-    from selfllm_runtime.smoke_model import make_smoke_model
 
-    return ChatEngine(context, make_smoke_model(context, tmp_path_factory.mktemp("tiny-openai")))
+    return ChatEngine(*tiny_recipe("qwen3/fastapi"))
 
 
 @pytest.fixture(scope="session")

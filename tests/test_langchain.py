@@ -15,13 +15,11 @@ from langchain_core.messages import (AIMessage, AIMessageChunk, ChatMessage, Hum
                                      SystemMessage)
 
 from selfllm_runtime.chat_engine import ChatEngine  # noqa: E402
-from selfllm_runtime.context import load_context  # noqa: E402
 from selfllm_runtime.lc.chat_model import ChatSelfLLM, to_engine_messages  # noqa: E402
 from selfllm_runtime.lc.rag import (SentenceTransformerEmbeddings, load_documents, open_store,  # noqa: E402
                                     rag_chain, split_documents, sync_index)
 from selfllm_runtime.tasks import langchain_app  # noqa: E402
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "qwen3" / "langchain"
 DOCS = {
     "eiffel.txt": "The Eiffel Tower is in Paris, France. It was completed in 1889 and is 330 metres tall.",
     "python.md": "# Python\nPython is a programming language created by Guido van Rossum. Its package installer is pip.",
@@ -37,15 +35,13 @@ QUESTIONS = {
 
 
 @pytest.fixture(scope="session")
-def context():
-    return load_context(RECIPE_DIR)
+def context(tiny_recipe):
+    return tiny_recipe("qwen3/langchain")[0]
 
 
 @pytest.fixture(scope="session")
-def tiny_model(context, tmp_path_factory) -> Path:
-    from selfllm_runtime.smoke_model import make_smoke_model
-
-    return make_smoke_model(context, tmp_path_factory.mktemp("langchain") / "smoke-model")
+def tiny_model(tiny_recipe) -> Path:
+    return tiny_recipe("qwen3/langchain")[1]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import pytest
 
 pytest.importorskip("peft")
 
-from selfllm_runtime.context import load_context  # noqa: E402
 from selfllm_runtime.finetune.data import (IGNORE_INDEX, ChatTokenizer, DataError, encode_files,  # noqa: E402
                                            read_records, record_to_messages, write_sample_data)
 from selfllm_runtime.finetune.lora import RUN_INFO, infer, merge, thinking_kwargs, train  # noqa: E402
@@ -19,15 +18,13 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "qwen3" / "lor
 
 
 @pytest.fixture(scope="session")
-def context():
-    return load_context(RECIPE_DIR)
+def context(tiny_recipe):
+    return tiny_recipe("qwen3/lora")[0]
 
 
 @pytest.fixture(scope="session")
-def tiny_model(context, tmp_path_factory) -> Path:
-    from selfllm_runtime.smoke_model import make_smoke_model
-
-    return make_smoke_model(context, tmp_path_factory.mktemp("lora") / "smoke-model")
+def tiny_model(tiny_recipe) -> Path:
+    return tiny_recipe("qwen3/lora")[1]
 
 
 @pytest.fixture(scope="session")

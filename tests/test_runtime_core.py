@@ -6,25 +6,22 @@ from pathlib import Path
 import pytest
 
 from selfllm_runtime.chat_engine import ReasoningStream, split_reasoning
-from selfllm_runtime.context import load_context
 from selfllm_runtime.metadata import Reasoning
 from selfllm_runtime.model_source import ModelNotFound, find_cached, request_from_env, resolve_model
-from selfllm_recipes.layout import RECIPES_DIR
 
 THINK = Reasoning(start="<think>", end="</think>")
 
 
 @pytest.fixture(scope="session")
-def context():
-    return load_context(RECIPES_DIR / "qwen3" / "fastapi")
+def context(tiny_recipe):
+    return tiny_recipe("qwen3/fastapi")[0]
 
 
 @pytest.fixture(scope="session")
-def engine(context, tmp_path_factory):
+def engine(tiny_recipe):
     from selfllm_runtime.chat_engine import ChatEngine
-    from selfllm_runtime.smoke_model import make_smoke_model
 
-    return ChatEngine(context, make_smoke_model(context, tmp_path_factory.mktemp("tiny")))
+    return ChatEngine(*tiny_recipe("qwen3/fastapi"))
 
 
 def test_model_path_must_hold_a_model(context, tmp_path: Path):
