@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=args.github_matrix, width=None if stream.isatty() else 160)
     logging.basicConfig(level=logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # smoke clients' per-request lines
+    for noisy in ("httpx", "httpx2", "testcontainers"):  # per-request and per-container lines of smoke clients
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         if args.github_matrix:
