@@ -48,3 +48,16 @@ def tiny_recipe(tmp_path_factory):
         return made[recipe]
 
     return make
+
+
+# The chat recipes' tiny engine (qwen3/fastapi); test modules of other recipes override `context`.
+@pytest.fixture(scope="session")
+def context(tiny_recipe):
+    return tiny_recipe("qwen3/fastapi")[0]
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_recipe):
+    from selfllm_runtime.chat_engine import ChatEngine
+
+    return ChatEngine(*tiny_recipe("qwen3/fastapi"))

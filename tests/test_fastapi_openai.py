@@ -20,18 +20,6 @@ HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 
 
 @pytest.fixture(scope="session")
-def context(tiny_recipe):
-    return tiny_recipe("qwen3/fastapi")[0]
-
-
-@pytest.fixture(scope="session")
-def engine(tiny_recipe):
-    from selfllm_runtime.chat_engine import ChatEngine
-
-    return ChatEngine(*tiny_recipe("qwen3/fastapi"))
-
-
-@pytest.fixture(scope="session")
 def client(engine) -> Iterator[TestClient]:
     from selfllm_runtime.tasks.fastapi_server import create_app
 

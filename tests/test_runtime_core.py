@@ -12,18 +12,6 @@ from selfllm_runtime.model_source import ModelNotFound, find_cached, request_fro
 THINK = Reasoning(start="<think>", end="</think>")
 
 
-@pytest.fixture(scope="session")
-def context(tiny_recipe):
-    return tiny_recipe("qwen3/fastapi")[0]
-
-
-@pytest.fixture(scope="session")
-def engine(tiny_recipe):
-    from selfllm_runtime.chat_engine import ChatEngine
-
-    return ChatEngine(*tiny_recipe("qwen3/fastapi"))
-
-
 def test_model_path_must_hold_a_model(context, tmp_path: Path):
     request = request_from_env(context.recipe, {"MODEL_PATH": str(tmp_path)})
     with pytest.raises(ModelNotFound, match="has no config.json"):

@@ -67,7 +67,7 @@ class Reasoning(Strict):
 
 
 class LoraDefaults(Strict):
-    target_modules: list[str]
+    target_modules: list[str] = Field(min_length=1)
     r: int = Field(8, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)

@@ -8,16 +8,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..context import RecipeContext
+from ..metadata import LoraDefaults
 
 DEFAULT_OUTPUT_ROOT = Path("/root/autodl-tmp/lora")
 DEFAULT_DATA_DIR = Path("/root/autodl-tmp/data")
 
 
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LoraSettings(LoraDefaults):
+    """The family's LoRA fields (r, alpha, dropout, target_modules) plus this run's."""
 
     data: list[Path] = Field(default_factory=list, description="training files; empty: download data_url")
     data_url: str | None = None
@@ -32,10 +33,6 @@ class LoraSettings(BaseModel):
     max_length: int = Field(1024, gt=8)
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(100, gt=0)
-    r: int = Field(8, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] = Field(min_length=1)
     report_to: Literal["none", "tensorboard", "swanlab"] = "none"
     system_prompt: str | None = None
     enable_thinking: bool = False
