@@ -98,6 +98,13 @@ def cmd_lock(args: argparse.Namespace, console: Console) -> int:
     return 1 if failures else 0
 
 
+def finish_step(progress: Progress, task, line: str) -> None:
+    """A finished step leaves the live view and stays as a printed line (also in CI logs, where
+    rich shows no live view)."""
+    progress.remove_task(task)
+    progress.console.print(line)
+
+
 def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
     recipes, broken = selected(args)
     rows: dict[str, RecipeReport] = {
@@ -130,7 +137,7 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
             blocked = next((failed_parents[p] for p in node.parents if p in failed_parents), None)
             if blocked:
                 failed_parents[node.key] = blocked
-                progress.update(task, description=f"[red]✗[/] {node.key}: not built ({blocked})", completed=1, total=1)
+                finish_step(progress, task, f"[red]✗[/] {node.key}: not built ({blocked})")
                 if node.kind is NodeKind.recipe:
                     rows[node.key] = RecipeReport(node.key, "fail", 0.0, node.tag, error=blocked, build="not built")
                 continue
@@ -138,7 +145,7 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
                 result = build_node(client, node, report_dir / "logs", SOURCE_URL, force=args.rebuild)
             except BuildError as exc:
                 failed_parents[node.key] = f"build of {node.key} failed"
-                progress.update(task, description=f"[red]✗[/] build {node.key}", completed=1, total=1)
+                finish_step(progress, task, f"[red]✗[/] build {node.key}")
                 if node.kind is NodeKind.recipe:
                     rows[node.key] = RecipeReport(node.key, "fail", time.monotonic() - started, node.tag,
                                                   error=str(exc), build="failed")
@@ -147,7 +154,7 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
                 continue
             built[node.key] = result
             how = "reused" if result.reused else "built"
-            progress.update(task, description=f"[green]✓[/] {how} {node.key} ({node.tag})", completed=1, total=1)
+            finish_step(progress, task, f"[green]✓[/] {how} {node.key} ({node.tag})")
             if node.kind is not NodeKind.recipe:
                 continue
             spec = by_key[node.key]
@@ -168,7 +175,7 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
             if not smoke.ok:
                 row.status, row.error = "fail", smoke.detail
             mark = "[green]✓[/]" if smoke.ok else "[red]✗[/]"
-            progress.update(smoke_task, description=f"{mark} smoke {node.key}: {row.smoke}", completed=1, total=1)
+            finish_step(progress, smoke_task, f"{mark} smoke {node.key}: {row.smoke}")
     return finish(list(rows.values()), args, console, meta)
 
 
