@@ -22,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
+from conftest import missing_prerequisite  # noqa: E402
 
 # ---------------------------------------------------------------- a CodeWithGPU-shaped server
 
@@ -232,10 +233,7 @@ def busybox_image(docker_client, tmp_path_factory):
     """A tiny image imported from the host's static busybox (nothing is pulled)."""
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).is_file():
-        message = "static busybox not found: apt-get install -y busybox-static"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        missing_prerequisite("static busybox not found: apt-get install -y busybox-static")
     archive = tmp_path_factory.mktemp("busybox") / "rootfs.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(busybox, arcname="bin/busybox")
