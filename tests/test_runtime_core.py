@@ -52,8 +52,17 @@ def test_split_reasoning():
     assert split_reasoning("just answer", THINK) == (None, "just answer")
     assert split_reasoning("<think>cut off", THINK) == ("cut off", "")
     assert split_reasoning("<think>x</think>", None) == (None, "<think>x</think>")
-    assert split_reasoning("opened in the prompt\n</think>\n\nanswer", THINK) == ("opened in the prompt", "answer")
+    assert split_reasoning("opened in the prompt\n</think>\n\nanswer", THINK, opened=True) == ("opened in the prompt", "answer")
+    assert split_reasoning("a stray </think> in an answer", THINK) == (None, "a stray </think> in an answer")
     assert split_reasoning("an answer that mentions <think> later", THINK) == (None, "an answer that mentions <think> later")
+
+
+def test_reasoning_stream_agrees_with_split_when_the_prompt_opened_the_block():
+    stream = ReasoningStream(THINK, opened=True)
+    pieces = [p for d in ["plan ", "more</th", "ink>\n\nans", "wer"] for p in stream.feed(d)] + stream.feed("", final=True)
+    reasoning = "".join(t for k, t in pieces if k == "reasoning")
+    content = "".join(t for k, t in pieces if k == "content")
+    assert (reasoning.strip(), content) == split_reasoning("plan more</think>\n\nanswer", THINK, opened=True)
 
 
 def test_reasoning_stream_handles_markers_split_across_deltas():

@@ -43,18 +43,18 @@ class Completion:
         return self.text if self.reasoning is None else f"<think>\n{self.reasoning}\n</think>\n\n{self.text}"
 
 
-def split_reasoning(text: str, markers: Reasoning | None) -> tuple[str | None, str]:
+def split_reasoning(text: str, markers: Reasoning | None, opened: bool = False) -> tuple[str | None, str]:
     """('reasoning', 'answer') from '<think>…</think>answer', or from 'reasoning</think>answer' when the
-    chat template opened the block in the prompt (R1-style); (None, text) otherwise."""
+    prompt already opened the block (`opened`, R1-style templates); (None, text) otherwise."""
     if markers is None:
         return None, text.strip()
     body = text.lstrip()
-    if body.startswith(markers.start):
+    if not opened:
+        if not body.startswith(markers.start):
+            return None, text.strip()
         body = body[len(markers.start):]
-        if markers.end not in body:  # cut off while thinking
-            return body.strip(), ""
-    elif markers.end not in body:
-        return None, text.strip()
+    if markers.end not in body:  # cut off while thinking
+        return body.strip(), ""
     reasoning, answer = body.split(markers.end, 1)
     return reasoning.strip(), answer.strip()
 
@@ -62,9 +62,9 @@ def split_reasoning(text: str, markers: Reasoning | None) -> tuple[str | None, s
 class ReasoningStream:
     """Splits streamed text deltas into ('reasoning' | 'content', text) pieces."""
 
-    def __init__(self, markers: Reasoning | None):
+    def __init__(self, markers: Reasoning | None, opened: bool = False):
         self.markers = markers
-        self.state = "start" if markers else "content"
+        self.state = ("reasoning" if opened else "start") if markers else "content"
         self.buffer = ""
 
     def feed(self, delta: str, final: bool = False) -> list[tuple[str, str]]:
@@ -146,7 +146,13 @@ class ChatEngine:
         kwargs = self.context.template_kwargs(**(template_kwargs or {}))
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
-    def _generate_kwargs(self, messages: list[Message], params: GenerationParams) -> dict[str, Any]:
+    def opens_reasoning(self, prompt: str) -> bool:
+        """Whether the chat template already opened the reasoning block in the prompt."""
+        markers = self.family.reasoning
+        return markers is not None and prompt.rstrip().endswith(markers.start)
+
+    def _generate_kwargs(self, messages: list[Message], params: GenerationParams) -> tuple[dict[str, Any], bool]:
+        """(model.generate kwargs, whether the prompt opened the reasoning block)."""
         prompt = self.format_prompt(messages, params.template_kwargs)
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         kwargs: dict[str, Any] = dict(
@@ -161,7 +167,7 @@ class ChatEngine:
             kwargs.update(do_sample=False)
         if params.stop:
             kwargs.update(stop_strings=params.stop, tokenizer=self.tokenizer)
-        return kwargs
+        return kwargs, self.opens_reasoning(prompt)
 
     def _seed(self, params: GenerationParams) -> None:
         if params.seed is not None:
@@ -178,28 +184,29 @@ class ChatEngine:
         return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
                    default=0)
 
-    def _finish(self, raw: str, prompt_tokens: int, new_ids: list[int], params: GenerationParams) -> Completion:
+    def _finish(self, raw: str, prompt_tokens: int, new_ids: list[int], params: GenerationParams,
+                opened: bool) -> Completion:
         text, stopped = self._cut_at_stop(raw, params.stop)
         hit_eos = bool(new_ids) and new_ids[-1] in self.stop_token_ids
         finish = "stop" if stopped or hit_eos or len(new_ids) < params.max_new_tokens else "length"
-        reasoning, answer = split_reasoning(text, self.family.reasoning)
+        reasoning, answer = split_reasoning(text, self.family.reasoning, opened)
         return Completion(answer, reasoning, prompt_tokens, len(new_ids), finish)
 
     def generate(self, messages: list[Message], params: GenerationParams) -> Completion:
-        kwargs = self._generate_kwargs(messages, params)
+        kwargs, opened = self._generate_kwargs(messages, params)
         prompt_tokens = kwargs["input_ids"].shape[1]
         with self.lock, self.torch.inference_mode():
             self._seed(params)
             output = self.model.generate(**kwargs)
         new_ids = output[0][prompt_tokens:].tolist()
         raw = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        return self._finish(raw, prompt_tokens, new_ids, params)
+        return self._finish(raw, prompt_tokens, new_ids, params, opened)
 
     def stream(self, messages: list[Message], params: GenerationParams) -> Iterator[tuple[str, str] | Completion]:
         """Yields ('reasoning' | 'content', delta) pieces, then one Completion with the totals."""
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        kwargs = self._generate_kwargs(messages, params)
+        kwargs, opened = self._generate_kwargs(messages, params)
         prompt_tokens = kwargs["input_ids"].shape[1]
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         result: dict[str, Any] = {}
@@ -223,7 +230,7 @@ class ChatEngine:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        splitter = ReasoningStream(self.family.reasoning)
+        splitter = ReasoningStream(self.family.reasoning, opened)
         emitted, sent, stopped, finished = "", 0, False, False
         try:
             for delta in streamer:
@@ -249,4 +256,4 @@ class ChatEngine:
             raise result["error"]
         new_ids = result["output"][0][prompt_tokens:].tolist()
         raw = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        yield self._finish(raw, prompt_tokens, new_ids, params)
+        yield self._finish(raw, prompt_tokens, new_ids, params, opened)
