@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import docker
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
@@ -27,7 +26,13 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 from selfllm_recipes.discover import load_spec  # noqa: E402
 from selfllm_recipes.layout import CACHE_DIR, RECIPES_DIR  # noqa: E402
-from selfllm_recipes.smoke.checks import SMOKE_MODEL_DIR  # noqa: E402
+from selfllm_recipes.smoke.checks import (  # noqa: E402
+    SMOKE_MODEL_DIR,
+    SmokeSession,
+    start_on_smoke_model,
+    wait_until_healthy,
+)
+from selfllm_recipes.smoke.runner import LOOPBACK, owner_label  # noqa: E402
 
 
 def timed_matrix(recipe: str) -> float:
@@ -38,22 +43,21 @@ def timed_matrix(recipe: str) -> float:
 
 
 def start_to_ready(image: str, port: int) -> float:
+    """Container start → GET /health 200, through the smoke runner's own wait."""
     client = docker.from_env()
-    container = client.containers.run(image, [f"selfllm smoke-model {SMOKE_MODEL_DIR} && exec selfllm start"],
-                                      entrypoint=["/bin/sh", "-c"], environment={"MODEL_PATH": SMOKE_MODEL_DIR},
-                                      ports={f"{port}/tcp": ("127.0.0.1", None)}, detach=True)
-    started = time.monotonic()
+    container = client.containers.run(image, [start_on_smoke_model()], entrypoint=["/bin/sh", "-c"],
+                                      environment={"MODEL_PATH": SMOKE_MODEL_DIR}, labels=owner_label(),
+                                      ports={f"{port}/tcp": (LOOPBACK, None)}, detach=True)
     try:
         container.reload()
         host_port = container.attrs["NetworkSettings"]["Ports"][f"{port}/tcp"][0]["HostPort"]
-        while time.monotonic() - started < 600:
-            try:
-                if requests.get(f"http://127.0.0.1:{host_port}/health", timeout=2).status_code == 200:
-                    return time.monotonic() - started
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("not ready in 600 s")
+
+        def exit_code() -> int | None:
+            container.reload()
+            return container.attrs["State"]["ExitCode"] if container.status == "exited" else None
+
+        session = SmokeSession(f"http://{LOOPBACK}:{host_port}", image, lambda: "", exit_code)
+        return wait_until_healthy(session, "/health", 600)
     finally:
         container.remove(force=True)
 

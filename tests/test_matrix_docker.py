@@ -90,7 +90,8 @@ def test_api_of_the_built_image_over_http(docker_client):
     import requests
     from testcontainers.core.container import DockerContainer
 
-    from selfllm_recipes.smoke.checks import SMOKE_MODEL_DIR
+    from selfllm_recipes.smoke.checks import SMOKE_MODEL_DIR, wait_until_healthy
+    from selfllm_recipes.smoke.runner import session_of
 
     container = (DockerContainer("selfllm/qwen3-fastapi:latest")
                  .with_env("MODEL_PATH", SMOKE_MODEL_DIR)
@@ -100,13 +101,7 @@ def test_api_of_the_built_image_over_http(docker_client):
     try:
         container.start()
         url = f"http://127.0.0.1:{container.get_exposed_port(6006)}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/health", timeout=3).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(1)
+        wait_until_healthy(session_of(container, url, "qwen3/fastapi"), "/health", 300)
         answer = requests.post(url + "/", json={"prompt": "你好", "history": [], "max_length": 16}, timeout=60)
         assert answer.status_code == 200
         assert answer.json()["response"].strip()
@@ -136,3 +131,21 @@ def test_ctrl_c_removes_the_smoke_container(docker_client, tmp_path):
             proc.kill()
     assert proc.returncode == 130, output
     assert not smoke_containers(docker_client, proc.pid)
+
+
+def test_an_unexpected_error_in_a_check_is_that_recipe_s_fail(docker_client, tmp_path, monkeypatch):
+    """A check that raises something other than SmokeFailure must not crash the matrix."""
+    from selfllm_recipes.discover import load_spec
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_recipes.smoke import runner
+    from selfllm_recipes.smoke.checks import SmokeCheck
+
+    def broken_verify(session):
+        raise ConnectionError("client blew up")
+
+    check = SmokeCheck(command="true", verify=broken_verify, serves_http=False)
+    monkeypatch.setattr(runner, "check_for", lambda task: check)
+    before = smoke_containers(docker_client)
+    result = runner.run_smoke(load_spec(RECIPES_DIR / "qwen3/fastapi"), "selfllm/qwen3-fastapi:latest", False, tmp_path)
+    assert not result.ok and result.detail.startswith("ConnectionError: client blew up")
+    assert smoke_containers(docker_client) <= before

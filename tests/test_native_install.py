@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
 from selfllm_recipes.discover import load_spec
 from selfllm_recipes.layout import RECIPES_DIR, REPO_ROOT
-from selfllm_recipes.smoke.runner import owner_label
+from selfllm_recipes.smoke.checks import SmokeFailure, wait_until_healthy
+from selfllm_recipes.smoke.runner import owner_label, session_of
 
 pytestmark = pytest.mark.docker
 CHECKOUT = "/root/self-llm-recipes"
@@ -44,21 +44,13 @@ def test_native_install_then_start_serves_the_api(docker_client, instance_image)
     # the host's loopback at the recipe's port.
     try:
         container.start()
-        wrapped = container.get_wrapped_container()
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            wrapped.reload()
-            assert wrapped.status == "running", wrapped.logs().decode()[-3000:]
-            try:
-                if requests.get("http://127.0.0.1:6006/health", timeout=3).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(2)
-        else:
-            pytest.fail("native install did not come up in 900 s:\n" + wrapped.logs().decode()[-3000:])
+        session = session_of(container, "http://127.0.0.1:6006", "qwen3/fastapi (native)")
+        try:
+            wait_until_healthy(session, "/health", 900)
+        except SmokeFailure as exc:
+            pytest.fail(f"native install did not come up: {exc}\n{session.logs()[-3000:]}")
         answer = requests.post("http://127.0.0.1:6006/", json={"prompt": "你好", "history": [], "max_length": 16}, timeout=60)
         assert answer.status_code == 200 and answer.json()["response"].strip()
-        logs = wrapped.logs().decode()
-        assert "installed qwen3/fastapi" in logs
+        assert "installed qwen3/fastapi" in session.logs()
     finally:
         container.stop()

