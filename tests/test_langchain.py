@@ -198,3 +198,15 @@ def test_run_prints_sources_answer_and_result(context, tiny_model, docs_dir, tmp
     assert [a["sources"][0]["source"] for a in result["answers"]] == [QUESTIONS[q] for q in questions]
     assert all(s["ok"] for s in result["selftest"].values())
     assert "eiffel.txt" in out and "Answer" in out
+
+
+def test_a_bad_setting_is_named_and_selfllm_start_exits_2(monkeypatch, capsys):
+    from selfllm_runtime.cli import main
+    from selfllm_runtime.context import SettingsError
+
+    with pytest.raises(SettingsError, match=r"TOP_K='three': not an integer"):
+        langchain_app.RagSettings.from_env({"TOP_K": "three"})
+    monkeypatch.setattr("selfllm_runtime.cli.resolve_model", lambda request: Path("/nonexistent"))
+    monkeypatch.setenv("TEMPERATURE", "hot")
+    assert main(["start", "--recipe", str(Path(__file__).resolve().parent.parent / "recipes/qwen3/langchain")]) == 2
+    assert "TEMPERATURE='hot': not a number" in capsys.readouterr().err

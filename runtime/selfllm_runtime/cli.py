@@ -17,7 +17,7 @@ import sysconfig
 import urllib.request
 from pathlib import Path
 
-from .context import RUNTIME_ROOT, RecipeContext, load_context
+from .context import RUNTIME_ROOT, RecipeContext, SettingsError, load_context
 from .metadata import MetadataError, TaskKind
 from .model_source import ModelNotFound, request_from_env, resolve_model
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (MetadataError, ModelNotFound) as exc:
+    except (MetadataError, ModelNotFound, SettingsError) as exc:
         print(f"selfllm: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -8,6 +8,10 @@ from typing import Any
 
 from .metadata import ModelFamily, Recipe, chat_template_text, load_family, load_recipe
 
+class SettingsError(ValueError):
+    """A task setting (environment variable or flag) that can't be used; the message names it."""
+
+
 RUNTIME_ROOT = Path(__file__).resolve().parent.parent  # runtime/ in the repo, /opt/selfllm/runtime in images
 DEFAULT_RECIPE_DIR = Path("/opt/recipe")
 

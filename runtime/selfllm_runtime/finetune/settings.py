@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..context import RecipeContext
+from ..context import RecipeContext, SettingsError
 from ..metadata import LoraDefaults
 
 DEFAULT_OUTPUT_ROOT = Path("/root/autodl-tmp/lora")
@@ -127,7 +127,7 @@ def resolve_settings(context: RecipeContext, cli: Mapping[str, Any] | None = Non
         try:
             values[field] = parse(text)
         except ValueError as exc:
-            raise ValueError(f"{name}={text!r}: {exc}") from None
+            raise SettingsError(f"{name}={text!r}: {exc}") from None
     if values.get("system_prompt") == "":
         values["system_prompt"] = None
     return LoraSettings.model_validate(values)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..chat_engine import ChatEngine
-from ..context import RecipeContext
+from ..context import RecipeContext, SettingsError
 from ..model_source import DEFAULT_CACHE
 
 log = logging.getLogger("selfllm.langchain")
@@ -66,8 +66,14 @@ class RagSettings:
             value = env.get(name, "").strip()
             return value or None
 
+        def number(name: str, cast: type, default: Any) -> Any:
+            text = get(name)
+            try:
+                return default if text is None else cast(text)
+            except ValueError:
+                raise SettingsError(f"{name}={text!r}: not {'an integer' if cast is int else 'a number'}") from None
+
         thinking = get("ENABLE_THINKING")
-        seed = get("SEED")
         return cls(
             docs_dir=Path(get("DOCS_DIR") or SAMPLE_DOCS_DIR),
             questions=[q.strip() for q in (env.get("QUESTION") or "").splitlines() if q.strip()],
@@ -75,13 +81,13 @@ class RagSettings:
             chroma_dir=Path(get("CHROMA_DIR") or cache / "langchain-chroma"),
             embedding_cache=cache / "huggingface" / "hub",
             collection=get("COLLECTION") or "selfllm_rag",
-            top_k=int(get("TOP_K") or 3),
-            chunk_size=int(get("CHUNK_SIZE") or 500),
-            chunk_overlap=int(get("CHUNK_OVERLAP") or 50),
-            max_new_tokens=int(get("MAX_NEW_TOKENS") or 512),
-            temperature=float(get("TEMPERATURE") or 0.7),
-            top_p=float(get("TOP_P") or 0.8),
-            seed=int(seed) if seed is not None else None,
+            top_k=number("TOP_K", int, 3),
+            chunk_size=number("CHUNK_SIZE", int, 500),
+            chunk_overlap=number("CHUNK_OVERLAP", int, 50),
+            max_new_tokens=number("MAX_NEW_TOKENS", int, 512),
+            temperature=number("TEMPERATURE", float, 0.7),
+            top_p=number("TOP_P", float, 0.8),
+            seed=number("SEED", int, None),
             enable_thinking=(thinking.lower() in TRUE) if thinking is not None else None,
             selftest=(get("LANGCHAIN_SELFTEST") or "").lower() in TRUE,
         )
