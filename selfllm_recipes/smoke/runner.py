@@ -18,7 +18,7 @@ from docker.types import DeviceRequest
 from ..build import RECIPE_LABEL
 from ..discover import RecipeSpec
 from ..layout import CACHE_DIR, LABEL_PREFIX
-from .checks import SMOKE_MODEL_DIR, SmokeFailure, SmokeSession, check_for, wait_until_exited, wait_until_healthy
+from .checks import SMOKE_MODEL_DIR, SmokeCheck, SmokeFailure, SmokeSession, check_for, wait_until_exited, wait_until_healthy
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # its reaper image can't be pulled here
 SMOKE_LABEL = f"{LABEL_PREFIX}.smoke"
@@ -93,6 +93,11 @@ def remove_leftovers(client: docker.DockerClient, own: bool = False) -> int:
     return removed
 
 
+def container_env(check: SmokeCheck) -> dict[str, str]:
+    """Every task runs on the tiny model that its command writes to SMOKE_MODEL_DIR; no hub is asked."""
+    return {"HF_HUB_OFFLINE": "1", "MODEL_PATH": SMOKE_MODEL_DIR, **check.env}
+
+
 def session_of(container, base_url: str, key: str, artifacts_dir: Path | None = None) -> SmokeSession:
     """A started testcontainers container as a SmokeSession (its exit code and logs on demand)."""
     wrapped = container.get_wrapped_container()
@@ -124,8 +129,7 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
     if check.shm_size:
         kwargs["shm_size"] = check.shm_size
     container = DockerContainer(image).with_command([check.command]).with_kwargs(**kwargs)
-    # Every task runs on the tiny model that its command writes to SMOKE_MODEL_DIR; no hub is asked.
-    for key, value in {"HF_HUB_OFFLINE": "1", "MODEL_PATH": SMOKE_MODEL_DIR, **check.env}.items():
+    for key, value in container_env(check).items():
         container = container.with_env(key, value)
     if check.serves_http:
         publish_on_loopback(container, port)
