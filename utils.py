@@ -82,12 +82,14 @@ def markdown_credits(path: Path) -> list[Credit]:
 
 
 def recipe_credits(recipes_root: Path) -> list[Credit]:
-    """One task per recipes/<model>/<task>/recipe.yaml, credited to each name in its `contributors:`.
+    """One task per recipes/<model>/<task>/recipe.yaml, credited to each of its contributors (its
+    family's upstream authors for that task, or the recipe's own `contributors:`).
 
-    Read through the recipes' own schema (selfllm_runtime.metadata); a recipe.yaml that fails it is
-    skipped with a warning naming the file and field, and the others still count.
+    Read through the recipes' own schema (selfllm_runtime.metadata); a recipe that fails it is
+    skipped with a warning naming the file and field, and the others still count. Recipes credited
+    to the project itself (no upstream tutorial) give nobody points.
     """
-    from selfllm_runtime.metadata import MetadataError, TaskKind, load_recipe
+    from selfllm_runtime.metadata import PROJECT_CREDIT, MetadataError, TaskKind, load_recipe
 
     credits: list[Credit] = []
     for path in sorted(recipes_root.glob("*/*/recipe.yaml")) if recipes_root.is_dir() else []:
@@ -97,7 +99,7 @@ def recipe_credits(recipes_root: Path) -> list[Credit]:
             warn(f"skipping {_one_line(exc)}")
             continue
         points = task_points(recipe.task is TaskKind.lora)
-        credits.extend((name, points, str(path)) for name in recipe.contributors)
+        credits.extend((name, points, str(path)) for name in recipe.contributors if name != PROJECT_CREDIT)
     return credits
 
 

@@ -14,10 +14,9 @@ from selfllm_runtime.metadata import (
     load_recipe,
 )
 
-from .layout import LOCK_FILE, LOCK_INPUT, RECIPES_DIR, STACKS_DIR
+from .generate import check_generated, expected_files
+from .layout import LOCK_FILE, RECIPES_DIR, STACKS_DIR, TASKS_DIR
 from .locks import Pin, check_against_stack, parse_lock
-
-REQUIRED_FILES = ("Dockerfile", RECIPE_FILE, LOCK_INPUT, LOCK_FILE, "README.md")
 
 
 @dataclass(frozen=True)
@@ -71,16 +70,26 @@ def load_stack(name: str, referenced_by: Path) -> StackSpec:
     return StackSpec(name, folder, tuple(parse_lock(folder / LOCK_FILE)))
 
 
-def load_spec(task_dir: Path) -> RecipeSpec:
+def load_metadata(task_dir: Path, tasks_dir: Path = TASKS_DIR) -> tuple[Recipe, ModelFamily]:
+    """The recipe's effective metadata and its family (what its generated files are made from)."""
     model_dir = task_dir.parent
-    key = f"{model_dir.name}/{task_dir.name}"
-    for name in REQUIRED_FILES:
-        if not (task_dir / name).is_file():
-            raise MetadataError(task_dir / name, "(file)", "missing")
-    recipe = load_recipe(task_dir)
+    if not (task_dir / RECIPE_FILE).is_file():
+        raise MetadataError(task_dir / RECIPE_FILE, "(file)", "missing")
+    recipe = load_recipe(task_dir, model_dir.parent, tasks_dir)
     if recipe.model != model_dir.name:
         raise MetadataError(task_dir / RECIPE_FILE, "model", f"{recipe.model!r} must equal its folder {model_dir.name!r}")
-    family = load_family(model_dir)
+    if recipe.task.value != task_dir.name:
+        raise MetadataError(task_dir / RECIPE_FILE, "task", f"{recipe.task.value!r} must equal its folder {task_dir.name!r}")
+    return recipe, load_family(model_dir)
+
+
+def load_spec(task_dir: Path, tasks_dir: Path = TASKS_DIR) -> RecipeSpec:
+    """One recipe folder, validated: metadata (task defaults, family, recipe.yaml), generated files
+    up to date, locks pinned and hashed and agreeing with their stack."""
+    model_dir = task_dir.parent
+    key = f"{model_dir.name}/{task_dir.name}"
+    recipe, family = load_metadata(task_dir, tasks_dir)
+    check_generated(task_dir, expected_files(task_dir, recipe, family, model_dir, tasks_dir))
     stack = load_stack(recipe.stack, task_dir / RECIPE_FILE)
     pins = parse_lock(task_dir / LOCK_FILE)
     check_against_stack(task_dir / LOCK_FILE, pins, stack.dir / LOCK_FILE, list(stack.pins))
@@ -92,16 +101,16 @@ def load_spec(task_dir: Path) -> RecipeSpec:
     return RecipeSpec(key, task_dir, model_dir, recipe, family, stack, tuple(pins), cpu_stack)
 
 
-def discover(root: Path = RECIPES_DIR) -> tuple[list[RecipeSpec], list[BrokenRecipe]]:
+def discover(root: Path = RECIPES_DIR, tasks_dir: Path = TASKS_DIR) -> tuple[list[RecipeSpec], list[BrokenRecipe]]:
     """All recipes under root. A broken one is reported, never fatal to the others."""
     good: list[RecipeSpec] = []
     broken: list[BrokenRecipe] = []
     for task_dir in recipe_dirs(root):
         try:
-            good.append(load_spec(task_dir))
+            good.append(load_spec(task_dir, tasks_dir))
         except MetadataError as exc:
             broken.append(BrokenRecipe(f"{task_dir.parent.name}/{task_dir.name}", task_dir, exc))
     return good, broken
 
 
-__all__ = ["BrokenRecipe", "RecipeSpec", "StackSpec", "discover", "load_spec", "recipe_dirs", "MODEL_FILE"]
+__all__ = ["BrokenRecipe", "RecipeSpec", "StackSpec", "discover", "load_metadata", "load_spec", "recipe_dirs", "MODEL_FILE"]

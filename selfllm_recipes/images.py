@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from selfllm_runtime.metadata import MODEL_FILE, load_family
+from selfllm_runtime.metadata import MODEL_FILE, TASK_FILE, load_family
 
 from .discover import RecipeSpec
-from .layout import CUDA_BASE_DIR, IMAGE_PREFIX, RECIPES_DIR, RUNTIME_DIR
+from .layout import CUDA_BASE_DIR, IMAGE_PREFIX, RECIPES_DIR, RUNTIME_DIR, TASKS_DIR
 
 IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
 
@@ -92,6 +92,8 @@ def runtime_files() -> dict[str, Path]:
         except ValueError:
             continue  # a broken model.yaml is reported by discovery, for its recipes only
         files[f"recipes/{model.name}/{template}"] = model / template
+    for task_file in sorted(TASKS_DIR.glob(f"*/{TASK_FILE}")):
+        files[f"tasks/{task_file.parent.name}/{TASK_FILE}"] = task_file
     return files
 
 

@@ -17,3 +17,10 @@ LOCK_FILE = "requirements.lock"
 LOCK_INPUT = "requirements.in"
 IMAGE_PREFIX = "selfllm"
 LABEL_PREFIX = "org.selfllm"
+# tasks/<task>/: what every recipe of a task kind shares (task.yaml defaults, README template,
+# requirements.in → requirements.lock); SELFLLM_TASKS_DIR points at another tree (tests).
+TASKS_DIR = Path(os.environ.get("SELFLLM_TASKS_DIR") or REPO_ROOT / "tasks").resolve()
+DOCKERFILE_TEMPLATE = "Dockerfile.j2"  # tasks/Dockerfile.j2: every recipe's Dockerfile
+README_TEMPLATE = "README.md.j2"  # tasks/<task>/README.md.j2
+# The last matrix result of each recipe (committed): the README's catalogue shows it.
+RESULTS_FILE = REPO_ROOT / "recipes" / "last-matrix.json"

@@ -8,16 +8,19 @@ from .discover import BrokenRecipe, RecipeSpec
 from .layout import REPO_ROOT
 
 # Paths whose change affects every recipe.
-SHARED_PATHS = ("base-images/cuda12.1/", "runtime/", "selfllm_recipes/smoke/")
+SHARED_PATHS = ("base-images/cuda12.1/", "runtime/", "selfllm_recipes/smoke/", "tasks/Dockerfile.j2")
 
 
 class SelectionError(ValueError):
     pass
 
 
+ALL = "all"  # --only all (make matrix RECIPES=all): every recipe
+
+
 def _matches(key: str, selector: str) -> bool:
     selector = selector.strip().strip("/")
-    return key == selector or key.split("/")[0] == selector
+    return selector == ALL or key == selector or key.split("/")[0] == selector
 
 
 def select_by_name(keys: Sequence[str], only: Sequence[str]) -> list[str]:
@@ -45,7 +48,7 @@ def changed_paths(ref: str) -> list[str]:
 def recipe_inputs(spec: RecipeSpec) -> list[str]:
     rel = lambda p: str(p.relative_to(REPO_ROOT)) + "/"  # noqa: E731
     return [rel(spec.dir), rel(spec.model_dir) + "model.yaml", rel(spec.model_dir) + spec.family.chat_template,
-            rel(spec.stack.dir)] + ([rel(spec.cpu_stack.dir)] if spec.cpu_stack else [])
+            f"tasks/{spec.recipe.task.value}/", rel(spec.stack.dir)] + ([rel(spec.cpu_stack.dir)] if spec.cpu_stack else [])
 
 
 def select_changed(specs: Sequence[RecipeSpec | BrokenRecipe], ref: str) -> list[str]:

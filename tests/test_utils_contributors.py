@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,14 @@ def valid_recipe(model: str, task: str, contributors: str) -> str:
 
 
 def write_recipe(root: Path, model: str, task: str, text: str) -> Path:
+    """recipes/<model>/<task>/recipe.yaml, with the family's model.yaml + template and tasks/ beside."""
     path = root / "recipes" / model / task / "recipe.yaml"
     path.parent.mkdir(parents=True)
+    for name in ("model.yaml", "chat_template.jinja"):
+        if not (root / "recipes" / model / name).exists():
+            shutil.copy(REPO / "recipes" / model / name, root / "recipes" / model / name)
+    if not (root / "tasks").exists():
+        shutil.copytree(REPO / "tasks", root / "tasks")
     path.write_text(text, encoding="utf-8")
     return path
 

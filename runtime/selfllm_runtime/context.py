@@ -21,6 +21,11 @@ def recipes_root() -> Path:
     return Path(os.environ.get("SELFLLM_RECIPES_ROOT", RUNTIME_ROOT.parent / "recipes"))
 
 
+def tasks_root() -> Path:
+    """tasks/ beside runtime/: every task kind's defaults (/opt/selfllm/tasks in images)."""
+    return Path(os.environ.get("SELFLLM_TASKS_ROOT", RUNTIME_ROOT.parent / "tasks"))
+
+
 @dataclass(frozen=True)
 class RecipeContext:
     recipe_dir: Path
@@ -43,6 +48,6 @@ class RecipeContext:
 
 def load_context(recipe_dir: Path | str | None = None) -> RecipeContext:
     folder = Path(recipe_dir or os.environ.get("RECIPE_DIR") or DEFAULT_RECIPE_DIR)
-    recipe = load_recipe(folder)
+    recipe = load_recipe(folder, recipes_root(), tasks_root())
     family_dir = recipes_root() / recipe.model
     return RecipeContext(folder, recipe, family_dir, load_family(family_dir))

@@ -1,9 +1,12 @@
 """The one schema of recipe metadata, shared by the host toolkit and the in-image runtime.
 
-Two files describe a recipe:
-- ``recipes/<model>/model.yaml``: what is true of the model family for every task (architecture,
-  chat template quirks, thinking switch, stop tokens, reasoning parser, LoRA targets);
-- ``recipes/<model>/<task>/recipe.yaml``: what this task adds (stack, port, GPU needs, contributors).
+A recipe's metadata is three layers, later ones winning field by field:
+- ``tasks/<task>/task.yaml``: what is the same for every recipe of a task kind (stack, port, title,
+  smoke settings, CPU variant, env defaults);
+- ``recipes/<model>/model.yaml``: what is true of the model family for every task (checkpoints on
+  both hubs, VRAM per task kind, upstream contributors per task, architecture, chat template quirks,
+  thinking switch, stop tokens, reasoning parser, LoRA targets);
+- ``recipes/<model>/<task>/recipe.yaml``: its identity (model, task) and only what this recipe changes.
 
 Only pydantic and PyYAML are imported here, so the host toolkit can validate without torch.
 """
@@ -18,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MODEL_FILE = "model.yaml"
 RECIPE_FILE = "recipe.yaml"
+TASK_FILE = "task.yaml"
+# Credited where upstream has no tutorial for a recipe (utils.py gives it no points).
+PROJECT_CREDIT = "self-llm-recipes"
 
 
 class Strict(BaseModel):
@@ -85,10 +91,36 @@ class SmokeModelShape(Strict):
     vocab_size: int = Field(1024, ge=300)
 
 
+class VramNeeds(Strict):
+    """GPU memory a recipe needs, in GB: one number for every task, or per-task overrides."""
+
+    default: float = Field(gt=0)
+    fastapi: float | None = Field(None, gt=0)
+    webdemo: float | None = Field(None, gt=0)
+    langchain: float | None = Field(None, gt=0)
+    lora: float | None = Field(None, gt=0)
+    vllm: float | None = Field(None, gt=0)
+
+    def for_task(self, task: "TaskKind") -> float:
+        return getattr(self, task.value) or self.default
+
+
+class Notes(Strict):
+    """A family's remark shown in every README of it (中文 first, then English)."""
+
+    zh: str
+    en: str
+
+
 class ModelFamily(Strict):
     """recipes/<model>/model.yaml"""
 
     display_name: str
+    checkpoints: CheckpointIds = Field(description="default checkpoint ids on ModelScope and Hugging Face")
+    vram_gb: VramNeeds
+    contributors: dict[TaskKind, list[str]] = Field(
+        {}, description="authors of upstream's tutorial per task; a task missing here is credited to the project")
+    notes: Notes | None = None
     architecture: str = Field(pattern=r"^[A-Z]\w+For\w+$", description="HF class, e.g. Qwen3ForCausalLM")
     trust_remote_code: bool = False
     chat_template: str = Field(description="file beside model.yaml holding the family's Jinja chat template")
@@ -98,7 +130,18 @@ class ModelFamily(Strict):
     thinking: Thinking | None = None
     reasoning: Reasoning | None = None
     lora: LoraDefaults
+    # Templates that leave the assistant turn open (GLM-4: the next role tag ends it) get eos
+    # appended to each training reply, so the fine-tuned model learns to stop.
+    template_closes_reply: bool = True
     smoke: SmokeModelShape = SmokeModelShape()
+
+    @property
+    def short_name(self) -> str:
+        """The checkpoint's own name, e.g. Qwen3-8B (last part of its Hugging Face id)."""
+        return self.checkpoints.huggingface.split("/")[-1]
+
+    def credits(self, task: "TaskKind") -> list[str]:
+        return [n.strip() for n in self.contributors.get(task, []) if n.strip()] or [PROJECT_CREDIT]
 
 
 class GpuNeeds(Strict):
@@ -122,8 +165,39 @@ class CpuVariant(Strict):
     lock_exclude: list[str] = Field([], description="packages the resolver pulls in that must not be installed")
 
 
+class TaskDefaults(Strict):
+    """tasks/<task>/task.yaml: the defaults of every recipe of one task kind."""
+
+    title: str = Field(description="recipe name after the checkpoint's, e.g. 'FastAPI 部署调用'")
+    stack: str
+    port: int = Field(6006, ge=1, le=65535)
+    chat_template_kwargs: dict[str, Any] = {}
+    smoke: SmokeSettings = SmokeSettings()
+    smoke_model: SmokeModelShape | None = None
+    cpu_variant: CpuVariant | None = None
+    env: dict[str, str] = {}
+
+
+class RecipeOverrides(Strict):
+    """recipes/<model>/<task>/recipe.yaml: identity, then only what this recipe changes."""
+
+    model: str = Field(description="the folder name under recipes/, e.g. qwen3")
+    task: TaskKind
+    name: str | None = None
+    stack: str | None = None
+    default_model: CheckpointIds | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    gpu: GpuNeeds | None = None
+    contributors: list[str] | None = Field(None, min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = None
+    smoke: SmokeSettings | None = None
+    smoke_model: SmokeModelShape | None = None
+    cpu_variant: CpuVariant | None = None
+    env: dict[str, str] | None = None
+
+
 class Recipe(Strict):
-    """recipes/<model>/<task>/recipe.yaml"""
+    """One recipe's effective metadata: task defaults, then model family, then recipe.yaml."""
 
     name: str
     model: str = Field(description="the folder name under recipes/, e.g. qwen3")
@@ -191,8 +265,45 @@ def load_family(model_dir: Path) -> ModelFamily:
     return family
 
 
-def load_recipe(recipe_dir: Path) -> Recipe:
-    return _validate(Recipe, Path(recipe_dir) / RECIPE_FILE)
+def load_task_defaults(tasks_dir: Path, task: TaskKind, referenced_by: Path) -> TaskDefaults:
+    path = Path(tasks_dir) / task.value / TASK_FILE
+    if not path.is_file():
+        raise MetadataError(referenced_by, "task", f"no task kind {task.value!r} (expected {path})")
+    return _validate(TaskDefaults, path)
+
+
+def load_overrides(recipe_dir: Path) -> RecipeOverrides:
+    return _validate(RecipeOverrides, Path(recipe_dir) / RECIPE_FILE)
+
+
+def merge_recipe(path: Path, task: TaskDefaults, family: ModelFamily, own: RecipeOverrides) -> Recipe:
+    """The effective recipe: task defaults, then what the family says, then recipe.yaml (path)."""
+    fields: dict[str, Any] = task.model_dump(exclude={"title"}, exclude_none=True)
+    fields |= {
+        "name": f"{family.short_name} {task.title}",
+        "default_model": family.checkpoints.model_dump(),
+        "gpu": {"required": True, "min_vram_gb": family.vram_gb.for_task(own.task)},
+        "contributors": family.credits(own.task),
+    }
+    fields |= own.model_dump(exclude_none=True)
+    try:
+        return Recipe.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise MetadataError(path, ".".join(str(p) for p in first["loc"]) or "(top level)", first["msg"]) from None
+
+
+def load_recipe(recipe_dir: Path, recipes_dir: Path | None = None, tasks_dir: Path | None = None) -> Recipe:
+    """recipe.yaml merged over its family's model.yaml (recipes_dir/<model>/, default: the folder
+    above recipe_dir) and its task's defaults (tasks_dir/<task>/task.yaml, default: tasks/ beside
+    the recipes folder)."""
+    recipe_dir = Path(recipe_dir)
+    own = load_overrides(recipe_dir)
+    recipes_dir = Path(recipes_dir) if recipes_dir is not None else recipe_dir.parent.parent
+    tasks_dir = Path(tasks_dir) if tasks_dir is not None else recipes_dir.parent / "tasks"
+    path = recipe_dir / RECIPE_FILE
+    task = load_task_defaults(tasks_dir, own.task, path)
+    return merge_recipe(path, task, load_family(recipes_dir / own.model), own)
 
 
 def chat_template_text(model_dir: Path, family: ModelFamily) -> str:
