@@ -136,10 +136,8 @@ class ChatEngine:
 
     def _stop_token_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
-        for token in self.family.stop_tokens:
-            token_id = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
-                ids.add(token_id)
+        vocab = self.tokenizer.get_vocab()  # a stop token the checkpoint lacks is skipped, not mapped to unk
+        ids |= {vocab[token] for token in self.family.stop_tokens if token in vocab}
         return sorted(i for i in ids if i is not None)
 
     def format_prompt(self, messages: list[Message], template_kwargs: dict[str, Any] | None = None) -> str:

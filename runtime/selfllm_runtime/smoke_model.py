@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from .context import RecipeContext
+from .metadata import ModelFamily, SmokeModelShape
 
 CORPUS = [
     "Hello! How can I help you today? I am a helpful assistant.",
@@ -50,6 +51,48 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
     return tokenizer
 
 
+def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **token_ids: int | None):
+    """The config of a tiny `architecture` (a transformers class) of the given shape."""
+    import transformers
+
+    model_class = getattr(transformers, architecture, None)
+    if model_class is None:
+        raise ValueError(f"transformers {transformers.__version__} has no class {architecture!r}")
+    config = model_class.config_class(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.intermediate_size,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        **token_ids,
+    )
+    config.architectures = [architecture]
+    return model_class, config
+
+
+def module_names(family: ModelFamily) -> set[str]:
+    """Last-component names of every module of a tiny model of the family's architecture (built
+    without weights), e.g. {"q_proj", "gate_up_proj", ...}: what LoRA target_modules may name."""
+    import torch
+
+    # Token ids inside the small vocabulary (some configs default to the real checkpoint's, e.g. GLM's pad 151329).
+    model_class, config = tiny_config(family.architecture, family.smoke, family.smoke.vocab_size,
+                                      pad_token_id=0, bos_token_id=None, eos_token_id=0)
+    with torch.device("meta"):
+        model = model_class(config)
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+def missing_lora_targets(family: ModelFamily) -> list[str]:
+    """LoRA target modules that the family's architecture does not have."""
+    names = module_names(family)
+    return [target for target in family.lora.target_modules if target not in names]
+
+
 def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0) -> Path:
     import torch
     import transformers
@@ -58,28 +101,22 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0) -> Pa
     if (out_dir / "config.json").is_file():
         return out_dir
     torch.manual_seed(seed)
-    shape = context.recipe.smoke_model or context.family.smoke  # a task may need another shape (vLLM CPU: head_dim 64)
+    family = context.family
+    shape = context.recipe.smoke_model or family.smoke  # a task may need another shape (vLLM CPU: head_dim 64)
     tokenizer = _train_tokenizer(context, shape.vocab_size)
-    model_class = getattr(transformers, context.family.architecture)
-    config = model_class.config_class(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        head_dim=shape.head_dim,
-        intermediate_size=shape.intermediate_size,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.convert_tokens_to_ids(context.family.special_tokens.eos),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=True,
-    )
-    config.architectures = [context.family.architecture]
+    model_class, config = tiny_config(
+        family.architecture, shape, len(tokenizer),
+        eos_token_id=tokenizer.convert_tokens_to_ids(family.special_tokens.eos),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     model = model_class(config)
+    # Like the real checkpoints' generation_config.json: generation stops at any of the family's
+    # stop tokens (GLM-4: <|endoftext|>, <|user|>, <|observation|>), which vLLM reads too.
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in [family.special_tokens.eos, *family.stop_tokens]]
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=list(dict.fromkeys(stops)), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
-        {"architecture": context.family.architecture, "random": True, "note": "tiny random model for smoke tests"}))
+        {"architecture": family.architecture, "random": True, "note": "tiny random model for smoke tests"}))
     return out_dir

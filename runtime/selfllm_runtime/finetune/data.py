@@ -116,22 +116,37 @@ class ChatTokenizer:
     The prompt is what the template renders with add_generation_prompt=True (for Qwen3 with
     enable_thinking=False that ends in an empty think block); the learned part is the reply up to
     and including the end-of-turn token (eos, e.g. <|im_end|>), so the model learns to stop.
+    Two template shapes are handled as data from model.yaml:
+    - `closes_reply=False` (GLM-4): the template leaves the turn open, so eos is appended;
+    - a prompt that opens the reasoning block (R1-style `<think>\n` after the assistant tag) while
+      the rendered reply does not: the reply learns an empty block first (`\n</think>\n\n` + text).
     """
 
     tokenizer: Any
     template_kwargs: dict[str, Any]
     eos_token: str
     max_length: int = 1024
+    closes_reply: bool = True
+    reasoning: Any = None  # metadata.Reasoning of the family, or None
+
+    def _reply_after(self, prompt: str, full: str) -> str:
+        if full.startswith(prompt):
+            return full[len(prompt):]
+        opener = self.reasoning.start if self.reasoning is not None else None
+        head = prompt.rstrip()
+        if opener and head.endswith(opener) and full.startswith(head[: -len(opener)]):
+            return "\n" + self.reasoning.end + "\n\n" + full[len(head) - len(opener):].lstrip()
+        raise ValueError("the chat template renders the prompt differently when the reply follows it; "
+                         f"cannot mask the prompt (prompt ends {prompt[-40:]!r})")
 
     def render(self, context: list[Message], reply: Message) -> tuple[str, str]:
         prompt = self.tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True,
                                                     **self.template_kwargs)
         full = self.tokenizer.apply_chat_template([*context, reply], tokenize=False, add_generation_prompt=False,
                                                   **self.template_kwargs)
-        if not full.startswith(prompt):
-            raise ValueError("the chat template renders the prompt differently when the reply follows it; "
-                             f"cannot mask the prompt (prompt ends {prompt[-40:]!r})")
-        answer = full[len(prompt):]
+        answer = self._reply_after(prompt, full)
+        if not self.closes_reply:
+            return prompt, answer.rstrip() + self.eos_token
         end = answer.find(self.eos_token)
         if end < 0:
             raise ValueError(f"the chat template did not end the reply with {self.eos_token!r}")

@@ -68,8 +68,9 @@ def prepare_data(context: RecipeContext, tokenizer, settings: LoraSettings) -> t
         if not settings.data_url:
             raise ValueError("no training data: set DATA_PATH (a mounted JSON/JSONL file) or DATA_URL")
         paths = [fetch_data(settings.data_url, settings.data_dir)]
-    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, settings.enable_thinking),
-                         context.family.special_tokens.eos, settings.max_length)
+    family = context.family
+    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, settings.enable_thinking), family.special_tokens.eos,
+                         settings.max_length, closes_reply=family.template_closes_reply, reasoning=family.reasoning)
     return paths, encode_files(paths, chat, settings.system_prompt, settings.max_samples)
 
 
