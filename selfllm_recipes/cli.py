@@ -2,7 +2,12 @@
 
     python scripts/build_matrix.py [--only MODEL[/TASK]]... [--changed-since REF] [--report-dir DIR]
     python scripts/build_matrix.py --github-matrix        # selected recipes as a GitHub Actions matrix
-    python scripts/build_matrix.py lock [--only ...]      # regenerate requirements.lock files
+    python scripts/build_matrix.py lock [--only ...]      # regenerate the task kinds' locks, then generate
+    python scripts/build_matrix.py generate [--only ...]  # rewrite generated recipe files + README catalogue
+    python scripts/build_matrix.py new MODEL [--tasks T ...]  # a new family's recipe folders from its model.yaml
+    python scripts/build_matrix.py catalogue              # rewrite the README's recipe table
+    python scripts/build_matrix.py list                   # validate every recipe (stale generated files too)
+--only all (make matrix RECIPES=all) selects every recipe.
 """
 from __future__ import annotations
 
@@ -17,14 +22,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from selfllm_runtime.metadata import MetadataError, load_recipe
+from selfllm_runtime.metadata import MetadataError, TaskKind
 
+from . import catalogue
 from .build import BuildError, BuildResult, build_node
-from .discover import BrokenRecipe, RecipeSpec, discover, recipe_dirs
+from .discover import BrokenRecipe, RecipeSpec, discover, load_metadata, recipe_dirs
 from .engine import EngineError, choose_base, connect, has_nvidia_runtime
+from .generate import expected_files, own_lock_input, write_generated
 from .images import NodeKind, plan_images
-from .layout import CACHE_DIR, LOCK_FILE, LOCK_INPUT, REPO_ROOT, STACKS_DIR
+from .layout import CACHE_DIR, LOCK_FILE, LOCK_INPUT, RECIPES_DIR, REPO_ROOT, STACKS_DIR, TASKS_DIR
 from .locks import LOCK_PYTHON, compile_lock
+from .scaffold import new_family
 from .plan import SelectionError, select, select_by_name
 from .report import RecipeReport, render_table, write_reports
 from .smoke.runner import cached_pass, remember_pass, remove_leftovers, run_smoke
@@ -39,7 +47,10 @@ def _terminate_as_interrupt(signum, frame):  # noqa: ARG001
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="build_matrix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=["matrix", "lock", "list"], default="matrix")
+    p.add_argument("command", nargs="?", choices=["matrix", "lock", "list", "generate", "new", "catalogue"], default="matrix")
+    p.add_argument("family", nargs="?", metavar="MODEL", help="new: the family folder under recipes/ (model.yaml written)")
+    p.add_argument("--tasks", nargs="+", choices=[t.value for t in TaskKind], default=[t.value for t in TaskKind],
+                   help="new: the task kinds to scaffold (default: all five)")
     p.add_argument("--only", action="append", default=[], metavar="MODEL[/TASK]", help="select recipes (repeatable)")
     p.add_argument("--changed-since", metavar="GIT_REF", help="only recipes whose inputs changed since GIT_REF")
     p.add_argument("--base", choices=["auto", "official", "local"], default="auto",
@@ -62,40 +73,116 @@ def selected(args: argparse.Namespace) -> tuple[list[RecipeSpec], list[BrokenRec
     return [s for s in good if s.key in keys], [b for b in broken if b.key in keys]
 
 
+def repo_recipes() -> bool:
+    """Whether the builder works on the repository's own recipes (not a test's tree): only then are
+    the README catalogue and recipes/last-matrix.json kept up to date."""
+    return RECIPES_DIR == (REPO_ROOT / "recipes").resolve()
+
+
 def cmd_lock(args: argparse.Namespace, console: Console) -> int:
-    """Regenerate locks from requirements.in, stacks first. Works on a recipe whose lock is missing
-    or invalid (that is what it repairs), as long as its recipe.yaml is valid."""
+    """Regenerate locks, stacks first: each selected recipe's task kind (tasks/<task>/, one lock per
+    task kind) or the recipe's own requirements.in where it has one; then copy them into the recipe
+    folders (generate). Works on a recipe whose lock is missing or invalid (that is what it repairs),
+    as long as its metadata is valid."""
     folders = {f"{d.parent.name}/{d.name}": d for d in recipe_dirs()}
     keys = select_by_name(list(folders), args.only)
     failures = 0
     links = [arg for link in args.find_links for arg in ("--find-links", link)]
-    # (stack folder, lock Python) → [(recipe key, lock file, extra uv args)]; a recipe's CPU variant
-    # is locked against its own stack, for its own Python, without the packages it excludes.
-    stacks: dict[tuple[Path, str], list[tuple[str, str, list[str]]]] = {}
+    # (stack folder, lock Python) → {(folder to lock, lock file): extra uv args}; a CPU variant is
+    # locked against its own stack, for its own Python, without the packages it excludes.
+    stacks: dict[tuple[Path, str], dict[tuple[Path, str], list[str]]] = {}
     for key in keys:
         try:
-            recipe = load_recipe(folders[key])
+            recipe, _ = load_metadata(folders[key])
         except MetadataError as exc:
             console.print(f"[red]{key}[/]: {exc}")
             failures += 1
             continue
-        stacks.setdefault((STACKS_DIR / recipe.stack, LOCK_PYTHON), []).append((key, LOCK_FILE, []))
+        builds = [(recipe.stack, LOCK_PYTHON, LOCK_FILE, [])]
         if (variant := recipe.cpu_variant) is not None:
             excluded = [arg for name in variant.lock_exclude for arg in ("--no-emit-package", name)]
-            stacks.setdefault((STACKS_DIR / variant.stack, variant.python), []).append((key, variant.lock, excluded))
+            builds.append((variant.stack, variant.python, variant.lock, excluded))
+        for stack, python, lock_name, extra in builds:
+            own = own_lock_input(folders[key], lock_name).is_file()
+            folder = folders[key] if own else TASKS_DIR / recipe.task.value
+            stacks.setdefault((STACKS_DIR / stack, python), {})[(folder, lock_name)] = extra
     for (stack_dir, python), members in sorted(stacks.items()):
         if not (stack_dir / LOCK_INPUT).is_file():
-            names = ", ".join(key for key, _, _ in members)
-            console.print(f"[red]{names}[/]: no stack {stack_dir.name!r} ({stack_dir / LOCK_INPUT} missing)")
+            console.print(f"[red]{stack_dir.name}[/]: no stack {stack_dir.name!r} ({stack_dir / LOCK_INPUT} missing)")
             failures += len(members)
             continue
         console.print(f"locking stack {stack_dir.relative_to(REPO_ROOT)}")
         compile_lock(stack_dir, extra_args=links, python=python)
-        for key, lock_name, excluded in members:
-            console.print(f"locking {key}" + ("" if lock_name == LOCK_FILE else f" ({lock_name})"))
-            compile_lock(folders[key], constraints=stack_dir / LOCK_FILE, extra_args=links + excluded,
+        for (folder, lock_name), excluded in sorted(members.items()):
+            console.print(f"locking {folder.relative_to(REPO_ROOT)}/{lock_name}")
+            compile_lock(folder, constraints=stack_dir / LOCK_FILE, extra_args=links + excluded,
                          lock_name=lock_name, python=python)
+    return max(1 if failures else 0, cmd_generate(args, console))
+
+
+def cmd_generate(args: argparse.Namespace, console: Console) -> int:
+    """Rewrite every selected recipe's generated files that are out of date, then the catalogue."""
+    folders = {f"{d.parent.name}/{d.name}": d for d in recipe_dirs()}
+    failures = 0
+    for key in select_by_name(list(folders), args.only):
+        folder = folders[key]
+        try:
+            recipe, family = load_metadata(folder)
+            written = write_generated(folder, expected_files(folder, recipe, family, folder.parent, TASKS_DIR))
+        except MetadataError as exc:
+            console.print(f"[red]{key}[/]: {exc}")
+            failures += 1
+            continue
+        if written:
+            console.print(f"{key}: wrote {', '.join(written)}")
+    if repo_recipes() and not failures:
+        good, _ = discover()
+        if catalogue.update_readme(good):
+            console.print(f"README.md: recipe table rewritten ({len(good)} recipes)")
     return 1 if failures else 0
+
+
+def cmd_new(args: argparse.Namespace, console: Console) -> int:
+    if not args.family:
+        raise SelectionError("new: name the family folder, e.g. `build_matrix.py new glm4` (write recipes/glm4/model.yaml first)")
+    tasks = [TaskKind(t) for t in dict.fromkeys(args.tasks)]
+    try:
+        written = new_family(args.family, tasks)
+    except MetadataError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    for folder in written:
+        console.print(f"wrote {folder.relative_to(REPO_ROOT)}/")
+    if repo_recipes():
+        good, _ = discover()
+        catalogue.update_readme(good)
+    console.print(f"next: make matrix RECIPES={args.family}")
+    return 0
+
+
+def cmd_catalogue(console: Console) -> int:
+    good, broken = discover()
+    for item in broken:
+        console.print(f"[red]{item.key}\tBROKEN: {item.error}[/]")
+    changed = catalogue.update_readme(good)
+    console.print(f"README.md: recipe table {'rewritten' if changed else 'up to date'} ({len(good)} recipes)")
+    return 1 if broken else 0
+
+
+def cmd_list(console: Console) -> int:
+    good, broken = discover()
+    for spec in good:
+        console.print(f"{spec.key}\t{spec.recipe.task.value}\t{spec.stack.name}\t{spec.image}")
+    for item in broken:
+        console.print(f"[red]{item.key}\tBROKEN: {item.error}[/]")
+    stale = 0
+    if repo_recipes() and not broken:
+        try:
+            catalogue.check_readme(good)
+        except MetadataError as exc:
+            console.print(f"[red]{exc}[/]")
+            stale = 1
+    return 1 if broken or stale else 0
 
 
 def finish_step(progress: Progress, task, line: str) -> None:
@@ -182,6 +269,11 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
 def finish(rows: list[RecipeReport], args: argparse.Namespace, console: Console, meta: dict) -> int:
     rows.sort(key=lambda r: r.recipe)
     render_table(rows, console)
+    if repo_recipes() and rows:
+        catalogue.record_results(rows)
+        good, broken = discover()
+        if not broken and catalogue.update_readme(good):
+            console.print("README.md: recipe table updated with this run's results")
     if args.report_dir:
         write_reports(rows, args.report_dir, meta)
         console.print(f"report: {args.report_dir}/report.json, report.md, junit.xml")
@@ -203,16 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             keys = sorted([s.key for s in recipes] + [b.key for b in broken])
             print(json.dumps({"recipe": keys}))
             return 0
-        if args.command == "lock":
-            return cmd_lock(args, console)
-        if args.command == "list":
-            good, broken = discover()
-            for spec in good:
-                console.print(f"{spec.key}\t{spec.recipe.task.value}\t{spec.stack.name}\t{spec.image}")
-            for item in broken:
-                console.print(f"[red]{item.key}\tBROKEN: {item.error}[/]")
-            return 1 if broken else 0
-        return cmd_matrix(args, console)
+        if args.command != "new" and args.family:
+            raise SelectionError(f"unexpected argument {args.family!r} (only `new` takes a family name)")
+        commands = {"lock": lambda: cmd_lock(args, console), "generate": lambda: cmd_generate(args, console),
+                    "new": lambda: cmd_new(args, console), "list": lambda: cmd_list(console),
+                    "catalogue": lambda: cmd_catalogue(console), "matrix": lambda: cmd_matrix(args, console)}
+        return commands[args.command]()
     except (SelectionError, EngineError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2

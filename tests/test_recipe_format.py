@@ -1,0 +1,217 @@
+"""The recipe format: task defaults → family → recipe.yaml; generated files; the scaffold; the
+catalogue; one lock per task kind; every family's data checked against a tiny model of its class."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfllm_recipes import catalogue
+from selfllm_recipes.discover import discover, load_spec
+from selfllm_recipes.generate import expected_files, write_generated
+from selfllm_recipes.layout import LOCK_FILE, RECIPES_DIR, REPO_ROOT, TASKS_DIR
+from selfllm_recipes.scaffold import new_family
+from selfllm_runtime.metadata import PROJECT_CREDIT, MetadataError, TaskKind, load_family, load_recipe
+
+FAMILIES = sorted(p.parent.name for p in RECIPES_DIR.glob("*/model.yaml"))
+ALL_TASKS = list(TaskKind)
+
+
+def family_only(tmp_path: Path, model: str = "qwen3", name: str | None = None) -> Path:
+    """recipes/<name>/ holding only the family files of recipes/<model>/ (no task folders)."""
+    root = tmp_path / "recipes"
+    target = root / (name or model)
+    target.mkdir(parents=True)
+    for path in (RECIPES_DIR / model).iterdir():
+        if path.is_file():
+            shutil.copy(path, target / path.name)
+    return root
+
+
+def test_every_family_has_all_five_tasks():
+    good, broken = discover()
+    assert not broken, [str(b.error) for b in broken]
+    keys = {s.key for s in good}
+    assert {f"{m}/{t.value}" for m in FAMILIES for t in ALL_TASKS} == keys
+    assert len(FAMILIES) >= 7
+
+
+def test_layers_merge_task_then_family_then_recipe(tmp_path: Path):
+    root = family_only(tmp_path)
+    new_family("qwen3", [TaskKind.vllm, TaskKind.fastapi], root)
+    vllm = load_recipe(root / "qwen3/vllm", root, TASKS_DIR)
+    assert vllm.port == 8000 and vllm.cpu_variant is not None  # task defaults
+    assert vllm.gpu.min_vram_gb == 24 and vllm.default_model.huggingface == "Qwen/Qwen3-8B"  # family
+    fastapi = load_recipe(root / "qwen3/fastapi", root, TASKS_DIR)
+    assert fastapi.gpu.min_vram_gb == 18 and fastapi.contributors == [PROJECT_CREDIT]  # no upstream tutorial
+    path = root / "qwen3/fastapi/recipe.yaml"
+    path.write_text(path.read_text() + "port: 7000\ncontributors: [某人]\n")
+    fastapi = load_recipe(root / "qwen3/fastapi", root, TASKS_DIR)
+    assert fastapi.port == 7000 and fastapi.contributors == ["某人"]  # the recipe wins
+
+
+def test_scaffold_writes_valid_recipes_and_refuses_an_existing_family(tmp_path: Path):
+    root = family_only(tmp_path, "glm4")
+    written = new_family("glm4", ALL_TASKS, root)
+    assert sorted(p.name for p in written) == sorted(t.value for t in ALL_TASKS)
+    good, broken = discover(root)
+    assert not broken, [str(b.error) for b in broken]
+    assert {s.key for s in good} == {f"glm4/{t.value}" for t in ALL_TASKS}
+    readme = (root / "glm4/lora/README.md").read_text()
+    assert "gate_up_proj" in readme and "付志远" in readme
+    with pytest.raises(MetadataError, match="already exists") as info:
+        new_family("glm4", [TaskKind.fastapi], root)
+    assert info.value.path == root / "glm4/fastapi"
+
+
+@pytest.mark.parametrize("edit, field, message", [
+    (lambda s: s.replace("gate_up_proj, down_proj]", "gate_proj, up_proj, down_proj]"), "lora.target_modules.4",
+     "'gate_proj' is no module of GlmForCausalLM"),
+    (lambda s: s.replace("architecture: GlmForCausalLM", "architecture: GlmForNothing"), "architecture",
+     "has no class 'GlmForNothing'"),
+    (lambda s: s.replace("chat_template: chat_template.jinja", "chat_template: nope.jinja"), "chat_template",
+     "'nope.jinja' not found"),
+    (lambda s: s.replace("  lora: 32\n", "  lora: lots\n"), "vram_gb.lora", "valid number"),
+])
+def test_bad_model_yaml_names_file_and_field_and_writes_nothing(tmp_path: Path, edit, field, message):
+    root = family_only(tmp_path, "glm4")
+    model_yaml = root / "glm4/model.yaml"
+    model_yaml.write_text(edit(model_yaml.read_text()))
+    before = sorted(p.name for p in (root / "glm4").iterdir())
+    with pytest.raises(MetadataError) as info:
+        new_family("glm4", ALL_TASKS, root)
+    assert info.value.path == model_yaml and info.value.field == field and message in info.value.problem
+    assert sorted(p.name for p in (root / "glm4").iterdir()) == before  # nothing half-written
+
+
+def test_scaffold_without_model_yaml_names_it(tmp_path: Path):
+    (tmp_path / "recipes/nope").mkdir(parents=True)
+    with pytest.raises(MetadataError, match="model.yaml: \\(file\\): missing"):
+        new_family("nope", ALL_TASKS, tmp_path / "recipes")
+
+
+def test_new_on_the_command_line_refuses_an_existing_family():
+    result = subprocess.run([sys.executable, "scripts/build_matrix.py", "new", "qwen3", "--tasks", "fastapi"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "recipes/qwen3/fastapi: (folder): already exists" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "README.md", LOCK_FILE])
+def test_a_stale_generated_file_is_named(tmp_path: Path, name: str):
+    root = family_only(tmp_path)
+    new_family("qwen3", [TaskKind.fastapi], root)
+    path = root / "qwen3/fastapi" / name
+    path.write_text(path.read_text() + "\n# hand edit\n")
+    _, broken = discover(root)
+    assert broken[0].error.path == path and broken[0].error.field == "(generated)"
+    assert "out of date with its inputs" in broken[0].error.problem and "generate" in broken[0].error.problem
+
+
+def test_editing_a_task_template_makes_every_recipe_of_it_stale_until_generated(tmp_path: Path):
+    root = family_only(tmp_path)
+    new_family("qwen3", [TaskKind.fastapi, TaskKind.lora], root)
+    tasks = tmp_path / "tasks"
+    shutil.copytree(TASKS_DIR, tasks)
+    template = tasks / "lora/README.md.j2"
+    template.write_text(template.read_text() + "\nOne more line.\n")
+    good, broken = discover(root, tasks)
+    assert [b.key for b in broken] == ["qwen3/lora"] and [g.key for g in good] == ["qwen3/fastapi"]
+    spec_dir = root / "qwen3/lora"
+    recipe = load_recipe(spec_dir, root, tasks)
+    assert write_generated(spec_dir, expected_files(spec_dir, recipe, load_family(root / "qwen3"), root / "qwen3", tasks)) == ["README.md"]
+    assert load_spec(spec_dir, tasks).key == "qwen3/lora"
+
+
+def test_recipes_of_one_task_kind_share_one_lock():
+    """Docker's layer cache then holds one dependency layer per task kind, not per recipe."""
+    good, _ = discover()
+    by_task: dict[str, set[str]] = {}
+    for spec in good:
+        for lock in sorted(spec.dir.glob("requirements*.lock")):
+            by_task.setdefault(f"{spec.recipe.task.value}/{lock.name}", set()).add(hashlib.sha256(lock.read_bytes()).hexdigest())
+    assert by_task and all(len(hashes) == 1 for hashes in by_task.values()), by_task
+
+
+def test_readme_catalogue_is_up_to_date():
+    good, _ = discover()
+    catalogue.check_readme(good)  # raises, naming README.md, when stale
+    table = catalogue.render_table(good, catalogue.load_results())
+    assert all(f"[`{spec.key}`]" in table for spec in good)
+
+
+def test_stale_catalogue_is_named(tmp_path: Path):
+    good, _ = discover()
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO_ROOT / "README.md").read_text().replace("| 6006 |", "| 6007 |", 1))
+    with pytest.raises(MetadataError, match="recipe table is out of date"):
+        catalogue.check_readme(good, readme)
+    assert catalogue.update_readme(good, readme)
+    catalogue.check_readme(good, readme)
+
+
+def test_results_keep_outcomes_not_times(tmp_path: Path):
+    from selfllm_recipes.report import RecipeReport
+
+    results = tmp_path / "last.json"
+    catalogue.record_results([RecipeReport("a/fastapi", "pass", 3.0, "img", level="cpu"),
+                              RecipeReport("a/lora", "skip", 1.0, "img")], results)
+    first = results.read_text()
+    catalogue.record_results([RecipeReport("a/fastapi", "pass", 9.0, "img", level="cpu")], results)
+    assert results.read_text() == first and "a/lora" not in first
+
+
+# ---------------------------------------------------------------- each family's data, on a tiny model
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_chat_template_carries_its_license_line(model: str):
+    family = load_family(RECIPES_DIR / model)
+    first = (RECIPES_DIR / model / family.chat_template).read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("{#") and "License: " in first, first
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_lora_targets_exist_in_the_real_architecture(model: str):
+    from selfllm_runtime.smoke_model import missing_lora_targets
+
+    assert missing_lora_targets(load_family(RECIPES_DIR / model)) == []
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_tiny_model_of_each_family_chats_and_trains_on_its_template(model: str, tiny_recipe):
+    """The real class, small; the real template renders; stop tokens are single tokens; a LoRA
+    example's learned part ends with the family's eos."""
+    import transformers
+
+    from selfllm_runtime.chat_engine import ChatEngine, GenerationParams
+    from selfllm_runtime.finetune.data import IGNORE_INDEX, ChatTokenizer
+
+    context, folder = tiny_recipe(f"{model}/lora")
+    family = context.family
+    config = transformers.AutoConfig.from_pretrained(folder)
+    assert config.architectures == [family.architecture]
+    engine = ChatEngine(context, folder)
+    assert type(engine.model).__name__ == family.architecture
+    assert sum(p.numel() for p in engine.model.parameters()) < 1_000_000
+    tok = engine.tokenizer
+    for token in [family.special_tokens.eos, *family.stop_tokens]:
+        assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1, token
+    assert len(engine.stop_token_ids) == len({family.special_tokens.eos, *family.stop_tokens})
+    prompt = engine.format_prompt([{"role": "user", "content": "你好"}])
+    assert "你好" in prompt
+    if family.special_tokens.bos and "bos_token" in context.chat_template:
+        assert prompt.startswith(family.special_tokens.bos) and not prompt.startswith(family.special_tokens.bos * 2)
+    completion = engine.generate([{"role": "user", "content": "你好"}], GenerationParams(max_new_tokens=4, seed=0))
+    assert completion.completion_tokens <= 4
+    chat = ChatTokenizer(tok, context.template_kwargs(**({family.thinking.template_kwarg: False} if family.thinking else {})),
+                         family.special_tokens.eos, 256, closes_reply=family.template_closes_reply,
+                         reasoning=family.reasoning)
+    _, answer = chat.render([{"role": "user", "content": "你是谁？"}], {"role": "assistant", "content": "我是甄嬛。"})
+    assert answer.endswith(family.special_tokens.eos) and "我是甄嬛。" in answer
+    example = chat.encode([{"role": "user", "content": "你是谁？"}], {"role": "assistant", "content": "我是甄嬛。"})
+    learned = [i for i in example["labels"] if i != IGNORE_INDEX]
+    assert tok.decode(learned).endswith(family.special_tokens.eos)
