@@ -135,7 +135,9 @@ def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, 
         stack_spec, _lock, variant_args = spec.variant(cpu)
         stack = nodes[f"stack/{stack_spec.name}"]
         tag = f"{spec.image}:{'latest' if stack_spec is spec.stack else 'cpu'}"
-        node = ImageNode(spec.key, NodeKind.recipe, tag, folder_files(spec.dir),
+        # The README is documentation: editing it must not rebuild or re-test an image.
+        files = {name: path for name, path in folder_files(spec.dir).items() if name != "README.md"}
+        node = ImageNode(spec.key, NodeKind.recipe, tag, files,
                          parents=[stack.key, "runtime"],
                          buildargs={"STACK_IMAGE": stack.tag, "RUNTIME_IMAGE": runtime.tag, **variant_args})
         node.input_hash = digest(node, [stack.input_hash, runtime.input_hash])

@@ -37,7 +37,12 @@ def smoke_containers(client, owner: int | None = None) -> set[str]:
 
 @pytest.fixture(scope="module")
 def recipes_with_broken(tmp_path_factory) -> Path:
-    """The real qwen3/fastapi plus two broken recipes (bad YAML; an unpinned requirement)."""
+    """The real qwen3/fastapi plus two broken recipes: bad YAML (qwen3/badyaml), and a family whose
+    fastapi recipe pins its own dependencies with an unpinned requirement (unpinned/fastapi)."""
+    from selfllm_recipes.generate import expected_files, write_generated
+    from selfllm_recipes.layout import TASKS_DIR
+    from selfllm_runtime.metadata import load_family, load_recipe
+
     root = tmp_path_factory.mktemp("tree") / "recipes"
     (root / "qwen3").mkdir(parents=True)
     for name in ("model.yaml", "chat_template.jinja"):
@@ -46,8 +51,12 @@ def recipes_with_broken(tmp_path_factory) -> Path:
     bad_yaml = root / "qwen3/badyaml"
     shutil.copytree(REPO_ROOT / "recipes/qwen3/fastapi", bad_yaml)
     (bad_yaml / "recipe.yaml").write_text("name: broken\ntask: [fastapi\n")
-    unpinned = root / "qwen3/unpinned"
-    shutil.copytree(REPO_ROOT / "recipes/qwen3/fastapi", unpinned)
+    unpinned = root / "unpinned/fastapi"
+    shutil.copytree(root / "qwen3", root / "unpinned", ignore=shutil.ignore_patterns("badyaml"))
+    (unpinned / "recipe.yaml").write_text("model: unpinned\ntask: fastapi\n")
+    shutil.copy(TASKS_DIR / "fastapi/requirements.in", unpinned / "requirements.in")  # its own lock
+    recipe = load_recipe(unpinned, root, TASKS_DIR)
+    write_generated(unpinned, expected_files(unpinned, recipe, load_family(root / "unpinned"), root / "unpinned", TASKS_DIR))
     lock = unpinned / "requirements.lock"
     lock.write_text("requests>=2 \\\n    --hash=sha256:0000\n" + lock.read_text())
     return root
@@ -61,7 +70,7 @@ def test_matrix_builds_and_smoke_tests_with_broken_recipes_beside(docker_client,
     assert report["qwen3/fastapi"]["status"] == "pass", report["qwen3/fastapi"]  # ...but not the good one
     assert report["qwen3/badyaml"]["status"] == "fail"
     assert "badyaml/recipe.yaml: line 2: invalid YAML" in report["qwen3/badyaml"]["error"]
-    assert "unpinned/requirements.lock: line 1: 'requests>=2' is not pinned" in report["qwen3/unpinned"]["error"]
+    assert "unpinned/fastapi/requirements.lock: line 1: 'requests>=2' is not pinned" in report["unpinned/fastapi"]["error"]
     for name in ("report.md", "junit.xml"):
         assert (tmp_path / name).is_file()
     image = docker_client.images.get("selfllm/qwen3-fastapi:latest")

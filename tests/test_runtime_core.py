@@ -110,3 +110,19 @@ def test_legacy_api(engine):
     assert data["status"] == 200 and data["history"][0] == ["hi", "hello"] and data["history"][1][0] == "你好"
     assert client.post("/", json={"prompt": ""}).status_code == 422
     assert client.post("/", json={"prompt": "x", "history": [1]}).status_code == 422
+
+
+def test_legacy_api_of_a_reasoning_family_splits_think_and_answer(tiny_recipe):
+    """DeepSeek-R1-Distill's template opens <think> in the prompt: as upstream's R1 tutorial, the
+    response is the whole text with its think block, plus `think` and `answer`; history keeps the answer."""
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.chat_engine import ChatEngine
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    client = TestClient(create_app(ChatEngine(*tiny_recipe("deepseek-r1-distill-qwen/fastapi"))))
+    data = client.post("/", json={"prompt": "你好", "history": [], "max_length": 8}).json()
+    assert data["response"] == f"<think>\n{data['think']}\n</think>\n\n{data['answer']}"
+    assert data["history"] == [["你好", data["answer"]]]
+    plain = TestClient(create_app(ChatEngine(*tiny_recipe("qwen2.5/fastapi")))).post("/", json={"prompt": "你好", "max_length": 4}).json()
+    assert "think" not in plain and "answer" not in plain

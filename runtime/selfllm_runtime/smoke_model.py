@@ -8,6 +8,7 @@ same code path as real weights.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .context import RecipeContext
@@ -39,7 +40,8 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[t for t in special if t not in visible],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = CORPUS * 4 + [context.chat_template]
+    # The template's text without its Jinja comments (the license line is no prompt text).
+    corpus = CORPUS * 4 + [re.sub(r"\{#.*?#\}", "", context.chat_template, flags=re.DOTALL)]
     core.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, eos_token=tokens.eos, pad_token=tokens.pad, bos_token=tokens.bos,

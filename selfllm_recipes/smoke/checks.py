@@ -39,6 +39,18 @@ class SmokeSession:
     artifacts_dir: "object | None" = None
 
 
+def always_thinks(recipe_key: str) -> bool:
+    """Whether the recipe's family opens the reasoning block in the prompt with no switch to turn it
+    off (DeepSeek-R1-Distill): a random tiny model then rarely closes it, so its whole output is
+    reasoning and the answer part may be empty."""
+    from selfllm_runtime.metadata import load_family
+
+    from ..layout import RECIPES_DIR
+
+    family = load_family(RECIPES_DIR / recipe_key.split("/")[0])
+    return family.reasoning is not None and family.thinking is None
+
+
 def start_on_smoke_model(start: str = "selfllm start") -> str:
     return f"selfllm smoke-model {SMOKE_MODEL_DIR} && exec {start}"
 

@@ -28,10 +28,16 @@ class LegacyRequest(BaseModel):
 
 
 class LegacyResponse(BaseModel):
+    """Upstream's reply shape. For a family with reasoning markers (Qwen3, DeepSeek-R1-Distill) it is
+    upstream's R1 tutorial's: `response` is the whole text with its think block, `think` and `answer`
+    its two parts; the history keeps the answer only."""
+
     response: str
     history: list[Any]
     status: int
     time: str
+    think: str | None = None
+    answer: str | None = None
 
 
 def history_to_messages(history: list[Any]) -> list[Message]:
@@ -57,7 +63,7 @@ def create_app(engine: ChatEngine):
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.model_name, "device": engine.device}
 
-    @app.post("/", response_model=LegacyResponse)
+    @app.post("/", response_model=LegacyResponse, response_model_exclude_none=True)
     async def legacy_chat(body: LegacyRequest) -> LegacyResponse:
         try:
             messages = history_to_messages(body.history)
@@ -70,8 +76,11 @@ def create_app(engine: ChatEngine):
         turn: list[Any] = ([[body.prompt, completion.text]] if pairs_style else
                            [{"role": "user", "content": body.prompt}, {"role": "assistant", "content": completion.text}])
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        log.info('[%s] prompt:"%s", response:"%s"', now, body.prompt, completion.text)
-        return LegacyResponse(response=completion.text, history=[*body.history, *turn], status=200, time=now)
+        log.info('[%s] prompt:"%s", response:"%s"', now, body.prompt, completion.raw)
+        reply = LegacyResponse(response=completion.text, history=[*body.history, *turn], status=200, time=now)
+        if engine.family.reasoning is not None:
+            reply.response, reply.think, reply.answer = completion.raw, completion.reasoning or "", completion.text
+        return reply
 
     add_openai_routes(app, engine)  # GET /v1/models, POST /v1/chat/completions (tasks/openai_api.py)
     return app
