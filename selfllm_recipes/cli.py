@@ -117,14 +117,15 @@ def cmd_lock(args: argparse.Namespace, console: Console) -> int:
             console.print(f"locking {folder.relative_to(REPO_ROOT)}/{lock_name}")
             compile_lock(folder, constraints=stack_dir / LOCK_FILE, extra_args=links + excluded,
                          lock_name=lock_name, python=python)
-    return max(1 if failures else 0, cmd_generate(args, console))
+    # A task kind's lock is shared by all its recipes: copy it into every one, not only the selected.
+    return max(1 if failures else 0, cmd_generate(args, console, every_recipe=True))
 
 
-def cmd_generate(args: argparse.Namespace, console: Console) -> int:
+def cmd_generate(args: argparse.Namespace, console: Console, every_recipe: bool = False) -> int:
     """Rewrite every selected recipe's generated files that are out of date, then the catalogue."""
     folders = {f"{d.parent.name}/{d.name}": d for d in recipe_dirs()}
     failures = 0
-    for key in select_by_name(list(folders), args.only):
+    for key in select_by_name(list(folders), [] if every_recipe else args.only):
         folder = folders[key]
         try:
             recipe, family = load_metadata(folder)
@@ -136,8 +137,8 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
         if written:
             console.print(f"{key}: wrote {', '.join(written)}")
     if repo_recipes() and not failures:
-        good, _ = discover()
-        if catalogue.update_readme(good):
+        good, broken = discover()
+        if not broken and catalogue.update_readme(good):
             console.print(f"README.md: recipe table rewritten ({len(good)} recipes)")
     return 1 if failures else 0
 
@@ -154,8 +155,9 @@ def cmd_new(args: argparse.Namespace, console: Console) -> int:
     for folder in written:
         console.print(f"wrote {folder.relative_to(REPO_ROOT)}/")
     if repo_recipes():
-        good, _ = discover()
-        catalogue.update_readme(good)
+        good, broken = discover()
+        if not broken:
+            catalogue.update_readme(good)
     console.print(f"next: make matrix RECIPES={args.family}")
     return 0
 
