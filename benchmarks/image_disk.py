@@ -38,9 +38,8 @@ def main() -> int:
     args = parser.parse_args()
     client = docker.from_env()
     images = {}
-    for image in client.images.list(filters={"label": RECIPE_LABEL}):
-        tag = image.tags[0] if image.tags else image.short_id
-        images[tag] = layer_dirs(image)
+    for image in client.images.list(filters={"label": RECIPE_LABEL, "dangling": False}):
+        images[image.tags[0]] = layer_dirs(image)  # tagged recipe images (left-overs of rebuilds aside)
     if not images:
         raise SystemExit("no recipe images: run `make matrix` first")
     size_of = sizes({d for dirs in images.values() for d in dirs})
