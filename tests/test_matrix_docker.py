@@ -124,7 +124,8 @@ def test_api_of_the_built_image_over_http(docker_client):
 
 def test_ctrl_c_removes_the_smoke_container(docker_client, tmp_path):
     env = {**os.environ, "TESTCONTAINERS_RYUK_DISABLED": "true"}
-    shutil.rmtree(REPO_ROOT / ".selfllm-cache" / "smoke", ignore_errors=True)  # force a real smoke run
+    for cached in (REPO_ROOT / ".selfllm-cache" / "smoke").glob("qwen3-fastapi-*.json"):
+        cached.unlink()  # force a real smoke run of this recipe (the other recipes' results stay)
     proc = subprocess.Popen([*MATRIX, "--only", "qwen3/fastapi", "--report-dir", str(tmp_path)], cwd=REPO_ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
