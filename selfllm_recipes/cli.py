@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2", "testcontainers"):  # per-request and per-container lines of smoke clients
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    # Ctrl-C cleans up even when started from a script's background job (which inherits SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.github_matrix:
             recipes, broken = selected(args)
