@@ -7,7 +7,8 @@ after the other, on 127.0.0.1; client threads in this process send the same gree
 - `tutorial`: written the way upstream's self-llm tutorial does it (model loaded once at start,
   an `async def` handler calling `model.generate` per request, no streaming) — see BASELINE below.
 
-Prints requests/s and p50/p95 latency at 1 and 8 concurrent clients, and the streaming
+Prints requests/s and p50/p95 latency at 1, 8 and 32 concurrent clients (and the selfllm/tutorial
+ratio: the batching scheduler's gain), and the streaming
 time-to-first-token of /v1/chat/completions. Request counts are bounded (under 2 minutes on 2 cores).
 
     .venv/bin/python benchmarks/fastapi_throughput.py [--max-tokens 32] [--requests 8] [--rounds 2] [--threads 1]
@@ -145,7 +146,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=8, help="requests with 1 client (8 clients get 2x)")
+    parser.add_argument("--requests", type=int, default=8, help="requests with 1 client (n clients get 2n)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each server")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per setting; the best is shown")
     args = parser.parse_args()
@@ -182,10 +184,10 @@ def main() -> int:
             for _ in range(2):
                 send(0)  # warm-up
         # the two servers take turns (best of `rounds`), so load from other processes hits both alike
-        for clients in (1, 8):
+        for clients in args.clients:
             for _ in range(args.rounds):
                 for name, send in servers.items():
-                    run = load(send, args.requests * (2 if clients > 1 else 1), clients)
+                    run = load(send, max(args.requests, 2 * clients), clients)
                     best = results.setdefault(name, {}).get(f"c={clients}")
                     if best is None or run["rps"] > best["rps"]:
                         results[name][f"c={clients}"] = run
@@ -212,6 +214,10 @@ def main() -> int:
     for name, levels in results.items():
         for level, r in levels.items():
             print(f"{name:32} {level[2:]:>7} {r['rps']:7.2f} {r['p50']:8.1f} {r['p95']:8.1f}")
+    names = list(results)
+    for level in results[names[0]]:
+        ratio = results[names[0]][level]["rps"] / results[names[1]][level]["rps"]
+        print(f"selfllm / tutorial at {level[2:]} client(s): {ratio:.1f}x req/s")
     # the first *text* chunk: TextIteratorStreamer releases text at word boundaries, so on the tiny
     # model's random tokens this includes a few decode steps; the role chunk comes at once
     print(f"streaming time to first text chunk (selfllm, 1 client, {len(ttft)} requests): "

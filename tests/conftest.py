@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -65,3 +70,27 @@ def engine(tiny_recipe):
     from selfllm_runtime.chat_engine import ChatEngine
 
     return ChatEngine(*tiny_recipe("qwen3/fastapi"))
+
+
+@contextmanager
+def uvicorn_on_loopback(app) -> Iterator[str]:
+    """A real uvicorn serving app on 127.0.0.1 in a thread (client threads hit one event loop, as in
+    production); yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-
+from conftest import uvicorn_on_loopback
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -30,28 +28,14 @@ def client(engine) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def server(engine) -> Iterator[str]:
     """A real uvicorn on 127.0.0.1 (threads of clients hit one event loop, as in production)."""
-    import uvicorn
-
     from selfllm_runtime.tasks.fastapi_server import create_app
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with uvicorn_on_loopback(create_app(engine)) as url:
+        yield url
 
 
 def chat(client: TestClient, **body: Any) -> dict[str, Any]:
-    answer = client.post(URL, json={"model": "Qwen/Qwen3-8B", "messages": HELLO, "max_tokens": 12, **body})
+    answer = client.post(URL, json={"model": "Qwen/Qwen3-8B", "messages": HELLO, "max_tokens": 64, **body})
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -64,7 +48,7 @@ def sse_chunks(lines: Iterator[str]) -> list[Any]:
 
 
 def stream(client: TestClient, **body: Any) -> list[dict[str, Any]]:
-    payload = {"model": "Qwen/Qwen3-8B", "messages": HELLO, "max_tokens": 12, "stream": True, **body}
+    payload = {"model": "Qwen/Qwen3-8B", "messages": HELLO, "max_tokens": 64, "stream": True, **body}
     with client.stream("POST", URL, json=payload) as answer:
         assert answer.status_code == 200, answer.read()
         assert answer.headers["content-type"].startswith("text/event-stream")
@@ -105,7 +89,7 @@ def test_served_model_name_from_env_and_folder_name_accepted(engine, monkeypatch
 
 
 def test_non_streaming_answer_and_usage(client, engine):
-    data = chat(client, temperature=0)
+    data = chat(client, temperature=0, max_tokens=12)
     assert data["object"] == "chat.completion" and data["id"].startswith("chatcmpl-")
     choice = data["choices"][0]
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
@@ -363,9 +347,9 @@ def test_client_leaving_a_stream_frees_the_model(server, engine):
             for line in answer.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:
                     break  # generating now; leave
-        assert engine.lock.locked(), "the generation ended before the client left; raise max_tokens"
+        assert engine.scheduler.running, "the generation ended before the client left; raise max_tokens"
     deadline = time.monotonic() + 10
-    while engine.lock.locked():
+    while engine.scheduler.running:
         assert time.monotonic() < deadline, "the model is still generating for a client that left"
         time.sleep(0.05)
 

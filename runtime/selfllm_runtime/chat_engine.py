@@ -1,18 +1,19 @@
 """One loaded chat model, shared by every task kind: prompt formatting through the family's chat
 template, generation (whole or streamed), stop strings, reasoning split, token counts.
 
-Generations on one model are serialized by a lock: concurrent requests queue instead of
-interleaving on shared model state.
+Concurrent requests are batched by one scheduler thread (batching.py), the only one that touches
+the model; each request reads its own tokens back, so answers never interleave.
 """
 from __future__ import annotations
 
 import logging
-import threading
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .batching import DONE, Job, Scheduler
 from .context import RecipeContext
 from .metadata import Reasoning
 
@@ -110,7 +111,14 @@ def pick_device() -> tuple[str, Any]:
 
 
 class ChatEngine:
-    def __init__(self, context: RecipeContext, model_dir: Path):
+    """One loaded model. Generation goes through a batching scheduler (batching.py): concurrent
+    requests are generated together, each with its own stop handling and stream.
+
+    Environment: MAX_BATCH (rows per generate call, default 16), MAX_QUEUE (waiting requests before
+    new ones get EngineBusy / HTTP 503, default 128)."""
+
+    def __init__(self, context: RecipeContext, model_dir: Path, *, max_batch: int | None = None,
+                 max_queue: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,12 +135,30 @@ class ChatEngine:
         )
         self.model.eval()
         self.torch = torch
-        self.lock = threading.Lock()
         self.stop_token_ids = self._stop_token_ids()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        self.scheduler = Scheduler(self.model, self.stop_token_ids, pad,
+                                   max_batch=max_batch or _env_int("MAX_BATCH", 16),
+                                   max_queue=max_queue or _env_int("MAX_QUEUE", 128))
 
     @property
     def model_name(self) -> str:
         return self.model_dir.name
+
+    def sampling_defaults(self) -> tuple[float, float]:
+        """(temperature, top_p) of the checkpoint's generation_config.json, as vLLM's OpenAI server
+        uses them; 1.0 where it gives none. Every route and task starts from these."""
+        gen = getattr(self.model, "generation_config", None)
+        return float(getattr(gen, "temperature", None) or 1.0), float(getattr(gen, "top_p", None) or 1.0)
+
+    def params(self, **given: Any) -> GenerationParams:
+        """GenerationParams with the checkpoint's sampling defaults where temperature/top_p are None."""
+        temperature, top_p = self.sampling_defaults()
+        if given.get("temperature") is None:
+            given["temperature"] = temperature
+        if given.get("top_p") is None:
+            given["top_p"] = top_p
+        return GenerationParams(**given)
 
     def _stop_token_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -148,28 +174,6 @@ class ChatEngine:
         """Whether the chat template already opened the reasoning block in the prompt."""
         markers = self.family.reasoning
         return markers is not None and prompt.rstrip().endswith(markers.start)
-
-    def _generate_kwargs(self, messages: list[Message], params: GenerationParams) -> tuple[dict[str, Any], bool]:
-        """(model.generate kwargs, whether the prompt opened the reasoning block)."""
-        prompt = self.format_prompt(messages, params.template_kwargs)
-        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
-        kwargs: dict[str, Any] = dict(
-            **inputs,
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=self.stop_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0],
-        )
-        if params.temperature > 0:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
-        else:
-            kwargs.update(do_sample=False)
-        if params.stop:
-            kwargs.update(stop_strings=params.stop, tokenizer=self.tokenizer)
-        return kwargs, self.opens_reasoning(prompt)
-
-    def _seed(self, params: GenerationParams) -> None:
-        if params.seed is not None:
-            self.torch.manual_seed(params.seed)
 
     @staticmethod
     def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -190,49 +194,52 @@ class ChatEngine:
         reasoning, answer = split_reasoning(text, self.family.reasoning, opened)
         return Completion(answer, reasoning, prompt_tokens, len(new_ids), finish)
 
+    def _submit(self, messages: list[Message], params: GenerationParams, streaming: bool) -> tuple[Job, int, bool]:
+        """(queued job, prompt tokens, whether the prompt opened the reasoning block); EngineBusy when full."""
+        prompt = self.format_prompt(messages, params.template_kwargs)
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        job = Job(prompt_ids, params.max_new_tokens, params.temperature, params.top_p, params.seed, streaming=streaming)
+        return self.scheduler.submit(job), len(prompt_ids), self.opens_reasoning(prompt)
+
     def generate(self, messages: list[Message], params: GenerationParams) -> Completion:
-        kwargs, opened = self._generate_kwargs(messages, params)
-        prompt_tokens = kwargs["input_ids"].shape[1]
-        with self.lock, self.torch.inference_mode():
-            self._seed(params)
-            output = self.model.generate(**kwargs)
-        new_ids = output[0][prompt_tokens:].tolist()
-        raw = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        return self._finish(raw, prompt_tokens, new_ids, params, opened)
+        if params.stop:  # stop strings are found token by token, as in a stream
+            for piece in self.stream(messages, params):
+                if isinstance(piece, Completion):
+                    return piece
+        job, prompt_tokens, opened = self._submit(messages, params, streaming=False)
+        try:
+            item = job.out.get()  # only DONE or an exception: the tokens are in job.tokens
+        finally:
+            job.cancel()  # no-op once done; frees the row if this thread is interrupted
+        if isinstance(item, Exception):
+            raise item
+        raw = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        return self._finish(raw, prompt_tokens, list(job.tokens), params, opened)
 
     def stream(self, messages: list[Message], params: GenerationParams) -> Iterator[tuple[str, str] | Completion]:
-        """Yields ('reasoning' | 'content', delta) pieces, then one Completion with the totals."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        """Queue the request now (EngineBusy when the queue is full), then iterate: ('reasoning' |
+        'content', delta) pieces, and one Completion with the totals last. Closing the iterator early
+        (client gone) cancels the request."""
+        job, prompt_tokens, opened = self._submit(messages, params, streaming=True)
+        return self._consume(job, params, prompt_tokens, opened)
 
-        kwargs, opened = self._generate_kwargs(messages, params)
-        prompt_tokens = kwargs["input_ids"].shape[1]
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        result: dict[str, Any] = {}
-        abandoned = threading.Event()  # set when the consumer stops early (client gone): free the model
-        torch = self.torch
-
-        class _Abandoned(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
-                return torch.full((input_ids.shape[0],), abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_Abandoned()])
-
-        def run() -> None:
-            try:
-                with self.lock, self.torch.inference_mode():
-                    self._seed(params)
-                    result["output"] = self.model.generate(**kwargs, streamer=streamer)
-            except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
-                result["error"] = exc
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
+    def _consume(self, job: Job, params: GenerationParams, prompt_tokens: int,
+                 opened: bool) -> Iterator[tuple[str, str] | Completion]:
         splitter = ReasoningStream(self.family.reasoning, opened)
+        new_ids: list[int] = []
         emitted, sent, stopped, finished = "", 0, False, False
         try:
-            for delta in streamer:
-                emitted += delta
+            while True:
+                item = job.out.get()
+                if item is DONE:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                new_ids.append(item)
+                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # the middle of a multi-byte character
+                emitted = text
                 cut, stopped = self._cut_at_stop(emitted, params.stop)
                 # hold text back while it could be the start of a stop string
                 safe = len(cut) if stopped else len(cut) - self._stop_prefix_len(cut, params.stop)
@@ -240,18 +247,25 @@ class ChatEngine:
                     yield from splitter.feed(cut[sent:safe])
                     sent = safe
                 if stopped:
-                    abandoned.set()
+                    job.cancel()
                     break
+            emitted = self.tokenizer.decode(new_ids, skip_special_tokens=True)
             if not stopped:
                 yield from splitter.feed(self._cut_at_stop(emitted, params.stop)[0][sent:])
             yield from splitter.feed("", final=True)
             finished = True
         finally:
             if not finished:
-                abandoned.set()
-        worker.join()
-        if "error" in result:
-            raise result["error"]
-        new_ids = result["output"][0][prompt_tokens:].tolist()
-        raw = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        yield self._finish(raw, prompt_tokens, new_ids, params, opened)
+                job.cancel()
+        yield self._finish(emitted, prompt_tokens, new_ids, params, opened)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        from .context import SettingsError
+
+        raise SettingsError(f"{name}={value!r} must be a positive integer")
+    return int(value)

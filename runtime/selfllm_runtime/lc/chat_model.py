@@ -75,8 +75,8 @@ class ChatSelfLLM(BaseChatModel):
 
     engine: ChatEngine = Field(exclude=True)
     max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.8
+    temperature: float | None = None  # None: the checkpoint's generation_config
+    top_p: float | None = None
     seed: int | None = None
     enable_thinking: bool | None = None  # None: the model family's default (model.yaml)
 
@@ -95,10 +95,11 @@ class ChatSelfLLM(BaseChatModel):
         switch = self.engine.family.thinking
         if thinking is not None and switch is not None:
             template_kwargs.setdefault(switch.template_kwarg, thinking)
-        return GenerationParams(
+        temperature, top_p = overrides.get("temperature", self.temperature), overrides.get("top_p", self.top_p)
+        return self.engine.params(
             max_new_tokens=int(overrides.get("max_new_tokens", self.max_new_tokens)),
-            temperature=float(overrides.get("temperature", self.temperature)),
-            top_p=float(overrides.get("top_p", self.top_p)),
+            temperature=None if temperature is None else float(temperature),
+            top_p=None if top_p is None else float(top_p),
             seed=overrides.get("seed", self.seed),
             stop=list(stop or []),
             template_kwargs=template_kwargs,

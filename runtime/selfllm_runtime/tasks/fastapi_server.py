@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..chat_engine import ChatEngine, GenerationParams, Message
+from ..chat_engine import ChatEngine, Message
 from ..context import RecipeContext
 from .openai_api import add_openai_routes
 
@@ -23,8 +23,9 @@ class LegacyRequest(BaseModel):
     prompt: str = Field(min_length=1)
     history: list[Any] = []
     max_length: int = Field(2048, ge=1, le=32768)
-    top_p: float = Field(0.8, gt=0, le=1)
-    temperature: float = Field(0.7, ge=0, le=2)
+    # None: the checkpoint's generation_config.json (as /v1 and vLLM); upstream's tutorial sent 0.8 / 0.7.
+    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)
 
 
 class LegacyResponse(BaseModel):
@@ -59,8 +60,8 @@ def create_app(engine: ChatEngine):
     recipe = engine.context.recipe
     app = FastAPI(title=recipe.name, version="1")
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
+    @app.get("/health")  # async: answered on the event loop, never behind queued generations
+    async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.model_name, "device": engine.device}
 
     @app.post("/", response_model=LegacyResponse, response_model_exclude_none=True)
@@ -70,7 +71,7 @@ def create_app(engine: ChatEngine):
         except ValueError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
         messages.append({"role": "user", "content": body.prompt})
-        params = GenerationParams(max_new_tokens=body.max_length, temperature=body.temperature, top_p=body.top_p)
+        params = engine.params(max_new_tokens=body.max_length, temperature=body.temperature, top_p=body.top_p)
         completion = await run_in_threadpool(engine.generate, messages, params)
         pairs_style = not body.history or isinstance(body.history[0], (list, tuple))
         turn: list[Any] = ([[body.prompt, completion.text]] if pairs_style else

@@ -51,8 +51,8 @@ class RagSettings:
     chunk_size: int = 500
     chunk_overlap: int = 50
     max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.8
+    temperature: float | None = None  # None: the checkpoint's generation_config
+    top_p: float | None = None
     seed: int | None = None
     enable_thinking: bool | None = None
     selftest: bool = False
@@ -85,8 +85,8 @@ class RagSettings:
             chunk_size=number("CHUNK_SIZE", int, 500),
             chunk_overlap=number("CHUNK_OVERLAP", int, 50),
             max_new_tokens=number("MAX_NEW_TOKENS", int, 512),
-            temperature=number("TEMPERATURE", float, 0.7),
-            top_p=number("TOP_P", float, 0.8),
+            temperature=number("TEMPERATURE", float, None),
+            top_p=number("TOP_P", float, None),
             seed=number("SEED", int, None),
             enable_thinking=(thinking.lower() in TRUE) if thinking is not None else None,
             selftest=(get("LANGCHAIN_SELFTEST") or "").lower() in TRUE,

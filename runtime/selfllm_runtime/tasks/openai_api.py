@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..batching import EngineBusy
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
 
 log = logging.getLogger("selfllm.openai")
@@ -184,9 +185,6 @@ class OpenAIChat:
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 32768)
         thinking = engine.family.thinking
         self.thinking_kwarg = thinking.template_kwarg if thinking else None
-        gen = getattr(engine.model, "generation_config", None)
-        self.default_temperature = float(getattr(gen, "temperature", None) or 1.0)
-        self.default_top_p = float(getattr(gen, "top_p", None) or 1.0)
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "self-llm",
@@ -216,10 +214,8 @@ class OpenAIChat:
                 f"{prompt_tokens + (asked or 0)} tokens ({prompt_tokens} in the messages, {asked or 0} in the "
                 "completion). Please reduce the length of the messages or completion.",
                 param=param if room >= 1 else "messages", code="context_length_exceeded")
-        params = GenerationParams(
-            max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, room),
-            temperature=self.default_temperature if body.temperature is None else body.temperature,
-            top_p=self.default_top_p if body.top_p is None else body.top_p,
+        params = self.engine.params(
+            max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, room), temperature=body.temperature, top_p=body.top_p,
             seed=body.seed, stop=list(body.stop or []), template_kwargs=template_kwargs,
         )
         return messages, params, prompt_tokens
@@ -310,7 +306,7 @@ async def iterate_in_thread(iterator: Iterator[str]) -> AsyncIterator[str]:
     finally:  # not awaited: a cancelled scope (client gone) would skip an await here
         close = getattr(iterator, "close", None)
         if close is not None:
-            close()  # GeneratorExit in the engine's stream: it stops generating and frees the lock
+            close()  # GeneratorExit in the engine's stream: its request is cancelled (queue slot, batch row)
 
 
 def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = None,
@@ -327,11 +323,11 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
     @router.get("/models")
-    def list_models() -> dict[str, Any]:
+    async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [chat.model_card()]}
 
     @router.get("/models/{model_id:path}")
-    def get_model(model_id: str) -> dict[str, Any]:
+    async def get_model(model_id: str) -> dict[str, Any]:
         chat.check_model(model_id)
         return chat.model_card()
 
@@ -371,6 +367,13 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
         return JSONResponse(error_body(str(exc.detail), param=None, code=code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    async def on_busy(request: Request, exc: Exception) -> Any:
+        """The engine's queue is full: 503 with Retry-After (OpenAI's shape under /v1)."""
+        assert isinstance(exc, EngineBusy)
+        headers = {"Retry-After": str(exc.retry_after)}
+        body = error_body(str(exc), "server_error", code="server_busy") if is_v1(request) else {"detail": str(exc)}
+        return JSONResponse(body, status_code=503, headers=headers)
+
     async def on_crash(request: Request, exc: Exception) -> Any:
         log.exception("request failed", exc_info=exc)
         if not is_v1(request):
@@ -380,6 +383,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
         return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
 
     app.add_exception_handler(OpenAIError, on_openai_error)
+    app.add_exception_handler(EngineBusy, on_busy)
     app.add_exception_handler(Exception, on_crash)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

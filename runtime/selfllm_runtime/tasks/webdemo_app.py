@@ -26,10 +26,12 @@ def load_engine(recipe_dir: str, model_dir: str) -> ChatEngine:
     return ChatEngine(load_context(recipe_dir), Path(model_dir))
 
 
-def slider(spec: Slider, key: str):
-    as_int = all(float(v).is_integer() for v in (spec.min_value, spec.max_value, spec.value, spec.step))
+def slider(spec: Slider, key: str, value: float | None = None):
+    """value: the starting position (default: the spec's)."""
+    start = spec.value if value is None else min(max(value, spec.min_value), spec.max_value)
+    as_int = all(float(v).is_integer() for v in (spec.min_value, spec.max_value, start, spec.step))
     cast = int if as_int else float
-    return st.slider(spec.label, cast(spec.min_value), cast(spec.max_value), cast(spec.value), cast(spec.step), key=key)
+    return st.slider(spec.label, cast(spec.min_value), cast(spec.max_value), cast(start), cast(spec.step), key=key)
 
 
 def show_message(message: dict) -> None:
@@ -54,8 +56,9 @@ if "messages" not in st.session_state:
 with st.sidebar:
     st.header("参数 / Settings")
     max_length = slider(MAX_LENGTH, "max_length")
-    temperature = slider(TEMPERATURE, "temperature")
-    top_p = slider(TOP_P, "top_p")
+    default_temperature, default_top_p = engine.sampling_defaults()  # the checkpoint's generation_config
+    temperature = slider(TEMPERATURE, "temperature", default_temperature)
+    top_p = slider(TOP_P, "top_p", default_top_p)
     thinking: bool | None = None
     if context.family.thinking is not None:
         thinking = st.toggle("深度思考 / Thinking", value=context.family.thinking.default, key="thinking",
