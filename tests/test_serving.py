@@ -132,3 +132,21 @@ def test_bad_queue_settings_name_the_variable(tiny_recipe, monkeypatch):
 
 def test_engine_busy_names_the_depth():
     assert "3 requests are already waiting" in str(EngineBusy(3))
+
+
+def test_replacing_the_model_replaces_what_the_scheduler_runs(tiny_recipe):
+    """The LoRA task wraps the loaded model in a PeftModel: generation must go through the wrapper."""
+    engine = ChatEngine(*tiny_recipe("qwen3/fastapi"))
+    calls = []
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.inner, self.device = inner, inner.device
+
+        def generate(self, **kwargs):
+            calls.append(len(kwargs["input_ids"]))
+            return self.inner.generate(**kwargs)
+
+    engine.model = Wrapper(engine.model)
+    engine.generate(PROMPTS[0], greedy(2))
+    assert calls == [1] and engine.scheduler.model is engine.model

@@ -142,6 +142,17 @@ class ChatEngine:
                                    max_queue=max_queue or _env_int("MAX_QUEUE", 128))
 
     @property
+    def model(self) -> Any:
+        return self._model
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        """Replacing the model (e.g. by a PeftModel with an adapter) replaces the one the scheduler runs."""
+        self._model = value
+        if getattr(self, "scheduler", None) is not None:
+            self.scheduler.model = value
+
+    @property
     def model_name(self) -> str:
         return self.model_dir.name
 
