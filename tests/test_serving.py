@@ -22,14 +22,43 @@ def greedy(tokens: int = 12) -> GenerationParams:
     return GenerationParams(max_new_tokens=tokens, temperature=0, template_kwargs={"enable_thinking": False})
 
 
-def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(engine):
+def hold_first_generate(engine, monkeypatch) -> threading.Event:
+    """The next model.generate call waits until the returned event is set (the queue fills meanwhile)."""
+    release = threading.Event()
+    real_generate = engine.model.generate
+    held = []
+
+    def generate(**kwargs):
+        if not held:
+            held.append(True)
+            release.wait(120)
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", generate)
+    return release
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(engine, monkeypatch):
     alone = [engine.generate(m, greedy()).text for m in PROMPTS]
-    before = engine.scheduler.batches
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        together = list(pool.map(lambda m: engine.generate(m, greedy()).text, PROMPTS))
+    release = hold_first_generate(engine, monkeypatch)
+    with ThreadPoolExecutor(len(PROMPTS) + 1) as pool:
+        blocker = pool.submit(engine.generate, PROMPTS[0], greedy(2))
+        wait_for(lambda: engine.scheduler.running == 1, "the first request never started")
+        before = engine.scheduler.batches
+        futures = [pool.submit(engine.generate, m, greedy()) for m in PROMPTS]
+        wait_for(lambda: engine.scheduler.waiting() == len(PROMPTS), "the requests never queued")
+        release.set()
+        together = [f.result(120).text for f in futures]
+        blocker.result(120)
     assert together == alone
-    assert engine.scheduler.largest_batch >= 2
-    assert engine.scheduler.batches - before < len(PROMPTS)  # fewer generate calls than requests
+    assert engine.scheduler.batches - before == 1  # the eight waiting requests shared one generate call
 
 
 def test_rows_keep_their_own_budget_and_stop_strings(engine):
@@ -64,23 +93,14 @@ def test_full_queue_answers_503_with_retry_after(tiny_recipe, monkeypatch):
     from selfllm_runtime.tasks.fastapi_server import create_app
 
     engine = ChatEngine(*tiny_recipe("qwen3/fastapi"), max_queue=1)
-    release = threading.Event()
-    real_generate = engine.model.generate
-
-    def held_generate(**kwargs):
-        release.wait(60)
-        return real_generate(**kwargs)
-
-    monkeypatch.setattr(engine.model, "generate", held_generate)
+    release = hold_first_generate(engine, monkeypatch)
     client = TestClient(create_app(engine))
     body = {"messages": PROMPTS[0], "max_tokens": 2}
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(client.post, "/v1/chat/completions", json=body)
-        while engine.scheduler.running == 0:
-            time.sleep(0.01)
+        wait_for(lambda: engine.scheduler.running == 1, "the first request never started")
         second = pool.submit(client.post, "/v1/chat/completions", json=body)
-        while engine.scheduler.waiting() == 0:
-            time.sleep(0.01)
+        wait_for(lambda: engine.scheduler.waiting() == 1, "the second request never queued")
         busy = client.post("/v1/chat/completions", json=body)
         legacy = client.post("/", json={"prompt": "你好", "max_length": 2})
         release.set()
@@ -91,34 +111,49 @@ def test_full_queue_answers_503_with_retry_after(tiny_recipe, monkeypatch):
     assert client.post("/v1/chat/completions", json=body).status_code == 200  # room again
 
 
-def test_health_answers_fast_with_64_requests_queued(tiny_recipe):
+def test_health_answers_fast_with_64_requests_queued(tiny_recipe, monkeypatch):
+    """64 streamed requests queue behind a held generation; /health and /v1/models still answer at once."""
     import httpx
+    import requests
 
     from selfllm_runtime.tasks.fastapi_server import create_app
 
-    engine = ChatEngine(*tiny_recipe("qwen3/fastapi"), max_batch=4)
-    body = {"messages": PROMPTS[0], "max_tokens": 48, "temperature": 1.0}
+    engine = ChatEngine(*tiny_recipe("qwen3/fastapi"))
+    release = hold_first_generate(engine, monkeypatch)
+    body = {"messages": PROMPTS[0], "max_tokens": 8, "temperature": 1.0, "stream": True}
+
+    async def one(http: httpx.AsyncClient, url: str) -> int:
+        async with http.stream("POST", url + "/v1/chat/completions", json=body) as answer:
+            await answer.aread()
+            return answer.status_code
 
     async def load_and_probe(url: str) -> tuple[list[int], list[float], int]:
-        async with httpx.AsyncClient(timeout=300) as http:
-            tasks = [asyncio.create_task(http.post(url + "/v1/chat/completions", json=body)) for _ in range(64)]
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=80)) as http:
+            idle = await asyncio.to_thread(requests.get, url + "/health", timeout=5)  # client warm-up, idle server
+            assert idle.status_code == 200
+            blocker = asyncio.create_task(one(http, url))
+            while engine.scheduler.running == 0:
+                await asyncio.sleep(0.01)
+            tasks = [asyncio.create_task(one(http, url)) for _ in range(64)]
             deadline = time.monotonic() + 60
-            while engine.scheduler.waiting() < 32:  # most of the 64 wait while a batch of 4 runs
+            while engine.scheduler.waiting() < 64:
                 assert time.monotonic() < deadline, f"only {engine.scheduler.waiting()} requests queued"
                 await asyncio.sleep(0.01)
             queued = engine.scheduler.waiting()
+            await asyncio.sleep(0.5)  # past the burst of 64 responses starting: the queue stays full (held)
             probes = []
-            for path in ("/health", "/v1/models", "/health"):
+            for path in ("/health", "/v1/models", "/health"):  # a new connection each, as Docker's check makes
                 started = time.monotonic()
-                answer = await http.get(url + path)
+                answer = await asyncio.to_thread(requests.get, url + path, timeout=5)
                 probes.append(time.monotonic() - started)
                 assert answer.status_code == 200
-            codes = [r.status_code for r in await asyncio.gather(*tasks)]
+            release.set()
+            codes = [await blocker] + [await task for task in tasks]
             return codes, probes, queued
 
     with uvicorn_on_loopback(create_app(engine)) as url:
         codes, probes, queued = asyncio.run(load_and_probe(url))
-    assert codes == [200] * 64
+    assert queued == 64 and codes == [200] * 65
     assert max(probes) < 0.1, f"/health and /v1/models took {probes} s with {queued} requests queued"
 
 

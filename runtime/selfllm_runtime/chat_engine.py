@@ -6,6 +6,7 @@ the model; each request reads its own tokens back, so answers never interleave.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Iterator
@@ -140,6 +141,11 @@ class ChatEngine:
         self.scheduler = Scheduler(self.model, self.stop_token_ids, pad,
                                    max_batch=max_batch or _env_int("MAX_BATCH", 16),
                                    max_queue=max_queue or _env_int("MAX_QUEUE", 128))
+        # The model and the libraries behind it live as long as the process: move them out of the
+        # garbage collector's reach, so a full collection under load costs milliseconds instead of a
+        # ~0.3 s pause of every thread (measured: /health stalled so with 64 requests queued).
+        gc.collect()
+        gc.freeze()
 
     @property
     def model(self) -> Any:
