@@ -15,7 +15,7 @@ from selfllm_runtime.metadata import (
 )
 
 from .generate import check_generated, expected_files
-from .layout import LOCK_FILE, RECIPES_DIR, STACKS_DIR, TASKS_DIR
+from .layout import LOCK_FILE, RECIPES_DIR, STACKS_DIR, TASKS_DIR, image_name
 from .locks import Pin, check_against_stack, parse_lock
 
 
@@ -47,7 +47,7 @@ class RecipeSpec:
 
     @property
     def image(self) -> str:
-        return "selfllm/" + self.key.replace("/", "-")
+        return image_name(self.key)
 
 
 @dataclass(frozen=True)

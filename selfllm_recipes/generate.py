@@ -15,7 +15,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from selfllm_runtime.metadata import PROJECT_CREDIT, MetadataError, ModelFamily, Recipe
 
-from .layout import DOCKERFILE_TEMPLATE, LOCK_FILE, LOCK_INPUT, README_TEMPLATE, REPO_ROOT
+from .layout import DOCKERFILE_TEMPLATE, LOCK_FILE, LOCK_INPUT, README_TEMPLATE, REPO_ROOT, image_name
 
 GENERATE_COMMAND = "python scripts/build_matrix.py generate"
 
@@ -54,7 +54,7 @@ def template_context(recipe: Recipe, family: ModelFamily) -> dict:
         "key": key,
         "model": recipe.model,
         "task": recipe.task.value,
-        "image": "selfllm/" + key.replace("/", "-"),
+        "image": image_name(key),
         "recipe": recipe,
         "family": family,
         "credits": [n for n in recipe.contributors if n != PROJECT_CREDIT],

@@ -24,3 +24,8 @@ DOCKERFILE_TEMPLATE = "Dockerfile.j2"  # tasks/Dockerfile.j2: every recipe's Doc
 README_TEMPLATE = "README.md.j2"  # tasks/<task>/README.md.j2
 # The last matrix result of each recipe (committed): the README's catalogue shows it.
 RESULTS_FILE = REPO_ROOT / "recipes" / "last-matrix.json"
+
+
+def image_name(key: str) -> str:
+    """The image of recipe "qwen3/fastapi": selfllm/qwen3-fastapi."""
+    return f"{IMAGE_PREFIX}/" + key.replace("/", "-")
