@@ -138,6 +138,28 @@ def test_infer_with_adapter(context, tiny_model, trained):
     assert result["adapter"] and result["completion_tokens"] > 0
 
 
+def test_infer_samples_with_the_checkpoints_defaults(context, tiny_model, trained, tmp_path, monkeypatch):
+    """No --temperature/--top-p: the checkpoint's generation_config decides, as on every other route."""
+    import shutil
+
+    from selfllm_runtime.chat_engine import ChatEngine, Completion
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "generation_config.json").read_text()) if (model / "generation_config.json").is_file() else {}
+    (model / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "temperature": 0.6,
+                                                              "top_p": 0.95}))
+    seen = []
+
+    def fake_generate(self, messages, params):
+        seen.append(params)
+        return Completion("ok", None, 1, 1, "stop")
+
+    monkeypatch.setattr(ChatEngine, "generate", fake_generate)
+    infer(context, model, Path(trained["adapter_dir"]), "你是谁？", max_new_tokens=4)
+    assert (seen[0].temperature, seen[0].top_p) == (0.6, 0.95)
+
+
 def test_merge_gives_loadable_model(context, tiny_model, trained, tmp_path):
     import torch
     from peft import PeftModel

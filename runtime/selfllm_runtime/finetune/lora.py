@@ -179,10 +179,11 @@ def read_run_info(adapter_dir: Path | None) -> dict[str, Any]:
 
 def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, prompt: str,
           system_prompt: str | None = None, enable_thinking: bool | None = None, max_new_tokens: int = 256,
-          temperature: float = 0.7, top_p: float = 0.8, seed: int | None = 0) -> dict[str, Any]:
+          temperature: float | None = None, top_p: float | None = None, seed: int | None = 0) -> dict[str, Any]:
     """One reply from the base model plus adapter (or from a merged model when adapter_dir is None).
-    The system prompt and thinking switch default to what the adapter was trained with."""
-    from ..chat_engine import ChatEngine, GenerationParams
+    The system prompt and thinking switch default to what the adapter was trained with; temperature
+    and top_p to the checkpoint's generation_config."""
+    from ..chat_engine import ChatEngine
 
     info = read_run_info(adapter_dir) or read_run_info(Path(model_dir))  # a merged folder keeps it too
     system_prompt = system_prompt if system_prompt is not None else info.get("system_prompt")
@@ -195,8 +196,8 @@ def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, pro
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": prompt}]
     kwargs = {context.family.thinking.template_kwarg: thinking} if context.family.thinking else {}
-    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              template_kwargs=kwargs)
+    params = engine.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                           template_kwargs=kwargs)
     completion = engine.generate(messages, params)
     print(completion.text, flush=True)
     return emit_result("infer", model=str(model_dir), adapter=str(adapter_dir) if adapter_dir else None,
