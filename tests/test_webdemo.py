@@ -183,3 +183,105 @@ def test_browser_against_streamlit_run(context, tiny_model, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+class StreamlitTab:
+    """One browser tab speaking Streamlit's websocket protocol (what the page's JavaScript sends)."""
+
+    def __init__(self, port: int):
+        self.url = f"ws://127.0.0.1:{port}/_stcore/stream"
+        self.ws = None
+        self.chat_input_id = ""
+        self.page_hash = ""
+
+    async def _until(self, found) -> None:
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        while True:
+            msg = ForwardMsg()
+            msg.ParseFromString(await self.ws.recv())
+            if msg.WhichOneof("type") == "new_session":
+                self.page_hash = msg.new_session.page_script_hash
+            element = msg.delta.new_element if msg.WhichOneof("type") == "delta" else None
+            if element is not None and element.WhichOneof("type") == "chat_input":
+                self.chat_input_id = element.chat_input.id
+            if found(msg):
+                return
+
+    async def _rerun(self, **widget_values) -> None:
+        from streamlit.proto.BackMsg_pb2 import BackMsg
+
+        back = BackMsg()
+        back.rerun_script.query_string = ""
+        back.rerun_script.page_script_hash = self.page_hash
+        for widget_id, text in widget_values.items():
+            state = back.rerun_script.widget_states.widgets.add()
+            state.id = widget_id
+            state.chat_input_value.data = text
+        await self.ws.send(back.SerializeToString())
+
+    async def send_chat(self, text: str) -> None:
+        """Open the page, type a message, and return once the assistant's reply has begun (the page's
+        script is then inside engine.stream: its request is running or queued)."""
+        import websockets
+
+        self.ws = await websockets.connect(self.url, subprotocols=["streamlit"], max_size=None)
+        await self._rerun()
+        await self._until(lambda msg: msg.WhichOneof("type") == "script_finished")
+        assert self.chat_input_id, "the page drew no chat input"
+        await self._rerun(**{self.chat_input_id: text})
+        await self._until(lambda msg: msg.WhichOneof("type") == "delta"
+                          and msg.delta.add_block.chat_message.name == "assistant")
+
+
+def test_streamlit_health_answers_fast_with_64_chats_queued(context, tiny_model, tmp_path):
+    """65 tabs chat at once (MAX_BATCH=1: one generates, 64 wait in the engine's queue); Streamlit's
+    health endpoint, which Docker's health check calls, still answers at once."""
+    import asyncio
+
+    import requests
+
+    port = _free_port()
+    command = webdemo.streamlit_command(context, address="127.0.0.1")
+    command[command.index("--server.port") + 1] = str(port)
+    env = {**webdemo.streamlit_env(context, tiny_model), "MAX_BATCH": "1"}
+    log = (tmp_path / "streamlit.log").open("wb")
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    health = f"http://127.0.0.1:{port}/_stcore/health"
+
+    async def chat_and_probe() -> list[float]:
+        tabs = [StreamlitTab(port) for _ in range(65)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(tab.send_chat(f"第 {i} 个问题") for i, tab in enumerate(tabs))), 180)
+            await asyncio.sleep(1.0)  # every page script is past its chat message into engine.stream
+            probes = []
+            for _ in range(3):  # a new connection each, as Docker's check makes
+                started = time.monotonic()
+                answer = await asyncio.to_thread(requests.get, health, timeout=5)
+                probes.append(time.monotonic() - started)
+                assert answer.status_code == 200
+            return probes
+        finally:
+            await asyncio.gather(*(tab.ws.close() for tab in tabs if tab.ws is not None), return_exceptions=True)
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, (tmp_path / "streamlit.log").read_text()
+            try:
+                if requests.get(health, timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "streamlit did not become healthy"
+            time.sleep(0.2)
+        requests.get(health, timeout=5)  # warm
+        probes = asyncio.run(chat_and_probe())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    assert max(probes) < 0.1, f"/_stcore/health took {probes} s with 64 chats queued"
