@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import io
+import logging
+import os
 import subprocess
 import tarfile
 from dataclasses import dataclass
@@ -18,6 +20,14 @@ from .layout import LABEL_PREFIX, REPO_ROOT
 INPUT_HASH_LABEL = f"{LABEL_PREFIX}.input-hash"
 RECIPE_LABEL = f"{LABEL_PREFIX}.recipe"
 FREEZE_LABEL = f"{LABEL_PREFIX}.pip-freeze"
+# Every container a run starts (pip freeze, smoke tests) carries its pid: Ctrl-C and the next run remove it.
+SMOKE_LABEL = f"{LABEL_PREFIX}.smoke"
+log = logging.getLogger("selfllm")
+
+
+def owner_label() -> dict[str, str]:
+    """Containers carry the pid of the run that owns them, so concurrent runs leave each other alone."""
+    return {SMOKE_LABEL: str(os.getpid())}
 
 
 class BuildError(RuntimeError):
@@ -87,7 +97,7 @@ def _run_build(client: docker.DockerClient, node: ImageNode, log_file: Path, *, 
 
 def pip_freeze(client: docker.DockerClient, image: str) -> str:
     output = client.containers.run(image, ["python3", "-m", "pip", "freeze", "--all"], remove=True,
-                                   entrypoint=[], network_disabled=True)
+                                   entrypoint=[], network_disabled=True, labels=owner_label())
     return output.decode().strip()
 
 
@@ -95,6 +105,7 @@ def build_node(client: docker.DockerClient, node: ImageNode, log_dir: Path, sour
     """Reuse the tagged image when its input-hash label matches; else build (and label) it."""
     if not force and (image := existing_image(client, node)) is not None:
         return BuildResult(node, image.id, reused=True)
+    log.info("phase: build %s", node.key)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_dir / (node.key.replace("/", "-") + ".log")
     log_file.write_text("")

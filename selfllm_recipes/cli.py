@@ -41,8 +41,21 @@ log = logging.getLogger("selfllm")
 SOURCE_URL = "https://github.com/datawhalechina/self-llm"
 
 
-def _terminate_as_interrupt(signum, frame):  # noqa: ARG001
+_interrupted = False
+
+
+def _interrupt(signum, frame) -> None:  # noqa: ARG001
+    """SIGINT and SIGTERM raise KeyboardInterrupt and are remembered: code that swallows the exception
+    (a finalizer, where Python drops it, or a library's broad except) cannot make the run go on,
+    for the matrix checks again after every build and smoke step."""
+    global _interrupted
+    _interrupted = True
     raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -232,7 +245,9 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
                 continue
             try:
                 result = build_node(client, node, report_dir / "logs", SOURCE_URL, force=args.rebuild)
+                raise_if_interrupted()
             except BuildError as exc:
+                raise_if_interrupted()
                 failed_parents[node.key] = f"build of {node.key} failed"
                 finish_step(progress, task, f"[red]✗[/] build {node.key}")
                 if node.kind is NodeKind.recipe:
@@ -256,6 +271,7 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
             smoke = cached_pass(spec, result.image_id, gpu)
             if smoke is None:
                 smoke = run_smoke(spec, node.tag, gpu, report_dir)
+                raise_if_interrupted()
                 if smoke.ok:
                     remember_pass(spec, result.image_id, gpu, smoke)
             row.seconds = time.monotonic() - started
@@ -265,6 +281,7 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
                 row.status, row.error = "fail", smoke.detail
             mark = "[green]✓[/]" if smoke.ok else "[red]✗[/]"
             finish_step(progress, smoke_task, f"{mark} smoke {node.key}: {row.smoke}")
+    raise_if_interrupted()
     return finish(list(rows.values()), args, console, meta)
 
 
@@ -290,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
     for noisy in ("httpx", "httpx2", "testcontainers"):  # per-request and per-container lines of smoke clients
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    global _interrupted
+    _interrupted = False
     # Ctrl-C cleans up even when started from a script's background job (which inherits SIGINT ignored).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         if args.github_matrix:
             recipes, broken = selected(args)

@@ -122,25 +122,100 @@ def test_api_of_the_built_image_over_http(docker_client):
     assert not smoke_containers(docker_client, os.getpid())
 
 
-def test_ctrl_c_removes_the_smoke_container(docker_client, tmp_path):
+def forget_smoke_results(key: str = "qwen3/fastapi") -> None:
+    """Force a real smoke run of this recipe (the other recipes' results stay)."""
+    for cached in (REPO_ROOT / ".selfllm-cache" / "smoke").glob(key.replace("/", "-") + "-*.json"):
+        cached.unlink()
+
+
+def qwen3_fastapi_tree(root: Path) -> Path:
+    """recipes/qwen3/fastapi alone, plus a file unique to this call: its image is never reused."""
+    (root / "qwen3").mkdir(parents=True)
+    for name in ("model.yaml", "chat_template.jinja"):
+        shutil.copy(REPO_ROOT / "recipes/qwen3" / name, root / "qwen3" / name)
+    shutil.copytree(REPO_ROOT / "recipes/qwen3/fastapi", root / "qwen3/fastapi")
+    (root / "qwen3/fastapi/ctrl-c-test.txt").write_text(f"{time.time_ns()}\n")
+    return root
+
+
+def build_containers(client, since: float) -> list[str]:
+    """Containers made since `since` from the qwen3/fastapi build chain (the legacy builder's step
+    containers, the pip freeze container)."""
+    stack = "selfllm/stack:torch2.6.0-cu12"
+    return [c.short_id for c in client.containers.list(all=True, filters={"ancestor": stack})
+            if c.attrs["Created"] and _created(c) >= since]
+
+
+def _created(container) -> float:
+    from datetime import datetime
+
+    stamp = container.attrs["Created"].split(".")[0].rstrip("Z")
+    return datetime.fromisoformat(stamp + "+00:00").timestamp()
+
+
+# Each phase's marker line (the builder logs `phase: <phase> <recipe>` as it enters one): SIGINT is
+# sent once the line is out, so it lands in that phase, not at a time that depends on the machine.
+PHASES = ["container start", "health wait", "check", "build"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_ctrl_c_in_every_phase_exits_130_and_leaves_no_container(docker_client, tmp_path, phase):
     env = {**os.environ, "TESTCONTAINERS_RYUK_DISABLED": "true"}
-    for cached in (REPO_ROOT / ".selfllm-cache" / "smoke").glob("qwen3-fastapi-*.json"):
-        cached.unlink()  # force a real smoke run of this recipe (the other recipes' results stay)
-    proc = subprocess.Popen([*MATRIX, "--only", "qwen3/fastapi", "--report-dir", str(tmp_path)], cwd=REPO_ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if phase == "build":
+        env["SELFLLM_RECIPES_DIR"] = str(qwen3_fastapi_tree(tmp_path / "recipes"))
+    forget_smoke_results()
+    since = time.time() - 1
+    proc = subprocess.Popen([*MATRIX, "--only", "qwen3/fastapi", "--report-dir", str(tmp_path / "report")],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker, seen = f"phase: {phase} qwen3/fastapi", []
     try:
-        deadline = time.monotonic() + 600
-        while not smoke_containers(docker_client, proc.pid):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no smoke container appeared"
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                proc.send_signal(signal.SIGINT)
+                break
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    output = "".join(seen) + output
+    assert marker in output, output
     assert proc.returncode == 130, output
+    assert "interrupted: removing" in output
     assert not smoke_containers(docker_client, proc.pid)
+    deadline = time.monotonic() + 30  # the engine cancels a build whose client went away, then removes its step container
+    while build_containers(docker_client, since):
+        assert time.monotonic() < deadline, f"build containers left: {build_containers(docker_client, since)}"
+        time.sleep(1)
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_matrix(docker_client, tmp_path, monkeypatch):
+    """Code that catches the KeyboardInterrupt of a Ctrl-C (here: the check itself; in the wild a
+    finalizer, where Python drops it) cannot make the run go on and report a pass."""
+    from selfllm_recipes import cli
+    from selfllm_recipes.smoke import runner
+    from selfllm_recipes.smoke.checks import SmokeCheck
+
+    def swallowing_verify(session) -> str:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        return "passed"
+
+    monkeypatch.setattr(runner, "check_for", lambda task: SmokeCheck(command="sleep 60", verify=swallowing_verify,
+                                                                      serves_http=False))
+    monkeypatch.setattr(runner, "wait_until_exited", lambda session, timeout_s: 0)
+    forget_smoke_results()
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        code = cli.main(["--only", "qwen3/fastapi", "--report-dir", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert code == 130
+    assert not smoke_containers(docker_client, os.getpid())
 
 
 def test_an_unexpected_error_in_a_check_is_that_recipe_s_fail(docker_client, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -15,13 +16,13 @@ from pathlib import Path
 import docker
 from docker.types import DeviceRequest
 
-from ..build import RECIPE_LABEL
+from ..build import RECIPE_LABEL, SMOKE_LABEL, owner_label
 from ..discover import RecipeSpec
-from ..layout import CACHE_DIR, LABEL_PREFIX
+from ..layout import CACHE_DIR
 from .checks import SMOKE_MODEL_DIR, SmokeCheck, SmokeFailure, SmokeSession, check_for, wait_until_exited, wait_until_healthy
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # its reaper image can't be pulled here
-SMOKE_LABEL = f"{LABEL_PREFIX}.smoke"
+log = logging.getLogger("selfllm")
 LOOPBACK = "127.0.0.1"
 
 
@@ -66,11 +67,6 @@ def publish_on_loopback(container, port: int) -> None:
     container.ports[f"{port}/tcp"] = (LOOPBACK, None)
 
 
-def owner_label() -> dict[str, str]:
-    """Smoke containers carry the pid of the run that owns them, so concurrent runs leave each other alone."""
-    return {SMOKE_LABEL: str(os.getpid())}
-
-
 def _alive(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -82,7 +78,7 @@ def _alive(pid: str) -> bool:
 
 
 def remove_leftovers(client: docker.DockerClient, own: bool = False) -> int:
-    """Smoke containers whose run died before its own cleanup (own=True: this run's, after Ctrl-C)."""
+    """Containers whose run died before its own cleanup (own=True: this run's, after Ctrl-C)."""
     mine = str(os.getpid())
     removed = 0
     for container in client.containers.list(all=True, filters={"label": SMOKE_LABEL}):
@@ -134,13 +130,16 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
     if check.serves_http:
         publish_on_loopback(container, port)
     try:
+        log.info("phase: container start %s", spec.key)
         container.start()
         base_url = f"http://{LOOPBACK}:{container.get_exposed_port(port)}" if check.serves_http else ""
         session = session_of(container, base_url, spec.key, artifacts_dir)
+        log.info("phase: %s %s", "health wait" if check.serves_http else "run to exit", spec.key)
         if check.serves_http:
             wait_until_healthy(session, check.health_path, spec.recipe.smoke.timeout_s)
         else:  # a task that runs to completion: verify sees its exit code and logs
             wait_until_exited(session, spec.recipe.smoke.timeout_s)
+        log.info("phase: check %s", spec.key)
         detail = check.verify(session)
         return SmokeResult(True, detail, time.monotonic() - started, level=level)
     except Exception as exc:  # noqa: BLE001 - any failure of one recipe's smoke is that recipe's FAIL
