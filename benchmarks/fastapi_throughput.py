@@ -87,12 +87,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(code: str, args: list[str], port: int, workdir: Path, threads: int) -> subprocess.Popen:
+def start(code: str, args: list[str], port: int, workdir: Path, threads: int,
+          extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     import httpx
 
     script = workdir / f"server_{port}.py"
     script.write_text(code)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), os.environ.get("PYTHONPATH", "")]),
+           **(extra_env or {})}
     env.pop("API_KEY", None)
     # one intra-op thread: a 64-wide model gains nothing from more, and on a shared 2-core box
     # OpenMP barriers of 2 threads make each step 5-10x slower and the figures noisy
@@ -150,8 +152,18 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each server")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per setting; the best is shown")
+    parser.add_argument("--batching", nargs="+", default=["static"], choices=["static", "continuous"],
+                        help="ChatEngine batching backends to compare (one server each, env BATCHING)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "runtime"))
+
+    def send_selfllm(url: str):
+        def send(i: int) -> None:
+            body = {"messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                    "max_tokens": args.max_tokens, "temperature": 0}
+            http.post(url + "/v1/chat/completions", json=body).raise_for_status()
+        return send
+
     from selfllm_runtime.context import load_context
     from selfllm_runtime.smoke_model import make_smoke_model
 
@@ -165,21 +177,21 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     ttft: list[float] = []
     try:
-        port_s, port_b = free_port(), free_port()
-        procs.append(start(SELFLLM, [str(RECIPE), str(model_dir)], port_s, workdir, args.threads))
+        servers = {}
+        for batching in args.batching:
+            port = free_port()
+            procs.append(start(SELFLLM, [str(RECIPE), str(model_dir)], port, workdir, args.threads,
+                               {"BATCHING": batching}))
+            servers[f"selfllm /v1 BATCHING={batching}"] = send_selfllm(f"http://127.0.0.1:{port}")
+        port_b = free_port()
         procs.append(start(BASELINE, [str(model_dir)], port_b, workdir, args.threads))
-        base_s, base_b = f"http://127.0.0.1:{port_s}", f"http://127.0.0.1:{port_b}"
-
-        def send_selfllm(i: int) -> None:
-            body = {"messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
-                    "max_tokens": args.max_tokens, "temperature": 0}
-            http.post(base_s + "/v1/chat/completions", json=body).raise_for_status()
+        base_s, base_b = f"http://127.0.0.1:{procs[0].args[-1]}", f"http://127.0.0.1:{port_b}"
 
         def send_tutorial(i: int) -> None:
             body = {"prompt": prompts[i % len(prompts)], "max_length": args.max_tokens}
             http.post(base_b + "/", json=body).raise_for_status()
 
-        servers = {"selfllm /v1/chat/completions": send_selfllm, "tutorial POST / (baseline)": send_tutorial}
+        servers["tutorial POST / (baseline)"] = send_tutorial
         for send in servers.values():
             for _ in range(2):
                 send(0)  # warm-up
@@ -214,13 +226,14 @@ def main() -> int:
     for name, levels in results.items():
         for level, r in levels.items():
             print(f"{name:32} {level[2:]:>7} {r['rps']:7.2f} {r['p50']:8.1f} {r['p95']:8.1f}")
-    names = list(results)
-    for level in results[names[0]]:
-        ratio = results[names[0]][level]["rps"] / results[names[1]][level]["rps"]
-        print(f"selfllm / tutorial at {level[2:]} client(s): {ratio:.1f}x req/s")
+    *ours, baseline = list(results)
+    for name in ours:
+        for level in results[name]:
+            ratio = results[name][level]["rps"] / results[baseline][level]["rps"]
+            print(f"{name} / tutorial at {level[2:]} client(s): {ratio:.1f}x req/s")
     # the first *text* chunk: TextIteratorStreamer releases text at word boundaries, so on the tiny
     # model's random tokens this includes a few decode steps; the role chunk comes at once
-    print(f"streaming time to first text chunk (selfllm, 1 client, {len(ttft)} requests): "
+    print(f"streaming time to first text chunk ({next(iter(results))}, 1 client, {len(ttft)} requests): "
           f"p50 {statistics.median(ttft):.1f} ms, max {max(ttft):.1f} ms")
     print(f"total benchmark time {time.perf_counter() - started:.0f} s")
     return 0

@@ -98,7 +98,40 @@ def main() -> int:
        f"{params:.0f} M params, created {created:.1f} s, loaded {loaded:.1f} s, "
        f"{out.completion_tokens / seconds:.1f} tokens/s greedy (batch 1, {out.completion_tokens} tokens), "
        f"peak {peak:.2f} GiB")
+    del big
+    torch.cuda.empty_cache()
+    compare_batching(context, big_dir)
     return 0
+
+
+def compare_batching(context, model_dir: Path, tokens: int = 128) -> None:
+    """BATCHING=static vs continuous on the 0.6B-shaped model: tokens/s at 1, 8 and 32 concurrent
+    greedy requests, and how many answers agree between the two (bf16: paged vs sdpa attention may
+    break near-ties differently). The figures decide BATCHING=auto's choice on GPU."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(32)]
+    params = GenerationParams(max_new_tokens=tokens, temperature=0, template_kwargs={"enable_thinking": False})
+    answers: dict[str, list[str]] = {}
+    for kind in ("static", "continuous"):
+        engine = ChatEngine(context, model_dir, batching=kind)
+        engine.generate(prompts[0], params)  # warm-up
+        figures = []
+        for clients in (1, 8, 32):
+            torch.cuda.synchronize()
+            started = time.monotonic()
+            with ThreadPoolExecutor(clients) as pool:
+                done = list(pool.map(lambda m: engine.generate(m, params), prompts[:clients]))
+            seconds = time.monotonic() - started
+            figures.append(f"{clients}: {sum(c.completion_tokens for c in done) / seconds:.0f} tok/s")
+            answers[kind] = [c.text for c in done]
+        ok(f"BATCHING={kind}", ", ".join(figures))
+        if engine.scheduler.kind == "continuous":
+            engine.scheduler.manager.stop(block=True, timeout=30)
+        del engine
+        torch.cuda.empty_cache()
+    same = sum(a == b for a, b in zip(answers["static"], answers["continuous"]))
+    print(f"greedy answers equal across backends: {same}/{len(answers['static'])}", flush=True)
 
 
 if __name__ == "__main__":

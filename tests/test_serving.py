@@ -185,3 +185,76 @@ def test_replacing_the_model_replaces_what_the_scheduler_runs(tiny_recipe):
     engine.model = Wrapper(engine.model)
     engine.generate(PROMPTS[0], greedy(2))
     assert calls == [1] and engine.scheduler.model is engine.model
+
+
+# ---------------------------------------------------------------- BATCHING=continuous (continuous.py)
+
+@pytest.fixture(scope="module")
+def continuous(tiny_recipe):
+    engine = ChatEngine(*tiny_recipe("qwen3/fastapi"), batching="continuous")
+    assert engine.scheduler.kind == "continuous"
+    return engine
+
+
+def test_continuous_greedy_answers_under_load_match_static_one_at_a_time(engine, continuous):
+    """16 concurrent greedy requests, half streamed, through transformers' continuous batching: the
+    same answers, token counts and finish reasons as the static scheduler gives one at a time."""
+    prompts = PROMPTS * 2
+    alone = [engine.generate(m, greedy()) for m in prompts]
+
+    def ask(i: int):
+        if i % 2:
+            return continuous.generate(prompts[i], greedy())
+        pieces = list(continuous.stream(prompts[i], greedy()))
+        done = pieces[-1]
+        assert "".join(text for _, text in pieces[:-1]).strip() == done.text
+        return done
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, range(len(prompts))))
+    assert [(c.text, c.completion_tokens, c.finish_reason) for c in together] == \
+        [(c.text, c.completion_tokens, c.finish_reason) for c in alone]
+    assert continuous.scheduler.largest_batch > 1 and not continuous.scheduler.jobs
+
+
+def test_continuous_rows_keep_their_budget_and_sampling(continuous):
+    short = continuous.generate(PROMPTS[0], greedy(3))
+    assert short.completion_tokens == 3 and short.finish_reason == "length"
+    sampled = continuous.generate(PROMPTS[0], GenerationParams(max_new_tokens=6, temperature=1.0, top_p=0.9))
+    assert sampled.completion_tokens == 6
+
+
+def test_continuous_refuses_a_seed_with_400(continuous):
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.continuous import SeedUnsupported
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    with pytest.raises(SeedUnsupported, match="BATCHING=static"):
+        continuous.generate(PROMPTS[0], GenerationParams(max_new_tokens=4, temperature=1.0, seed=1))
+    answer = TestClient(create_app(continuous)).post(
+        "/v1/chat/completions", json={"messages": PROMPTS[0], "max_tokens": 4, "temperature": 1.0, "seed": 1})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "seed"
+
+
+def test_continuous_queue_is_bounded_and_a_closed_stream_frees_its_row(tiny_recipe):
+    engine = ChatEngine(*tiny_recipe("qwen3/fastapi"), batching="continuous", max_batch=1, max_queue=1)
+    long_ = greedy(4000)
+    running = engine.stream(PROMPTS[0], long_)
+    waiting = engine.stream(PROMPTS[1], long_)
+    assert engine.scheduler.waiting() == 1
+    with pytest.raises(EngineBusy):
+        engine.stream(PROMPTS[2], long_)
+    next(running)  # the first row is generating
+    running.close()  # client gone: its row is cancelled, the waiting one moves up
+    waiting.close()
+    wait_for(lambda: not engine.scheduler.jobs, "the cancelled rows were never dropped")
+    assert engine.generate(PROMPTS[2], greedy(2)).completion_tokens == 2
+
+
+def test_bad_batching_setting_names_the_variable(tiny_recipe, monkeypatch):
+    from selfllm_runtime.context import SettingsError
+
+    monkeypatch.setenv("BATCHING", "dynamic")
+    with pytest.raises(SettingsError, match="BATCHING='dynamic'"):
+        ChatEngine(*tiny_recipe("qwen3/fastapi"))

@@ -61,6 +61,8 @@ class Job:
 
 
 class Scheduler:
+    kind = "static"
+
     def __init__(self, model: Any, stop_token_ids: list[int], pad_token_id: int, *, max_batch: int = 16,
                  max_queue: int = 128):
         if max_batch < 1 or max_queue < 1:

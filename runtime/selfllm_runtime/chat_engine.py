@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .batching import DONE, Job, Scheduler
-from .context import RecipeContext
+from .context import RecipeContext, SettingsError
+from .continuous import ContinuousScheduler
 from .metadata import Reasoning
 
 log = logging.getLogger("selfllm.chat")
@@ -102,6 +103,23 @@ class ReasoningStream:
             return out
 
 
+class RequestStream(Iterator[Any]):
+    """The pieces of one queued request; close() cancels it even before the first piece was read
+    (closing a generator that never started runs none of its code)."""
+
+    def __init__(self, job: Job, pieces: Iterator[Any]):
+        self.job, self.pieces = job, pieces
+
+    def __next__(self) -> Any:
+        return next(self.pieces)
+
+    def close(self) -> None:
+        self.job.cancel()
+        close = getattr(self.pieces, "close", None)
+        if close is not None:
+            close()
+
+
 def pick_device() -> tuple[str, Any]:
     import torch
 
@@ -115,11 +133,11 @@ class ChatEngine:
     """One loaded model. Generation goes through a batching scheduler (batching.py): concurrent
     requests are generated together, each with its own stop handling and stream.
 
-    Environment: MAX_BATCH (rows per generate call, default 16), MAX_QUEUE (waiting requests before
-    new ones get EngineBusy / HTTP 503, default 128)."""
+    Environment: MAX_BATCH (rows generated together, default 16), MAX_QUEUE (waiting requests before
+    new ones get EngineBusy / HTTP 503, default 128), BATCHING (see batching_kind)."""
 
     def __init__(self, context: RecipeContext, model_dir: Path, *, max_batch: int | None = None,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, batching: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,6 +145,7 @@ class ChatEngine:
         self.family = context.family
         self.model_dir = Path(model_dir)
         self.device, dtype = pick_device()
+        kind = batching_kind(batching)  # a bad setting fails before the model loads
         trust = self.family.trust_remote_code
         log.info("loading %s on %s (%s)", self.model_dir, self.device, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust)
@@ -138,9 +157,12 @@ class ChatEngine:
         self.torch = torch
         self.stop_token_ids = self._stop_token_ids()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
-        self.scheduler = Scheduler(self.model, self.stop_token_ids, pad,
-                                   max_batch=max_batch or _env_int("MAX_BATCH", 16),
-                                   max_queue=max_queue or _env_int("MAX_QUEUE", 128))
+        scheduler_class = ContinuousScheduler if kind == "continuous" else Scheduler
+        self.scheduler = scheduler_class(self.model, self.stop_token_ids, pad,
+                                         max_batch=max_batch or _env_int("MAX_BATCH", 16),
+                                         max_queue=max_queue or _env_int("MAX_QUEUE", 128))
+        log.info("batching: %s, up to %d rows, %d waiting", self.scheduler.kind, self.scheduler.max_batch,
+                 self.scheduler.max_queue)
         # The model and the libraries behind it live as long as the process: move them out of the
         # garbage collector's reach, so a full collection under load costs milliseconds instead of a
         # ~0.3 s pause of every thread (measured: /health stalled so with 64 requests queued).
@@ -238,7 +260,7 @@ class ChatEngine:
         'content', delta) pieces, and one Completion with the totals last. Closing the iterator early
         (client gone) cancels the request."""
         job, prompt_tokens, opened = self._submit(messages, params, streaming=True)
-        return self._consume(job, params, prompt_tokens, opened)
+        return RequestStream(job, self._consume(job, params, prompt_tokens, opened))
 
     def _consume(self, job: Job, params: GenerationParams, prompt_tokens: int,
                  opened: bool) -> Iterator[tuple[str, str] | Completion]:
@@ -277,12 +299,27 @@ class ChatEngine:
         yield self._finish(emitted, prompt_tokens, new_ids, params, opened)
 
 
+BATCHING_KINDS = ("auto", "static", "continuous")
+
+
+def batching_kind(given: str | None = None) -> str:
+    """'static' (batching.Scheduler: padded rows in one `generate`) or 'continuous' (continuous.py:
+    transformers' paged-attention manager), from `given` or env BATCHING (auto | static | continuous).
+
+    auto is static on CPU and on GPU: on CPU static served 1.6x the requests/s of continuous at 1 and
+    32 clients (benchmarks/fastapi_throughput.py --batching static continuous, tiny model); on GPU it
+    has not been measured by this project yet (benchmarks/gpu_check.py prints the comparison): set
+    BATCHING=continuous where it wins."""
+    value = (given if given is not None else os.environ.get("BATCHING", "auto")).strip().lower() or "auto"
+    if value not in BATCHING_KINDS:
+        raise SettingsError(f"BATCHING={value!r} must be one of: {', '.join(BATCHING_KINDS)}")
+    return "static" if value == "auto" else value
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
     if not value.isdigit() or int(value) < 1:
-        from .context import SettingsError
-
         raise SettingsError(f"{name}={value!r} must be a positive integer")
     return int(value)

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..batching import EngineBusy
+from ..continuous import SeedUnsupported
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
 
 log = logging.getLogger("selfllm.openai")
@@ -374,6 +375,10 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
         body = error_body(str(exc), "server_error", code="server_busy") if is_v1(request) else {"detail": str(exc)}
         return JSONResponse(body, status_code=503, headers=headers)
 
+    async def on_no_seed(request: Request, exc: Exception) -> Any:
+        """A seed while continuous batching is on (continuous.py): the client's request, not a crash."""
+        return JSONResponse(error_body(str(exc), param="seed"), status_code=400)
+
     async def on_crash(request: Request, exc: Exception) -> Any:
         log.exception("request failed", exc_info=exc)
         if not is_v1(request):
@@ -384,6 +389,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(EngineBusy, on_busy)
+    app.add_exception_handler(SeedUnsupported, on_no_seed)
     app.add_exception_handler(Exception, on_crash)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
