@@ -66,6 +66,8 @@ def test_huggingface_cache_follows_refs_main(context, sharded_model, tmp_path):
     (storage / "refs" / "main").write_text(old)  # main points at the lexicographically smaller commit
     request = request_from_env(context.recipe, {"MODEL_SOURCE": "huggingface", "MODEL_CACHE": str(tmp_path)})
     assert find_cached(request) == storage / "snapshots" / old
+    (storage / "snapshots" / old / shards(sharded_model)[0]).unlink()  # main's snapshot incomplete: download
+    assert find_cached(request) is None
     (storage / "refs" / "main").unlink()  # no ref and two snapshots: ambiguous, so none is guessed
     assert find_cached(request) is None
 
