@@ -169,8 +169,8 @@ def test_unreachable_data_url_stops_start_with_one_line_and_status_2(tiny_model,
     url = closed_port_url() + "/huanhuan.json"
     env = {**os.environ, "RECIPE_DIR": str(RECIPE_DIR), "MODEL_PATH": str(tiny_model), "DATA_URL": url,
            "DATA_DIR": str(tmp_path / "data"), "OUTPUT_DIR": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(selfllm_runtime.__file__).parents[1]),
-                                          os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(selfllm_runtime.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "selfllm_runtime", "start"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 2, done.stderr

@@ -75,7 +75,7 @@ def test_huggingface_cache_follows_refs_main(context, sharded_model, tmp_path):
 def test_interrupted_download_is_completed_by_the_rerun(context, sharded_model, tmp_path, monkeypatch):
     """First start: one shard's transfer is cut and the hub refuses the resume → one clear error, the
     snapshot folder has config.json but not that shard. Second start: the folder is not taken as it
-    is; snapshot_download fetches only the missing shard, resuming it with a Range request."""
+    is; snapshot_download fetches only the missing shard, whose cut transfer resumes with a Range request."""
     import huggingface_hub.constants
     import torch
     from transformers import AutoModelForCausalLM

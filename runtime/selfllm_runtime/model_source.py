@@ -80,10 +80,6 @@ def missing_model_files(path: Path) -> list[str]:
     return ["model.safetensors"]
 
 
-def is_model_dir(path: Path) -> bool:
-    return not missing_model_files(path)
-
-
 def _complete(folder: Path) -> Path | None:
     if not (folder / "config.json").is_file():
         return None
@@ -140,7 +136,7 @@ def download_failure(request: ModelRequest, exc: BaseException) -> ModelNotFound
     return ModelNotFound(
         f"could not download {request.model_id} from {request.source.value} at {hub} ({_one_line(exc)}); "
         f"set MODEL_PATH to a mounted model folder, or MODEL_SOURCE={other.value}, or {variable} to a reachable "
-        f"mirror — files already downloaded to {request.cache} are kept and a rerun fetches only the rest")
+        f"mirror — files completed in {request.cache} are kept and a rerun fetches only the missing ones")
 
 
 def resolve_model(request: ModelRequest) -> Path:
