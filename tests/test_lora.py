@@ -3,15 +3,22 @@ adapter files, inference with the adapter, merge into a loadable model."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from fake_hub import StaticFiles, closed_port_url, serve
+
 pytest.importorskip("peft")
 
-from selfllm_runtime.finetune.data import (IGNORE_INDEX, ChatTokenizer, DataError, encode_files,  # noqa: E402
-                                           read_records, record_to_messages, write_sample_data)
-from selfllm_runtime.finetune.lora import RUN_INFO, infer, merge, thinking_kwargs, train  # noqa: E402
+from selfllm_runtime.finetune.data import (DEFAULT_DATA, IGNORE_INDEX, ChatTokenizer, DataError,  # noqa: E402
+                                           DataSourceError, default_data, encode_files, read_records,
+                                           record_to_messages, write_sample_data)
+from selfllm_runtime.finetune.lora import (RUN_INFO, fetch_data, infer, merge, prepare_data,  # noqa: E402
+                                           thinking_kwargs, train)
 from selfllm_runtime.finetune.settings import resolve_settings  # noqa: E402
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "qwen3" / "lora"
@@ -110,7 +117,67 @@ def test_settings_precedence(context):
     assert settings.dropout == context.family.lora.dropout
     assert settings.system_prompt == "现在你要扮演皇帝身边的女人--甄嬛"  # recipe default goes with default data
     assert resolve_settings(context, {}, {"DATA_PATH": "/x.json"}).system_prompt is None
-    assert resolve_settings(context, {}, {}).data_url.endswith("/dataset/huanhuan.json")
+    assert resolve_settings(context, {}, {"DATA_URL": "https://example.org/x.json"}).system_prompt is None
+
+
+def test_default_data_ships_with_the_runtime_and_needs_no_network(context, tokenizer, monkeypatch):
+    import selfllm_runtime
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the default data must not be downloaded")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    settings = resolve_settings(context, {}, {"MAX_SAMPLES": "8"})
+    assert settings.data == [] and settings.data_url is None
+    paths, data = prepare_data(context, tokenizer, settings)
+    assert paths == [DEFAULT_DATA] and DEFAULT_DATA.is_relative_to(Path(selfllm_runtime.__file__).parent)
+    assert data.records == 8 and len(read_records(DEFAULT_DATA)) > 1000  # upstream's full file, not a sample
+    assert settings.run_dir(Path("/m/Qwen3-8B")).name == "Qwen3-8B-huanhuan"
+
+
+def test_changed_default_data_is_refused(tmp_path):
+    copy = tmp_path / "huanhuan.json"
+    copy.write_bytes(DEFAULT_DATA.read_bytes().replace("甄嬛".encode(), "华妃".encode(), 1))
+    assert default_data() == DEFAULT_DATA
+    with pytest.raises(DataSourceError, match=r"has sha256 \w+, not 1bbe8b09.*set DATA_PATH"):
+        default_data(copy)
+
+
+def test_data_url_is_http_only_and_size_bounded(tmp_path):
+    records = json.dumps([{"instruction": "你是谁？", "input": "", "output": "我是甄嬛。"}] * 40, ensure_ascii=False)
+    site = StaticFiles({"/small.json": records.encode(), "/big.json": b"x" * 5000, "/stream.json": b"x" * 5000},
+                       chunked={"/stream.json"})
+    with serve(site) as url:
+        fetched = fetch_data(f"{url}/small.json?token=1", tmp_path / "data", max_bytes=4096)
+        assert fetched == tmp_path / "data" / "small.json" and fetched.read_text() == records
+        for name in ("big.json", "stream.json"):  # refused by Content-Length, and while reading a chunked body
+            with pytest.raises(DataSourceError, match=rf"DATA_URL={url}/{name} is larger than 4096 bytes.*DATA_PATH"):
+                fetch_data(f"{url}/{name}", tmp_path / "data", max_bytes=4096)
+        assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["small.json"]  # nothing partial left
+    secret = tmp_path / "secret.json"
+    secret.write_text(records)
+    for refused in (secret.as_uri(), "ftp://127.0.0.1/x.json", "huanhuan.json"):
+        with pytest.raises(DataSourceError, match=r"DATA_URL=.*only http:// and https://.*set DATA_PATH"):
+            fetch_data(refused, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_unreachable_data_url_stops_start_with_one_line_and_status_2(tiny_model, tmp_path):
+    """`selfllm start` as the image runs it (python -m selfllm_runtime), with DATA_URL on a closed port."""
+    import selfllm_runtime
+
+    url = closed_port_url() + "/huanhuan.json"
+    env = {**os.environ, "RECIPE_DIR": str(RECIPE_DIR), "MODEL_PATH": str(tiny_model), "DATA_URL": url,
+           "DATA_DIR": str(tmp_path / "data"), "OUTPUT_DIR": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(selfllm_runtime.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "selfllm_runtime", "start"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"selfllm lora: error: could not fetch DATA_URL={url} (URLError")
+    assert last.endswith("set DATA_PATH to a mounted file instead")
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ def test_defaults_come_from_the_recipe(context):
 def test_modelscope_cache_is_found_under_escaped_or_plain_name(context, tmp_path: Path, folder: str):
     (tmp_path / folder).mkdir(parents=True)
     (tmp_path / folder / "config.json").write_text("{}")
+    (tmp_path / folder / "model.safetensors").write_bytes(b"weights")
     env = {"MODEL_ID": "Qwen/Qwen2.5-7B-Instruct", "MODEL_CACHE": str(tmp_path)}
     request = request_from_env(context.recipe, env)
     assert find_cached(request) == tmp_path / folder
@@ -43,6 +44,7 @@ def test_huggingface_cache_layout(context, tmp_path: Path):
     snap = tmp_path / "huggingface/hub/models--Qwen--Qwen3-8B/snapshots/abc"
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"weights")
     request = request_from_env(context.recipe, {"MODEL_SOURCE": "huggingface", "MODEL_CACHE": str(tmp_path)})
     assert resolve_model(request) == snap
 

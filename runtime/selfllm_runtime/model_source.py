@@ -1,11 +1,19 @@
 """Model acquisition at start: MODEL_PATH (a mounted folder) or MODEL_ID + MODEL_SOURCE download.
 
 Downloads land in MODEL_CACHE (/root/autodl-tmp, AutoDL's data disk) so a saved instance keeps them.
+A folder counts as a model only when it is complete: config.json plus its weights — every shard
+that model.safetensors.index.json (or pytorch_model.bin.index.json) names, else a *.safetensors or
+pytorch_model.bin file. A cached folder that is not complete (an interrupted download) is never
+used: the hub client's snapshot_download runs again and fetches only what is missing.
+
 ModelScope stores `Qwen/Qwen2.5-7B-Instruct` as `Qwen/Qwen2___5-7B-Instruct`: the cached folder is
-found under either spelling, so a second start needs no network.
+found under either spelling, so a second start needs no network. The Hugging Face cache is read the
+way huggingface_hub writes it: refs/main names the commit whose snapshots/<commit> folder is used;
+without refs/main (a copied-in snapshot) the one snapshot there is used, and none when there are several.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -15,6 +23,12 @@ from .metadata import ModelSource, Recipe
 
 log = logging.getLogger("selfllm.model")
 DEFAULT_CACHE = Path("/root/autodl-tmp")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Where each hub client goes when its variable is unset (named in errors, so the user sees which host failed).
+DEFAULT_ENDPOINTS = {ModelSource.huggingface: "https://huggingface.co", ModelSource.modelscope: "https://www.modelscope.cn"}
+# The hub address each client reads (modelscope-hub ≥0.5 reads MODELSCOPE_ENDPOINT, older ones MODELSCOPE_DOMAIN).
+ENDPOINT_VARIABLES = {ModelSource.huggingface: ("HF_ENDPOINT",),
+                      ModelSource.modelscope: ("MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN")}
 
 
 class ModelNotFound(RuntimeError):
@@ -27,6 +41,7 @@ class ModelRequest:
     model_id: str
     source: ModelSource
     cache: Path
+    endpoint: str | None = None  # HF_ENDPOINT / MODELSCOPE_ENDPOINT; None: the client's default hub
 
 
 def request_from_env(recipe: Recipe, env: dict[str, str] | None = None) -> ModelRequest:
@@ -40,7 +55,8 @@ def request_from_env(recipe: Recipe, env: dict[str, str] | None = None) -> Model
     default_id = getattr(recipe.default_model, source.value)
     path = env.get("MODEL_PATH")
     return ModelRequest(Path(path) if path else None, env.get("MODEL_ID") or default_id, source,
-                        Path(env.get("MODEL_CACHE") or DEFAULT_CACHE))
+                        Path(env.get("MODEL_CACHE") or DEFAULT_CACHE),
+                        next((env[name] for name in ENDPOINT_VARIABLES[source] if env.get(name)), None))
 
 
 def modelscope_folder_names(model_id: str) -> list[str]:
@@ -48,37 +64,90 @@ def modelscope_folder_names(model_id: str) -> list[str]:
     return list(dict.fromkeys([model_id, model_id.replace(".", "___")]))
 
 
-def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file()
+def missing_model_files(path: Path) -> list[str]:
+    """What `path` lacks to be a loadable model folder; [] when it is complete."""
+    if not (path / "config.json").is_file():
+        return ["config.json"]
+    for index in WEIGHT_INDEXES:
+        if (path / index).is_file():
+            try:
+                shards = set(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return [f"{index} (unreadable)"]
+            return sorted(shard for shard in shards if not (path / shard).is_file())
+    if any(p.is_file() for p in path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file():
+        return []
+    return ["model.safetensors"]
+
+
+def _complete(folder: Path) -> Path | None:
+    if not (folder / "config.json").is_file():
+        return None
+    missing = missing_model_files(folder)
+    if missing:
+        log.warning("cached %s is incomplete (missing %s): downloading the rest", folder, ", ".join(missing[:3]))
+        return None
+    return folder
+
+
+def huggingface_snapshot(storage: Path) -> Path | None:
+    """The snapshot folder refs/main points at; without refs/main, the only snapshot."""
+    ref = storage / "refs" / "main"
+    if ref.is_file():
+        return storage / "snapshots" / ref.read_text(encoding="utf-8").strip()
+    snapshots = [p for p in (storage / "snapshots").glob("*") if p.is_dir()]
+    return snapshots[0] if len(snapshots) == 1 else None
 
 
 def find_cached(request: ModelRequest) -> Path | None:
+    """A complete model folder already in MODEL_CACHE, or None."""
     if request.source is ModelSource.modelscope:
         for root in (request.cache, request.cache / "modelscope", request.cache / "modelscope" / "models"):
             for name in modelscope_folder_names(request.model_id):
-                if is_model_dir(root / name):
-                    return root / name
+                if (found := _complete(root / name)) is not None:
+                    return found
         return None
-    snapshots = request.cache / "huggingface" / "hub" / ("models--" + request.model_id.replace("/", "--")) / "snapshots"
-    found = sorted(p for p in snapshots.glob("*") if is_model_dir(p)) if snapshots.is_dir() else []
-    return found[-1] if found else None
+    storage = request.cache / "huggingface" / "hub" / ("models--" + request.model_id.replace("/", "--"))
+    snapshot = huggingface_snapshot(storage)
+    return _complete(snapshot) if snapshot is not None else None
 
 
 def download(request: ModelRequest) -> Path:
+    """The hub client's snapshot download: it skips files already complete and verifies sizes."""
     if request.source is ModelSource.modelscope:
         from modelscope import snapshot_download
 
-        return Path(snapshot_download(request.model_id, cache_dir=str(request.cache)))
+        return Path(snapshot_download(request.model_id, cache_dir=str(request.cache), endpoint=request.endpoint))
     from huggingface_hub import snapshot_download as hf_snapshot_download
 
-    return Path(hf_snapshot_download(request.model_id, cache_dir=str(request.cache / "huggingface" / "hub")))
+    return Path(hf_snapshot_download(request.model_id, cache_dir=str(request.cache / "huggingface" / "hub"),
+                                     endpoint=request.endpoint))
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def download_failure(request: ModelRequest, exc: BaseException) -> ModelNotFound:
+    variable = ENDPOINT_VARIABLES[request.source][0]
+    hub = request.endpoint or DEFAULT_ENDPOINTS[request.source]
+    other = ModelSource.huggingface if request.source is ModelSource.modelscope else ModelSource.modelscope
+    return ModelNotFound(
+        f"could not download {request.model_id} from {request.source.value} at {hub} ({_one_line(exc)}); "
+        f"set MODEL_PATH to a mounted model folder, or MODEL_SOURCE={other.value}, or {variable} to a reachable "
+        f"mirror — files completed in {request.cache} are kept and a rerun fetches only the missing ones")
 
 
 def resolve_model(request: ModelRequest) -> Path:
-    """A local folder with config.json: the mounted path, the cache, or a fresh download."""
+    """A complete local model folder: the mounted path, the cache, or a fresh download."""
     if request.path is not None:
-        if not is_model_dir(request.path):
+        missing = missing_model_files(request.path)
+        if missing == ["config.json"]:
             raise ModelNotFound(f"MODEL_PATH={request.path} has no config.json (mount a model folder there)")
+        if missing:
+            raise ModelNotFound(f"MODEL_PATH={request.path} lacks {', '.join(missing)} (a partial copy? mount the "
+                                "complete model folder)")
         return request.path
     cached = find_cached(request)
     if cached is not None:
@@ -88,7 +157,9 @@ def resolve_model(request: ModelRequest) -> Path:
     try:
         path = download(request)
     except Exception as exc:  # noqa: BLE001 - hub clients raise many kinds
-        raise ModelNotFound(f"could not download {request.model_id} from {request.source.value}: {exc}") from exc
-    if not is_model_dir(path):
-        raise ModelNotFound(f"download of {request.model_id} gave {path} without config.json")
+        raise download_failure(request, exc) from exc
+    missing = missing_model_files(path)
+    if missing:
+        raise ModelNotFound(f"download of {request.model_id} from {request.source.value} gave {path} without "
+                            f"{', '.join(missing)}")
     return path

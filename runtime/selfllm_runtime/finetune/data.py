@@ -10,6 +10,7 @@ Formats (a JSON list, or JSONL with one record a line; both may be mixed in one 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,30 @@ from typing import Any
 IGNORE_INDEX = -100  # label of tokens that carry no loss (the prompt, padding)
 ROLES = {"system", "user", "assistant"}
 Message = dict[str, str]
+
+
+# Upstream's huanhuan.json, shipped with the runtime (provenance and license: data/README.md): the data of a
+# run with neither DATA_PATH nor DATA_URL, used without network access and checked against this digest.
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "huanhuan.json"
+DEFAULT_DATA_SHA256 = "1bbe8b09857274adc58186919622554df7f71dcee8655537f6a8b80993d6e6f3"
+
+
+class DataSourceError(ValueError):
+    """Training data that can't be had (a bad or unreachable DATA_URL, a damaged shipped file); the message
+    names it and what to set instead."""
+
+
+def default_data(path: Path = DEFAULT_DATA, sha256: str = DEFAULT_DATA_SHA256) -> Path:
+    """The shipped default data file, after checking its sha256."""
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DataSourceError(f"the shipped default data {path} can't be read ({exc.strerror}): reinstall the "
+                              "runtime, or set DATA_PATH to a mounted file") from None
+    if digest != sha256:
+        raise DataSourceError(f"the shipped default data {path} has sha256 {digest}, not {sha256}: reinstall the "
+                              "runtime, or set DATA_PATH to a mounted file")
+    return path
 
 
 class DataError(ValueError):

@@ -5,18 +5,22 @@ import importlib.util
 import json
 import logging
 import os
+import http.client
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..context import RecipeContext
-from .data import ChatTokenizer, EncodedData, encode_files
+from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, encode_files
 from .settings import LoraSettings
 
 log = logging.getLogger("selfllm.lora")
 RESULT_PREFIX = "SELFLLM_RESULT "  # one JSON line per action, parsed by smoke checks and scripts
 RUN_INFO = "selfllm_lora.json"  # beside the adapter: how it was trained (infer/merge reuse it)
+MAX_DATA_URL_BYTES = 256 * 2**20  # a DATA_URL larger than this is refused (mount bigger data: DATA_PATH)
+DATA_URL_SCHEMES = ("http", "https")
 
 
 def emit_result(action: str, **fields: Any) -> dict[str, Any]:
@@ -31,17 +35,37 @@ def thinking_kwargs(context: RecipeContext, enable_thinking: bool) -> dict[str, 
     return context.template_kwargs(**overrides)
 
 
-def fetch_data(url: str, folder: Path) -> Path:
-    """Download url into folder once (atomic rename, so parallel ranks don't read half a file)."""
-    target = folder / Path(url.split("?")[0]).name
+def fetch_data(url: str, folder: Path, max_bytes: int = MAX_DATA_URL_BYTES) -> Path:
+    """Download DATA_URL (http/https only, at most max_bytes) into folder once; atomic rename, so parallel
+    ranks never read half a file. Any failure is a DataSourceError naming the URL and DATA_PATH."""
+    instead = "set DATA_PATH to a mounted file instead"
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in DATA_URL_SCHEMES or not parts.netloc:
+        raise DataSourceError(f"DATA_URL={url!r}: only http:// and https:// URLs are fetched; {instead}")
+    target = folder / (Path(parts.path).name or "data.json")
     if target.is_file() and target.stat().st_size > 0:
         return target
     folder.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(target.suffix + f".{os.getpid()}.part")
+    too_large = f"DATA_URL={url} is larger than {max_bytes} bytes (MAX_DATA_URL_BYTES); {instead}"
     log.info("downloading training data %s → %s", url, target)
-    with urllib.request.urlopen(url, timeout=60) as answer, partial.open("wb") as out:
-        out.write(answer.read())
-    partial.replace(target)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as answer, partial.open("wb") as out:
+            if int(answer.headers.get("Content-Length") or 0) > max_bytes:
+                raise DataSourceError(too_large)
+            size = 0
+            while block := answer.read(1 << 20):
+                size += len(block)
+                if size > max_bytes:
+                    raise DataSourceError(too_large)
+                out.write(block)
+        partial.replace(target)
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError, HTTPError, timeouts are OSErrors
+        partial.unlink(missing_ok=True)
+        if isinstance(exc, DataSourceError):
+            raise
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise DataSourceError(f"could not fetch DATA_URL={url} ({reason}); {instead}") from None
     return target
 
 
@@ -65,9 +89,7 @@ def load_tokenizer(context: RecipeContext, model_dir: Path):
 def prepare_data(context: RecipeContext, tokenizer, settings: LoraSettings) -> tuple[list[Path], EncodedData]:
     paths = list(settings.data)
     if not paths:
-        if not settings.data_url:
-            raise ValueError("no training data: set DATA_PATH (a mounted JSON/JSONL file) or DATA_URL")
-        paths = [fetch_data(settings.data_url, settings.data_dir)]
+        paths = [fetch_data(settings.data_url, settings.data_dir) if settings.data_url else default_data()]
     family = context.family
     chat = ChatTokenizer(tokenizer, thinking_kwargs(context, settings.enable_thinking), family.special_tokens.eos,
                          settings.max_length, closes_reply=family.template_closes_reply, reasoning=family.reasoning)

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from ..context import RecipeContext, SettingsError
 from ..metadata import LoraDefaults
+from .data import DEFAULT_DATA
 
 DEFAULT_OUTPUT_ROOT = Path("/root/autodl-tmp/lora")
 DEFAULT_DATA_DIR = Path("/root/autodl-tmp/data")
@@ -20,8 +21,8 @@ DEFAULT_DATA_DIR = Path("/root/autodl-tmp/data")
 class LoraSettings(LoraDefaults):
     """The family's LoRA fields (r, alpha, dropout, target_modules) plus this run's."""
 
-    data: list[Path] = Field(default_factory=list, description="training files; empty: download data_url")
-    data_url: str | None = None
+    data: list[Path] = Field(default_factory=list, description="training files; empty: data_url, else DEFAULT_DATA")
+    data_url: str | None = Field(None, description="http(s) URL fetched into data_dir when data is empty")
     data_dir: Path = DEFAULT_DATA_DIR
     output_root: Path = DEFAULT_OUTPUT_ROOT
     run_name: str | None = None
@@ -45,7 +46,7 @@ class LoraSettings(LoraDefaults):
 
 
 def default_run_name(model_dir: Path, data: list[Path], data_url: str | None) -> str:
-    source = Path(data[0]).stem if data else Path(data_url or "data").stem
+    source = Path(data[0]).stem if data else Path(data_url).stem if data_url else DEFAULT_DATA.stem
     return re.sub(r"[^\w.-]+", "-", f"{Path(model_dir).name}-{source}").strip("-")
 
 
@@ -88,8 +89,8 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "gradient_checkpointing": ("GRADIENT_CHECKPOINTING", _bool, "--gradient-checkpointing"),
     "max_samples": ("MAX_SAMPLES", int, "--max-samples"),
 }
-# The recipe's SYSTEM_PROMPT belongs to its default data (upstream's huanhuan.json), so it applies
-# only when no DATA_PATH / --data is given.
+# The recipe's SYSTEM_PROMPT belongs to its default data (upstream's huanhuan.json, shipped with the
+# runtime), so it applies only when neither DATA_PATH / --data nor DATA_URL / --data-url is given.
 DATA_BOUND = {"system_prompt"}
 
 
@@ -113,7 +114,8 @@ def resolve_settings(context: RecipeContext, cli: Mapping[str, Any] | None = Non
     lora = context.family.lora
     values: dict[str, Any] = {"target_modules": list(lora.target_modules), "r": lora.r, "alpha": lora.alpha,
                               "dropout": lora.dropout}
-    user_data = cli.get("data") is not None or bool(env.get("DATA_PATH"))
+    user_data = any(cli.get(field) is not None for field in ("data", "data_url")) or any(
+        env.get(name) for name in ("DATA_PATH", "DATA_URL"))
     for field, (name, parse, flag) in OPTIONS.items():
         if cli.get(field) is not None:
             value = cli[field]

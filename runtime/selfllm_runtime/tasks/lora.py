@@ -1,4 +1,4 @@
-"""Task `lora`: LoRA fine-tuning of the recipe's model (upstream's huanhuan.json by default).
+"""Task `lora`: LoRA fine-tuning of the recipe's model (upstream's huanhuan.json, shipped, by default).
 
   selfllm start                          = selfllm lora train with settings from the environment
   selfllm lora train [--data F ...]      fine-tune; the adapter goes to $OUTPUT_DIR/<run-name>
@@ -28,8 +28,9 @@ def run(context: RecipeContext, model_dir: Path) -> None:
     try:
         settings = resolve_settings(context)
         train(context, model_dir, settings)
-    except (DataError, ValueError) as exc:
-        raise SystemExit(f"selfllm lora: error: {exc}") from None
+    except (DataError, ValueError) as exc:  # DataSourceError, SettingsError: one line, status 2 as `selfllm lora`
+        print(f"selfllm lora: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def _model_dir(context: RecipeContext, given: str | None) -> Path:
