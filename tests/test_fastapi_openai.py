@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 from conftest import uvicorn_on_loopback
 
-fastapi = pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
 URL = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
@@ -291,7 +290,7 @@ def test_no_api_key_by_default(client):
 # ----------------------------------------------------------------------------- a real server
 
 def test_openai_client_against_uvicorn(server):
-    openai = pytest.importorskip("openai")
+    import openai
 
     api = openai.OpenAI(base_url=server + "/v1", api_key="dummy", max_retries=0, timeout=60)
     assert [m.id for m in api.models.list().data] == ["Qwen/Qwen3-8B"]

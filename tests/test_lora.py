@@ -12,7 +12,6 @@ import pytest
 
 from fake_hub import StaticFiles, closed_port_url, serve
 
-pytest.importorskip("peft")
 
 from selfllm_runtime.finetune.data import (DEFAULT_DATA, IGNORE_INDEX, ChatTokenizer, DataError,  # noqa: E402
                                            DataSourceError, default_data, encode_files, read_records,

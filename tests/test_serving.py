@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import uvicorn_on_loopback
 
-pytest.importorskip("fastapi")
 
 from selfllm_runtime.batching import EngineBusy  # noqa: E402
 from selfllm_runtime.chat_engine import ChatEngine, GenerationParams  # noqa: E402

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import missing_prerequisite
+
 from selfllm_runtime.chat_engine import ChatEngine, Completion
 from selfllm_runtime.context import load_context
 from selfllm_runtime.smoke_model import make_smoke_model
 from selfllm_runtime.tasks import webdemo
 
-pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,10 +156,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (scripts/setup_host.sh)")
 def test_browser_against_streamlit_run(context, tiny_model, tmp_path):
     """The smoke check's own browser session against `streamlit run` on 127.0.0.1."""
-    pytest.importorskip("playwright")
+    if not shutil.which("chromium"):
+        missing_prerequisite("Debian's chromium is not installed (scripts/setup_host.sh)")
     from selfllm_recipes.smoke.checks import SmokeSession, wait_until_healthy
     from selfllm_recipes.smoke.task_webdemo import chat_in_browser
 
