@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -156,27 +158,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_browser_against_streamlit_run(context, tiny_model, tmp_path):
-    """The smoke check's own browser session against `streamlit run` on 127.0.0.1."""
-    if not shutil.which("chromium"):
-        missing_prerequisite("Debian's chromium is not installed (scripts/setup_host.sh)")
+@contextmanager
+def streamlit_on_loopback(context, tiny_model, tmp_path: Path, app_file: Path = webdemo.APP_FILE,
+                          env: dict[str, str] | None = None) -> Iterator[str]:
+    """`streamlit run app_file` on a free 127.0.0.1 port, healthy; yields its base URL."""
     from selfllm_recipes.smoke.checks import SmokeSession, wait_until_healthy
-    from selfllm_recipes.smoke.task_webdemo import chat_in_browser
 
     port = _free_port()
-    command = webdemo.streamlit_command(context, address="127.0.0.1")
+    command = webdemo.streamlit_command(context, app_file, address="127.0.0.1")
     command[command.index("--server.port") + 1] = str(port)
     log = (tmp_path / "streamlit.log").open("wb")
-    server = subprocess.Popen(command, env=webdemo.streamlit_env(context, tiny_model), stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(command, env={**webdemo.streamlit_env(context, tiny_model), **(env or {})},
+                              stdout=log, stderr=subprocess.STDOUT)
     try:
-        session = SmokeSession(f"http://127.0.0.1:{port}", "qwen3/webdemo", lambda: "", server.poll, tmp_path)
-        wait_until_healthy(session, "/_stcore/health", 60)
-        started = time.monotonic()
-        detail = chat_in_browser(session, timeout_s=120)
-        assert "2 replies" in detail and "history cleared" in detail, detail
-        shot = tmp_path / "qwen3-webdemo.png"
-        assert shot.name in detail and shot.stat().st_size > 10_000
-        assert time.monotonic() - started < 120
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(SmokeSession(url, "qwen3/webdemo", lambda: "", server.poll, tmp_path), "/_stcore/health", 90)
+        yield url
     finally:
         server.terminate()
         try:
@@ -184,6 +181,51 @@ def test_browser_against_streamlit_run(context, tiny_model, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def need_chromium() -> None:
+    if not shutil.which("chromium"):
+        missing_prerequisite("Debian's chromium is not installed (scripts/setup_host.sh)")
+
+
+def test_browser_against_streamlit_run(context, tiny_model, tmp_path):
+    """The smoke check's own browser session against `streamlit run` on 127.0.0.1."""
+    from selfllm_recipes.smoke.checks import SmokeSession
+    from selfllm_recipes.smoke.task_webdemo import chat_in_browser
+
+    need_chromium()
+    with streamlit_on_loopback(context, tiny_model, tmp_path) as url:
+        started = time.monotonic()
+        detail = chat_in_browser(SmokeSession(url, "qwen3/webdemo", lambda: "", lambda: None, tmp_path), timeout_s=120)
+        assert "2 replies" in detail and "history cleared" in detail, detail
+        shot = tmp_path / "qwen3-webdemo.png"
+        assert shot.name in detail and shot.stat().st_size > 10_000
+        assert time.monotonic() - started < 120
+
+
+CAPTION_ONLY_PAGE = """
+import streamlit as st
+with st.sidebar:
+    st.slider("max_length", 16, 8192, 2048, 16, key="max_length")
+if prompt := st.chat_input("输入消息… / Type a message…"):
+    with st.chat_message("user"):
+        st.markdown(prompt)
+    with st.chat_message("assistant"):
+        st.caption("（没有回答内容 / no answer）")
+"""
+
+
+def test_browser_check_fails_a_reply_without_model_text(context, tiny_model, tmp_path):
+    """A page whose reply is only the 'no answer' caption must fail the smoke check."""
+    from selfllm_recipes.smoke.checks import SmokeFailure, SmokeSession
+    from selfllm_recipes.smoke.task_webdemo import chat_in_browser
+
+    need_chromium()
+    page = tmp_path / "caption_only.py"
+    page.write_text(CAPTION_ONLY_PAGE, encoding="utf-8")
+    with streamlit_on_loopback(context, tiny_model, tmp_path, page) as url:
+        with pytest.raises(SmokeFailure, match="no model text"):
+            chat_in_browser(SmokeSession(url, "qwen3/webdemo", lambda: "", lambda: None, tmp_path), timeout_s=60)
 
 
 class StreamlitTab:
@@ -242,15 +284,9 @@ def test_streamlit_health_answers_fast_with_64_chats_queued(context, tiny_model,
 
     import requests
 
-    port = _free_port()
-    command = webdemo.streamlit_command(context, address="127.0.0.1")
-    command[command.index("--server.port") + 1] = str(port)
-    env = {**webdemo.streamlit_env(context, tiny_model), "MAX_BATCH": "1"}
-    log = (tmp_path / "streamlit.log").open("wb")
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    health = f"http://127.0.0.1:{port}/_stcore/health"
-
-    async def chat_and_probe() -> list[float]:
+    async def chat_and_probe(port: int) -> list[float]:
+        health = f"http://127.0.0.1:{port}/_stcore/health"
+        requests.get(health, timeout=5)  # warm
         tabs = [StreamlitTab(port) for _ in range(65)]
         try:
             await asyncio.wait_for(asyncio.gather(*(tab.send_chat(f"第 {i} 个问题") for i, tab in enumerate(tabs))), 180)
@@ -265,24 +301,6 @@ def test_streamlit_health_answers_fast_with_64_chats_queued(context, tiny_model,
         finally:
             await asyncio.gather(*(tab.ws.close() for tab in tabs if tab.ws is not None), return_exceptions=True)
 
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, (tmp_path / "streamlit.log").read_text()
-            try:
-                if requests.get(health, timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "streamlit did not become healthy"
-            time.sleep(0.2)
-        requests.get(health, timeout=5)  # warm
-        probes = asyncio.run(chat_and_probe())
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+    with streamlit_on_loopback(context, tiny_model, tmp_path, env={"MAX_BATCH": "1"}) as url:
+        probes = asyncio.run(chat_and_probe(int(url.rsplit(":", 1)[1])))
     assert max(probes) < 0.1, f"/_stcore/health took {probes} s with 64 chats queued"

@@ -20,6 +20,8 @@ SECOND_PROMPT = "用一句话讲讲甄嬛传"
 CHAT_INPUT = '[data-testid="stChatInput"] textarea'
 MESSAGES = '[data-testid="stChatMessage"]'
 ASSISTANT = MESSAGES + ':has([data-testid="stChatMessageAvatarAssistant"])'
+CONTENT = '[data-testid="stChatMessageContent"]'
+MARKDOWN = '[data-testid="stMarkdownContainer"]'  # st.markdown / write_stream; st.caption is stCaptionContainer
 APP_STATE = '[data-testid="stApp"][data-test-script-state="{}"]'
 
 
@@ -40,7 +42,17 @@ def _wait_idle(page, timeout_s: float) -> None:
     page.locator(APP_STATE.format("notRunning")).wait_for(state="attached", timeout=timeout_s * 1000)
 
 
+def _model_text(message) -> tuple[str, str]:
+    """(answer, reasoning) drawn in one assistant message; the page's 'no answer' caption is neither."""
+    answer = message.locator(f'{CONTENT} {MARKDOWN}:not([data-testid="stExpander"] *)').all_inner_texts()
+    reasoning = message.locator(f'[data-testid="stExpanderDetails"] {MARKDOWN}').all_inner_texts()
+    return "".join(answer).strip(), "".join(reasoning).strip()
+
+
 def _send(page, prompt: str, replies_before: int, timeout_s: float) -> str:
+    """Send a prompt; the reply's answer text once the run has ended. The model must have written
+    something: an answer, or (a family whose template opens the thinking block, cut at max_length)
+    thinking text; a reply that is only the page's 'no answer' caption fails."""
     box = page.locator(CHAT_INPUT)
     box.fill(prompt)
     box.press("Enter")
@@ -48,10 +60,13 @@ def _send(page, prompt: str, replies_before: int, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if assistant.count() > replies_before:
-            text = assistant.nth(replies_before).locator('[data-testid="stChatMessageContent"]').inner_text().strip()
-            if text:
+            message = assistant.nth(replies_before)
+            if message.locator(CONTENT).inner_text().strip():
                 _wait_idle(page, max(1.0, deadline - time.monotonic()))
-                return assistant.nth(replies_before).inner_text().strip()
+                answer, reasoning = _model_text(message)
+                expect(bool(answer or reasoning),
+                       f"the reply to {prompt!r} has no model text, only: {message.inner_text().strip()!r}")
+                return answer or reasoning
         page.wait_for_timeout(250)
     raise SmokeFailure(f"no assistant reply to {prompt!r} within {timeout_s:.0f} s")
 
