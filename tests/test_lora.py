@@ -204,6 +204,15 @@ def test_infer_with_adapter(context, tiny_model, trained):
     assert result["adapter"] and result["completion_tokens"] > 0
 
 
+def test_the_adapter_changes_what_the_model_says(context, tiny_model, trained):
+    """The same greedy question, same system prompt: base model and base + adapter answer differently."""
+    ask = dict(system_prompt="现在你要扮演皇帝身边的女人--甄嬛", enable_thinking=False, max_new_tokens=16, temperature=0)
+    base = infer(context, tiny_model, None, "你是谁？", **ask)
+    tuned = infer(context, tiny_model, Path(trained["adapter_dir"]), "你是谁？", **ask)
+    assert base["adapter"] is None and tuned["adapter"]
+    assert tuned["reply"] != base["reply"], f"the adapter changed nothing: {tuned['reply']!r}"
+
+
 def test_infer_samples_with_the_checkpoints_defaults(context, tiny_model, trained, tmp_path, monkeypatch):
     """No --temperature/--top-p: the checkpoint's generation_config decides, as on every other route."""
     import shutil
@@ -238,8 +247,10 @@ def test_merge_gives_loadable_model(context, tiny_model, trained, tmp_path):
     ids = tokenizer("你好，我是", return_tensors="pt")
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
                                              trained["adapter_dir"]).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     with torch.no_grad():
         assert torch.allclose(merged(**ids).logits, with_adapter(**ids).logits, atol=1e-4)
+        assert not torch.allclose(base(**ids).logits, merged(**ids).logits, atol=1e-3)  # the merge changed the weights
     result = infer(context, out, None, "你是谁？", max_new_tokens=8, temperature=0)
     assert result["adapter"] is None and result["completion_tokens"] > 0
 

@@ -1,6 +1,7 @@
 """Smoke check of task `lora`: a run to completion, not a server. On the tiny model and a small
 generated data set (both formats), the container trains 20 steps through `selfllm start`, answers
-with the adapter, merges it, and answers from the merged model; each step prints `SELFLLM_RESULT {json}`."""
+with the base model and with the adapter (the replies must differ), merges it, and answers from the
+merged model (as with the adapter); each step prints `SELFLLM_RESULT {json}`."""
 from __future__ import annotations
 
 import json
@@ -11,17 +12,21 @@ RESULT_PREFIX = "SELFLLM_RESULT "
 DATA = "/root/autodl-tmp/data/lora-sample.json"
 ADAPTER = "/root/autodl-tmp/lora/smoke"
 MERGED = ADAPTER + "-merged"
+SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
+# the same greedy question to the base model, with the adapter, and to the merged model
+ASK = f"--prompt '你是谁？' --system '{SYSTEM_PROMPT}' --enable-thinking false --temperature 0 --max-new-tokens 16"
 COMMAND = " && ".join([
     f"selfllm smoke-model {SMOKE_MODEL_DIR}",
     f"selfllm lora sample-data {DATA}",
     "selfllm start",  # train with the settings in ENV below
-    f"selfllm lora infer --adapter {ADAPTER} --prompt '你是谁？' --max-new-tokens 16",
+    f"selfllm lora infer {ASK}",  # the base model (MODEL_PATH), no adapter
+    f"selfllm lora infer --adapter {ADAPTER} {ASK}",
     f"selfllm lora merge --adapter {ADAPTER} --out {MERGED}",
-    f"selfllm lora infer --model {MERGED} --prompt '你是谁？' --max-new-tokens 16",
+    f"selfllm lora infer --model {MERGED} {ASK}",
 ])
 ENV = {"DATA_PATH": DATA, "RUN_NAME": "smoke", "MAX_STEPS": "20",
        "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1",
-       "SYSTEM_PROMPT": "现在你要扮演皇帝身边的女人--甄嬛"}
+       "SYSTEM_PROMPT": SYSTEM_PROMPT}
 
 
 def results(logs: str) -> list[dict]:
@@ -40,8 +45,9 @@ def verify_lora(session: SmokeSession) -> str:
     found = results(session.logs())
     actions = [r["action"] for r in found]
     expect(code == 0, f"the container exited with code {code} after {actions or 'no result'}")
-    expect(actions == ["train", "infer", "merge", "infer"], f"expected train, infer, merge, infer; got {actions}")
-    trained, infer_adapter, merged, infer_merged = found
+    expect(actions == ["train", "infer", "infer", "merge", "infer"],
+           f"expected train, infer (base), infer (adapter), merge, infer (merged); got {actions}")
+    trained, infer_base, infer_adapter, merged, infer_merged = found
     losses = trained["losses"]
     expect(trained["steps"] == 20 and len(losses) >= 6, f"trained {trained['steps']} steps, logged {len(losses)} losses")
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
@@ -50,12 +56,16 @@ def verify_lora(session: SmokeSession) -> str:
            f"adapter files: {trained['adapter_files']}")
     expect(infer_adapter["adapter"] == ADAPTER and infer_adapter["completion_tokens"] > 0,
            f"inference with the adapter: {infer_adapter}")
+    expect(infer_base["adapter"] is None and infer_adapter["reply"] != infer_base["reply"],
+           f"the adapter does not change the greedy reply: {infer_adapter['reply']!r} (base: {infer_base['reply']!r})")
     expect("config.json" in merged["files"] and any(f.endswith(".safetensors") for f in merged["files"]),
            f"merged folder holds {merged['files']}")
-    expect(infer_merged["adapter"] is None and infer_merged["model"] == MERGED and infer_merged["completion_tokens"] > 0,
-           f"the merged model did not generate: {infer_merged}")
+    expect(infer_merged["adapter"] is None and infer_merged["model"] == MERGED
+           and infer_merged["reply"] == infer_adapter["reply"],
+           f"the merged model answers {infer_merged['reply']!r}, the adapter {infer_adapter['reply']!r}")
     return (f"trained {trained['steps']} steps on {trained['examples']} examples, loss {first:.2f} → {last:.2f}, "
-            f"{trained['tokens_per_s']} tokens/s ({trained['device']}); adapter and merged model generated")
+            f"{trained['tokens_per_s']} tokens/s ({trained['device']}); the adapter changes the greedy reply, "
+            "the merged model answers as base + adapter")
 
 
 CHECK = SmokeCheck(command=COMMAND, verify=verify_lora, serves_http=False, env=ENV)
