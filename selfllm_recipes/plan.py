@@ -42,7 +42,12 @@ def changed_paths(ref: str) -> list[str]:
             raise SelectionError(f"--changed-since {ref!r}: {result.stderr.strip() or 'git failed'}")
         return [line for line in result.stdout.splitlines() if line]
 
-    return git("diff", "--name-only", ref) + git("ls-files", "--others", "--exclude-standard")
+    # the ref is resolved to a commit first (a ref such as `--output=FILE` is never an option to git diff)
+    resolved = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"],
+                              cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    if not resolved:
+        raise SelectionError(f"--changed-since {ref!r}: not a commit of this repository")
+    return git("diff", "--name-only", resolved, "--") + git("ls-files", "--others", "--exclude-standard")
 
 
 def recipe_inputs(spec: RecipeSpec) -> list[str]:

@@ -68,3 +68,11 @@ def test_changed_since_head_selects_nothing_when_clean_tree_or_only_changed():
 def test_bad_git_ref_is_a_clear_error():
     result = _cli("--github-matrix", "--changed-since", "no-such-ref-xyz")
     assert result.returncode == 2 and "--changed-since 'no-such-ref-xyz'" in result.stdout + result.stderr
+
+
+def test_a_ref_that_looks_like_an_option_never_reaches_git_as_one(tmp_path):
+    """`git diff --output=FILE` would write a file: the ref is resolved to a commit first."""
+    target = tmp_path / "written-by-git"
+    result = _cli("--github-matrix", f"--changed-since=--output={target}")
+    assert result.returncode == 2 and "not a commit" in result.stdout + result.stderr
+    assert not target.exists()
