@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from selfllm_recipes.layout import RECIPES_DIR
+from selfllm_recipes.layout import RECIPES_DIR, REPO_ROOT
 from selfllm_runtime.access import bearer_token, exposure_warning, is_loopback, keys_match, serving_host
 from selfllm_runtime.context import load_context
 
@@ -49,6 +50,14 @@ def test_keys_match_exactly():
 
 # ----------------------------------------------------------------------------- every server warns at start
 
+def only_env(monkeypatch, env: dict[str, str], names: tuple[str, ...]) -> None:
+    """Of `names`, exactly those in env are set."""
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
 def _warnings(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("selfllm: WARNING: serving on")]
 
@@ -59,10 +68,7 @@ def test_fastapi_warns_once_when_open(engine, monkeypatch, capsys, env, warned):
 
     from selfllm_runtime.tasks import fastapi_server
 
-    for name in ("HOST", "API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    only_env(monkeypatch, env, ("HOST", "API_KEY"))
     served: dict[str, Any] = {}
     monkeypatch.setattr(fastapi_server, "ChatEngine", lambda context, model_dir: engine)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(kwargs))
@@ -80,10 +86,7 @@ class Exec(Exception):
 def test_webdemo_warns_once_when_open_and_binds_host(monkeypatch, capsys, env, warned):
     from selfllm_runtime.tasks import webdemo
 
-    for name in ("HOST", "API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    only_env(monkeypatch, env, ("HOST", "API_KEY"))
     seen: list[list[str]] = []
 
     def fake_execve(path: str, argv: list[str], environ: dict[str, str]) -> None:
@@ -108,10 +111,7 @@ def test_webdemo_warns_once_when_open_and_binds_host(monkeypatch, capsys, env, w
 def test_vllm_warns_once_when_open_and_never_logs_the_key(monkeypatch, capsys, caplog, env, warned, secret):
     from selfllm_runtime.tasks import vllm_server
 
-    for name in ("HOST", "API_KEY", "VLLM_ARGS"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    only_env(monkeypatch, env, ("HOST", "API_KEY", "VLLM_ARGS"))
     seen: list[list[str]] = []
 
     def fake_execv(path: str, argv: list[str]) -> None:
@@ -130,3 +130,32 @@ def test_vllm_warns_once_when_open_and_never_logs_the_key(monkeypatch, capsys, c
         argv = seen[0]
         assert argv[argv.index("--api-key") + 1] == secret
         assert secret not in logged and "<API_KEY>" in logged
+
+
+# ----------------------------------------------------------------------------- the documented commands
+
+def _docker_runs(text: str) -> list[str]:
+    """Every `docker run` command in text, backslash continuations joined."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [m.group(0) for m in re.finditer(r"docker run [^\n`]*", joined)]
+
+
+def test_documented_docker_runs_publish_on_loopback_unless_a_key_is_set():
+    readmes = [REPO_ROOT / "README.md", *sorted(RECIPES_DIR.glob("*/*/README.md"))]
+    offenders, published = [], 0
+    for readme in readmes:
+        for command in _docker_runs(readme.read_text()):
+            ports = re.findall(r"(?:^|\s)-p\s+(\S+)", command)
+            published += len(ports)
+            if any(not port.startswith("127.0.0.1:") for port in ports) and "API_KEY=" not in command:
+                offenders.append(f"{readme.relative_to(REPO_ROOT)}: {command}")
+    assert published > 40 and not offenders, offenders
+
+
+@pytest.mark.parametrize("task", ["fastapi", "vllm", "webdemo"])
+def test_every_serving_readme_says_how_to_expose_it_safely(task):
+    readme = (RECIPES_DIR / "qwen3" / task / "README.md").read_text()
+    assert "## 安全地开放服务" in readme and "**Exposing it safely.**" in readme
+    assert "| `API_KEY` |" in readme and "| `HOST` |" in readme
+    if task == "vllm":
+        assert "--api-key" in readme
