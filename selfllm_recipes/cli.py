@@ -35,6 +35,7 @@ from .locks import LOCK_PYTHON, compile_lock
 from .scaffold import new_family
 from .plan import SelectionError, select, select_by_name
 from .report import RecipeReport, render_table, write_reports
+from .secret_scan import url_has_credentials
 from .smoke.runner import cached_pass, remember_pass, remove_leftovers, run_smoke
 
 log = logging.getLogger("selfllm")
@@ -73,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--github-matrix", action="store_true", help="print the selection as a GitHub Actions matrix and exit")
     p.add_argument("--no-smoke", action="store_true", help="build only")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when inputs are unchanged")
-    p.add_argument("--pip-index-url", help="PIP_INDEX_URL for image builds (e.g. the Tsinghua mirror)")
+    p.add_argument("--pip-index-url", help="PIP_INDEX_URL for image builds (e.g. the Tsinghua mirror); a build arg, "
+                   "recorded in `docker history`: no credentials")
     p.add_argument("--hf-endpoint", help="HF_ENDPOINT baked into images (e.g. https://hf-mirror.com)")
     p.add_argument("--find-links", action="append", default=[], metavar="DIR_OR_URL",
                    help="lock: also resolve from here (CPU torch: https://download.pytorch.org/whl/cpu)")
@@ -208,6 +210,11 @@ def finish_step(progress: Progress, task, line: str) -> None:
 
 
 def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
+    extra = {k: v for k, v in {"PIP_INDEX_URL": args.pip_index_url, "HF_ENDPOINT": args.hf_endpoint}.items() if v}
+    if leaks := [k for k, v in extra.items() if url_has_credentials(v)]:
+        console.print(f"refused: {', '.join(leaks)} holds credentials (user:password@), which would ship in every "
+                      "image's config or history; use a mirror that needs none")
+        return 2
     recipes, broken = selected(args)
     rows: dict[str, RecipeReport] = {
         b.key: RecipeReport(b.key, "fail", 0.0, "", error=str(b.error), build="not built") for b in broken}
@@ -221,7 +228,6 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
     gpu = {"on": True, "off": False}.get(args.gpu, has_nvidia_runtime(client))
     base = choose_base(client, args.base)
     log.info("CUDA base: %s (%s)", base.image, base.reason)
-    extra = {k: v for k, v in {"PIP_INDEX_URL": args.pip_index_url, "HF_ENDPOINT": args.hf_endpoint}.items() if v}
     nodes = plan_images(recipes, base.image, client.images.get(base.image).id, extra, cpu=not gpu)
     by_key = {spec.key: spec for spec in recipes}
     built: dict[str, BuildResult] = {}

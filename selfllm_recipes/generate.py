@@ -27,6 +27,9 @@ class GeneratedFile:
     sources: tuple[Path, ...]  # the inputs it is made from
 
 
+SHARED_README_PARTS = ("access.md.j2",)  # macros the serving tasks' README templates import
+
+
 def _environment(tasks_dir: Path) -> Environment:
     return Environment(loader=FileSystemLoader(str(tasks_dir)), undefined=StrictUndefined,
                        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)
@@ -74,7 +77,8 @@ def expected_files(recipe_dir: Path, recipe: Recipe, family: ModelFamily, model_
         if not source.is_file():
             raise MetadataError(source, "(file)", f"missing: the template of every recipe's {name}")
         text = env.get_template(template).render(**context)
-        files.append(GeneratedFile(name, text.encode("utf-8"), (source, *family_inputs)))
+        shared = tuple(tasks_dir / part for part in SHARED_README_PARTS if name == "README.md")
+        files.append(GeneratedFile(name, text.encode("utf-8"), (source, *shared, *family_inputs)))
     for lock in lock_names(recipe):
         if own_lock_input(recipe_dir, lock).is_file():
             continue  # this recipe pins its own dependencies: its lock is compiled, not copied

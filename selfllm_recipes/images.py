@@ -109,12 +109,20 @@ def digest(node: ImageNode, parent_hashes: list[str], external: str = "") -> str
     return h.hexdigest()[:16]
 
 
+# Build args of the pip steps (the stacks' and, through their ONBUILD, the recipes'): declared as ARG
+# there and never as ENV, so that they stay out of every image's config.
+PIP_BUILD_ARGS = frozenset({"PIP_INDEX_URL"})
+
+
 def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, extra_args: dict[str, str],
                 cpu: bool = False) -> list[ImageNode]:
     """Nodes in build order (parents first); only what the selected recipes need. cpu: build a
-    recipe's CPU variant (tag :cpu) instead of its GPU build where it declares one."""
+    recipe's CPU variant (tag :cpu) instead of its GPU build where it declares one. extra_args:
+    PIP_BUILD_ARGS go to every build that runs pip (stacks, recipes), the others (HF_ENDPOINT) to the base."""
+    pip_args = {k: v for k, v in extra_args.items() if k in PIP_BUILD_ARGS}
+    base_args = {k: v for k, v in extra_args.items() if k not in PIP_BUILD_ARGS}
     base = ImageNode("base", NodeKind.base, f"{IMAGE_PREFIX}/base:cuda12.1", folder_files(CUDA_BASE_DIR),
-                     buildargs={"BASE_IMAGE": base_image, **extra_args})
+                     buildargs={"BASE_IMAGE": base_image, **base_args})
     base.input_hash = digest(base, [], base_image_id)
     runtime = ImageNode("runtime", NodeKind.runtime, f"{IMAGE_PREFIX}/runtime:latest", runtime_files())
     runtime.input_hash = digest(runtime, [])
@@ -126,7 +134,8 @@ def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, 
             wheels = local_wheels(stack_spec.pins)
             stack = ImageNode(stack_key, NodeKind.stack, f"{IMAGE_PREFIX}/stack:{stack_spec.name}",
                               folder_files(stack_spec.dir) | wheels, parents=["base"],
-                              buildargs={"BASE_IMAGE": base.tag, **({"FIND_LINKS": "/opt/selfllm/stack"} if wheels else {})})
+                              buildargs={"BASE_IMAGE": base.tag, **pip_args,
+                                         **({"FIND_LINKS": "/opt/selfllm/stack"} if wheels else {})})
             stack.input_hash = digest(stack, [base.input_hash])
             nodes[stack_key] = stack
     if recipes:
@@ -139,7 +148,7 @@ def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, 
         files = {name: path for name, path in folder_files(spec.dir).items() if name != "README.md"}
         node = ImageNode(spec.key, NodeKind.recipe, tag, files,
                          parents=[stack.key, "runtime"],
-                         buildargs={"STACK_IMAGE": stack.tag, "RUNTIME_IMAGE": runtime.tag, **variant_args})
+                         buildargs={"STACK_IMAGE": stack.tag, "RUNTIME_IMAGE": runtime.tag, **pip_args, **variant_args})
         node.input_hash = digest(node, [stack.input_hash, runtime.input_hash])
         nodes[spec.key] = node
     return list(nodes.values())

@@ -287,6 +287,79 @@ def test_no_api_key_by_default(client):
     assert client.get("/v1/models").status_code == 200
 
 
+def test_bearer_scheme_is_case_insensitive_and_key_must_match_exactly(engine, monkeypatch):
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    monkeypatch.setenv("API_KEY", "s3cret")
+    with TestClient(create_app(engine)) as keyed:
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+            answer = keyed.get("/v1/models", headers={"Authorization": f"{scheme} s3cret"})
+            assert answer.status_code == 200, (scheme, answer.text)
+        for value in ("Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "Bearer", "s3cret"):
+            assert keyed.get("/v1/models", headers={"Authorization": value}).status_code == 401, value
+
+
+# ----------------------------------------------------------------------------- failures and logs
+
+SECRET_TEXT = "/root/private/path token=hunter2"
+
+
+def _crash(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError(SECRET_TEXT)
+
+
+@pytest.mark.parametrize("path,body", [(URL, GOOD), ("/", {"prompt": "你好", "max_length": 4})])
+def test_500_hides_the_exception_and_gives_a_request_id_found_in_the_log(engine, monkeypatch, caplog, path, body):
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    monkeypatch.setattr(engine, "generate", _crash)
+    with TestClient(create_app(engine), raise_server_exceptions=False) as crashing:
+        with caplog.at_level("ERROR", logger="selfllm.openai"):
+            answer = crashing.post(path, json=body)
+    assert answer.status_code == 500
+    assert SECRET_TEXT not in answer.text and "hunter2" not in answer.text and "RuntimeError" not in answer.text
+    request_id = answer.headers["X-Request-ID"]
+    if path == URL:
+        error = answer.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
+        message = error["message"]
+    else:
+        message = answer.json()["detail"]
+    assert request_id.startswith("req-") and request_id in message
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and SECRET_TEXT in str(logged[0].exc_info[1])
+
+
+def test_stream_failure_hides_the_exception(engine, monkeypatch, caplog):
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    def failing_stream(messages, params):
+        yield ("content", "partial")
+        raise RuntimeError(SECRET_TEXT)
+
+    monkeypatch.setattr(engine, "stream", failing_stream)
+    with TestClient(create_app(engine)) as app_client, caplog.at_level("ERROR", logger="selfllm.openai"):
+        with app_client.stream("POST", URL, json={**GOOD, "stream": True}) as answer:
+            chunks = sse_chunks(answer.iter_lines())
+    error = chunks[-1]["error"]
+    assert SECRET_TEXT not in error["message"] and error["type"] == "server_error"
+    request_id = error["message"].split("request id ")[1].split(";")[0]
+    assert any(request_id in r.getMessage() for r in caplog.records)
+
+
+def test_legacy_route_logs_sizes_at_info_and_texts_only_at_debug(client, caplog):
+    prompt = "请记住这个独一无二的提示词 XYZZY"
+    with caplog.at_level("INFO", logger="selfllm.fastapi"):
+        assert client.post("/", json={"prompt": prompt, "max_length": 4}).status_code == 200
+    info = [r.getMessage() for r in caplog.records if r.name == "selfllm.fastapi"]
+    assert info and all("XYZZY" not in m for m in info)
+    assert any(f"prompt: {len(prompt)} chars" in m for m in info), info
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="selfllm.fastapi"):
+        assert client.post("/", json={"prompt": prompt, "max_length": 4}).status_code == 200
+    assert any("XYZZY" in r.getMessage() and r.levelname == "DEBUG" for r in caplog.records)
+
+
 # ----------------------------------------------------------------------------- a real server
 
 def test_openai_client_against_uvicorn(server):

@@ -67,6 +67,22 @@ def test_env_overrides_name_length_and_extra_args_come_last(context):
     assert _option(build_argv(context, "/m", GPU, env={"MODEL_ID": "Qwen/Qwen3-4B"}), "--served-model-name") == "Qwen/Qwen3-4B"
 
 
+def test_api_key_becomes_vllms_api_key_and_host_is_honoured(context):
+    assert "--api-key" not in build_argv(context, "/m", GPU, env={})
+    for build in (GPU, CPU):
+        argv = build_argv(context, "/m", build, env={"API_KEY": " sk-abc ", "HOST": "127.0.0.1"}, python="/py")
+        assert _option(argv, "--api-key") == "sk-abc" and argv.count("--api-key") == 1
+        assert _option(argv, "--host") == "127.0.0.1"
+
+
+def test_logged_command_line_hides_every_api_key():
+    from selfllm_runtime.tasks.vllm_server import redacted
+
+    argv = ["/py", "--api-key", "a1", "--port", "8000", "--api-key=b2", "--api-key", "c3", "d4", "--x"]
+    assert redacted(argv) == ["/py", "--api-key", "<API_KEY>", "--port", "8000", "--api-key=<API_KEY>",
+                              "--api-key", "<API_KEY>", "<API_KEY>", "--x"]
+
+
 def test_bad_max_model_len_is_named(context):
     with pytest.raises(ValueError, match="MAX_MODEL_LEN='8k'"):
         build_argv(context, "/m", GPU, env={"MAX_MODEL_LEN": "8k"})

@@ -48,6 +48,17 @@ def app(context, tiny_model, monkeypatch) -> AppTest:
 
 
 @pytest.fixture
+def keyed_app(context, tiny_model, monkeypatch) -> AppTest:
+    """The page of a server started with API_KEY=s3cret (not yet logged in)."""
+    monkeypatch.setenv(webdemo.ENV_RECIPE_DIR, str(RECIPE_DIR))
+    monkeypatch.setenv(webdemo.ENV_MODEL_DIR, str(tiny_model))
+    monkeypatch.setenv("API_KEY", "s3cret")
+    at = AppTest.from_file(str(webdemo.APP_FILE), default_timeout=120).run()
+    assert not at.exception, at.exception
+    return at
+
+
+@pytest.fixture
 def calls(monkeypatch) -> list:
     """Records the (messages, params) of every ChatEngine.stream call, then streams for real."""
     seen: list = []
@@ -88,6 +99,37 @@ def test_page_controls(app, context):
     assert app.toggle(key="thinking").value is True  # Qwen3's enable_thinking defaults to on
     assert app.button(key="clear").label.startswith("清空对话")
     assert len(app.chat_input) == 1 and len(app.chat_message) == 0
+
+
+def test_no_login_without_api_key(app):
+    assert len(app.text_input) == 0 and len(app.chat_input) == 1
+
+
+def test_api_key_gate_shows_only_a_password_field(keyed_app):
+    assert len(keyed_app.chat_input) == 0 and len(keyed_app.sidebar.slider) == 0
+    assert len(keyed_app.caption) == 0 and len(keyed_app.chat_message) == 0  # not even the model's name
+    from streamlit.proto.TextInput_pb2 import TextInput as TextInputProto
+
+    field = keyed_app.text_input(key="login_key")
+    assert field.proto.type == TextInputProto.PASSWORD and len(keyed_app.error) == 0
+
+
+def test_api_key_gate_refuses_a_wrong_key(keyed_app):
+    keyed_app.text_input(key="login_key").input("wrong").run()
+    assert not keyed_app.exception, keyed_app.exception
+    assert len(keyed_app.error) == 1 and len(keyed_app.chat_input) == 0 and len(keyed_app.sidebar.slider) == 0
+    assert "authenticated" not in keyed_app.session_state
+
+
+def test_api_key_gate_opens_the_chat_for_the_right_key(keyed_app, calls):
+    keyed_app.text_input(key="login_key").input("s3cret").run()
+    assert not keyed_app.exception, keyed_app.exception
+    assert len(keyed_app.text_input) == 0 and len(keyed_app.error) == 0 and len(keyed_app.chat_input) == 1
+    keyed_app.slider(key="max_length").set_value(16).run()
+    keyed_app.chat_input[0].set_value("你好").run()  # the tab stays logged in across reruns
+    assert not keyed_app.exception, keyed_app.exception
+    assert [m["role"] for m in keyed_app.session_state["messages"]] == ["user", "assistant"]
+    assert calls and calls[-1][0] == [{"role": "user", "content": "你好"}]
 
 
 def test_chat_keeps_history_and_passes_sliders(app, calls):

@@ -1,14 +1,17 @@
-"""Task `fastapi`: upstream's API (`POST /`) on port 6006, plus `GET /health`."""
+"""Task `fastapi`: upstream's API (`POST /`) on port 6006, plus `GET /health`.
+
+The legacy route logs each exchange's sizes at INFO; the prompt and answer themselves only at DEBUG.
+"""
 from __future__ import annotations
 
 import datetime
-import os
 import logging
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..access import api_key, serving_host, warn_if_exposed
 from ..chat_engine import ChatEngine, Message
 from ..context import RecipeContext
 from .openai_api import add_openai_routes
@@ -77,7 +80,9 @@ def create_app(engine: ChatEngine):
         turn: list[Any] = ([[body.prompt, completion.text]] if pairs_style else
                            [{"role": "user", "content": body.prompt}, {"role": "assistant", "content": completion.text}])
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        log.info('[%s] prompt:"%s", response:"%s"', now, body.prompt, completion.raw)
+        log.info("[%s] POST / prompt: %d chars, history: %d turns, response: %d chars", now, len(body.prompt),
+                 len(body.history), len(completion.raw))
+        log.debug('[%s] prompt:"%s", response:"%s"', now, body.prompt, completion.raw)
         reply = LegacyResponse(response=completion.text, history=[*body.history, *turn], status=200, time=now)
         if engine.family.reasoning is not None:
             reply.response, reply.think, reply.answer = completion.raw, completion.reasoning or "", completion.text
@@ -90,6 +95,7 @@ def create_app(engine: ChatEngine):
 def run(context: RecipeContext, model_dir: Path) -> None:
     import uvicorn
 
+    host, port = serving_host(), context.recipe.port  # HOST: see access.py
+    warn_if_exposed(host, port, api_key())
     app = create_app(ChatEngine(context, model_dir))
-    # HOST: 0.0.0.0 serves the published port; 127.0.0.1 keeps a host-network process private.
-    uvicorn.run(app, host=os.environ.get("HOST", "0.0.0.0"), port=context.recipe.port, workers=1)
+    uvicorn.run(app, host=host, port=port, workers=1)

@@ -11,15 +11,16 @@
 - errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` under /v1 (bad JSON,
   wrong types, empty `messages`, out-of-range `max_tokens`, unknown model), other routes keep
   FastAPI's default answers;
-- an optional API key (env `API_KEY`): `Authorization: Bearer <key>` on every route but /health
-  and the docs.
+- an optional API key (env `API_KEY`, see access.py): `Authorization: Bearer <key>` (scheme in any
+  case) on every route but /health and the docs;
+- an unexpected failure answers 500 with a generic message and a request id, never the exception's
+  text; the log line of the traceback carries the same id.
 
 Served model name: env `SERVED_MODEL_NAME`, else `MODEL_ID`, else the recipe's default checkpoint
 id; the model folder's name is accepted too.
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
@@ -30,6 +31,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..access import api_key as api_key_from_env
+from ..access import bearer_token, keys_match
 from ..batching import EngineBusy
 from ..continuous import SeedUnsupported
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
@@ -62,6 +65,15 @@ class OpenAIError(Exception):
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"
+
+
+def internal_error_message(request_id: str) -> str:
+    """What a client sees of a crash: no exception text (it may hold paths, prompts or settings)."""
+    return f"internal server error (request id {request_id}; the server's log has the details)"
 
 
 def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
@@ -260,9 +272,11 @@ class OpenAIChat:
                 kind, text = piece
                 if text:
                     yield chunk({"reasoning_content": text} if kind == "reasoning" else {"content": text})
-        except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band as vLLM does
-            log.exception("stream failed")
-            yield f"data: {json.dumps(error_body(f'generation failed: {exc}', 'server_error', code='500'))}\n\n"
+        except Exception:  # noqa: BLE001 - headers are sent; report in-band as vLLM does
+            request_id = new_request_id()
+            log.exception("stream failed [%s]", request_id)
+            body = error_body(internal_error_message(request_id), "server_error", code="500")
+            yield f"data: {json.dumps(body)}\n\n"
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:
@@ -271,17 +285,19 @@ class OpenAIChat:
 
 
 class ApiKeyMiddleware:
-    """Pure ASGI (streams pass through untouched): every HTTP route but OPEN_PATHS needs the key."""
+    """Pure ASGI (streams pass through untouched): every HTTP route but OPEN_PATHS needs the key,
+    as `Authorization: Bearer <key>` with the scheme in any case, compared in constant time."""
 
     def __init__(self, app: Any, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.api_key = app, api_key
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        token = bearer_token(given)
+        if token is not None and keys_match(token, self.api_key):
             await self.app(scope, receive, send)
             return
         from fastapi.responses import JSONResponse
@@ -380,12 +396,12 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
         return JSONResponse(error_body(str(exc), param="seed"), status_code=400)
 
     async def on_crash(request: Request, exc: Exception) -> Any:
-        log.exception("request failed", exc_info=exc)
+        request_id = new_request_id()
+        log.error("request failed [%s] %s %s", request_id, request.method, request.url.path, exc_info=exc)
+        message, headers = internal_error_message(request_id), {"X-Request-ID": request_id}
         if not is_v1(request):
-            from fastapi.responses import PlainTextResponse
-
-            return PlainTextResponse("Internal Server Error", status_code=500)
-        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
+            return JSONResponse({"detail": message}, status_code=500, headers=headers)
+        return JSONResponse(error_body(message, "server_error"), status_code=500, headers=headers)
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(EngineBusy, on_busy)
@@ -394,7 +410,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
 
-    key = api_key if api_key is not None else os.environ.get("API_KEY", "")
+    key = api_key if api_key is not None else api_key_from_env()
     if key:
         app.add_middleware(ApiKeyMiddleware, api_key=key)
     log.info("OpenAI-compatible API at /v1 serving %r%s", chat.served_name, " (API key required)" if key else "")

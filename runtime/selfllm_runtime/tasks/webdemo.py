@@ -2,6 +2,8 @@
 
 `run()` replaces this process with `streamlit run webdemo_app.py`; the page finds the recipe and
 the model folder through the environment variables below and loads the ChatEngine once per process.
+HOST (default 0.0.0.0) is the address Streamlit binds; with API_KEY set the page asks for that key
+(a password field, nothing else) before it shows the chat (see webdemo_app.py).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..access import api_key, serving_host, warn_if_exposed
 from ..chat_engine import GenerationParams
 from ..context import RUNTIME_ROOT, RecipeContext
 
@@ -43,7 +46,9 @@ def generation_params(context: RecipeContext, max_length: int, temperature: floa
                             template_kwargs=template_kwargs)
 
 
-def streamlit_command(context: RecipeContext, app_file: Path = APP_FILE, address: str = "0.0.0.0") -> list[str]:
+def streamlit_command(context: RecipeContext, app_file: Path = APP_FILE, address: str | None = None) -> list[str]:
+    """address: the bind address (default: HOST, else 0.0.0.0)."""
+    address = serving_host() if address is None else address
     return [sys.executable, "-m", "streamlit", "run", str(app_file),
             "--server.port", str(context.recipe.port), "--server.address", address,
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
@@ -63,6 +68,7 @@ def streamlit_env(context: RecipeContext, model_dir: Path, base: dict[str, str] 
 
 def run(context: RecipeContext, model_dir: Path) -> None:
     command = streamlit_command(context)
+    warn_if_exposed(command[command.index("--server.address") + 1], context.recipe.port, api_key())
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(command[0], command, streamlit_env(context, model_dir))

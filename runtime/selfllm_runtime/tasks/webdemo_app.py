@@ -2,6 +2,7 @@
 
 Streamlit reruns this file top to bottom on every interaction: the ChatEngine is loaded once per
 process (st.cache_resource), the conversation lives in st.session_state per browser tab.
+With API_KEY set, a tab sees only a password field until it gives that key (st.session_state flag).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from selfllm_runtime.access import api_key, keys_match
 from selfllm_runtime.chat_engine import ChatEngine, Completion, Message
 from selfllm_runtime.context import load_context
 from selfllm_runtime.tasks.webdemo import (ENV_MODEL_DIR, ENV_RECIPE_DIR, MAX_LENGTH, TEMPERATURE, TOP_P, Slider,
@@ -19,6 +21,10 @@ from selfllm_runtime.tasks.webdemo import (ENV_MODEL_DIR, ENV_RECIPE_DIR, MAX_LE
 THINKING_LABEL = "思考过程 / Thinking"
 NO_ANSWER = "（没有回答内容 / no answer）"
 NO_ANSWER_WHILE_THINKING = "（思考未结束就达到了 max_length / max_length reached while thinking）"
+LOGIN_LABEL = "API_KEY"
+LOGIN_KEY = "login_key"  # the password field's widget key
+AUTHENTICATED = "authenticated"  # session_state flag, per browser tab
+WRONG_KEY = "API_KEY 不正确 / Wrong API_KEY"
 
 
 @st.cache_resource(show_spinner="正在加载模型… / Loading the model…")
@@ -34,6 +40,21 @@ def slider(spec: Slider, key: str, value: float | None = None):
     return st.slider(spec.label, cast(spec.min_value), cast(spec.max_value), cast(start), cast(spec.step), key=key)
 
 
+def login_gate(expected: str) -> None:
+    """With a key set: until this tab has given it, draw only the password field and stop the page."""
+    if not expected or st.session_state.get(AUTHENTICATED):
+        return
+    st.title("🔒")
+    given = st.text_input(LOGIN_LABEL, type="password", key=LOGIN_KEY,
+                          help="启动时设置的 API_KEY / the API_KEY the server was started with")
+    if given and keys_match(given.strip(), expected):
+        st.session_state[AUTHENTICATED] = True
+        st.rerun()
+    if given:
+        st.error(WRONG_KEY)
+    st.stop()
+
+
 def show_message(message: dict) -> None:
     with st.chat_message(message["role"]):
         if message.get("reasoning"):
@@ -45,9 +66,10 @@ def show_message(message: dict) -> None:
             st.caption(NO_ANSWER_WHILE_THINKING if message.get("reasoning") else NO_ANSWER)
 
 
+st.set_page_config(page_title=load_context(os.environ.get(ENV_RECIPE_DIR) or None).recipe.name, page_icon="💬")
+login_gate(api_key())
 engine = load_engine(os.environ.get(ENV_RECIPE_DIR, ""), os.environ[ENV_MODEL_DIR])
 context = engine.context
-st.set_page_config(page_title=context.recipe.name, page_icon="💬")
 st.title(context.recipe.name)
 st.caption(f"{context.family.display_name} · {engine.model_name} · {engine.device}")
 if "messages" not in st.session_state:

@@ -1,0 +1,78 @@
+"""Who may reach a serving task: the settings every server shares and the checks they make.
+
+- `HOST` (default 0.0.0.0): the address a server binds. A container needs 0.0.0.0 for its published
+  port, and AutoDL's custom-service port mapping needs the server reachable on the instance, so the
+  default stays; 127.0.0.1 keeps a native install private to its machine (reach it by SSH tunnel).
+- `API_KEY`: one key for every task: fastapi's `Authorization: Bearer` check, vLLM's `--api-key`,
+  the webdemo's login gate.
+
+A server started on a non-loopback address without an API key prints one warning line at start.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import sys
+from collections.abc import Mapping
+from typing import TextIO
+
+DEFAULT_HOST = "0.0.0.0"
+ENV_HOST = "HOST"
+ENV_API_KEY = "API_KEY"
+
+
+def serving_host(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return (env.get(ENV_HOST) or "").strip() or DEFAULT_HOST
+
+
+def api_key(env: Mapping[str, str] | None = None) -> str:
+    """The API key, '' when none is set (surrounding whitespace is never part of a key)."""
+    env = os.environ if env is None else env
+    return (env.get(ENV_API_KEY) or "").strip()
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def exposure_warning(host: str, port: int | str, key: str) -> str | None:
+    """The one warning line for a server on a non-loopback address without a key; None when safe."""
+    if key or is_loopback(host):
+        return None
+    return (f"selfllm: WARNING: serving on {host}:{port} without {ENV_API_KEY}: anyone who reaches this "
+            f"port can use the model. Set {ENV_API_KEY}=<secret>, or bind {ENV_HOST}=127.0.0.1 and use an "
+            f"SSH tunnel; with Docker publish on loopback only (-p 127.0.0.1:{port}:{port}).")
+
+
+def warn_if_exposed(host: str, port: int | str, key: str, out: TextIO | None = None) -> str | None:
+    """Print exposure_warning (if any) on stderr; return it."""
+    line = exposure_warning(host, port, key)
+    if line is not None:
+        print(line, file=out or sys.stderr, flush=True)
+    return line
+
+
+def keys_match(given: str | bytes, expected: str) -> bool:
+    """Constant-time comparison of a presented key with the expected one."""
+    given_bytes = given.encode() if isinstance(given, str) else given
+    return hmac.compare_digest(given_bytes, expected.encode())
+
+
+def bearer_token(authorization: str | bytes | None) -> bytes | None:
+    """The credentials of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
+    (RFC 7235). None for a missing header or another scheme."""
+    if not authorization:
+        return None
+    raw = authorization.encode("latin-1") if isinstance(authorization, str) else authorization
+    scheme, _, token = raw.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.strip()
