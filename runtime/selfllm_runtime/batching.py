@@ -60,8 +60,11 @@ class Job:
         self.cancelled.set()
 
 
-class Scheduler:
-    kind = "static"
+class SchedulerBase:
+    """What every scheduler of ChatEngine has: the model it runs (replaceable until the first request),
+    the stop tokens, and its bounds: `max_batch` rows at once, `max_queue` waiting requests."""
+
+    kind = ""
 
     def __init__(self, model: Any, stop_token_ids: list[int], pad_token_id: int, *, max_batch: int = 16,
                  max_queue: int = 128):
@@ -69,11 +72,18 @@ class Scheduler:
             raise ValueError("max_batch and max_queue must be at least 1")
         self.model, self.stop_token_ids, self.pad_token_id = model, stop_token_ids, pad_token_id
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.largest_batch = 0
+
+
+class Scheduler(SchedulerBase):
+    kind = "static"
+
+    def __init__(self, model: Any, stop_token_ids: list[int], pad_token_id: int, **bounds: int):
+        super().__init__(model, stop_token_ids, pad_token_id, **bounds)
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
         self.worker: threading.Thread | None = None
         self.batches = 0  # generate calls made (for tests and logs)
-        self.largest_batch = 0
         self.running = 0  # rows of the batch being generated now
 
     # ------------------------------------------------------------------ consumer side

@@ -20,7 +20,7 @@ import logging
 import threading
 from typing import Any
 
-from .batching import DONE, EngineBusy, Job
+from .batching import DONE, EngineBusy, Job, SchedulerBase
 
 log = logging.getLogger("selfllm.continuous")
 
@@ -33,21 +33,16 @@ class SeedUnsupported(ValueError):
                          "generator, so a seeded answer could not be reproduced")
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(SchedulerBase):
     kind = "continuous"
 
-    def __init__(self, model: Any, stop_token_ids: list[int], pad_token_id: int, *, max_batch: int = 16,
-                 max_queue: int = 128):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be at least 1")
-        self.model, self.stop_token_ids, self.pad_token_id = model, stop_token_ids, pad_token_id
-        self.max_batch, self.max_queue = max_batch, max_queue
+    def __init__(self, model: Any, stop_token_ids: list[int], pad_token_id: int, **bounds: int):
+        super().__init__(model, stop_token_ids, pad_token_id, **bounds)
         self.jobs: dict[str, Job] = {}  # in flight: running in the manager or waiting in its queue
         self.lock = threading.Lock()
         self.ids = itertools.count()
         self.manager: Any = None
         self.dispatcher: threading.Thread | None = None
-        self.largest_batch = 0
 
     # ------------------------------------------------------------------ consumer side
 
