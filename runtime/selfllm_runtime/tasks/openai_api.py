@@ -170,6 +170,76 @@ class ChatCompletionRequest(BaseModel):
         return kwargs
 
 
+# ----------------------------------------------------------------------------- response schema (OpenAPI docs)
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error under /v1 (and the API key's 401 on any route), as OpenAI answers them."""
+
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class AnswerMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    reasoning_content: str | None
+    tool_calls: list[Any]
+
+
+class Choice(BaseModel):
+    index: int
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+    message: AnswerMessage
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[Choice]
+    usage: Usage
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a /v1 route: the given statuses, and any other 4xx (405...), in OpenAI's error
+    shape (a "4XX" entry also keeps FastAPI from documenting a 422 that /v1 never answers)."""
+    meaning = {400: "Invalid request (wrong types, out-of-range values, context length exceeded)",
+               401: "Missing or wrong API key (when the server has one)", 404: "Unknown model",
+               503: "The engine's queue is full (see Retry-After)"}
+    return {**{status: {"model": ErrorResponse, "description": meaning[status]} for status in statuses},
+            "4XX": {"model": ErrorResponse, "description": "Other client errors"}}
+
+
 # ----------------------------------------------------------------------------- the API
 
 class OpenAIChat:
@@ -323,16 +393,23 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
     chat = OpenAIChat(engine, served_model_name)
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
-    @router.get("/models")
+    # response_model=None with documented `responses`: the schema describes the answers, which are
+    # built as plain dicts (no second validation on the way out).
+    @router.get("/models", response_model=None, responses={200: {"model": ModelList}, **error_responses(401)})
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [chat.model_card()]}
 
-    @router.get("/models/{model_id:path}")
+    @router.get("/models/{model_id:path}", response_model=None,
+                responses={200: {"model": ModelCard}, **error_responses(401, 404)})
     async def get_model(model_id: str) -> dict[str, Any]:
         chat.check_model(model_id)
         return chat.model_card()
 
-    @router.post("/chat/completions", response_model=None)
+    @router.post("/chat/completions", response_model=None, responses={
+        200: {"model": ChatCompletion, "description": "The answer; with `stream: true` an SSE stream of "
+              "`data: {chat.completion.chunk}` events ending with `data: [DONE]`",
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **error_responses(400, 401, 404, 503)})
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         model = chat.check_model(body.model)
         messages, params, _ = await run_in_threadpool(chat.prepare, body)
