@@ -235,6 +235,9 @@ MALFORMED: list[tuple[str, Any, str | None]] = [
     ("huge max_tokens", {**GOOD, "max_tokens": 10**12}, "max_tokens"),
     ("max_tokens a string", {**GOOD, "max_tokens": "many"}, "max_tokens"),
     ("temperature too high", {**GOOD, "temperature": 7}, "temperature"),
+    ("temperature a boolean", {**GOOD, "temperature": True}, "temperature"),
+    ("temperature a string", {**GOOD, "temperature": "0.5"}, "temperature"),
+    ("stream a string", {**GOOD, "stream": "true"}, "stream"),
     ("top_p zero", {**GOOD, "top_p": 0}, "top_p"),
     ("stop a number", {**GOOD, "stop": 3}, "stop"),
     ("unknown model", {**GOOD, "model": "gpt-4o"}, "model"),
@@ -256,6 +259,8 @@ def test_malformed_request_gets_openai_error_then_server_still_serves(client, la
 def test_legacy_route_keeps_fastapi_422(client):
     answer = client.post("/", json={"prompt": ""})
     assert answer.status_code == 422 and "detail" in answer.json()
+    assert client.post("/", json={"prompt": "hi", "max_length": "4"}).status_code == 422  # no coercion
+    assert client.post("/", json={"prompt": "hi", "temperature": True}).status_code == 422
     legacy = client.post("/", json={"prompt": "你好", "history": [], "max_length": 4})
     assert legacy.status_code == 200 and legacy.json()["status"] == 200
 

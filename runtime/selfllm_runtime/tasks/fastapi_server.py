@@ -25,15 +25,16 @@ class HistoryMessage(BaseModel):
 
 
 class LegacyRequest(BaseModel):
-    """Upstream tutorial's body. history: [[user, assistant], ...] or [{"role", "content"}, ...]."""
+    """Upstream tutorial's body. history: [[user, assistant], ...] or [{"role", "content"}, ...].
+    Numbers are strict (a string or a boolean is a 422, not converted)."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: str = Field(min_length=1)
     history: list[tuple[Any, Any] | HistoryMessage] = []
-    max_length: int = Field(2048, ge=1, le=32768)
+    max_length: int = Field(2048, ge=1, le=32768, strict=True)
     # None: the checkpoint's generation_config.json (as /v1 and vLLM); upstream's tutorial sent 0.8 / 0.7.
-    top_p: float | None = Field(None, gt=0, le=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
 
 
 class LegacyError(BaseModel):

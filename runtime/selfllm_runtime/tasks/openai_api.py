@@ -113,27 +113,29 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's chat-completions body this server honours; unknown fields are ignored."""
+    """The subset of OpenAI's chat-completions body this server honours; unknown fields are ignored.
+    Numbers and booleans are strict, as OpenAI's: "0.5", true or "yes" where a number or a boolean
+    belongs is a 400, not silently converted."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, strict=True)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
-    logprobs: bool | None = None
+    n: int = Field(1, ge=1, strict=True)
+    logprobs: bool | None = Field(None, strict=True)
     tools: list[Any] | None = None
-    enable_thinking: bool | None = None
+    enable_thinking: bool | None = Field(None, strict=True)
     chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("stop")
