@@ -26,7 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -95,20 +95,26 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    """A system, developer, user or tool message: content is required."""
 
-    @model_validator(mode="after")
-    def _content_needed(self) -> ChatMessage:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
-        return self
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "tool"]
+    content: str | list[TextPart]
+    name: str | None = None
 
     def to_engine(self) -> Message:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class AssistantMessage(ChatMessage):
+    """An assistant turn may come without content (as OpenAI's tool-call turns)."""
+
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+
+
+AnyMessage = Annotated[ChatMessage | AssistantMessage, Field(discriminator="role")]
 
 
 class StreamOptions(BaseModel):
@@ -123,18 +129,19 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[AnyMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, strict=True)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float | None = Field(None, ge=0, le=2, strict=True)
     top_p: float | None = Field(None, gt=0, le=1, strict=True)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, strict=True)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, strict=True)
-    logprobs: bool | None = Field(None, strict=True)
-    tools: list[Any] | None = None
+    # what this server supports, documented; the validator below rejects the rest with its reason
+    n: int = Field(1, ge=1, strict=True, json_schema_extra={"maximum": 1})
+    logprobs: bool | None = Field(None, strict=True, json_schema_extra={"enum": [False, None]})
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
     enable_thinking: bool | None = Field(None, strict=True)
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -142,10 +149,7 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        stops = [s for s in stops if s]
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        return stops
+        return [s for s in stops if s]
 
     @field_validator("chat_template_kwargs")
     @classmethod
