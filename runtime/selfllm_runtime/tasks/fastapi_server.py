@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..chat_engine import ChatEngine, Message
 from ..context import RecipeContext
-from .openai_api import ErrorResponse, add_openai_routes
+from .openai_api import ErrorResponse, add_openai_routes, whole_number
 
 log = logging.getLogger("selfllm.fastapi")
 
@@ -35,6 +35,8 @@ class LegacyRequest(BaseModel):
     # None: the checkpoint's generation_config.json (as /v1 and vLLM); upstream's tutorial sent 0.8 / 0.7.
     top_p: float | None = Field(None, gt=0, le=1, strict=True)
     temperature: float | None = Field(None, ge=0, le=2, strict=True)
+
+    _whole_numbers = field_validator("max_length", mode="before")(whole_number)
 
 
 class LegacyError(BaseModel):

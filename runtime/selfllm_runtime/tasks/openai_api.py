@@ -88,6 +88,11 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
 
 # ----------------------------------------------------------------------------- request schema
 
+def whole_number(value: Any) -> Any:
+    """78.0 → 78 before a strict int field: a whole float is a JSON Schema integer (and "78" or true,
+    which pydantic's lax int would convert, are not)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
@@ -144,6 +149,8 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
     enable_thinking: bool | None = Field(None, strict=True)
     chat_template_kwargs: dict[str, Any] | None = None
+
+    _whole_numbers = field_validator("max_tokens", "max_completion_tokens", "seed", "n", mode="before")(whole_number)
 
     @field_validator("stop")
     @classmethod
