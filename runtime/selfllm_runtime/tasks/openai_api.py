@@ -243,6 +243,15 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+# One server-sent event of a stream (OpenAPI 3.1: a text/event-stream schema describes each event).
+SSE_EVENT: dict[str, Any] = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                            "description": "a chat.completion.chunk, an in-band error object, or [DONE] last"},
+                   "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}},
+}
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` of a /v1 route: the given statuses, and any other 4xx (405...), in OpenAI's error
     shape (a "4XX" entry also keeps FastAPI from documenting a 422 that /v1 never answers)."""
@@ -421,7 +430,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
     @router.post("/chat/completions", response_model=None, responses={
         200: {"model": ChatCompletion, "description": "The answer; with `stream: true` an SSE stream of "
               "`data: {chat.completion.chunk}` events ending with `data: [DONE]`",
-              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+              "content": {"text/event-stream": {"schema": SSE_EVENT}}},
         **error_responses(400, 401, 404, 503)})
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         model = chat.check_model(body.model)
