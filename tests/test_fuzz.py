@@ -9,6 +9,8 @@ design (context length, `n` > 1, `tools`, the chat template's rules) with a docu
 OpenAI's own API does. Afterwards the server must still answer a greedy request exactly.
 
 Reproducible: derandomized Hypothesis, no example database; a failure prints a curl command.
+Hypothesis drives each operation's strategy here (`operation.as_strategy`) because schemathesis'
+`pytest.from_fixture(...).parametrize()` fails under pytest 9.2 (it sets `Function._nodeid`).
 """
 from __future__ import annotations
 
@@ -82,7 +84,8 @@ def api_schema(fuzz_app, request) -> Iterator[Any]:
         lines = request.config.stash.setdefault(SUMMARY, [])
         lines.append(f"schemathesis: {sum(STATUSES.values())} generated cases, {len(FAILED)} failing runs "
                      f"{FAILED or ''}")
-        lines += [f"  {label} [{mode}] -> {status}: {count}" for (label, mode, status), count in sorted(STATUSES.items())]
+        lines += [f"  {label} [{mode}] -> {status}: {count}"
+                  for (label, mode, status), count in sorted(STATUSES.items())]
 
 
 def test_the_schema_lists_every_operation(api_schema):
