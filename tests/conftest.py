@@ -12,6 +12,14 @@ import pytest
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
+# Lines a test adds for the end of the run (request.config.stash.setdefault(SUMMARY, []).append(...)).
+SUMMARY = pytest.StashKey[list[str]]()
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    for line in config.stash.get(SUMMARY, []):
+        terminalreporter.write_line(line)
+
 
 def missing_prerequisite(message: str) -> None:
     """Skip on a developer's machine; under CI=true (where .ci/run sets everything up) fail instead."""

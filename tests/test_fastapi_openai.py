@@ -234,6 +234,10 @@ MALFORMED: list[tuple[str, Any, str | None]] = [
     ("huge max_tokens", {**GOOD, "max_tokens": 10**12}, "max_tokens"),
     ("max_tokens a string", {**GOOD, "max_tokens": "many"}, "max_tokens"),
     ("temperature too high", {**GOOD, "temperature": 7}, "temperature"),
+    ("temperature a boolean", {**GOOD, "temperature": True}, "temperature"),
+    ("temperature a string", {**GOOD, "temperature": "0.5"}, "temperature"),
+    ("stream a string", {**GOOD, "stream": "true"}, "stream"),
+    ("max_tokens not whole", {**GOOD, "max_tokens": 4.5}, "max_tokens"),
     ("top_p zero", {**GOOD, "top_p": 0}, "top_p"),
     ("stop a number", {**GOOD, "stop": 3}, "stop"),
     ("unknown model", {**GOOD, "model": "gpt-4o"}, "model"),
@@ -255,6 +259,13 @@ def test_malformed_request_gets_openai_error_then_server_still_serves(client, la
 def test_legacy_route_keeps_fastapi_422(client):
     answer = client.post("/", json={"prompt": ""})
     assert answer.status_code == 422 and "detail" in answer.json()
+    assert client.post("/", json={"prompt": "hi", "max_length": "4"}).status_code == 422  # no coercion
+    assert client.post("/", json={"prompt": "hi", "temperature": True}).status_code == 422
+    assert client.post("/", json={"prompt": "hi", "max_length": 4.0}).status_code == 200  # a JSON integer
+
+
+def test_a_whole_float_is_an_integer(client):
+    assert chat(client, max_tokens=4.0, n=1.0)["usage"]["completion_tokens"] <= 4
     legacy = client.post("/", json={"prompt": "你好", "history": [], "max_length": 4})
     assert legacy.status_code == 200 and legacy.json()["status"] == 200
 

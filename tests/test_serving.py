@@ -21,6 +21,13 @@ def greedy(tokens: int = 12) -> GenerationParams:
     return GenerationParams(max_new_tokens=tokens, temperature=0, template_kwargs={"enable_thinking": False})
 
 
+def test_a_vanishing_temperature_is_greedy(engine):
+    """1e-300 would turn the logits into inf (NaN probabilities, a crash): below 1e-5 it is greedy."""
+    for tiny in (5e-225, 1e-300, 1e-6):
+        params = GenerationParams(max_new_tokens=6, temperature=tiny, template_kwargs={"enable_thinking": False})
+        assert engine.generate(PROMPTS[0], params).text == engine.generate(PROMPTS[0], greedy(6)).text
+
+
 def hold_first_generate(engine, monkeypatch) -> threading.Event:
     """The next model.generate call waits until the returned event is set (the queue fills meanwhile)."""
     release = threading.Event()

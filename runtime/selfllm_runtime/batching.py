@@ -33,6 +33,9 @@ class EngineBusy(RuntimeError):
         super().__init__(f"the server is busy: {depth} requests are already waiting; retry in {retry_after} s")
 
 
+SAMPLING_EPS = 1e-5  # a lower temperature is greedy, as in vLLM (logits / 1e-300 are inf: NaN probabilities)
+
+
 @dataclass(eq=False)
 class Job:
     prompt_ids: list[int]
@@ -46,6 +49,10 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     produced: int = 0  # tokens handed out (worker side)
     closed: bool = False  # the row takes no more tokens (worker side)
+
+    def __post_init__(self) -> None:
+        if self.temperature < SAMPLING_EPS:
+            self.temperature = 0.0
 
     @property
     def group(self) -> tuple[Any, ...]:

@@ -9,26 +9,43 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..access import api_key, serving_host, warn_if_exposed
 from ..chat_engine import ChatEngine, Message
 from ..context import RecipeContext
-from .openai_api import add_openai_routes
+from .openai_api import ErrorResponse, add_openai_routes, whole_number
 
 log = logging.getLogger("selfllm.fastapi")
 
 
+class HistoryMessage(BaseModel):
+    """A history turn as {"role", "content"} (values are taken as text; other keys are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Any
+    content: Any
+
+
 class LegacyRequest(BaseModel):
-    """Upstream tutorial's body. history: [[user, assistant], ...] or [{"role", "content"}, ...]."""
+    """Upstream tutorial's body. history: [[user, assistant], ...] or [{"role", "content"}, ...].
+    Numbers are strict (a string or a boolean is a 422, not converted)."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: str = Field(min_length=1)
-    history: list[Any] = []
-    max_length: int = Field(2048, ge=1, le=32768)
+    history: list[tuple[Any, Any] | HistoryMessage] = []
+    max_length: int = Field(2048, ge=1, le=32768, strict=True)
     # None: the checkpoint's generation_config.json (as /v1 and vLLM); upstream's tutorial sent 0.8 / 0.7.
-    top_p: float | None = Field(None, gt=0, le=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
+
+    _whole_numbers = field_validator("max_length", mode="before")(whole_number)
+
+
+class LegacyError(BaseModel):
+    """FastAPI's own error body (HTTPException) on the legacy route."""
+
+    detail: str
 
 
 class LegacyResponse(BaseModel):
@@ -44,20 +61,18 @@ class LegacyResponse(BaseModel):
     answer: str | None = None
 
 
-def history_to_messages(history: list[Any]) -> list[Message]:
+def history_to_messages(history: list[tuple[Any, Any] | HistoryMessage]) -> list[Message]:
     messages: list[Message] = []
     for turn in history:
-        if isinstance(turn, dict) and {"role", "content"} <= turn.keys():
-            messages.append({"role": str(turn["role"]), "content": str(turn["content"])})
-        elif isinstance(turn, (list, tuple)) and len(turn) == 2:
-            messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
+        if isinstance(turn, HistoryMessage):
+            messages.append({"role": str(turn.role), "content": str(turn.content)})
         else:
-            raise ValueError("history items must be [user, assistant] pairs or {role, content} objects")
+            messages += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
     return messages
 
 
 def create_app(engine: ChatEngine):
-    from fastapi import FastAPI, HTTPException
+    from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
 
     recipe = engine.context.recipe
@@ -67,16 +82,16 @@ def create_app(engine: ChatEngine):
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.model_name, "device": engine.device}
 
-    @app.post("/", response_model=LegacyResponse, response_model_exclude_none=True)
+    @app.post("/", response_model=LegacyResponse, response_model_exclude_none=True, responses={
+        400: {"model": LegacyError, "description": "The body is not parseable"},
+        401: {"model": ErrorResponse, "description": "Missing or wrong API key (when the server has one)"},
+        503: {"model": LegacyError, "description": "The engine's queue is full (see Retry-After)"}})
     async def legacy_chat(body: LegacyRequest) -> LegacyResponse:
-        try:
-            messages = history_to_messages(body.history)
-        except ValueError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
+        messages = history_to_messages(body.history)
         messages.append({"role": "user", "content": body.prompt})
         params = engine.params(max_new_tokens=body.max_length, temperature=body.temperature, top_p=body.top_p)
         completion = await run_in_threadpool(engine.generate, messages, params)
-        pairs_style = not body.history or isinstance(body.history[0], (list, tuple))
+        pairs_style = not body.history or isinstance(body.history[0], tuple)
         turn: list[Any] = ([[body.prompt, completion.text]] if pairs_style else
                            [{"role": "user", "content": body.prompt}, {"role": "assistant", "content": completion.text}])
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")

@@ -27,9 +27,9 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from ..access import api_key as api_key_from_env
 from ..access import bearer_token, keys_match
@@ -100,6 +100,11 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
 
 # ----------------------------------------------------------------------------- request schema
 
+def whole_number(value: Any) -> Any:
+    """78.0 → 78 before a strict int field: a whole float is a JSON Schema integer (and "78" or true,
+    which pydantic's lax int would convert, are not)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
@@ -107,55 +112,71 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    """A system, developer, user or tool message: content is required."""
 
-    @model_validator(mode="after")
-    def _content_needed(self) -> ChatMessage:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
-        return self
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "tool"]
+    content: str | list[TextPart]
+    name: str | None = None
 
     def to_engine(self) -> Message:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class AssistantMessage(ChatMessage):
+    """An assistant turn may come without content (as OpenAI's tool-call turns)."""
+
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+
+
+def message_kind(value: Any) -> str:
+    role = value.get("role") if isinstance(value, dict) else getattr(value, "role", None)
+    return "assistant" if role == "assistant" else "other"
+
+
+# A callable discriminator: the schema's oneOf carries no role mapping (schemathesis would pin the
+# many roles of ChatMessage to one), and errors still name one branch ("messages.0.other.content").
+AnyMessage = Annotated[Annotated[ChatMessage, Tag("other")] | Annotated[AssistantMessage, Tag("assistant")],
+                       Discriminator(message_kind)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's chat-completions body this server honours; unknown fields are ignored."""
+    """The subset of OpenAI's chat-completions body this server honours; unknown fields are ignored.
+    Numbers and booleans are strict, as OpenAI's: "0.5", true or "yes" where a number or a boolean
+    belongs is a 400, not silently converted."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stop: str | list[str] | None = None
-    stream: bool = False
+    messages: list[AnyMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(None, gt=0, le=1, strict=True)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, strict=True)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
-    logprobs: bool | None = None
-    tools: list[Any] | None = None
-    enable_thinking: bool | None = None
+    # what this server supports, documented; the validator below rejects the rest with its reason
+    n: int = Field(1, ge=1, strict=True, json_schema_extra={"maximum": 1})
+    logprobs: bool | None = Field(None, strict=True, json_schema_extra={"enum": [False, None]})
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    enable_thinking: bool | None = Field(None, strict=True)
     chat_template_kwargs: dict[str, Any] | None = None
+
+    _whole_numbers = field_validator("max_tokens", "max_completion_tokens", "seed", "n", mode="before")(whole_number)
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
-        stops = [s for s in stops if s]
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        return stops
+        return [s for s in stops if s]
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -180,6 +201,85 @@ class ChatCompletionRequest(BaseModel):
         if self.enable_thinking is not None:  # vLLM-style top-level switch; wins over chat_template_kwargs
             kwargs[thinking_kwarg or "enable_thinking"] = self.enable_thinking
         return kwargs
+
+
+# ----------------------------------------------------------------------------- response schema (OpenAPI docs)
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error under /v1 (and the API key's 401 on any route), as OpenAI answers them."""
+
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class AnswerMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    reasoning_content: str | None
+    tool_calls: list[Any]
+
+
+class Choice(BaseModel):
+    index: int
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+    message: AnswerMessage
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[Choice]
+    usage: Usage
+
+
+# One server-sent event of a stream (OpenAPI 3.1: a text/event-stream schema describes each event).
+SSE_EVENT: dict[str, Any] = {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "contentMediaType": "application/json",
+                            "description": "a chat.completion.chunk, an in-band error object, or [DONE] last"},
+                   "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}},
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a /v1 route: the given statuses, and any other 4xx (405...), in OpenAI's error
+    shape (a "4XX" entry also keeps FastAPI from documenting a 422 that /v1 never answers)."""
+    meaning = {400: "Invalid request (wrong types, out-of-range values, context length exceeded)",
+               401: "Missing or wrong API key (when the server has one)", 404: "Unknown model",
+               503: "The engine's queue is full (see Retry-After)"}
+    return {**{status: {"model": ErrorResponse, "description": meaning[status]} for status in statuses},
+            "4XX": {"model": ErrorResponse, "description": "Other client errors"}}
 
 
 # ----------------------------------------------------------------------------- the API
@@ -339,16 +439,23 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
     chat = OpenAIChat(engine, served_model_name)
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
-    @router.get("/models")
+    # response_model=None with documented `responses`: the schema describes the answers, which are
+    # built as plain dicts (no second validation on the way out).
+    @router.get("/models", response_model=None, responses={200: {"model": ModelList}, **error_responses(401)})
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [chat.model_card()]}
 
-    @router.get("/models/{model_id:path}")
+    @router.get("/models/{model_id:path}", response_model=None,
+                responses={200: {"model": ModelCard}, **error_responses(401, 404)})
     async def get_model(model_id: str) -> dict[str, Any]:
         chat.check_model(model_id)
         return chat.model_card()
 
-    @router.post("/chat/completions", response_model=None)
+    @router.post("/chat/completions", response_model=None, responses={
+        200: {"model": ChatCompletion, "description": "The answer; with `stream: true` an SSE stream of "
+              "`data: {chat.completion.chunk}` events ending with `data: [DONE]`",
+              "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+        **error_responses(400, 401, 404, 503)})
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         model = chat.check_model(body.model)
         messages, params, _ = await run_in_threadpool(chat.prepare, body)

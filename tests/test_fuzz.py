@@ -1,0 +1,135 @@
+"""Fuzzing task `fastapi`'s HTTP API (legacy `POST /`, `/health`, the OpenAI-compatible /v1) against
+its own OpenAPI schema with schemathesis, in process (ASGI), on the tiny Qwen3 on CPU.
+
+Every operation of /openapi.json gets schema-valid cases and, where it has inputs, schema-violating
+ones; each answer must be no 5xx, a documented status code and content type, a body that matches the
+documented schema, and a rejection (4xx) of every schema-violating request. Left out: schemathesis'
+`positive_data_acceptance`, as an OpenAI-compatible server rejects some schema-valid requests by
+design (context length, `n` > 1, `tools`, the chat template's rules) with a documented 400, as
+OpenAI's own API does. Afterwards the server must still answer a greedy request exactly.
+
+Reproducible: derandomized Hypothesis, no example database; a failure prints a curl command.
+Hypothesis drives each operation's strategy here (`operation.as_strategy`) because schemathesis'
+`pytest.from_fixture(...).parametrize()` fails under pytest 9.2 (it sets `Function._nodeid`).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import SUMMARY
+
+schemathesis = pytest.importorskip("schemathesis")
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import positive_data_acceptance  # noqa: E402
+
+from selfllm_runtime.chat_engine import GenerationParams  # noqa: E402
+
+MAX_EXAMPLES = 80  # per operation and mode: ~1 minute in all on 2 CPU cores
+MAX_NEW_TOKENS = 4  # what the fuzzed server generates at most: the cases test the API, not the model
+POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
+STREAMED = "positive+stream"  # schema-valid bodies with "stream": true (seldom drawn by chance)
+# Schema-violating data exists only for an operation with inputs a schema constrains.
+RUNS = [("GET /health", POSITIVE), ("GET /v1/models", POSITIVE), ("GET /v1/models/{model_id}", POSITIVE),
+        ("POST /", POSITIVE), ("POST /", NEGATIVE),
+        ("POST /v1/chat/completions", POSITIVE), ("POST /v1/chat/completions", NEGATIVE),
+        ("POST /v1/chat/completions", STREAMED)]
+NO_INPUTS = {"GET /health", "GET /v1/models"}  # one case each is all there is
+STATUSES: Counter[tuple[str, str, int]] = Counter()  # (operation, mode, status) → answers
+FAILED: list[str] = []  # "operation [mode]" runs that found a failure
+
+
+def capped(params: Callable[..., GenerationParams]) -> Callable[..., GenerationParams]:
+    """engine.params generating at most MAX_NEW_TOKENS (a request may ask for thousands)."""
+    def cap(**given: Any) -> GenerationParams:
+        given["max_new_tokens"] = min(given.get("max_new_tokens") or MAX_NEW_TOKENS, MAX_NEW_TOKENS)
+        return params(**given)
+    return cap
+
+
+def assert_stream_completes(text: str) -> None:
+    """Chunks, the last with a finish_reason, then [DONE]; an in-band error (a failure after the
+    headers went out) is a server error."""
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all(chunk.get("object") == "chat.completion.chunk" for chunk in chunks), chunks
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] in {"stop", "length"}
+
+
+def streamed(case: Any) -> Any:
+    case.body = {**case.body, "stream": True}
+    return case
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(engine) -> Iterator[Any]:
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "params", capped(engine.params))
+        yield create_app(engine)
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_app, request) -> Iterator[Any]:
+    yield schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
+    if STATUSES:  # the numbers, at the end of the run
+        lines = request.config.stash.setdefault(SUMMARY, [])
+        lines.append(f"schemathesis: {sum(STATUSES.values())} generated cases, {len(FAILED)} failing runs "
+                     f"{FAILED or ''}")
+        lines += [f"  {label} [{mode}] -> {status}: {count}"
+                  for (label, mode, status), count in sorted(STATUSES.items())]
+
+
+def test_the_schema_lists_every_operation(api_schema):
+    assert {op.ok().label for op in api_schema.get_all_operations()} == {label for label, _ in RUNS}
+
+
+@pytest.mark.parametrize(("label", "mode"), RUNS, ids=[f"{label}-{mode}" for label, mode in RUNS])
+def test_operation_conforms_to_its_schema(api_schema, label: str, mode: str) -> None:
+    operation = api_schema.find_operation_by_label(label)
+    strategy = operation.as_strategy(generation_mode=NEGATIVE if mode == NEGATIVE else POSITIVE)
+    if mode == STREAMED:
+        strategy = strategy.map(streamed)
+    before = sum(STATUSES.values())
+
+    @settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def fuzz(case: Any) -> None:
+        response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        if response.status_code == 200 and response.headers["content-type"][0].startswith("text/event-stream"):
+            assert_stream_completes(response.text)
+        STATUSES[label, str(mode), response.status_code] += 1
+
+    try:
+        fuzz()
+    except BaseException:
+        FAILED.append(f"{label} [{mode}]")
+        raise
+    ran = sum(STATUSES.values()) - before
+    assert ran >= (1 if label in NO_INPUTS else MAX_EXAMPLES // 2), f"only {ran} cases for {label} [{mode}]"
+
+
+def test_still_serving_after_the_fuzzing(api_schema, fuzz_app, engine):
+    """Nothing the fuzzer sent left the engine stuck: a greedy request answers as the engine alone
+    (and the served model's card, which random ids never hit, matches its schema)."""
+    card = api_schema.find_operation_by_label("GET /v1/models/{model_id}")
+    assert card.Case(path_parameters={"model_id": "Qwen/Qwen3-8B"}).call_and_validate().status_code == 200
+    messages = [{"role": "user", "content": "Hello, who are you?"}]
+    with TestClient(fuzz_app) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        answer = client.post("/v1/chat/completions", json={
+            "messages": messages, "temperature": 0, "max_tokens": MAX_NEW_TOKENS, "enable_thinking": False})
+    assert answer.status_code == 200, answer.text
+    alone = engine.generate(messages, GenerationParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0,
+                                                       template_kwargs={"enable_thinking": False}))
+    assert answer.json()["choices"][0]["message"]["content"] == alone.text
+    assert engine.scheduler.running == 0 and engine.scheduler.waiting() == 0
