@@ -210,7 +210,7 @@ def test_the_adapter_changes_what_the_model_says(context, tiny_model, trained):
     base = infer(context, tiny_model, None, "你是谁？", **ask)
     tuned = infer(context, tiny_model, Path(trained["adapter_dir"]), "你是谁？", **ask)
     assert base["adapter"] is None and tuned["adapter"]
-    assert tuned["reply"] != base["reply"], f"the adapter changed nothing: {tuned['reply']!r}"
+    assert tuned["output"] != base["output"], f"the adapter changed nothing: {tuned['output']!r}"
 
 
 def test_infer_samples_with_the_checkpoints_defaults(context, tiny_model, trained, tmp_path, monkeypatch):

@@ -223,8 +223,8 @@ def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, pro
     completion = engine.generate(messages, params)
     print(completion.text, flush=True)
     return emit_result("infer", model=str(model_dir), adapter=str(adapter_dir) if adapter_dir else None,
-                       prompt=prompt, reply=completion.text, completion_tokens=completion.completion_tokens,
-                       finish_reason=completion.finish_reason)
+                       prompt=prompt, reply=completion.text, output=completion.raw,
+                       completion_tokens=completion.completion_tokens, finish_reason=completion.finish_reason)
 
 
 def merge(context: RecipeContext, model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
