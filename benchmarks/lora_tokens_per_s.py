@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "runtime"))
 from selfllm_runtime.context import load_context  # noqa: E402
 from selfllm_runtime.finetune.data import write_sample_data  # noqa: E402
 from selfllm_runtime.finetune.lora import train  # noqa: E402
-from selfllm_runtime.finetune.settings import resolve_settings  # noqa: E402
+from selfllm_runtime.settings import LoraSettings  # noqa: E402
 
 SHARED_HUANHUAN = REPO.parent / "shared" / "data" / "huanhuan.json"
 # Qwen/Qwen3-8B config.json (the dimensions that decide the cost of a training step)
@@ -78,10 +78,10 @@ def main() -> int:
     env = {"DATA_PATH": data, "OUTPUT_DIR": str(work / "out"), "GRAD_ACCUM": "1", "LOGGING_STEPS": "1",
            "BATCH_SIZE": str(args.batch_size), "MAX_LENGTH": str(args.max_length), "SAVE_STEPS": "100000"}
     if args.warmup:
-        train(context, Path(model), resolve_settings(context, {}, {**env, "MAX_STEPS": str(args.warmup),
-                                                                   "RUN_NAME": "warmup"}))
-    result = train(context, Path(model), resolve_settings(context, {}, {**env, "MAX_STEPS": str(args.steps),
-                                                                        "RUN_NAME": "bench"}))
+        train(context, Path(model), context.settings(LoraSettings, env={**env, "MAX_STEPS": str(args.warmup),
+                                                                           "RUN_NAME": "warmup"}))
+    result = train(context, Path(model), context.settings(LoraSettings, env={**env, "MAX_STEPS": str(args.steps),
+                                                                                "RUN_NAME": "bench"}))
     print(f"lora_tokens_per_s {result['tokens_per_s']} (model {Path(model).name}, device {result['device']}, "
           f"{result['train_tokens']} tokens in {result['seconds']} s, batch {args.batch_size}, {args.steps} steps)")
     return 0

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from selfllm_recipes.layout import RECIPES_DIR, REPO_ROOT
-from selfllm_runtime.access import bearer_token, exposure_warning, is_loopback, keys_match, serving_host
+from selfllm_runtime.access import bearer_token, exposure_warning, is_loopback, keys_match
+from selfllm_runtime.settings import AccessSettings, resolve
 from selfllm_runtime.context import load_context
 
 
@@ -31,8 +32,8 @@ def test_warning_only_for_a_non_loopback_address_without_a_key():
 
 
 def test_host_defaults_to_all_interfaces_for_containers_and_autodl():
-    assert serving_host({}) == "0.0.0.0"
-    assert serving_host({"HOST": " 127.0.0.1 "}) == "127.0.0.1"
+    assert resolve(AccessSettings, env={}).host == "0.0.0.0"
+    assert resolve(AccessSettings, env={"HOST": " 127.0.0.1 "}).host == "127.0.0.1"
 
 
 @pytest.mark.parametrize("header,token", [
@@ -70,9 +71,9 @@ def test_fastapi_warns_once_when_open(engine, monkeypatch, capsys, env, warned):
 
     only_env(monkeypatch, env, ("HOST", "API_KEY"))
     served: dict[str, Any] = {}
-    monkeypatch.setattr(fastapi_server, "ChatEngine", lambda context, model_dir: engine)
+    monkeypatch.setattr(fastapi_server, "ChatEngine", lambda context, model_dir, settings: engine)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(kwargs))
-    fastapi_server.run(engine.context, Path("/unused"))
+    fastapi_server.run(engine.context, Path("/unused"), engine.context.settings())
     assert served["host"] == env.get("HOST", "0.0.0.0")
     lines = _warnings(capsys.readouterr().err)
     assert lines == ([exposure_warning("0.0.0.0", 6006, "")] if warned else [])
@@ -95,7 +96,8 @@ def test_webdemo_warns_once_when_open_and_binds_host(monkeypatch, capsys, env, w
 
     monkeypatch.setattr(os, "execve", fake_execve)
     with pytest.raises(Exec):
-        webdemo.run(load_context(RECIPES_DIR / "qwen3" / "webdemo"), Path("/unused"))
+        context = load_context(RECIPES_DIR / "qwen3" / "webdemo")
+        webdemo.run(context, Path("/unused"), context.settings())
     argv = seen[0]
     assert argv[argv.index("--server.address") + 1] == env.get("HOST", "0.0.0.0")
     assert len(_warnings(capsys.readouterr().err)) == (1 if warned else 0)
@@ -122,7 +124,8 @@ def test_vllm_warns_once_when_open_and_never_logs_the_key(monkeypatch, capsys, c
                         lambda: vllm_server.VllmBuild(vllm_server.GPU_PACKAGE, "0.8.5.post1"))
     monkeypatch.setattr(os, "execv", fake_execv)
     with caplog.at_level(logging.INFO, logger="selfllm.vllm"), pytest.raises(Exec):
-        vllm_server.run(load_context(RECIPES_DIR / "qwen3" / "vllm"), Path("/m"))
+        context = load_context(RECIPES_DIR / "qwen3" / "vllm")
+        vllm_server.run(context, Path("/m"), context.settings())
     assert len(_warnings(capsys.readouterr().err)) == (1 if warned else 0)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "exec " in logged

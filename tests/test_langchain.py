@@ -16,6 +16,7 @@ from selfllm_runtime.chat_engine import ChatEngine  # noqa: E402
 from selfllm_runtime.lc.chat_model import ChatSelfLLM, to_engine_messages  # noqa: E402
 from selfllm_runtime.lc.rag import (SentenceTransformerEmbeddings, load_documents, open_store,  # noqa: E402
                                     rag_chain, split_documents, sync_index)
+from selfllm_runtime.settings import SAMPLE_DOCS_DIR, LangchainSettings  # noqa: E402
 from selfllm_runtime.tasks import langchain_app  # noqa: E402
 
 DOCS = {
@@ -167,14 +168,14 @@ def test_rag_chain_invoke_stream_batch(docs_dir, embeddings, llm, tmp_path):
 
 # --- the task -------------------------------------------------------------------------------------
 
-def test_settings_from_env(tmp_path):
-    settings = langchain_app.RagSettings.from_env({
+def test_settings_from_env(context, tmp_path):
+    settings = context.settings(env={
         "QUESTION": "a?\n\n b? ", "MODEL_CACHE": str(tmp_path), "ENABLE_THINKING": "0", "TOP_K": "5", "SEED": "7"})
-    assert settings.questions == ["a?", "b?"]
-    assert settings.chroma_dir == tmp_path / "langchain-chroma"
+    assert isinstance(settings, LangchainSettings) and settings.questions == ["a?", "b?"]
+    assert settings.store_dir == tmp_path / "langchain-chroma"
     assert settings.enable_thinking is False and settings.top_k == 5 and settings.seed == 7
-    defaults = langchain_app.RagSettings.from_env({})
-    assert defaults.docs_dir == langchain_app.SAMPLE_DOCS_DIR and defaults.enable_thinking is None
+    defaults = context.settings(env={})
+    assert defaults.docs_dir == SAMPLE_DOCS_DIR and defaults.enable_thinking is None
     assert defaults.embedding_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert len(load_documents(defaults.docs_dir)) == 3
 
@@ -187,7 +188,7 @@ def test_run_prints_sources_answer_and_result(context, tiny_model, docs_dir, tmp
            "LANGCHAIN_SELFTEST": "1", "MODEL_CACHE": str(tmp_path)}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    langchain_app.run(context, tiny_model)
+    langchain_app.run(context, tiny_model, context.settings())
     out = capsys.readouterr().out
     last = out.strip().splitlines()[-1]
     assert last.startswith(langchain_app.RESULT_PREFIX)
@@ -198,13 +199,14 @@ def test_run_prints_sources_answer_and_result(context, tiny_model, docs_dir, tmp
     assert "eiffel.txt" in out and "Answer" in out
 
 
-def test_a_bad_setting_is_named_and_selfllm_start_exits_2(monkeypatch, capsys):
+def test_a_bad_setting_is_named_and_selfllm_start_exits_2(context, monkeypatch, capsys):
     from selfllm_runtime.cli import main
-    from selfllm_runtime.context import SettingsError
+    from selfllm_runtime.settings import SettingsError
 
-    with pytest.raises(SettingsError, match=r"TOP_K='three': not an integer"):
-        langchain_app.RagSettings.from_env({"TOP_K": "three"})
+    with pytest.raises(SettingsError, match=r"TOP_K='three': Input should be a valid integer"):
+        context.settings(env={"TOP_K": "three"})
     monkeypatch.setattr("selfllm_runtime.cli.resolve_model", lambda request: Path("/nonexistent"))
     monkeypatch.setenv("TEMPERATURE", "hot")
     assert main(["start", "--recipe", str(Path(__file__).resolve().parent.parent / "recipes/qwen3/langchain")]) == 2
-    assert "TEMPERATURE='hot': not a number" in capsys.readouterr().err
+    assert "TEMPERATURE='hot': Input should be a valid number" in capsys.readouterr().err
+

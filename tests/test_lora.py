@@ -18,7 +18,7 @@ from selfllm_runtime.finetune.data import (DEFAULT_DATA, IGNORE_INDEX, ChatToken
                                            record_to_messages, write_sample_data)
 from selfllm_runtime.finetune.lora import (RUN_INFO, fetch_data, infer, merge, prepare_data,  # noqa: E402
                                            thinking_kwargs, train)
-from selfllm_runtime.finetune.settings import resolve_settings  # noqa: E402
+from selfllm_runtime.settings import LoraSettings  # noqa: E402
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "qwen3" / "lora"
 
@@ -110,13 +110,13 @@ def test_multi_turn_gives_one_example_per_reply_and_truncates(tmp_path, chat):
 
 
 def test_settings_precedence(context):
-    settings = resolve_settings(context, {"lora_r": None, "r": 4}, {"LORA_R": "16", "LORA_ALPHA": "64",
-                                                                       "LORA_TARGET_MODULES": "q_proj, v_proj"})
+    settings = context.settings(LoraSettings, cli={"lora_r": None, "r": 4}, env={
+        "LORA_R": "16", "LORA_ALPHA": "64", "LORA_TARGET_MODULES": "q_proj, v_proj"})
     assert (settings.r, settings.alpha, settings.target_modules) == (4, 64, ["q_proj", "v_proj"])
     assert settings.dropout == context.family.lora.dropout
     assert settings.system_prompt == "现在你要扮演皇帝身边的女人--甄嬛"  # recipe default goes with default data
-    assert resolve_settings(context, {}, {"DATA_PATH": "/x.json"}).system_prompt is None
-    assert resolve_settings(context, {}, {"DATA_URL": "https://example.org/x.json"}).system_prompt is None
+    assert context.settings(LoraSettings, env={"DATA_PATH": "/x.json"}).system_prompt is None
+    assert context.settings(LoraSettings, env={"DATA_URL": "https://example.org/x.json"}).system_prompt is None
 
 
 def test_default_data_ships_with_the_runtime_and_needs_no_network(context, tokenizer, monkeypatch):
@@ -126,7 +126,7 @@ def test_default_data_ships_with_the_runtime_and_needs_no_network(context, token
         raise AssertionError("the default data must not be downloaded")
 
     monkeypatch.setattr("urllib.request.urlopen", no_network)
-    settings = resolve_settings(context, {}, {"MAX_SAMPLES": "8"})
+    settings = context.settings(LoraSettings, env={"MAX_SAMPLES": "8"})
     assert settings.data == [] and settings.data_url is None
     paths, data = prepare_data(context, tokenizer, settings)
     assert paths == [DEFAULT_DATA] and DEFAULT_DATA.is_relative_to(Path(selfllm_runtime.__file__).parent)
@@ -186,7 +186,7 @@ def trained(context, tiny_model, tmp_path_factory):
     env = {"DATA_PATH": str(data), "OUTPUT_DIR": str(work / "out"), "RUN_NAME": "test", "MAX_STEPS": "20",
            "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1",
            "SYSTEM_PROMPT": "现在你要扮演皇帝身边的女人--甄嬛"}
-    return train(context, tiny_model, resolve_settings(context, {}, env))
+    return train(context, tiny_model, context.settings(LoraSettings, env=env))
 
 
 def test_training_reduces_loss_and_saves_adapter(trained):
@@ -273,7 +273,6 @@ def test_report_to_imports_only_what_is_chosen(tmp_path, monkeypatch):
     import importlib.util
 
     from selfllm_runtime.finetune import lora as lora_module
-    from selfllm_runtime.finetune.settings import LoraSettings
 
     base = {"target_modules": ["q_proj"]}
     assert lora_module._report_to(LoraSettings(**base), tmp_path) == []

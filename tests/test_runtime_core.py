@@ -8,6 +8,7 @@ import pytest
 from selfllm_runtime.chat_engine import ReasoningStream, split_reasoning
 from selfllm_runtime.metadata import Reasoning
 from selfllm_runtime.model_source import ModelNotFound, find_cached, request_from_env, resolve_model
+from selfllm_runtime.settings import SettingsError
 
 THINK = Reasoning(start="<think>", end="</think>")
 
@@ -19,7 +20,7 @@ def test_model_path_must_hold_a_model(context, tmp_path: Path):
 
 
 def test_unknown_model_source_is_named(context):
-    with pytest.raises(ModelNotFound, match="MODEL_SOURCE='hub'"):
+    with pytest.raises(SettingsError, match="MODEL_SOURCE='hub'"):
         request_from_env(context.recipe, {"MODEL_SOURCE": "hub"})
 
 

@@ -164,7 +164,7 @@ def test_health_answers_fast_with_64_requests_queued(tiny_recipe, monkeypatch):
 
 
 def test_bad_queue_settings_name_the_variable(tiny_recipe, monkeypatch):
-    from selfllm_runtime.context import SettingsError
+    from selfllm_runtime.settings import SettingsError
 
     monkeypatch.setenv("MAX_QUEUE", "lots")
     with pytest.raises(SettingsError, match="MAX_QUEUE='lots'"):
@@ -259,7 +259,7 @@ def test_continuous_queue_is_bounded_and_a_closed_stream_frees_its_row(tiny_reci
 
 
 def test_bad_batching_setting_names_the_variable(tiny_recipe, monkeypatch):
-    from selfllm_runtime.context import SettingsError
+    from selfllm_runtime.settings import SettingsError
 
     monkeypatch.setenv("BATCHING", "dynamic")
     with pytest.raises(SettingsError, match="BATCHING='dynamic'"):

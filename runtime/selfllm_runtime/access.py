@@ -1,4 +1,5 @@
-"""Who may reach a serving task: the settings every server shares and the checks they make.
+"""Who may reach a serving task: the checks every server makes with its access settings
+(settings.AccessSettings):
 
 - `HOST` (default 0.0.0.0): the address a server binds. A container needs 0.0.0.0 for its published
   port, and AutoDL's custom-service port mapping needs the server reachable on the instance, so the
@@ -12,25 +13,11 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 import sys
-from collections.abc import Mapping
 from typing import TextIO
 
-DEFAULT_HOST = "0.0.0.0"
 ENV_HOST = "HOST"
 ENV_API_KEY = "API_KEY"
-
-
-def serving_host(env: Mapping[str, str] | None = None) -> str:
-    env = os.environ if env is None else env
-    return (env.get(ENV_HOST) or "").strip() or DEFAULT_HOST
-
-
-def api_key(env: Mapping[str, str] | None = None) -> str:
-    """The API key, '' when none is set (surrounding whitespace is never part of a key)."""
-    env = os.environ if env is None else env
-    return (env.get(ENV_API_KEY) or "").strip()
 
 
 def is_loopback(host: str) -> bool:

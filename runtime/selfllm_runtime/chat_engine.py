@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .batching import DONE, Job, Scheduler
-from .context import RecipeContext, SettingsError
+from .context import RecipeContext
 from .continuous import ContinuousScheduler
 from .metadata import Reasoning
+from .settings import EngineSettings
 
 log = logging.getLogger("selfllm.chat")
 Message = dict[str, str]
@@ -133,19 +133,30 @@ class ChatEngine:
     """One loaded model. Generation goes through a batching scheduler (batching.py): concurrent
     requests are generated together, each with its own stop handling and stream.
 
-    Environment: MAX_BATCH (rows generated together, default 16), MAX_QUEUE (waiting requests before
-    new ones get EngineBusy / HTTP 503, default 128), BATCHING (see batching_kind)."""
+    settings: MAX_BATCH, MAX_QUEUE and BATCHING (settings.EngineSettings; default: resolved from the
+    environment and the recipe); max_batch / max_queue / batching override them one by one.
 
-    def __init__(self, context: RecipeContext, model_dir: Path, *, max_batch: int | None = None,
-                 max_queue: int | None = None, batching: str | None = None):
+    BATCHING=auto is static on CPU and on GPU: on CPU static served 1.6x the requests/s of continuous
+    at 1 and 32 clients (benchmarks/fastapi_throughput.py --batching static continuous, tiny model); on
+    GPU it has not been measured by this project yet (benchmarks/gpu_check.py prints the comparison)."""
+
+    def __init__(self, context: RecipeContext, model_dir: Path, settings: EngineSettings | None = None, *,
+                 max_batch: int | None = None, max_queue: int | None = None, batching: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        given = {k: v for k, v in {"max_batch": max_batch, "max_queue": max_queue, "batching": batching}.items()
+                 if v is not None}
+        if settings is None:
+            engine = context.settings(EngineSettings, cli=given)
+        else:
+            engine = EngineSettings.model_validate(
+                {**settings.model_dump(include=set(EngineSettings.model_fields)), **given})
+        kind = engine.batching_kind  # a bad setting fails before the model loads
         self.context = context
         self.family = context.family
         self.model_dir = Path(model_dir)
         self.device, dtype = pick_device()
-        kind = batching_kind(batching)  # a bad setting fails before the model loads
         trust = self.family.trust_remote_code
         log.info("loading %s on %s (%s)", self.model_dir, self.device, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust)
@@ -159,8 +170,7 @@ class ChatEngine:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
         scheduler_class = ContinuousScheduler if kind == "continuous" else Scheduler
         self.scheduler = scheduler_class(self.model, self.stop_token_ids, pad,
-                                         max_batch=max_batch or _env_int("MAX_BATCH", 16),
-                                         max_queue=max_queue or _env_int("MAX_QUEUE", 128))
+                                         max_batch=engine.max_batch, max_queue=engine.max_queue)
         log.info("batching: %s, up to %d rows, %d waiting", self.scheduler.kind, self.scheduler.max_batch,
                  self.scheduler.max_queue)
         # The model and the libraries behind it live as long as the process: move them out of the
@@ -298,28 +308,3 @@ class ChatEngine:
                 job.cancel()
         yield self._finish(emitted, prompt_tokens, new_ids, params, opened)
 
-
-BATCHING_KINDS = ("auto", "static", "continuous")
-
-
-def batching_kind(given: str | None = None) -> str:
-    """'static' (batching.Scheduler: padded rows in one `generate`) or 'continuous' (continuous.py:
-    transformers' paged-attention manager), from `given` or env BATCHING (auto | static | continuous).
-
-    auto is static on CPU and on GPU: on CPU static served 1.6x the requests/s of continuous at 1 and
-    32 clients (benchmarks/fastapi_throughput.py --batching static continuous, tiny model); on GPU it
-    has not been measured by this project yet (benchmarks/gpu_check.py prints the comparison): set
-    BATCHING=continuous where it wins."""
-    value = (given if given is not None else os.environ.get("BATCHING", "auto")).strip().lower() or "auto"
-    if value not in BATCHING_KINDS:
-        raise SettingsError(f"BATCHING={value!r} must be one of: {', '.join(BATCHING_KINDS)}")
-    return "static" if value == "auto" else value
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < 1:
-        raise SettingsError(f"{name}={value!r} must be a positive integer")
-    return int(value)

@@ -17,9 +17,10 @@ import sysconfig
 import urllib.request
 from pathlib import Path
 
-from .context import RUNTIME_ROOT, RecipeContext, SettingsError, load_context
+from .context import RUNTIME_ROOT, RecipeContext, load_context
 from .metadata import MetadataError, TaskKind
-from .model_source import ModelNotFound, request_from_env, resolve_model
+from .model_source import ModelNotFound, model_request, request_from_env, resolve_model
+from .settings import SettingsError
 
 TASK_MODULES = {
     TaskKind.fastapi: "fastapi_server",
@@ -38,8 +39,9 @@ def task_module(context: RecipeContext):
 
 def cmd_start(args: argparse.Namespace) -> int:
     context = load_context(args.recipe)
-    model_dir = resolve_model(request_from_env(context.recipe))
-    task_module(context).run(context, model_dir)
+    settings = context.settings()  # every task setting is checked before anything is downloaded
+    model_dir = resolve_model(model_request(context.recipe, settings))
+    task_module(context).run(context, model_dir, settings)
     return 0
 
 

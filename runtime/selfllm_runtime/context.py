@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .metadata import ModelFamily, Recipe, chat_template_text, load_family, load_recipe
-
-class SettingsError(ValueError):
-    """A task setting (environment variable or flag) that can't be used; the message names it."""
-
+from .settings import TASK_SETTINGS, TaskSettings, resolve
 
 RUNTIME_ROOT = Path(__file__).resolve().parent.parent  # runtime/ in the repo, /opt/selfllm/runtime in images
 DEFAULT_RECIPE_DIR = Path("/opt/recipe")
@@ -36,6 +34,11 @@ class RecipeContext:
     @property
     def chat_template(self) -> str:
         return chat_template_text(self.family_dir, self.family)
+
+    def settings(self, model: type[TaskSettings] | None = None, cli: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None) -> Any:
+        """This recipe's task settings (or another settings model's), resolved by settings.resolve."""
+        return resolve(model or TASK_SETTINGS[self.recipe.task], self.recipe, self.family, cli, env)
 
     def template_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """Family defaults, then the recipe's, then the request's (None means 'not given')."""

@@ -1,4 +1,5 @@
-"""Model acquisition at start: MODEL_PATH (a mounted folder) or MODEL_ID + MODEL_SOURCE download.
+"""Model acquisition at start: MODEL_PATH (a mounted folder) or MODEL_ID + MODEL_SOURCE download
+(the settings of settings.ModelSettings).
 
 Downloads land in MODEL_CACHE (/root/autodl-tmp, AutoDL's data disk) so a saved instance keeps them.
 A folder counts as a model only when it is complete: config.json plus its weights — every shard
@@ -15,14 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .metadata import ModelSource, Recipe
+from .settings import ModelSettings, resolve
 
 log = logging.getLogger("selfllm.model")
-DEFAULT_CACHE = Path("/root/autodl-tmp")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Where each hub client goes when its variable is unset (named in errors, so the user sees which host failed).
 DEFAULT_ENDPOINTS = {ModelSource.huggingface: "https://huggingface.co", ModelSource.modelscope: "https://www.modelscope.cn"}
@@ -44,19 +44,14 @@ class ModelRequest:
     endpoint: str | None = None  # HF_ENDPOINT / MODELSCOPE_ENDPOINT; None: the client's default hub
 
 
+def model_request(recipe: Recipe, settings: ModelSettings) -> ModelRequest:
+    return ModelRequest(settings.model_path, settings.model_id_for(recipe), settings.model_source,
+                        settings.model_cache, settings.endpoint())
+
+
 def request_from_env(recipe: Recipe, env: dict[str, str] | None = None) -> ModelRequest:
-    env = dict(os.environ if env is None else env)
-    raw_source = env.get("MODEL_SOURCE", ModelSource.modelscope.value).strip().lower()
-    try:
-        source = ModelSource(raw_source)
-    except ValueError:
-        choices = ", ".join(s.value for s in ModelSource)
-        raise ModelNotFound(f"MODEL_SOURCE={raw_source!r} is not one of: {choices}") from None
-    default_id = getattr(recipe.default_model, source.value)
-    path = env.get("MODEL_PATH")
-    return ModelRequest(Path(path) if path else None, env.get("MODEL_ID") or default_id, source,
-                        Path(env.get("MODEL_CACHE") or DEFAULT_CACHE),
-                        next((env[name] for name in ENDPOINT_VARIABLES[source] if env.get(name)), None))
+    """The model settings alone (MODEL_PATH, MODEL_ID, …), resolved from env (default: the process's)."""
+    return model_request(recipe, resolve(ModelSettings, recipe, env=env))
 
 
 def modelscope_folder_names(model_id: str) -> list[str]:
@@ -124,7 +119,7 @@ def download(request: ModelRequest) -> Path:
                                      endpoint=request.endpoint))
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
+def one_line(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -134,7 +129,7 @@ def download_failure(request: ModelRequest, exc: BaseException) -> ModelNotFound
     hub = request.endpoint or DEFAULT_ENDPOINTS[request.source]
     other = ModelSource.huggingface if request.source is ModelSource.modelscope else ModelSource.modelscope
     return ModelNotFound(
-        f"could not download {request.model_id} from {request.source.value} at {hub} ({_one_line(exc)}); "
+        f"could not download {request.model_id} from {request.source.value} at {hub} ({one_line(exc)}); "
         f"set MODEL_PATH to a mounted model folder, or MODEL_SOURCE={other.value}, or {variable} to a reachable "
         f"mirror — files completed in {request.cache} are kept and a rerun fetches only the missing ones")
 

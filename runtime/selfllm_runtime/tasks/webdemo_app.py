@@ -6,17 +6,16 @@ With API_KEY set, a tab sees only a password field until it gives that key (st.s
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import streamlit as st
 
-from selfllm_runtime.access import api_key, keys_match
+from selfllm_runtime.access import keys_match
 from selfllm_runtime.chat_engine import ChatEngine, Completion, Message
-from selfllm_runtime.context import load_context
-from selfllm_runtime.tasks.webdemo import (ENV_MODEL_DIR, ENV_RECIPE_DIR, MAX_LENGTH, TEMPERATURE, TOP_P, Slider,
-                                           generation_params)
+from selfllm_runtime.context import RecipeContext, load_context
+from selfllm_runtime.settings import WebdemoSettings
+from selfllm_runtime.tasks.webdemo import MAX_LENGTH, TEMPERATURE, TOP_P, Slider, generation_params, page_inputs
 
 THINKING_LABEL = "思考过程 / Thinking"
 NO_ANSWER = "（没有回答内容 / no answer）"
@@ -27,9 +26,16 @@ AUTHENTICATED = "authenticated"  # session_state flag, per browser tab
 WRONG_KEY = "API_KEY 不正确 / Wrong API_KEY"
 
 
+@st.cache_resource(show_spinner=False)
+def load_recipe_context(recipe_dir: str) -> RecipeContext:
+    """The recipe, read once per process (not on every rerun)."""
+    return load_context(recipe_dir or None)
+
+
 @st.cache_resource(show_spinner="正在加载模型… / Loading the model…")
 def load_engine(recipe_dir: str, model_dir: str) -> ChatEngine:
-    return ChatEngine(load_context(recipe_dir), Path(model_dir))
+    context = load_recipe_context(recipe_dir)
+    return ChatEngine(context, Path(model_dir), context.settings(WebdemoSettings))
 
 
 def slider(spec: Slider, key: str, value: float | None = None):
@@ -66,9 +72,11 @@ def show_message(message: dict) -> None:
             st.caption(NO_ANSWER_WHILE_THINKING if message.get("reasoning") else NO_ANSWER)
 
 
-st.set_page_config(page_title=load_context(os.environ.get(ENV_RECIPE_DIR) or None).recipe.name, page_icon="💬")
-login_gate(api_key())
-engine = load_engine(os.environ.get(ENV_RECIPE_DIR, ""), os.environ[ENV_MODEL_DIR])
+recipe_dir, model_dir = page_inputs()
+page_context = load_recipe_context(recipe_dir)
+st.set_page_config(page_title=page_context.recipe.name, page_icon="💬")
+login_gate(page_context.settings(WebdemoSettings).api_key)
+engine = load_engine(recipe_dir, model_dir)
 context = engine.context
 st.title(context.recipe.name)
 st.caption(f"{context.family.display_name} · {engine.model_name} · {engine.device}")

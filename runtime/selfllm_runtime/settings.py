@@ -1,0 +1,474 @@
+"""Every task setting, defined once: the one way a task reads its configuration.
+
+A task kind's settings are one pydantic model (TASK_SETTINGS); each field names its environment
+variable (and, where the command line has one, its flag). A field's value is the first of:
+
+    command-line flag > environment variable > the recipe's `env:` (task.yaml, then recipe.yaml)
+    > the model family (recipes/<model>/model.yaml) > the field's default
+
+Text is parsed by pydantic, one strict parser per type: booleans take 1/0, true/false, yes/no, on/off
+(any case) and nothing else; integers take whole numbers only; lists are comma-separated. An empty
+environment variable counts as unset. A bad value raises SettingsError naming the variable and its
+text; `selfllm` prints that one line and exits 2 — before any download, since `selfllm start`
+resolves the settings first. The README's settings table of every recipe is rendered from these
+models (settings_table), so the documentation can't drift from what is read.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from .finetune.data import DEFAULT_DATA
+from .metadata import ModelFamily, ModelSource, Recipe, TaskKind
+
+DEFAULT_CACHE = Path("/root/autodl-tmp")  # AutoDL's data disk: a saved instance keeps what is there
+SAMPLE_DOCS_DIR = Path(__file__).resolve().parent / "lc" / "sample_docs"
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_LORA_OUTPUT = DEFAULT_CACHE / "lora"
+DEFAULT_DATA_DIR = DEFAULT_CACHE / "data"
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+class SettingsError(ValueError):
+    """A task setting (environment variable, flag or recipe value) that can't be used; the message names it."""
+
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _lines(value: Any) -> Any:
+    if isinstance(value, str):
+        return [line.strip() for line in value.splitlines() if line.strip()]
+    return value
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
+PathList = Annotated[list[Path], BeforeValidator(_comma_list)]
+Lines = Annotated[list[str], BeforeValidator(_lines)]
+
+
+def setting(default: Any, env: str, zh: str, en: str, *, flag: str | None = None, family: str | None = None,
+            shown: tuple[str, str] | None = None, aliases: tuple[str, ...] = (), when: str | None = None,
+            clearable: bool = False, **constraints: Any) -> Any:
+    """A settings field. family: dotted path of its default in ModelFamily (e.g. 'lora.r'); shown: how the
+    README shows a default computed at run time (zh, en); aliases: older variable names also read; when: a
+    ModelFamily attribute that must be set for the setting to exist (e.g. 'thinking'); clearable: an empty
+    value means None (instead of 'unset')."""
+    extra = {"env": env, "zh": zh, "en": en, "flag": flag, "family": family, "shown": shown,
+             "aliases": aliases, "when": when, "clearable": clearable}
+    return Field(default, description=en, json_schema_extra=extra, **constraints)
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    field: str
+    env: str
+    zh: str
+    en: str
+    flag: str | None
+    family: str | None
+    shown: tuple[str, str] | None
+    aliases: tuple[str, ...]
+    when: str | None
+    clearable: bool
+    default: Any
+
+
+class TaskSettings(BaseModel):
+    """Base of every task's settings: values are validated on assignment too; no NaN or infinity."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, frozen=True)
+
+    @classmethod
+    def infos(cls) -> list[SettingInfo]:
+        out = []
+        for name, field in cls.model_fields.items():
+            extra = field.json_schema_extra
+            if not isinstance(extra, dict):
+                continue
+            default = field.get_default(call_default_factory=True)
+            out.append(SettingInfo(name, default=default, **extra))  # type: ignore[arg-type]
+        return out
+
+
+# ----------------------------------------------------------------------------- groups shared by tasks
+
+class ModelSettings(TaskSettings):
+    """Where the model comes from (model_source.py acquires it)."""
+
+    model_path: Path | None = setting(
+        None, "MODEL_PATH", "已挂载的模型目录（含 `config.json` 与全部权重），设置后不下载",
+        "a mounted model folder (config.json and all its weights); set, nothing is downloaded")
+    model_id: str | None = setting(
+        None, "MODEL_ID", "要下载的模型", "the model to download",
+        shown=("`{modelscope}`（`MODEL_SOURCE=huggingface` 时为 `{huggingface}`）",
+               "`{modelscope}` (`{huggingface}` with `MODEL_SOURCE=huggingface`)"))
+    model_source: Annotated[ModelSource, BeforeValidator(_lower)] = setting(
+        ModelSource.modelscope, "MODEL_SOURCE", "`modelscope` 或 `huggingface`", "`modelscope` or `huggingface`")
+    model_cache: Path = setting(
+        DEFAULT_CACHE, "MODEL_CACHE", "下载缓存；下载不完整的目录不会被使用，再次启动时只补齐缺少的文件",
+        "download cache; an incomplete folder is never used, a rerun fetches only the missing files")
+    hf_endpoint: str | None = setting(
+        None, "HF_ENDPOINT", "Hugging Face 镜像，例如 `https://hf-mirror.com`",
+        "a Hugging Face mirror, e.g. `https://hf-mirror.com`")
+    modelscope_endpoint: str | None = setting(
+        None, "MODELSCOPE_ENDPOINT", "ModelScope 地址（也读旧名 `MODELSCOPE_DOMAIN`）",
+        "the ModelScope hub address (the older name `MODELSCOPE_DOMAIN` is read too)",
+        aliases=("MODELSCOPE_DOMAIN",))
+
+    def model_id_for(self, recipe: Recipe) -> str:
+        """MODEL_ID, else the recipe's checkpoint id on MODEL_SOURCE's hub."""
+        return (self.model_id or "").strip() or getattr(recipe.default_model, self.model_source.value)
+
+    def endpoint(self) -> str | None:
+        return self.hf_endpoint if self.model_source is ModelSource.huggingface else self.modelscope_endpoint
+
+
+class AccessSettings(TaskSettings):
+    """Who may reach a server (access.py)."""
+
+    host: str = setting(
+        "0.0.0.0", "HOST", "监听地址；`127.0.0.1` 只允许本机（配合 SSH 隧道）",
+        "the address the server binds; `127.0.0.1` keeps it to this machine (use an SSH tunnel)", min_length=1)
+    api_key: str = setting(
+        "", "API_KEY", "设置后需要这个 key 才能使用（见「安全地开放服务」）",
+        "with it set, the server wants this key (see 'Exposing it safely')")
+
+    @field_validator("host", "api_key", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+
+class EngineSettings(TaskSettings):
+    """How the ChatEngine batches requests (chat_engine.py, batching.py, continuous.py)."""
+
+    max_batch: int = setting(16, "MAX_BATCH", "一次 `generate` 合并的请求数上限（显存紧张时调小）",
+                             "rows generated together at most (lower it when VRAM is short)", ge=1)
+    max_queue: int = setting(128, "MAX_QUEUE", "排队请求数上限，超过时返回 503",
+                             "waiting requests at most; past it a new one gets 503", ge=1)
+    batching: Annotated[Literal["auto", "static", "continuous"], BeforeValidator(_lower)] = setting(
+        "auto", "BATCHING",
+        "`static`：每批一次 `generate`（左填充）；`continuous`：transformers 的连续批处理（分页 KV 缓存；不支持 `seed`）；"
+        "`auto` 目前在 CPU 与 GPU 上都选 `static`",
+        "`static`: one padded `generate` per batch; `continuous`: transformers' continuous batching (paged KV "
+        "cache; no `seed`); `auto` is `static` on CPU and GPU for now")
+
+    @property
+    def batching_kind(self) -> Literal["static", "continuous"]:
+        return "static" if self.batching == "auto" else self.batching
+
+
+# ----------------------------------------------------------------------------- one model per task kind
+
+class FastapiSettings(EngineSettings, AccessSettings, ModelSettings):
+    served_model_name: str | None = setting(
+        None, "SERVED_MODEL_NAME", "`/v1/models` 列出的模型名；请求里的 `model` 也可以写模型目录名",
+        "the name `/v1/models` lists; a request may also name the model folder",
+        shown=("`MODEL_ID`，未设置时为 `{huggingface}`", "`MODEL_ID`, else `{huggingface}`"))
+
+
+class WebdemoSettings(EngineSettings, AccessSettings, ModelSettings):
+    pass
+
+
+class VllmSettings(AccessSettings, ModelSettings):
+    served_model_name: str | None = setting(
+        None, "SERVED_MODEL_NAME", "请求里 `model` 字段要写的名字", "the name requests give as `model`",
+        shown=("要服务的模型 id（`MODEL_ID` 或配方的）", "the model id served (`MODEL_ID` or the recipe's)"))
+    max_model_len: int = setting(
+        DEFAULT_MAX_MODEL_LEN, "MAX_MODEL_LEN", "最大上下文长度（越大 KV cache 越占显存）",
+        "the longest context (more takes more VRAM for the KV cache)", ge=1)
+    vllm_args: str = setting(
+        "", "VLLM_ARGS", "追加给 vLLM 的参数（shell 引号规则），如 `--gpu-memory-utilization 0.85`，放在最后因而优先",
+        "extra vLLM arguments (shell quoting), e.g. `--gpu-memory-utilization 0.85`; appended last, so they win")
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _splits(cls, value: str) -> str:
+        shlex.split(value)  # unbalanced quotes: ValueError → SettingsError naming VLLM_ARGS
+        return value
+
+    @property
+    def vllm_argv(self) -> list[str]:
+        return shlex.split(self.vllm_args)
+
+
+class LangchainSettings(EngineSettings, ModelSettings):
+    docs_dir: Path = setting(SAMPLE_DOCS_DIR, "DOCS_DIR", "要检索的 `.txt` / `.md` 所在目录（递归）",
+                             "folder of the `.txt` / `.md` files to search (recursive)",
+                             shown=("自带的三篇示例文档", "three bundled sample documents"))
+    questions: Lines = setting([], "QUESTION", "要回答的问题，多个问题每行一个；未设置时交互式问答（`-it`）或回答一个示例问题",
+                               "the question(s) to answer, one per line; unset: ask interactively (`-it`) "
+                               "or answer one sample question")
+    embedding_model: str = setting(
+        DEFAULT_EMBEDDING_MODEL, "EMBEDDING_MODEL",
+        "向量模型：Hub 名称或本地目录（中文文档建议换成中文向量模型，如 `BAAI/bge-small-zh-v1.5`）",
+        "the embedding model: a hub id or a local folder (for Chinese documents e.g. `BAAI/bge-small-zh-v1.5`)",
+        min_length=1)
+    chroma_dir: Path | None = setting(None, "CHROMA_DIR", "Chroma 向量库目录", "the Chroma store's folder",
+                                      shown=("`$MODEL_CACHE/langchain-chroma`", "`$MODEL_CACHE/langchain-chroma`"))
+    collection: str = setting("selfllm_rag", "COLLECTION", "集合名；换向量模型时请换一个集合名或清空 `CHROMA_DIR`",
+                              "the collection; change it (or empty `CHROMA_DIR`) when changing the embedding model",
+                              min_length=1)
+    top_k: int = setting(3, "TOP_K", "检索块数", "chunks retrieved per question", ge=1)
+    chunk_size: int = setting(500, "CHUNK_SIZE", "切块长度（字符）", "chunk length (characters)", ge=1)
+    chunk_overlap: int = setting(50, "CHUNK_OVERLAP", "相邻块重叠（字符）", "overlap of neighbouring chunks (characters)",
+                                 ge=0)
+    max_new_tokens: int = setting(512, "MAX_NEW_TOKENS", "每个回答最多生成的 token 数", "tokens generated per answer at most",
+                                  ge=1)
+    temperature: float | None = setting(
+        None, "TEMPERATURE", "采样温度（0 为贪心）", "sampling temperature (0: greedy)", ge=0, le=2,
+        shown=("checkpoint 的 `generation_config.json`", "the checkpoint's `generation_config.json`"))
+    top_p: float | None = setting(
+        None, "TOP_P", "nucleus 采样", "nucleus sampling", gt=0, le=1,
+        shown=("checkpoint 的 `generation_config.json`", "the checkpoint's `generation_config.json`"))
+    seed: int | None = setting(None, "SEED", "采样随机种子", "sampling seed")
+    enable_thinking: bool | None = setting(
+        None, "ENABLE_THINKING", "`0` 关闭思考，回答更快", "`0` turns thinking off: faster answers",
+        when="thinking", shown=("模型的默认", "the model's default"))
+    selftest: bool = setting(False, "LANGCHAIN_SELFTEST", "`1` 时额外自检聊天模型的 invoke/stream/batch（冒烟测试用）",
+                             "`1` also exercises the chat model's invoke/stream/batch (smoke tests)")
+
+    @property
+    def store_dir(self) -> Path:
+        return self.chroma_dir or self.model_cache / "langchain-chroma"
+
+    @property
+    def embedding_cache(self) -> Path:
+        return self.model_cache / "huggingface" / "hub"
+
+
+class AdapterSettings(ModelSettings):
+    """What `selfllm lora infer` / `merge` read besides their own flags."""
+
+    model_path: Path | None = setting(
+        None, "MODEL_PATH", ModelSettings.model_fields["model_path"].json_schema_extra["zh"],  # type: ignore[index]
+        ModelSettings.model_fields["model_path"].description or "", flag="--model")
+
+    adapter_path: Path | None = setting(None, "ADAPTER_PATH", "`infer` / `merge` 用的适配器目录",
+                                        "the adapter folder `infer` / `merge` use", flag="--adapter")
+
+
+class LoraSettings(AdapterSettings):
+    data: PathList = setting(
+        [], "DATA_PATH", "训练文件（逗号分隔可多个）；未设置则用 `DATA_URL`，再没有则用运行时自带的上游 `huanhuan.json`（校验 sha256，不联网）",
+        "training files (comma-separated); unset: `DATA_URL`, else upstream's `huanhuan.json` shipped with the "
+        "runtime (sha256-checked, offline)", flag="--data")
+    data_url: str | None = setting(
+        None, "DATA_URL", "仅 http(s)，最大 256 MiB，下载到 `DATA_DIR`；下载失败时一行报错、退出码 2",
+        "http(s) only, 256 MiB at most, fetched into `DATA_DIR`; a failed fetch is one error line, exit 2",
+        flag="--data-url")
+    data_dir: Path = setting(DEFAULT_DATA_DIR, "DATA_DIR", "`DATA_URL` 下载到这里", "where `DATA_URL` is fetched to",
+                             flag="--data-dir")
+    output_root: Path = setting(DEFAULT_LORA_OUTPUT, "OUTPUT_DIR", "适配器保存在 `<OUTPUT_DIR>/<RUN_NAME>`",
+                                "the adapter goes to `<OUTPUT_DIR>/<RUN_NAME>`", flag="--output-dir")
+    run_name: str | None = setting(None, "RUN_NAME", "运行名", "the run's name", flag="--run-name",
+                                   shown=("`<模型目录名>-<数据文件名>`", "`<model folder>-<data file stem>`"))
+    epochs: float = setting(3, "NUM_EPOCHS", "训练轮数", "epochs", flag="--epochs", gt=0)
+    max_steps: int = setting(-1, "MAX_STEPS", "`>0` 时优先于轮数", "`>0`: wins over the epochs", flag="--max-steps")
+    learning_rate: float = setting(1e-4, "LEARNING_RATE", "学习率", "learning rate", flag="--learning-rate", gt=0)
+    batch_size: int = setting(4, "BATCH_SIZE", "每卡 batch", "batch per device", flag="--batch-size", gt=0)
+    grad_accum: int = setting(4, "GRAD_ACCUM", "梯度累积步数", "gradient accumulation steps", flag="--grad-accum", gt=0)
+    max_length: int = setting(1024, "MAX_LENGTH", "每条样本最多 token 数（超出截断）", "tokens per sample at most (cut beyond)",
+                              flag="--max-length", gt=8)
+    logging_steps: int = setting(10, "LOGGING_STEPS", "每多少步记录一次损失", "steps between loss logs",
+                                 flag="--logging-steps", gt=0)
+    save_steps: int = setting(100, "SAVE_STEPS", "每多少步保存 checkpoint（在运行目录下）",
+                              "steps between checkpoints (in the run folder)", flag="--save-steps", gt=0)
+    r: int = setting(8, "LORA_R", "LoRA 秩", "LoRA rank", flag="--lora-r", family="lora.r", gt=0)
+    alpha: int = setting(32, "LORA_ALPHA", "LoRA alpha", "LoRA alpha", flag="--lora-alpha", family="lora.alpha", gt=0)
+    dropout: float = setting(0.1, "LORA_DROPOUT", "LoRA dropout", "LoRA dropout", flag="--lora-dropout",
+                             family="lora.dropout", ge=0, lt=1)
+    target_modules: CommaList = setting(
+        [], "LORA_TARGET_MODULES", "加 LoRA 的模块（逗号分隔）", "modules that get LoRA (comma-separated)",
+        flag="--target-modules", family="lora.target_modules", min_length=1)
+    report_to: Annotated[Literal["none", "tensorboard", "swanlab"], BeforeValidator(_lower)] = setting(
+        "none", "REPORT_TO",
+        "`tensorboard`（已安装，日志在 `<运行目录>/runs`）或 `swanlab`（需自行 `pip install swanlab`，默认离线 `SWANLAB_MODE=local`）",
+        "`tensorboard` (installed; logs in `<run>/runs`) or `swanlab` (`pip install swanlab` yourself; offline "
+        "`SWANLAB_MODE=local` by default)", flag="--report-to")
+    system_prompt: str | None = setting(
+        None, "SYSTEM_PROMPT", "给没有 system 的记录加上；配方的默认值只用于默认数据（设置 `DATA_PATH` / `DATA_URL` 时不加）",
+        "added to records without a system turn; the recipe's default applies to the default data only "
+        "(not with `DATA_PATH` / `DATA_URL`)", flag="--system", clearable=True)
+    enable_thinking: bool = setting(False, "ENABLE_THINKING", "训练目标是否用思考模式的模板",
+                                    "train on the thinking-mode template", flag="--enable-thinking", when="thinking")
+    seed: int = setting(42, "SEED", "随机种子", "random seed", flag="--seed")
+    gradient_checkpointing: bool = setting(
+        True, "GRADIENT_CHECKPOINTING", "同时调用 `enable_input_require_grads()`（上游 #119 的报错）",
+        "also calls `enable_input_require_grads()` (upstream #119)", flag="--gradient-checkpointing")
+    max_samples: int | None = setting(None, "MAX_SAMPLES", "只用前 N 条", "use the first N records only",
+                                      flag="--max-samples", gt=0, shown=("全部", "all"))
+
+    def run_dir(self, model_dir: Path) -> Path:
+        source = (self.data[0].stem if self.data else Path(self.data_url).stem if self.data_url
+                  else DEFAULT_DATA.stem)
+        name = self.run_name or re.sub(r"[^\w.-]+", "-", f"{Path(model_dir).name}-{source}").strip("-")
+        return self.output_root / name
+
+    @property
+    def user_data(self) -> bool:
+        return bool(self.data or self.data_url)
+
+
+TASK_SETTINGS: dict[TaskKind, type[TaskSettings]] = {
+    TaskKind.fastapi: FastapiSettings,
+    TaskKind.webdemo: WebdemoSettings,
+    TaskKind.vllm: VllmSettings,
+    TaskKind.langchain: LangchainSettings,
+    TaskKind.lora: LoraSettings,
+}
+# The recipe's SYSTEM_PROMPT belongs to its default data (upstream's huanhuan.json): it applies only when
+# the user gives no data of their own.
+DATA_BOUND = {"system_prompt"}
+DATA_FIELDS = ("data", "data_url")
+
+S = TypeVar("S", bound=TaskSettings)
+
+
+# ----------------------------------------------------------------------------- resolution
+
+def family_value(family: ModelFamily | None, path: str | None) -> Any:
+    """ModelFamily attribute at a dotted path; None when absent."""
+    value: Any = family
+    for part in (path or "").split(".") if path else []:
+        value = getattr(value, part, None)
+    return value if path else None
+
+
+def _exists(info: SettingInfo, family: ModelFamily | None) -> bool:
+    return info.when is None or family is None or getattr(family, info.when, None) is not None
+
+
+def _given(text: str | None, info: SettingInfo) -> bool:
+    return text is not None and (text.strip() != "" or info.clearable)
+
+
+def resolve(model: type[S], recipe: Recipe | None = None, family: ModelFamily | None = None,
+            cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> S:
+    """The settings of `model` by the precedence in this module's docstring; SettingsError names a bad one."""
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    recipe_env = recipe.env if recipe is not None else {}
+    infos = [i for i in model.infos() if _exists(i, family)]
+
+    def user_text(info: SettingInfo) -> tuple[str, Any] | None:
+        if info.field in cli:
+            return info.flag or info.env, cli[info.field]
+        for name in (info.env, *info.aliases):
+            if _given(env.get(name), info):
+                return name, env[name]
+        return None
+
+    user_data = any(user_text(i) is not None for i in infos if i.field in DATA_FIELDS)
+    values: dict[str, Any] = {}
+    origins: dict[str, tuple[str, Any]] = {}
+    for info in infos:
+        found = user_text(info)
+        if found is None and _given(recipe_env.get(info.env), info) and not (info.field in DATA_BOUND and user_data):
+            found = f"{info.env} (recipe env:)", recipe_env[info.env]
+        if found is None and info.family:
+            value = family_value(family, info.family)
+            if value is not None:
+                found = f"{info.env} (model.yaml {info.family})", value
+        if found is None:
+            continue
+        origins[info.field] = found
+        value = found[1]
+        values[info.field] = None if info.clearable and isinstance(value, str) and not value.strip() else value
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise settings_error(exc, origins) from None
+
+
+def settings_error(exc: ValidationError, origins: Mapping[str, tuple[str, Any]]) -> SettingsError:
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else ""
+    message = error["msg"].removeprefix("Value error, ")
+    if field in origins:
+        name, value = origins[field]
+        return SettingsError(f"{name}={value!r}: {message}")
+    return SettingsError(f"{field or 'settings'}: {message}")
+
+
+def add_flags(parser: Any, model: type[TaskSettings], skip: tuple[str, ...] = ()) -> None:
+    """argparse flags for the fields that have one (but those in skip); values stay text, parsed by
+    resolve() like the environment's (a bare boolean flag means true)."""
+    for info in model.infos():
+        if info.flag is None or info.field in skip:
+            continue
+        kwargs: dict[str, Any] = {"dest": info.field, "default": None, "metavar": info.env, "help": f"(env {info.env})"}
+        if isinstance(info.default, bool) or model.model_fields[info.field].annotation in (bool, bool | None):
+            kwargs.update(nargs="?", const="true")
+        parser.add_argument(info.flag, **kwargs)
+
+
+# ----------------------------------------------------------------------------- README tables
+
+def _shown(value: Any) -> str:
+    if value is None or value == [] or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return "`1`" if value else "`0`"
+    if isinstance(value, ModelSource):
+        value = value.value
+    if isinstance(value, list):
+        value = ",".join(str(v) for v in value)
+    if isinstance(value, float):
+        value = f"{value:g}"
+    return f"`{value}`"
+
+
+def default_text(info: SettingInfo, recipe: Recipe, family: ModelFamily, lang: str) -> str:
+    """The default a user of this recipe meets, as the README shows it."""
+    if info.env in recipe.env:
+        text = _shown(recipe.env[info.env])
+        if info.field in DATA_BOUND:
+            text += "（仅默认数据）" if lang == "zh" else " (default data only)"
+        return text
+    if info.family:
+        value = family_value(family, info.family)
+        if value is not None:
+            return _shown(value)
+    if info.shown:
+        ids = recipe.default_model
+        text = info.shown[0 if lang == "zh" else 1]
+        if ids.huggingface == ids.modelscope:
+            text = text.replace("（`MODEL_SOURCE=huggingface` 时为 `{huggingface}`）", "").replace(
+                " (`{huggingface}` with `MODEL_SOURCE=huggingface`)", "")
+        return text.format(modelscope=ids.modelscope, huggingface=ids.huggingface)
+    return _shown(info.default)
+
+
+def settings_table(recipe: Recipe, family: ModelFamily, lang: str) -> str:
+    """The markdown table of every setting of the recipe's task, from its one definition."""
+    model = TASK_SETTINGS[recipe.task]
+    flags = any(i.flag for i in model.infos())
+    if lang == "zh":
+        head = ("| 命令行 | 环境变量 | 默认 | 说明 |" if flags else "| 环境变量 | 默认 | 说明 |")
+    else:
+        head = ("| flag | variable | default | meaning |" if flags else "| variable | default | meaning |")
+    rows = [head, "|---" * head.count(" | ") + "|---|"]
+    for info in model.infos():
+        if not _exists(info, family):
+            continue
+        cells = [f"`{info.flag}`" if info.flag else ""] if flags else []
+        cells += [f"`{info.env}`", default_text(info, recipe, family, lang), info.zh if lang == "zh" else info.en]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
