@@ -14,6 +14,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from selfllm_runtime.metadata import PROJECT_CREDIT, MetadataError, ModelFamily, Recipe
+from selfllm_runtime.settings import settings_table
 
 from .layout import DOCKERFILE_TEMPLATE, LOCK_FILE, LOCK_INPUT, README_TEMPLATE, REPO_ROOT, image_name
 
@@ -27,7 +28,8 @@ class GeneratedFile:
     sources: tuple[Path, ...]  # the inputs it is made from
 
 
-SHARED_README_PARTS = ("access.md.j2",)  # macros the serving tasks' README templates import
+SHARED_README_PARTS = ("access.md.j2", "settings.md.j2")  # macros the README templates import
+SETTINGS_SOURCE = REPO_ROOT / "runtime" / "selfllm_runtime" / "settings.py"  # the READMEs' settings tables
 
 
 def _environment(tasks_dir: Path) -> Environment:
@@ -61,6 +63,9 @@ def template_context(recipe: Recipe, family: ModelFamily) -> dict:
         "recipe": recipe,
         "family": family,
         "credits": [n for n in recipe.contributors if n != PROJECT_CREDIT],
+        # every setting of the task, from its one definition (runtime/selfllm_runtime/settings.py)
+        "settings_zh": settings_table(recipe, family, "zh"),
+        "settings_en": settings_table(recipe, family, "en"),
     }
 
 
@@ -77,7 +82,8 @@ def expected_files(recipe_dir: Path, recipe: Recipe, family: ModelFamily, model_
         if not source.is_file():
             raise MetadataError(source, "(file)", f"missing: the template of every recipe's {name}")
         text = env.get_template(template).render(**context)
-        shared = tuple(tasks_dir / part for part in SHARED_README_PARTS if name == "README.md")
+        shared = tuple(tasks_dir / part for part in SHARED_README_PARTS if name == "README.md") + (
+            (SETTINGS_SOURCE,) if name == "README.md" else ())
         files.append(GeneratedFile(name, text.encode("utf-8"), (source, *shared, *family_inputs)))
     for lock in lock_names(recipe):
         if own_lock_input(recipe_dir, lock).is_file():
