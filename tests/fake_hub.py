@@ -39,7 +39,9 @@ class FakeHuggingFaceHub:
 
     @classmethod
     def from_folder(cls, repo_id: str, folder: Path) -> FakeHuggingFaceHub:
-        return cls(repo_id, {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()})
+        """Every file under folder (subfolders too, as `1_Pooling/config.json`)."""
+        return cls(repo_id, {p.relative_to(folder).as_posix(): p.read_bytes()
+                             for p in sorted(folder.rglob("*")) if p.is_file()})
 
     def requests(self, method: str, name: str) -> list[Logged]:
         suffix = f"/resolve/{self.sha}/{name}", f"/resolve/main/{name}"

