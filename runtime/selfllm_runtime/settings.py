@@ -413,7 +413,8 @@ def add_flags(parser: Any, model: type[TaskSettings], skip: tuple[str, ...] = ()
     for info in model.infos():
         if info.flag is None or info.field in skip:
             continue
-        kwargs: dict[str, Any] = {"dest": info.field, "default": None, "metavar": info.env, "help": f"(env {info.env})"}
+        kwargs: dict[str, Any] = {"dest": info.field, "default": None, "metavar": info.env,
+                                  "help": f"{info.en} (env {info.env})".replace("%", "%%")}
         if isinstance(info.default, bool) or model.model_fields[info.field].annotation in (bool, bool | None):
             kwargs.update(nargs="?", const="true")
         parser.add_argument(info.flag, **kwargs)
