@@ -211,6 +211,21 @@ def test_the_adapter_changes_what_the_model_says(context, tiny_model, trained):
     tuned = infer(context, tiny_model, Path(trained["adapter_dir"]), "你是谁？", **ask)
     assert base["adapter"] is None and tuned["adapter"]
     assert tuned["output"] != base["output"], f"the adapter changed nothing: {tuned['output']!r}"
+    assert abs(tuned["prompt_logprob"] - base["prompt_logprob"]) > 1e-4  # the weights' fingerprint moved
+
+
+def test_an_untrained_adapter_leaves_the_fingerprint_as_it_was(context, tiny_model, tmp_path):
+    """What the smoke check relies on: LoRA's B starts at zero, so a fresh adapter is the base model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    untrained = tmp_path / "untrained"
+    lora = context.family.lora
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                   LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules)).save_pretrained(untrained)
+    base = infer(context, tiny_model, None, "你是谁？", max_new_tokens=4, temperature=0)
+    fresh = infer(context, tiny_model, untrained, "你是谁？", max_new_tokens=4, temperature=0)
+    assert fresh["prompt_logprob"] == base["prompt_logprob"]
 
 
 def test_infer_samples_with_the_checkpoints_defaults(context, tiny_model, trained, tmp_path, monkeypatch):

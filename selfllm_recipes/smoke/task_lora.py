@@ -1,7 +1,8 @@
 """Smoke check of task `lora`: a run to completion, not a server. On the tiny model and a small
 generated data set (both formats), the container trains 20 steps through `selfllm start`, answers
-with the base model and with the adapter (the replies must differ), merges it, and answers from the
-merged model (as with the adapter); each step prints `SELFLLM_RESULT {json}`."""
+with the base model and with the adapter (the prompt's log-prob must move, and visible greedy replies
+differ), merges it, and answers from the merged model (as with the adapter, same log-prob); each step
+prints `SELFLLM_RESULT {json}`."""
 from __future__ import annotations
 
 import json
@@ -40,9 +41,16 @@ def results(logs: str) -> list[dict]:
     return found
 
 
+# |adapter - base| of the prompt's mean log-prob that counts as moved (20 steps move it by ~0.1), and
+# |merged - adapter| that counts as the same (fp32 rounding of the merged weights: ~1e-6)
+LOGPROB_MOVED = 1e-4
+LOGPROB_SAME = 1e-3
+
+
 def _visible(output: str) -> str:
-    """The output's text without thinking markers and whitespace ('' when the tiny model's tokens decode to
-    nothing, e.g. only special tokens: then the replies can't be compared and the report says so)."""
+    """The output's text without thinking markers and whitespace ('' when the tiny model's greedy tokens
+    decode to whitespace only, as the tiny DeepSeek-R1-Distill's repeated newline: then the greedy
+    replies say nothing and only the log-prob fingerprint compares the models)."""
     return output.replace("<think>", "").replace("</think>", "").strip()
 
 
@@ -65,6 +73,13 @@ def verify_lora(session: SmokeSession) -> str:
     # `output` is the whole generated text, thinking included (R1-style templates open the thinking block,
     # so a random model's 16 tokens are all thinking and `reply` is empty)
     expect(infer_base["adapter"] is None, f"the base model's inference used an adapter: {infer_base}")
+    # The weights' fingerprint (mean log-prob of the prompt): an untrained adapter leaves it where the base
+    # model has it; the merged model must have the adapter's.
+    base_lp, adapter_lp, merged_lp = (r["prompt_logprob"] for r in (infer_base, infer_adapter, infer_merged))
+    expect(abs(adapter_lp - base_lp) > LOGPROB_MOVED,
+           f"the adapter leaves the model as it was: prompt log-prob {base_lp} (base) vs {adapter_lp} (adapter)")
+    expect(abs(merged_lp - adapter_lp) < LOGPROB_SAME,
+           f"the merged model is not base + adapter: prompt log-prob {merged_lp} (merged) vs {adapter_lp} (adapter)")
     visible = any(_visible(r["output"]) for r in (infer_base, infer_adapter))
     expect(not visible or infer_adapter["output"] != infer_base["output"],
            f"the adapter does not change the greedy output: {infer_adapter['output']!r} (base: {infer_base['output']!r})")
@@ -75,8 +90,8 @@ def verify_lora(session: SmokeSession) -> str:
            f"the merged model answers {infer_merged['output']!r}, the adapter {infer_adapter['output']!r}")
     return (f"trained {trained['steps']} steps on {trained['examples']} examples, loss {first:.2f} → {last:.2f}, "
             f"{trained['tokens_per_s']} tokens/s ({trained['device']}); "
-            + ("the adapter changes the greedy reply, " if visible else
-               "replies decode to no text (not compared), ")
+            + f"the adapter moves the prompt log-prob {base_lp:.4f} → {adapter_lp:.4f}"
+            + (" and changes the greedy reply, " if visible else " (greedy replies are whitespace), ")
             + "the merged model answers as base + adapter")
 
 

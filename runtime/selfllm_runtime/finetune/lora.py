@@ -224,7 +224,23 @@ def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, pro
     print(completion.text, flush=True)
     return emit_result("infer", model=str(model_dir), adapter=str(adapter_dir) if adapter_dir else None,
                        prompt=prompt, reply=completion.text, output=completion.raw,
-                       completion_tokens=completion.completion_tokens, finish_reason=completion.finish_reason)
+                       completion_tokens=completion.completion_tokens, finish_reason=completion.finish_reason,
+                       prompt_logprob=prompt_logprob(engine, engine.format_prompt(messages, kwargs)))
+
+
+def prompt_logprob(engine: Any, prompt: str) -> float:
+    """Mean log-probability the model gives each token of `prompt` (teacher forcing): a fingerprint of the
+    weights that an untrained adapter leaves as it is (LoRA's B starts at zero) and training moves, even
+    where a tiny random model's greedy reply is the same token over and over. Call it when no generation
+    runs (the engine's scheduler is idle)."""
+    import torch
+
+    model = engine.model
+    ids = engine.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    return round(float(torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).mean()), 6)
 
 
 def merge(context: RecipeContext, model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
