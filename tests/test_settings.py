@@ -225,3 +225,20 @@ def test_every_task_has_one_settings_model():
     assert set(TASK_SETTINGS) == set(TaskKind)
     assert all(issubclass(model, ModelSettings) for model in TASK_SETTINGS.values())
     assert issubclass(FastapiSettings, EngineSettings)
+
+
+def test_selfllm_settings_shows_each_value_and_its_layer(monkeypatch, capsys):
+    for name in ("LORA_R", "LORA_ALPHA", "SYSTEM_PROMPT", "DATA_PATH", "DATA_URL", "API_KEY", "NUM_EPOCHS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LORA_R", "16")
+    monkeypatch.setenv("API_KEY", "sk-never-printed")
+    assert cli.main(["settings", "--recipe", str(RECIPES_DIR / "qwen3" / "lora")]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: (line.split()[1], line.rsplit("  (", 1)[1].rstrip(")")) for line in out.splitlines()[1:]}
+    assert rows["LORA_R"] == ("16", "environment") and rows["LORA_ALPHA"][1] == "model.yaml"
+    assert rows["SYSTEM_PROMPT"][1] == "recipe env:" and rows["NUM_EPOCHS"] == ("3", "default")
+    assert len(rows) == len(LoraSettings.infos())  # qwen3 has a thinking switch: every setting is listed
+    assert cli.main(["settings", "--recipe", str(RECIPES_DIR / "qwen3" / "fastapi")]) == 0
+    out = capsys.readouterr().out
+    assert "sk-never-printed" not in out
+    assert any(line.split()[:2] == ["API_KEY", "<set>"] for line in out.splitlines())

@@ -4,6 +4,7 @@
   selfllm health                     exit 0 when the task answers (the image's HEALTHCHECK)
   selfllm smoke-model OUT            write a tiny random model of the recipe's architecture
   selfllm fetch-model                download the model into the cache and print its folder
+  selfllm settings                   every setting of the task: its value and where it came from
   selfllm link RECIPE_DIR            native install's last step (runtime/bin/selfllm-install)
   selfllm lora train|infer|merge     LoRA fine-tuning (selfllm lora -h)
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from .context import RUNTIME_ROOT, RecipeContext, load_context
 from .metadata import MetadataError, TaskKind
 from .model_source import ModelNotFound, model_request, request_from_env, resolve_model
-from .settings import SettingsError
+from .settings import TASK_SETTINGS, SettingsError, explain
 
 TASK_MODULES = {
     TaskKind.fastapi: "fastapi_server",
@@ -66,6 +67,18 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """The recipe's task settings as they would be used now (checked as `selfllm start` checks them)."""
+    context = load_context(args.recipe)
+    rows = explain(TASK_SETTINGS[context.recipe.task], context.recipe, context.family)
+    width = max(len(name) for name, _, _ in rows)
+    print(f"# {context.recipe.model}/{context.recipe.task.value}: value (from flag > environment > recipe env: > "
+          "model.yaml > default)")
+    for name, value, layer in rows:
+        print(f"{name.ljust(width)}  {value or '—'}  ({layer})")
+    return 0
+
+
 def cmd_link(args: argparse.Namespace) -> int:
     """Native path, second half (runtime/bin/selfllm-install runs the lock's pip install first):
     make this runtime importable by the current Python and put a `selfllm` launcher beside it."""
@@ -90,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="selfllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, func in (("start", cmd_start), ("health", cmd_health), ("fetch-model", cmd_fetch_model)):
+    for name, func in (("start", cmd_start), ("health", cmd_health), ("fetch-model", cmd_fetch_model),
+                       ("settings", cmd_settings)):
         p = sub.add_parser(name)
         p.add_argument("--recipe", help="recipe folder (default: $RECIPE_DIR or /opt/recipe)")
         p.set_defaults(func=func)

@@ -359,51 +359,82 @@ def _given(text: str | None, info: SettingInfo) -> bool:
     return text is not None and (text.strip() != "" or info.clearable)
 
 
-def resolve(model: type[S], recipe: Recipe | None = None, family: ModelFamily | None = None,
-            cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> S:
-    """The settings of `model` by the precedence in this module's docstring; SettingsError names a bad one."""
+@dataclass(frozen=True)
+class Given:
+    """Where a setting's value came from: `name` as the user wrote it (flag, variable, recipe env: or
+    model.yaml path), its text, and the layer ('flag', 'environment', 'recipe env:', 'model.yaml')."""
+
+    name: str
+    value: Any
+    layer: str
+
+
+def gather(model: type[TaskSettings], recipe: Recipe | None = None, family: ModelFamily | None = None,
+           cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> dict[str, Given]:
+    """Each field's value from the first layer that gives it (fields no layer gives keep their default)."""
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     env = os.environ if env is None else env
     recipe_env = recipe.env if recipe is not None else {}
     infos = [i for i in model.infos() if _exists(i, family)]
 
-    def user_text(info: SettingInfo) -> tuple[str, Any] | None:
+    def user_given(info: SettingInfo) -> Given | None:
         if info.field in cli:
-            return info.flag or info.env, cli[info.field]
+            return Given(info.flag or info.env, cli[info.field], "flag")
         for name in (info.env, *info.aliases):
             if _given(env.get(name), info):
-                return name, env[name]
+                return Given(name, env[name], "environment")
         return None
 
-    user_data = any(user_text(i) is not None for i in infos if i.field in DATA_FIELDS)
-    values: dict[str, Any] = {}
-    origins: dict[str, tuple[str, Any]] = {}
+    user_data = any(user_given(i) is not None for i in infos if i.field in DATA_FIELDS)
+    found: dict[str, Given] = {}
     for info in infos:
-        found = user_text(info)
-        if found is None and _given(recipe_env.get(info.env), info) and not (info.field in DATA_BOUND and user_data):
-            found = f"{info.env} (recipe env:)", recipe_env[info.env]
-        if found is None and info.family:
-            value = family_value(family, info.family)
-            if value is not None:
-                found = f"{info.env} (model.yaml {info.family})", value
-        if found is None:
-            continue
-        origins[info.field] = found
-        value = found[1]
-        values[info.field] = None if info.clearable and isinstance(value, str) and not value.strip() else value
+        given = user_given(info)
+        if given is None and _given(recipe_env.get(info.env), info) and not (info.field in DATA_BOUND and user_data):
+            given = Given(f"{info.env} (recipe env:)", recipe_env[info.env], "recipe env:")
+        if given is None and info.family and family_value(family, info.family) is not None:
+            given = Given(f"{info.env} (model.yaml {info.family})", family_value(family, info.family), "model.yaml")
+        if given is not None:
+            found[info.field] = given
+    return found
+
+
+def resolve(model: type[S], recipe: Recipe | None = None, family: ModelFamily | None = None,
+            cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> S:
+    """The settings of `model` by the precedence in this module's docstring; SettingsError names a bad one."""
+    found = gather(model, recipe, family, cli, env)
+    infos = {i.field: i for i in model.infos()}
+    values = {field: None if infos[field].clearable and isinstance(g.value, str) and not g.value.strip() else g.value
+              for field, g in found.items()}
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        raise settings_error(exc, origins) from None
+        raise settings_error(exc, found) from None
 
 
-def settings_error(exc: ValidationError, origins: Mapping[str, tuple[str, Any]]) -> SettingsError:
+SECRETS = {"api_key"}  # shown as set / unset, never as their value
+
+
+def explain(model: type[S], recipe: Recipe | None = None, family: ModelFamily | None = None,
+            cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """(variable, effective value, layer it came from) for every setting of `model`, validated first."""
+    settings = resolve(model, recipe, family, cli, env)
+    found = gather(model, recipe, family, cli, env)
+    rows = []
+    for info in model.infos():
+        if not _exists(info, family):
+            continue
+        value = getattr(settings, info.field)
+        shown = ("<set>" if value else "<unset>") if info.field in SECRETS else _shown(value).strip("`")
+        rows.append((info.env, shown, found[info.field].layer if info.field in found else "default"))
+    return rows
+
+
+def settings_error(exc: ValidationError, found: Mapping[str, Given]) -> SettingsError:
     error = exc.errors()[0]
     field = str(error["loc"][0]) if error["loc"] else ""
     message = error["msg"].removeprefix("Value error, ")
-    if field in origins:
-        name, value = origins[field]
-        return SettingsError(f"{name}={value!r}: {message}")
+    if field in found:
+        return SettingsError(f"{found[field].name}={found[field].value!r}: {message}")
     return SettingsError(f"{field or 'settings'}: {message}")
 
 
