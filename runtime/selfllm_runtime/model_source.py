@@ -7,8 +7,10 @@ that model.safetensors.index.json (or pytorch_model.bin.index.json) names, else 
 pytorch_model.bin file. A cached folder that is not complete (an interrupted download) is never
 used: the hub client's snapshot_download runs again and fetches only what is missing.
 
-ModelScope stores `Qwen/Qwen2.5-7B-Instruct` as `Qwen/Qwen2___5-7B-Instruct`: the cached folder is
-found under either spelling, so a second start needs no network. The Hugging Face cache is read the
+ModelScope's snapshot_download(cache_dir=MODEL_CACHE) of modelscope ≥1.38 (modelscope-hub) writes
+`models/Qwen--Qwen2.5-7B-Instruct/snapshots/master`; older SDKs wrote `Qwen/Qwen2___5-7B-Instruct`
+('.' escaped as '___'), a folder the new client still completes in place. The cached folder is found in
+every one of these layouts, so a second start needs no network. The Hugging Face cache is read the
 way huggingface_hub writes it: refs/main names the commit whose snapshots/<commit> folder is used;
 without refs/main (a copied-in snapshot) the one snapshot there is used, and none when there are several.
 """
@@ -55,8 +57,16 @@ def request_from_env(recipe: Recipe, env: dict[str, str] | None = None) -> Model
 
 
 def modelscope_folder_names(model_id: str) -> list[str]:
-    """ModelScope escapes '.' in folder names as '___' (Qwen2.5 → Qwen2___5)."""
+    """Older ModelScope SDKs escape '.' in folder names as '___' (Qwen2.5 → Qwen2___5)."""
     return list(dict.fromkeys([model_id, model_id.replace(".", "___")]))
+
+
+def modelscope_folders(cache: Path, model_id: str) -> list[Path]:
+    """Where ModelScope's snapshot_download(model_id, cache_dir=cache) keeps the model: first the snapshot
+    of the `master` branch that modelscope ≥1.38 writes (the name as it is), then the older SDKs' folders."""
+    snapshot = cache / "models" / model_id.replace("/", "--") / "snapshots" / "master"
+    roots = (cache, cache / "models", cache / "modelscope", cache / "modelscope" / "models")
+    return [snapshot, *(root / name for root in roots for name in modelscope_folder_names(model_id))]
 
 
 def missing_model_files(path: Path) -> list[str]:
@@ -97,10 +107,9 @@ def huggingface_snapshot(storage: Path) -> Path | None:
 def find_cached(request: ModelRequest) -> Path | None:
     """A complete model folder already in MODEL_CACHE, or None."""
     if request.source is ModelSource.modelscope:
-        for root in (request.cache, request.cache / "modelscope", request.cache / "modelscope" / "models"):
-            for name in modelscope_folder_names(request.model_id):
-                if (found := _complete(root / name)) is not None:
-                    return found
+        for folder in modelscope_folders(request.cache, request.model_id):
+            if (found := _complete(folder)) is not None:
+                return found
         return None
     storage = request.cache / "huggingface" / "hub" / ("models--" + request.model_id.replace("/", "--"))
     snapshot = huggingface_snapshot(storage)
