@@ -129,3 +129,18 @@ def test_legacy_api_of_a_reasoning_family_splits_think_and_answer(tiny_recipe):
     assert data["history"] == [["你好", data["answer"]]]
     plain = TestClient(create_app(ChatEngine(*tiny_recipe("qwen2.5/fastapi")))).post("/", json={"prompt": "你好", "max_length": 4}).json()
     assert "think" not in plain and "answer" not in plain
+
+
+@pytest.mark.parametrize("folder,name", [
+    ("/c/huggingface/hub/models--Qwen--Qwen3-8B/snapshots/0123abc", "Qwen3-8B"),
+    ("/c/models/Qwen--Qwen2.5-7B-Instruct/snapshots/master", "Qwen2.5-7B-Instruct"),  # modelscope >= 1.38
+    ("/c/Qwen/Qwen2___5-7B-Instruct", "Qwen2___5-7B-Instruct"),  # an older ModelScope SDK's folder
+    ("/models/my-merged", "my-merged"),
+])
+def test_checkpoint_name_sees_through_hub_cache_layouts(folder, name):
+    """Old behaviour: the LoRA run was named `master-huanhuan` / `<commit>-huanhuan`, and /health said `master`."""
+    from selfllm_runtime.model_source import checkpoint_name
+    from selfllm_runtime.settings import LoraSettings, resolve
+
+    assert checkpoint_name(folder) == name
+    assert resolve(LoraSettings, env={}).run_dir(Path(folder)).name == f"{name}-huanhuan"

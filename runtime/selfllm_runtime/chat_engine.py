@@ -17,6 +17,7 @@ from .batching import DONE, Job, Scheduler
 from .context import RecipeContext
 from .continuous import ContinuousScheduler
 from .metadata import Reasoning
+from .model_source import checkpoint_name
 from .settings import EngineSettings
 
 log = logging.getLogger("selfllm.chat")
@@ -192,7 +193,8 @@ class ChatEngine:
 
     @property
     def model_name(self) -> str:
-        return self.model_dir.name
+        """The checkpoint's name (not a hub cache's snapshot folder name)."""
+        return checkpoint_name(self.model_dir)
 
     def sampling_defaults(self) -> tuple[float, float]:
         """(temperature, top_p) of the checkpoint's generation_config.json, as vLLM's OpenAI server

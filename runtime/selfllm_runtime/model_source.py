@@ -69,6 +69,16 @@ def modelscope_folders(cache: Path, model_id: str) -> list[Path]:
     return [snapshot, *(root / name for root in roots for name in modelscope_folder_names(model_id))]
 
 
+def checkpoint_name(model_dir: Path | str) -> str:
+    """The checkpoint's name for a model folder, seen through the hub caches' layouts: Hugging Face's
+    `models--Qwen--Qwen3-8B/snapshots/<commit>` and ModelScope's `models/Qwen--Qwen3-8B/snapshots/master`
+    are `Qwen3-8B`; any other folder is its own name."""
+    path = Path(model_dir)
+    if path.parent.name == "snapshots" and path.parent.parent.name:
+        return path.parent.parent.name.removeprefix("models--").split("--")[-1]
+    return path.name
+
+
 def missing_model_files(path: Path) -> list[str]:
     """What `path` lacks to be a loadable model folder; [] when it is complete."""
     if not (path / "config.json").is_file():

@@ -318,7 +318,9 @@ class LoraSettings(AdapterSettings):
     def run_dir(self, model_dir: Path) -> Path:
         source = (self.data[0].stem if self.data else Path(self.data_url).stem if self.data_url
                   else DEFAULT_DATA.stem)
-        name = self.run_name or re.sub(r"[^\w.-]+", "-", f"{Path(model_dir).name}-{source}").strip("-")
+        from .model_source import checkpoint_name  # model_source builds on this module
+
+        name = self.run_name or re.sub(r"[^\w.-]+", "-", f"{checkpoint_name(model_dir)}-{source}").strip("-")
         return self.output_root / name
 
     @property
