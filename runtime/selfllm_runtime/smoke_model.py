@@ -35,6 +35,9 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
                                   *family.stop_tokens, *tokens.additional]))
     # Reasoning markers stay visible in decoded text, as in the real checkpoints.
     visible = {family.reasoning.start, family.reasoning.end} if family.reasoning else set()
+    # So do tool-call markers (Qwen's <tool_call>: special in the vocabulary, not skipped by decode).
+    if family.tool_calls is not None:
+        visible |= {m for m in (family.tool_calls.start, family.tool_calls.end) if m}
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
