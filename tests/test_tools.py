@@ -220,3 +220,170 @@ def test_prose_streams_before_the_end():
     assert len(sent) > 3
     sent, _, _ = streamed(LLAMA, "It is sunny in Paris today, enjoy it.")
     assert len(sent) > 3
+
+
+# ----------------------------------------------------------------------------- the OpenAI API (tiny Qwen3)
+
+URL = "/v1/chat/completions"
+MODEL = "Qwen/Qwen3-8B"
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+THINKING = "<think>\nThe user wants the weather; I should call get_weather.\n</think>\n\n"
+CALL_TEXT = 'I will look it up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+FINAL = "It is 31C and sunny in Paris."
+
+
+def scripted_model(engine, monkeypatch, prompts: list[str]) -> None:
+    """model.generate 'writes' a tool call, or the final answer once the prompt holds a tool
+    response; the text goes through the real decode / reasoning split / stream code."""
+    torch = engine.torch
+
+    def generate(input_ids, streamer=None, **_: Any):
+        prompt = engine.tokenizer.decode(input_ids[0], skip_special_tokens=False)
+        prompts.append(prompt)
+        text = THINKING + (FINAL if "<tool_response>" in prompt else CALL_TEXT)
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [engine.stop_token_ids[0]]
+        out = torch.cat([input_ids, torch.tensor([ids], dtype=input_ids.dtype)], dim=1)
+        if streamer is not None:
+            streamer.put(input_ids)
+            for token in ids:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+        return out
+
+    monkeypatch.setattr(engine.model, "generate", generate)
+
+
+@pytest.fixture
+def prompts(engine, monkeypatch) -> list[str]:
+    seen: list[str] = []
+    scripted_model(engine, monkeypatch, seen)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def api(engine):
+    from conftest import uvicorn_on_loopback
+    import openai
+
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    with uvicorn_on_loopback(create_app(engine)) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="dummy", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    with TestClient(create_app(engine)) as test_client:
+        yield test_client
+
+
+def test_sdk_round_trip_without_streaming(api, prompts):
+    first = api.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, max_tokens=200)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "I will look it up."
+    assert choice.message.reasoning_content == "The user wants the weather; I should call get_weather."
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert "get_weather" in prompts[-1] and "Get the current weather of a city" in prompts[-1]
+
+    history = [*QUESTION, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "31C, sunny"}]
+    second = api.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=200)
+    assert second.choices[0].finish_reason == "stop"
+    assert second.choices[0].message.content == FINAL and not second.choices[0].message.tool_calls
+    # the call went back into the prompt in Qwen's own format, arguments as an object
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompts[-1]
+    assert "<tool_response>\n31C, sunny\n</tool_response>" in prompts[-1]
+
+
+def test_sdk_round_trip_streaming(api, prompts):
+    chunks = list(api.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, max_tokens=200,
+                                              stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    content = "".join(d.content or "" for d in deltas)
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    assert content.strip() == "I will look it up." and "<tool_call>" not in content
+    assert "get_weather" in reasoning
+    [call_delta] = [d.tool_calls for d in deltas if d.tool_calls]
+    [call] = call_delta
+    assert call.index == 0 and call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    history = [*QUESTION, {"role": "assistant", "content": content, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "31C, sunny"}]
+    chunks = list(api.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=200,
+                                              stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == FINAL
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_tool_choice_none_neither_shows_nor_parses_the_tools(client, prompts):
+    answer = client.post(URL, json={"model": MODEL, "messages": QUESTION, "tools": TOOLS, "tool_choice": "none",
+                                    "max_tokens": 200}).json()
+    choice = answer["choices"][0]
+    assert "get_weather" not in prompts[-1] and "# Tools" not in prompts[-1]
+    assert choice["finish_reason"] == "stop" and choice["message"]["tool_calls"] == []
+    assert "<tool_call>" in choice["message"]["content"]  # what the model wrote, untouched
+
+
+def test_named_tool_choice_shows_only_that_function(client, prompts):
+    answer = client.post(URL, json={"model": MODEL, "messages": QUESTION, "tools": TOOLS, "max_tokens": 200,
+                                    "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "tool_calls"
+    assert "get_weather" in prompts[-1] and "get_time" not in prompts[-1]
+
+
+def test_required_tool_choice_returns_the_answer_when_the_model_makes_no_call(client, engine, monkeypatch):
+    """No constrained decoding: a model that answers in prose is not turned into a call."""
+    scripted_model(engine, monkeypatch, [])
+    history = [*CALLED[1:]]
+    answer = client.post(URL, json={"model": MODEL, "messages": history, "tools": TOOLS, "tool_choice": "required",
+                                    "max_tokens": 200}).json()
+    assert answer["choices"][0]["message"]["content"] == FINAL
+    assert answer["choices"][0]["finish_reason"] == "stop" and answer["choices"][0]["message"]["tool_calls"] == []
+
+
+BAD_TOOL_REQUESTS = [
+    ("tool_choice without tools", {"tool_choice": "required"}, "tool_choice"),
+    ("unknown named function", {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     "tool_choice"),
+    ("tool name with spaces", {"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools"),
+    ("tool of another type", {"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools"),
+    ("arguments not JSON", {"messages": [*QUESTION, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "Paris"}}]}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("label,body,param", BAD_TOOL_REQUESTS, ids=[b[0] for b in BAD_TOOL_REQUESTS])
+def test_bad_tool_requests_are_400(client, label, body, param):
+    answer = client.post(URL, json={"model": MODEL, "messages": QUESTION, "max_tokens": 4, **body})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+
+
+@pytest.fixture(scope="module")
+def phi4_client(tiny_recipe):
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.chat_engine import ChatEngine
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    with TestClient(create_app(ChatEngine(*tiny_recipe("phi4/fastapi")))) as test_client:
+        yield test_client
+
+
+def test_family_without_tool_support_refuses_tools(phi4_client):
+    body = {"messages": QUESTION, "max_tokens": 4}
+    answer = phi4_client.post(URL, json={**body, "tools": TOOLS})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "tools"
+    assert "phi" in answer.json()["error"]["message"].lower()
+    # tool_choice "none" leaves the tools out instead
+    assert phi4_client.post(URL, json={**body, "tools": TOOLS, "tool_choice": "none"}).status_code == 200
