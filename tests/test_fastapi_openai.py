@@ -154,8 +154,8 @@ def captured_prompts(engine, monkeypatch) -> list[str]:
     prompts: list[str] = []
     original = engine.format_prompt
 
-    def spy(messages, template_kwargs=None):
-        prompt = original(messages, template_kwargs)
+    def spy(messages, template_kwargs=None, tools=None):
+        prompt = original(messages, template_kwargs, tools)
         prompts.append(prompt)
         return prompt
 

@@ -57,6 +57,19 @@ def test_cpu_argv_runs_eager_without_compilation_and_newer_vllm_drops_enable_rea
     assert _option(argv, "--reasoning-parser") == "qwen3"
 
 
+@pytest.mark.parametrize(("model", "parser"), [
+    ("qwen3", "hermes"), ("qwen2.5", "hermes"), ("qwen2.5-coder", "hermes"), ("llama3.1", "llama3_json"),
+    ("glm4", None), ("deepseek-r1-distill-qwen", None), ("phi4", None)])
+def test_tool_call_parser_follows_the_family(model, parser):
+    """vLLM parses tool calls where the family has a parser of its format (none for GLM-4-9B's)."""
+    other = load_context(RECIPES_DIR / model / "vllm")
+    argv = build_argv(other, "/m", GPU, other.settings(env={}))
+    if parser is None:
+        assert "--enable-auto-tool-choice" not in argv and "--tool-call-parser" not in argv
+    else:
+        assert "--enable-auto-tool-choice" in argv and _option(argv, "--tool-call-parser") == parser
+
+
 def test_env_overrides_name_length_and_extra_args_come_last(context):
     env = {"SERVED_MODEL_NAME": "qwen", "MAX_MODEL_LEN": "2048",
            "VLLM_ARGS": "--gpu-memory-utilization 0.8 --chat-template '/a b/t.jinja'"}

@@ -19,9 +19,10 @@ from .continuous import ContinuousScheduler
 from .metadata import Reasoning
 from .model_source import checkpoint_name
 from .settings import EngineSettings
+from .tool_calls import template_inputs
 
 log = logging.getLogger("selfllm.chat")
-Message = dict[str, str]
+Message = dict[str, Any]  # {"role", "content"}, and OpenAI's "tool_calls" / "tool_call_id" where given
 
 
 @dataclass
@@ -32,6 +33,7 @@ class GenerationParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools shown to the model (its template's way)
 
 
 @dataclass
@@ -217,9 +219,14 @@ class ChatEngine:
         ids |= {vocab[token] for token in self.family.stop_tokens if token in vocab}
         return sorted(i for i in ids if i is not None)
 
-    def format_prompt(self, messages: list[Message], template_kwargs: dict[str, Any] | None = None) -> str:
+    def format_prompt(self, messages: list[Message], template_kwargs: dict[str, Any] | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt; messages with tool calls / tool results and the tools are first put in the shape
+        the family's template reads (tool_calls.template_inputs)."""
         kwargs = self.context.template_kwargs(**(template_kwargs or {}))
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        messages, tool_kwargs = template_inputs(messages, tools, self.family.tool_calls)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **kwargs, **tool_kwargs)
 
     def opens_reasoning(self, prompt: str) -> bool:
         """Whether the chat template already opened the reasoning block in the prompt."""
@@ -247,7 +254,7 @@ class ChatEngine:
 
     def _submit(self, messages: list[Message], params: GenerationParams, streaming: bool) -> tuple[Job, int, bool]:
         """(queued job, prompt tokens, whether the prompt opened the reasoning block); EngineBusy when full."""
-        prompt = self.format_prompt(messages, params.template_kwargs)
+        prompt = self.format_prompt(messages, params.template_kwargs, params.tools)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         job = Job(prompt_ids, params.max_new_tokens, params.temperature, params.top_p, params.seed, streaming=streaming)
         return self.scheduler.submit(job), len(prompt_ids), self.opens_reasoning(prompt)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,6 +69,23 @@ class Reasoning(Strict):
 
     start: str
     end: str
+    vllm_parser: str | None = None
+
+
+class ToolCalls(Strict):
+    """How the model writes tool calls, how its chat template takes the tools, and vLLM's parser.
+
+    format: hermes (Qwen: `<tool_call>{"name", "arguments"}</tool_call>`), llama3_json (Llama 3.1: a
+    bare `{"name", "parameters"}` object, maybe after `<|python_tag|>`), glm4 (GLM-4: `name\n{args}`).
+    start/end: the markers around one call, where the format has visible ones.
+    tools_in: `argument` = apply_chat_template(tools=...); `system_message` = a `tools` key on the
+    system message (glm-4-9b-chat's template reads item['tools']).
+    vllm_parser: vLLM's --tool-call-parser; None where vLLM has none for this format."""
+
+    format: Literal["hermes", "llama3_json", "glm4"]
+    start: str | None = None
+    end: str | None = None
+    tools_in: Literal["argument", "system_message"] = "argument"
     vllm_parser: str | None = None
 
 
@@ -129,6 +146,7 @@ class ModelFamily(Strict):
     chat_template_kwargs: dict[str, Any] = {}
     thinking: Thinking | None = None
     reasoning: Reasoning | None = None
+    tool_calls: ToolCalls | None = Field(None, description="None: the chat template renders no tools")
     lora: LoraDefaults
     # Templates that leave the assistant turn open (GLM-4: the next role tag ends it) get eos
     # appended to each training reply, so the fine-tuned model learns to stop.

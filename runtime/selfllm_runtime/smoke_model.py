@@ -26,7 +26,7 @@ CORPUS = [
 
 
 def _train_tokenizer(context: RecipeContext, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     family = context.family
@@ -43,9 +43,14 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
     # The template's text without its Jinja comments (the license line is no prompt text).
     corpus = CORPUS * 4 + [re.sub(r"\{#.*?#\}", "", context.chat_template, flags=re.DOTALL)]
     core.train_from_iterator(corpus, trainer=trainer)
+    # Tool-call markers (Qwen's <tool_call>) are in the vocabulary like special tokens but not skipped
+    # by decode, as in the real checkpoints; they keep their ids (the random model's outputs with them).
+    markers = [m for m in (family.tool_calls.start, family.tool_calls.end) if m] if family.tool_calls else []
+    core.add_tokens([AddedToken(m, special=False, normalized=False) for m in markers if m in special])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, eos_token=tokens.eos, pad_token=tokens.pad, bos_token=tokens.bos,
-        additional_special_tokens=[t for t in special if t not in visible and t not in (tokens.eos, tokens.pad, tokens.bos)],
+        additional_special_tokens=[t for t in special if t not in visible and t not in markers
+                                   and t not in (tokens.eos, tokens.pad, tokens.bos)],
     )
     if visible:
         tokenizer.add_tokens(sorted(visible))

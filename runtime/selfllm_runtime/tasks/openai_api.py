@@ -8,6 +8,13 @@
   the family's thinking switch (Qwen3's `enable_thinking`) as a top-level field or inside
   `chat_template_kwargs` as vLLM takes it, with the thinking returned as `reasoning_content`
   (message and delta) as vLLM's reasoning parsers do;
+- tool calling for families whose chat template renders tools (model.yaml `tool_calls`; see
+  tool_calls.py): `tools` (functions) go into the template, the answer's calls come back as
+  `message.tool_calls` / `delta.tool_calls` (one chunk per call, after the content) with
+  finish_reason "tool_calls"; history takes assistant `tool_calls` and `tool` messages.
+  `tool_choice`: "auto" (default), "none" (tools are neither shown nor parsed), "required" or a named
+  function (only that function is shown). Decoding is not constrained: when the model writes no
+  call, its answer is returned as it is. Families without tool support answer 400 (param `tools`);
 - errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` under /v1 (bad JSON,
   wrong types, empty `messages`, out-of-range `max_tokens`, unknown model), other routes keep
   FastAPI's default answers;
@@ -35,6 +42,7 @@ from ..batching import EngineBusy
 from ..continuous import SeedUnsupported
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
 from ..settings import FastapiSettings
+from ..tool_calls import ToolCallStream, parse_tool_calls, tool_names
 
 log = logging.getLogger("selfllm.openai")
 
@@ -117,10 +125,40 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "tool"]
     content: str | list[TextPart]
     name: str | None = None
+    tool_call_id: str | None = Field(None, description="a tool message: the id of the call it answers")
 
     def to_engine(self) -> Message:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message: Message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.role == "tool" and self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="the arguments as a JSON object, in text (as OpenAI returns them)")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            decoded = None
+        if not isinstance(decoded, dict):
+            raise ValueError("must be a JSON object in a string, e.g. '{\"city\": \"Paris\"}'")
+        return value
+
+
+class ToolCallIn(BaseModel):
+    """A call of an earlier assistant turn."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
 
 
 class AssistantMessage(ChatMessage):
@@ -128,6 +166,13 @@ class AssistantMessage(ChatMessage):
 
     role: Literal["assistant"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+
+    def to_engine(self) -> Message:
+        message = super().to_engine()
+        if self.tool_calls:  # only then: Llama's template tests `'tool_calls' in message`
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return message
 
 
 def message_kind(value: Any) -> str:
@@ -139,6 +184,31 @@ def message_kind(value: Any) -> str:
 # many roles of ChatMessage to one), and errors still name one branch ("messages.0.other.content").
 AnyMessage = Annotated[Annotated[ChatMessage, Tag("other")] | Annotated[AssistantMessage, Tag("assistant")],
                        Discriminator(message_kind)]
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
+    strict: bool | None = Field(None, strict=True)
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -165,7 +235,9 @@ class ChatCompletionRequest(BaseModel):
     # what this server supports, documented; the validator below rejects the rest with its reason
     n: int = Field(1, ge=1, strict=True, json_schema_extra={"maximum": 1})
     logprobs: bool | None = Field(None, strict=True, json_schema_extra={"enum": [False, None]})
-    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = Field(
+        None, description="functions the model may call; 400 (param `tools`) for a family without tool calling")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     enable_thinking: bool | None = Field(None, strict=True)
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -191,8 +263,6 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("n > 1 is not supported by this server")
         if self.logprobs:
             raise ValueError("logprobs are not supported by this server")
-        if self.tools:
-            raise ValueError("tool calling is not supported by this server (use the vllm recipe)")
         return self
 
     def template_kwargs(self, thinking_kwarg: str | None) -> dict[str, Any]:
@@ -232,17 +302,28 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class AnswerMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the answer is tool calls only")
     reasoning_content: str | None
-    tool_calls: list[Any]
+    tool_calls: list[ToolCallOut]
 
 
 class Choice(BaseModel):
     index: int
     logprobs: None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     message: AnswerMessage
 
 
@@ -308,12 +389,34 @@ class OpenAIChat:
         raise OpenAIError(404, f"The model `{name}` does not exist. This server serves `{self.served_name}` "
                           "(GET /v1/models).", param="model", code="model_not_found")
 
+    def tools(self, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+        """The tools to show the model (None: no tool calling for this request); 400 for tools this
+        family's template can't show, or a tool_choice that names no given tool."""
+        choice = body.tool_choice
+        if not body.tools:
+            if choice not in (None, "none", "auto"):
+                raise OpenAIError(400, "tool_choice requires tools", param="tool_choice")
+            return None
+        if choice == "none":
+            return None
+        if self.engine.family.tool_calls is None:
+            raise OpenAIError(400, f"tool calling is not supported for {self.engine.family.display_name}: its chat "
+                              "template renders no tools (send tool_choice \"none\" to leave them out)", param="tools")
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+        if isinstance(choice, NamedToolChoice):
+            tools = [t for t in tools if t["function"]["name"] == choice.function.name]
+            if not tools:
+                raise OpenAIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                                  param="tool_choice")
+        return tools
+
     def prepare(self, body: ChatCompletionRequest) -> tuple[list[Message], GenerationParams, int]:
         """Engine messages and parameters; 400 when the template fails or the context is too short."""
         messages = [m.to_engine() for m in body.messages]
         template_kwargs = body.template_kwargs(self.thinking_kwarg)
+        tools = self.tools(body)
         try:
-            prompt = self.engine.format_prompt(messages, template_kwargs)
+            prompt = self.engine.format_prompt(messages, template_kwargs, tools)
         except Exception as exc:  # noqa: BLE001 - Jinja errors (raise_exception in the template) and friends
             raise OpenAIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
         prompt_tokens = len(self.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -328,7 +431,7 @@ class OpenAIChat:
                 param=param if room >= 1 else "messages", code="context_length_exceeded")
         params = self.engine.params(
             max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, room), temperature=body.temperature, top_p=body.top_p,
-            seed=body.seed, stop=list(body.stop or []), template_kwargs=template_kwargs,
+            seed=body.seed, stop=list(body.stop or []), template_kwargs=template_kwargs, tools=tools,
         )
         return messages, params, prompt_tokens
 
@@ -337,18 +440,25 @@ class OpenAIChat:
         return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
                 "total_tokens": completion.prompt_tokens + completion.completion_tokens}
 
-    def response(self, model: str, completion: Completion) -> dict[str, Any]:
+    def response(self, model: str, completion: Completion, tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        content: str | None = completion.text
+        calls = []
+        spec = self.engine.family.tool_calls
+        if tools and spec is not None:
+            content, calls = parse_tool_calls(completion.text, spec, tool_names(tools))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "logprobs": None, "finish_reason": completion.finish_reason,
-                         "message": {"role": "assistant", "content": completion.text,
-                                     "reasoning_content": completion.reasoning, "tool_calls": []}}],
+            "choices": [{"index": 0, "logprobs": None,
+                         "finish_reason": "tool_calls" if calls else completion.finish_reason,
+                         "message": {"role": "assistant", "content": content if content or not calls else None,
+                                     "reasoning_content": completion.reasoning,
+                                     "tool_calls": [call.to_openai() for call in calls]}}],
             "usage": self.usage(completion),
         }
 
     def sse_events(self, model: str, pieces: Iterator[tuple[str, str] | Completion],
-                   include_usage: bool) -> Iterator[str]:
+                   include_usage: bool, tools: list[dict[str, Any]] | None = None) -> Iterator[str]:
         """`data: {...}` lines of one streamed answer, from the engine's pieces, ending with [DONE]."""
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": model, "system_fingerprint": None}
@@ -360,15 +470,26 @@ class OpenAIChat:
                 data.setdefault("usage", None)
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
+        spec = self.engine.family.tool_calls
+        calls_stream = ToolCallStream(spec, tool_names(tools)) if tools and spec is not None else None
         yield chunk({"role": "assistant", "content": ""})
         try:
             for piece in pieces:
                 if isinstance(piece, Completion):
-                    yield chunk({}, piece.finish_reason)
+                    calls = []
+                    if calls_stream is not None:  # what was held back: calls, or content after all
+                        rest, calls = calls_stream.finish()
+                        if rest:
+                            yield chunk({"content": rest})
+                        for index, call in enumerate(calls):
+                            yield chunk({"tool_calls": [call.to_openai(index)]})
+                    yield chunk({}, "tool_calls" if calls else piece.finish_reason)
                     if include_usage:
                         yield f"data: {json.dumps({**base, 'choices': [], 'usage': self.usage(piece)})}\n\n"
                     continue
                 kind, text = piece
+                if kind == "content" and calls_stream is not None:
+                    text = calls_stream.feed(text)
                 if text:
                     yield chunk({"reasoning_content": text} if kind == "reasoning" else {"content": text})
         except Exception:  # noqa: BLE001 - headers are sent; report in-band as vLLM does
@@ -461,11 +582,11 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
         messages, params, _ = await run_in_threadpool(chat.prepare, body)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = chat.sse_events(model, engine.stream(messages, params), include_usage)
+            events = chat.sse_events(model, engine.stream(messages, params), include_usage, params.tools)
             return StreamingResponse(iterate_in_thread(events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         completion = await run_in_threadpool(engine.generate, messages, params)
-        return chat.response(model, completion)
+        return chat.response(model, completion, params.tools)
 
     app.include_router(router)
 

@@ -86,6 +86,9 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
         if build.version_tuple < (0, 9):
             argv.append("--enable-reasoning")  # needed up to 0.8.x, removed in 0.10
         argv += ["--reasoning-parser", reasoning.vllm_parser]
+    tools = context.family.tool_calls
+    if tools is not None and tools.vllm_parser:  # `tools` in requests, parsed into tool_calls
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", tools.vllm_parser]
     if context.family.trust_remote_code:
         argv.append("--trust-remote-code")
     if build.on_cpu:

@@ -1,0 +1,389 @@
+"""Tool calling: the families' templates render tools and tool turns, the parser reads recorded
+model outputs per format, and the OpenAI API round trip (SDK, streaming and not) on the tiny Qwen3."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from selfllm_runtime.metadata import ToolCalls
+from selfllm_runtime.tool_calls import ToolCallStream, parse_tool_calls, template_inputs
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Get the local time of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOLS = [WEATHER, TIME]
+NAMES = {"get_weather", "get_time"}
+ASKED = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+CALLED = [*ASKED,
+          {"role": "assistant", "content": "", "tool_calls": [
+              {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+          {"role": "tool", "tool_call_id": "call_1", "content": "31C and sunny"}]
+
+HERMES = ToolCalls(format="hermes", start="<tool_call>", end="</tool_call>", vllm_parser="hermes")
+LLAMA = ToolCalls(format="llama3_json", vllm_parser="llama3_json")
+GLM4 = ToolCalls(format="glm4", tools_in="system_message")
+
+WITH_TOOLS = ["qwen3", "qwen2.5", "qwen2.5-coder", "llama3.1", "glm4"]
+
+
+# ----------------------------------------------------------------------------- model data + templates
+
+def test_families_with_tool_calls_are_those_whose_template_renders_tools():
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_runtime.metadata import load_family
+
+    formats = {d.name: (f.tool_calls.format if (f := load_family(d)).tool_calls else None)
+               for d in sorted(RECIPES_DIR.iterdir()) if (d / "model.yaml").is_file()}
+    assert formats == {"qwen3": "hermes", "qwen2.5": "hermes", "qwen2.5-coder": "hermes",
+                       "llama3.1": "llama3_json", "glm4": "glm4",
+                       "deepseek-r1-distill-qwen": None, "phi4": None}
+
+
+@pytest.fixture(scope="module")
+def tokenizers() -> dict[str, Any]:
+    """Each family's context and a small tokenizer carrying its real chat template."""
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_runtime.context import load_context
+    from selfllm_runtime.smoke_model import _train_tokenizer
+
+    made = {}
+    for family in [*WITH_TOOLS, "deepseek-r1-distill-qwen", "phi4"]:
+        context = load_context(RECIPES_DIR / family / "fastapi")
+        made[family] = (context, _train_tokenizer(context, 512))
+    return made
+
+
+def render(tokenizers: dict[str, Any], family: str, messages: list[dict[str, Any]],
+           tools: list[dict[str, Any]] | None) -> str:
+    context, tokenizer = tokenizers[family]
+    messages, extra = template_inputs(messages, tools, context.family.tool_calls)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **context.template_kwargs(), **extra)
+
+
+@pytest.mark.parametrize("family", WITH_TOOLS)
+def test_template_shows_the_tools(tokenizers, family):
+    prompt = render(tokenizers, family, ASKED, TOOLS)
+    for tool in TOOLS:
+        assert tool["function"]["name"] in prompt and tool["function"]["description"] in prompt
+    assert "Be brief." in prompt and "Weather in Paris?" in prompt
+    assert "get_weather" not in render(tokenizers, family, ASKED, None)
+
+
+# What each template makes of the assistant's call and the tool's answer (the model's own format).
+RENDERED_CALL = {
+    "qwen3": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+             "<|im_start|>user\n<tool_response>\n31C and sunny\n</tool_response><|im_end|>",
+    "qwen2.5": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+               "<|im_start|>user\n<tool_response>\n31C and sunny\n</tool_response><|im_end|>",
+    "qwen2.5-coder": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+                     "<|im_end|>\n<|im_start|>user\n<tool_response>\n31C and sunny\n</tool_response><|im_end|>",
+    # Llama's template writes a string result with tojson (a string is iterable in Jinja).
+    "llama3.1": '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'
+                '<|start_header_id|>ipython<|end_header_id|>\n\n"31C and sunny"<|eot_id|>',
+    "glm4": '<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\n31C and sunny<|assistant|>',
+}
+
+
+@pytest.mark.parametrize("family", WITH_TOOLS)
+def test_template_renders_calls_and_results_in_the_models_format(tokenizers, family):
+    prompt = render(tokenizers, family, CALLED, TOOLS)
+    assert RENDERED_CALL[family] in prompt, prompt
+    # what the template rendered of the earlier call parses back to the same call
+    spec = tokenizers[family][0].family.tool_calls
+    head = {"qwen3": "<tool_call>", "qwen2.5": "<tool_call>", "qwen2.5-coder": "<tool_call>",
+            "llama3.1": '{"name"', "glm4": "get_weather\n"}[family]
+    call_text = RENDERED_CALL[family][RENDERED_CALL[family].index(head):]
+    call_text = call_text.split({"llama3.1": "<|eot_id|>", "glm4": "<|observation|>"}.get(family, "<|im_end|>"))[0]
+    content, calls = parse_tool_calls(call_text, spec, NAMES)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})], call_text
+
+
+def test_glm4_tools_join_an_existing_system_message_or_get_their_own():
+    with_system, _ = template_inputs(ASKED, TOOLS, GLM4)
+    assert with_system[0] == {**ASKED[0], "tools": TOOLS} and with_system[1:] == ASKED[1:]
+    without, extra = template_inputs(ASKED[1:], TOOLS, GLM4)
+    assert without[0] == {"role": "system", "content": "", "tools": TOOLS} and extra == {}
+
+
+def test_families_without_tool_support_get_messages_unchanged():
+    messages, extra = template_inputs(CALLED, TOOLS, None)
+    assert messages is CALLED and extra == {}
+
+
+# ----------------------------------------------------------------------------- parser (recorded outputs)
+
+def calls_of(text: str, spec: ToolCalls) -> tuple[str, list[tuple[str, Any]]]:
+    content, calls = parse_tool_calls(text, spec, NAMES)
+    assert all(c.id.startswith("call_") and len(c.id) > 10 for c in calls)
+    return content, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+HERMES_CASES = [
+    ("one call", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+     "", [("get_weather", {"city": "Paris"})]),
+    ("two calls with text before",
+     'Let me check both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "巴黎"}}\n</tool_call>\n'
+     '<tool_call>\n{"name": "get_time", "arguments": {"city": "Paris"}}\n</tool_call>',
+     "Let me check both.", [("get_weather", {"city": "巴黎"}), ("get_time", {"city": "Paris"})]),
+    ("unterminated but whole JSON", '<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n',
+     "", [("get_time", {"city": "Oslo"})]),
+    ("cut off inside the JSON", '<tool_call>\n{"name": "get_time", "argum', None, []),
+    ("malformed JSON", '<tool_call>\n{"name": get_time, "arguments": {}}\n</tool_call>', None, []),
+    ("JSON but no name", '<tool_call>\n{"arguments": {"city": "Paris"}}\n</tool_call>', None, []),
+    ("arguments not an object", '<tool_call>\n{"name": "get_time", "arguments": "Paris"}\n</tool_call>', None, []),
+    ("no markup", "It is sunny in Paris.", None, []),
+]
+
+
+@pytest.mark.parametrize("label,text,content,calls", HERMES_CASES, ids=[c[0] for c in HERMES_CASES])
+def test_hermes_parser(label, text, content, calls):
+    assert calls_of(text, HERMES) == (text if content is None else content, calls)
+
+
+LLAMA_CASES = [
+    ("one call", '{"name": "get_weather", "parameters": {"city": "Paris"}}', "", [("get_weather", {"city": "Paris"})]),
+    ("after python_tag", '<|python_tag|>{"name": "get_time", "parameters": {"city": "Oslo"}}', "",
+     [("get_time", {"city": "Oslo"})]),
+    ("two calls", '{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+                  '{"name": "get_time", "parameters": {"city": "Paris"}}', "",
+     [("get_weather", {"city": "Paris"}), ("get_time", {"city": "Paris"})]),
+    ("arguments key", '{"name": "get_time", "arguments": {"city": "Rome"}}', "", [("get_time", {"city": "Rome"})]),
+    ("cut off", '{"name": "get_weather", "parameters": {"ci', None, []),
+    ("unknown function", '{"name": "send_mail", "parameters": {"to": "x"}}', None, []),
+    ("prose after the JSON", '{"name": "get_time", "parameters": {"city": "Rome"}} is what I would call.', None, []),
+    ("plain JSON answer", '{"city": "Paris", "temperature": 31}', None, []),
+    ("prose", "The weather in Paris is sunny.", None, []),
+]
+
+
+@pytest.mark.parametrize("label,text,content,calls", LLAMA_CASES, ids=[c[0] for c in LLAMA_CASES])
+def test_llama3_json_parser(label, text, content, calls):
+    assert calls_of(text, LLAMA) == (text if content is None else content, calls)
+
+
+GLM_CASES = [
+    ("one call", 'get_weather\n{"city": "Paris"}', "", [("get_weather", {"city": "Paris"})]),
+    ("empty arguments", "get_time\n{}", "", [("get_time", {})]),
+    ("cut off", 'get_weather\n{"city": "Par', None, []),
+    ("unknown name", 'send_mail\n{"to": "x"}', None, []),
+    ("answer mentioning a tool", "get_weather\nis the tool I would use.", None, []),
+    ("plain answer", "\n巴黎今天晴，31 度。", None, []),
+]
+
+
+@pytest.mark.parametrize("label,text,content,calls", GLM_CASES, ids=[c[0] for c in GLM_CASES])
+def test_glm4_parser(label, text, content, calls):
+    assert calls_of(text, GLM4) == (text if content is None else content, calls)
+
+
+def test_each_call_gets_its_own_id():
+    _, calls = parse_tool_calls(HERMES_CASES[1][1], HERMES, NAMES)
+    assert len({c.id for c in calls}) == 2
+
+
+def streamed(spec: ToolCalls, text: str, step: int = 3) -> tuple[list[str], str, list[tuple[str, Any]]]:
+    """(content pieces sent while streaming, content at the end, calls) for text fed `step` chars at a time."""
+    stream = ToolCallStream(spec, NAMES)
+    sent = [piece for i in range(0, len(text), step) if (piece := stream.feed(text[i:i + step]))]
+    rest, calls = stream.finish()
+    return sent, rest, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize("spec,text", [
+    (HERMES, "Let me check.\n" + HERMES_CASES[1][1].split("\n", 1)[1]),
+    (LLAMA, LLAMA_CASES[2][1]), (GLM4, GLM_CASES[0][1])], ids=["hermes", "llama3_json", "glm4"])
+def test_stream_holds_back_calls_and_parses_them_at_the_end(spec, text):
+    sent, rest, calls = streamed(spec, text)
+    assert calls and not any(marker in "".join(sent) for marker in ("<tool", "{", "get_"))
+    whole_content, whole_calls = calls_of(text, spec)
+    assert ("".join(sent) + rest).strip() == whole_content and calls == whole_calls
+
+
+@pytest.mark.parametrize("spec,text", [
+    (HERMES, "It is <b>sunny</b> in Paris; <tool maybe."), (HERMES, HERMES_CASES[4][1]),
+    (LLAMA, "The weather in Paris is sunny."), (LLAMA, LLAMA_CASES[4][1]),
+    (GLM4, "\n巴黎今天晴，31 度。"), (GLM4, GLM_CASES[2][1])],
+    ids=["hermes prose", "hermes malformed", "llama prose", "llama cut off", "glm prose", "glm cut off"])
+def test_stream_without_a_call_gives_back_all_the_text(spec, text):
+    sent, rest, calls = streamed(spec, text)
+    assert calls == [] and "".join(sent) + rest == text
+
+
+def test_prose_streams_before_the_end():
+    sent, _, _ = streamed(HERMES, "It is sunny in Paris today, enjoy it.")
+    assert len(sent) > 3
+    sent, _, _ = streamed(LLAMA, "It is sunny in Paris today, enjoy it.")
+    assert len(sent) > 3
+
+
+# ----------------------------------------------------------------------------- the OpenAI API (tiny Qwen3)
+
+URL = "/v1/chat/completions"
+MODEL = "Qwen/Qwen3-8B"
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+THINKING = "<think>\nThe user wants the weather; I should call get_weather.\n</think>\n\n"
+CALL_TEXT = 'I will look it up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+FINAL = "It is 31C and sunny in Paris."
+
+
+def scripted_model(engine, monkeypatch, prompts: list[str]) -> None:
+    """model.generate 'writes' a tool call, or the final answer once the prompt holds a tool
+    response; the text goes through the real decode / reasoning split / stream code."""
+    torch = engine.torch
+
+    def generate(input_ids, streamer=None, **_: Any):
+        prompt = engine.tokenizer.decode(input_ids[0], skip_special_tokens=False)
+        prompts.append(prompt)
+        text = THINKING + (FINAL if "<tool_response>" in prompt else CALL_TEXT)
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [engine.stop_token_ids[0]]
+        out = torch.cat([input_ids, torch.tensor([ids], dtype=input_ids.dtype)], dim=1)
+        if streamer is not None:
+            streamer.put(input_ids)
+            for token in ids:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+        return out
+
+    monkeypatch.setattr(engine.model, "generate", generate)
+
+
+@pytest.fixture
+def prompts(engine, monkeypatch) -> list[str]:
+    seen: list[str] = []
+    scripted_model(engine, monkeypatch, seen)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def api(engine):
+    from conftest import uvicorn_on_loopback
+    import openai
+
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    with uvicorn_on_loopback(create_app(engine)) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="dummy", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    with TestClient(create_app(engine)) as test_client:
+        yield test_client
+
+
+def test_sdk_round_trip_without_streaming(api, prompts):
+    first = api.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, max_tokens=200)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "I will look it up."
+    assert choice.message.reasoning_content == "The user wants the weather; I should call get_weather."
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert "get_weather" in prompts[-1] and "Get the current weather of a city" in prompts[-1]
+
+    history = [*QUESTION, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "31C, sunny"}]
+    second = api.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=200)
+    assert second.choices[0].finish_reason == "stop"
+    assert second.choices[0].message.content == FINAL and not second.choices[0].message.tool_calls
+    # the call went back into the prompt in Qwen's own format, arguments as an object
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompts[-1]
+    assert "<tool_response>\n31C, sunny\n</tool_response>" in prompts[-1]
+
+
+def test_sdk_round_trip_streaming(api, prompts):
+    chunks = list(api.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, max_tokens=200,
+                                              stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    content = "".join(d.content or "" for d in deltas)
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    assert content.strip() == "I will look it up." and "<tool_call>" not in content
+    assert "get_weather" in reasoning
+    [call_delta] = [d.tool_calls for d in deltas if d.tool_calls]
+    [call] = call_delta
+    assert call.index == 0 and call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    history = [*QUESTION, {"role": "assistant", "content": content, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "31C, sunny"}]
+    chunks = list(api.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=200,
+                                              stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == FINAL
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_tool_choice_none_neither_shows_nor_parses_the_tools(client, prompts):
+    answer = client.post(URL, json={"model": MODEL, "messages": QUESTION, "tools": TOOLS, "tool_choice": "none",
+                                    "max_tokens": 200}).json()
+    choice = answer["choices"][0]
+    assert "get_weather" not in prompts[-1] and "# Tools" not in prompts[-1]
+    assert choice["finish_reason"] == "stop" and choice["message"]["tool_calls"] == []
+    assert "<tool_call>" in choice["message"]["content"]  # what the model wrote, untouched
+
+
+def test_named_tool_choice_shows_only_that_function(client, prompts):
+    answer = client.post(URL, json={"model": MODEL, "messages": QUESTION, "tools": TOOLS, "max_tokens": 200,
+                                    "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "tool_calls"
+    assert "get_weather" in prompts[-1] and "get_time" not in prompts[-1]
+
+
+def test_required_tool_choice_returns_the_answer_when_the_model_makes_no_call(client, engine, monkeypatch):
+    """No constrained decoding: a model that answers in prose is not turned into a call."""
+    scripted_model(engine, monkeypatch, [])
+    history = [*CALLED[1:]]
+    answer = client.post(URL, json={"model": MODEL, "messages": history, "tools": TOOLS, "tool_choice": "required",
+                                    "max_tokens": 200}).json()
+    assert answer["choices"][0]["message"]["content"] == FINAL
+    assert answer["choices"][0]["finish_reason"] == "stop" and answer["choices"][0]["message"]["tool_calls"] == []
+
+
+BAD_TOOL_REQUESTS = [
+    ("tool_choice without tools", {"tool_choice": "required"}, "tool_choice"),
+    ("unknown named function", {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     "tool_choice"),
+    ("tool name with spaces", {"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools"),
+    ("tool of another type", {"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools"),
+    ("arguments not JSON", {"messages": [*QUESTION, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": "Paris"}}]}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("label,body,param", BAD_TOOL_REQUESTS, ids=[b[0] for b in BAD_TOOL_REQUESTS])
+def test_bad_tool_requests_are_400(client, label, body, param):
+    answer = client.post(URL, json={"model": MODEL, "messages": QUESTION, "max_tokens": 4, **body})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+
+
+@pytest.fixture(scope="module")
+def phi4_client(tiny_recipe):
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.chat_engine import ChatEngine
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    with TestClient(create_app(ChatEngine(*tiny_recipe("phi4/fastapi")))) as test_client:
+        yield test_client
+
+
+def test_family_without_tool_support_refuses_tools(phi4_client):
+    body = {"messages": QUESTION, "max_tokens": 4}
+    answer = phi4_client.post(URL, json={**body, "tools": TOOLS})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "tools"
+    assert "phi" in answer.json()["error"]["message"].lower()
+    # tool_choice "none" leaves the tools out instead
+    assert phi4_client.post(URL, json={**body, "tools": TOOLS, "tool_choice": "none"}).status_code == 200
