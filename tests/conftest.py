@@ -102,3 +102,23 @@ def uvicorn_on_loopback(app) -> Iterator[str]:
         uv.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def script_model(engine, monkeypatch, answer) -> None:
+    """Make engine.model.generate 'write' answer(prompt) (a str, or a function of the decoded prompt),
+    then EOS, through the engine's real decode / reasoning split / stream code."""
+    torch = engine.torch
+
+    def generate(input_ids, streamer=None, **_):
+        prompt = engine.tokenizer.decode(input_ids[0], skip_special_tokens=False)
+        text = answer(prompt) if callable(answer) else answer
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [engine.stop_token_ids[0]]
+        out = torch.cat([input_ids, torch.tensor([ids], dtype=input_ids.dtype)], dim=1)
+        if streamer is not None:
+            streamer.put(input_ids)
+            for token in ids:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+        return out
+
+    monkeypatch.setattr(engine.model, "generate", generate)

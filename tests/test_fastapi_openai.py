@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from conftest import uvicorn_on_loopback
+from conftest import script_model, uvicorn_on_loopback
 
 from fastapi.testclient import TestClient
 
@@ -180,25 +180,8 @@ def test_thinking_on_by_default(client, engine, monkeypatch):
     assert len(prompts) >= 2 and all(p.endswith("<|im_start|>assistant\n") for p in prompts)
 
 
-def fake_output(engine, monkeypatch, text: str) -> None:
-    """Make model.generate 'write' text (then EOS), through the real decode/split/stream code."""
-    torch = engine.torch
-    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [engine.stop_token_ids[0]]
-
-    def generate(input_ids, streamer=None, **_: Any):
-        out = torch.cat([input_ids, torch.tensor([ids], dtype=input_ids.dtype)], dim=1)
-        if streamer is not None:
-            streamer.put(input_ids)
-            for token in ids:
-                streamer.put(torch.tensor([token]))
-            streamer.end()
-        return out
-
-    monkeypatch.setattr(engine.model, "generate", generate)
-
-
 def test_reasoning_content_in_message_and_deltas(client, engine, monkeypatch):
-    fake_output(engine, monkeypatch, "<think>\nThe user says hello.\n</think>\n\nHello! I am a helpful assistant.")
+    script_model(engine, monkeypatch, "<think>\nThe user says hello.\n</think>\n\nHello! I am a helpful assistant.")
     message = chat(client)["choices"][0]["message"]
     assert message["reasoning_content"] == "The user says hello."
     assert message["content"] == "Hello! I am a helpful assistant."
@@ -209,7 +192,7 @@ def test_reasoning_content_in_message_and_deltas(client, engine, monkeypatch):
 
 
 def test_no_reasoning_content_when_thinking_is_off(client, engine, monkeypatch):
-    fake_output(engine, monkeypatch, "Hello! I am a helpful assistant.")
+    script_model(engine, monkeypatch, "Hello! I am a helpful assistant.")
     message = chat(client, enable_thinking=False)["choices"][0]["message"]
     assert message["reasoning_content"] is None and message["content"] == "Hello! I am a helpful assistant."
     chunks = stream(client, enable_thinking=False)
@@ -439,10 +422,10 @@ def test_client_leaving_a_stream_frees_the_model(server, engine):
 
 def test_stream_holds_back_a_possible_stop_string(client, engine, monkeypatch):
     """Text that may be the start of a stop string is not streamed until it is known not to be."""
-    fake_output(engine, monkeypatch, "Hello! I am a helpful assistant.")
+    script_model(engine, monkeypatch, "Hello! I am a helpful assistant.")
     body = {"enable_thinking": False, "stop": ["a help", "am a robot"]}
     assert chat(client, **body)["choices"][0]["message"]["content"] == "Hello! I am"
     chunks = stream(client, **body)
     assert joined(chunks) == "Hello! I am " and chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    fake_output(engine, monkeypatch, "Hello! I am a helpful assistant.")
+    script_model(engine, monkeypatch, "Hello! I am a helpful assistant.")
     assert joined(stream(client, enable_thinking=False, stop=["a helper"])) == "Hello! I am a helpful assistant."

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from conftest import script_model
 
 from selfllm_runtime.metadata import ToolCalls
 from selfllm_runtime.tool_calls import ToolCallStream, parse_tool_calls, template_inputs
@@ -235,22 +236,11 @@ FINAL = "It is 31C and sunny in Paris."
 def scripted_model(engine, monkeypatch, prompts: list[str]) -> None:
     """model.generate 'writes' a tool call, or the final answer once the prompt holds a tool
     response; the text goes through the real decode / reasoning split / stream code."""
-    torch = engine.torch
-
-    def generate(input_ids, streamer=None, **_: Any):
-        prompt = engine.tokenizer.decode(input_ids[0], skip_special_tokens=False)
+    def answer(prompt: str) -> str:
         prompts.append(prompt)
-        text = THINKING + (FINAL if "<tool_response>" in prompt else CALL_TEXT)
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [engine.stop_token_ids[0]]
-        out = torch.cat([input_ids, torch.tensor([ids], dtype=input_ids.dtype)], dim=1)
-        if streamer is not None:
-            streamer.put(input_ids)
-            for token in ids:
-                streamer.put(torch.tensor([token]))
-            streamer.end()
-        return out
+        return THINKING + (FINAL if "<tool_response>" in prompt else CALL_TEXT)
 
-    monkeypatch.setattr(engine.model, "generate", generate)
+    script_model(engine, monkeypatch, answer)
 
 
 @pytest.fixture
