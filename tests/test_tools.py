@@ -377,3 +377,56 @@ def test_family_without_tool_support_refuses_tools(phi4_client):
     assert "phi" in answer.json()["error"]["message"].lower()
     # tool_choice "none" leaves the tools out instead
     assert phi4_client.post(URL, json={**body, "tools": TOOLS, "tool_choice": "none"}).status_code == 200
+
+
+# --- LangChain: ChatSelfLLM.bind_tools -----------------------------------------------------------
+
+def get_weather(city: str) -> str:
+    """Get the current weather in a city."""
+    return "31C and sunny"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_langchain_bind_tools_round_trip(engine, prompts, streaming):
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+    from selfllm_runtime.lc.chat_model import ChatSelfLLM
+
+    llm = ChatSelfLLM(engine=engine, max_new_tokens=200).bind_tools([get_weather])
+
+    def ask(history):
+        if not streaming:
+            return llm.invoke(history)
+        chunks = list(llm.stream(history))
+        return sum(chunks[1:], chunks[0])
+
+    history = [HumanMessage("What is the weather in Paris?")]
+    first = ask(history)
+    assert [(c["name"], c["args"]) for c in first.tool_calls] == [("get_weather", {"city": "Paris"})]
+    assert first.content.strip() == "I will look it up." and "get_weather" in prompts[-1]  # the tool was shown
+    assert first.additional_kwargs["reasoning_content"].strip().startswith("The user wants the weather")
+    call = first.tool_calls[0]
+    history += [AIMessage(content=first.content, tool_calls=first.tool_calls),
+                ToolMessage(get_weather("Paris"), tool_call_id=call["id"])]
+    final = ask(history)
+    assert final.content.strip() == FINAL and not final.tool_calls
+    assert "<tool_response>\n31C and sunny\n</tool_response>" in prompts[-1]  # Qwen3's template, our history
+    assert f'"name": "get_weather", "arguments": {{"city": "Paris"}}' in prompts[-1]
+
+
+def test_langchain_tool_choice_none_hides_the_tools(engine, prompts):
+    from selfllm_runtime.lc.chat_model import ChatSelfLLM
+
+    answer = ChatSelfLLM(engine=engine, max_new_tokens=200).bind_tools([get_weather], tool_choice="none").invoke("hi")
+    assert "get_weather" not in prompts[-1] and not answer.tool_calls  # not shown, not parsed
+    assert "<tool_call>" in answer.content
+
+
+def test_langchain_bind_tools_needs_a_family_with_tool_calls(tiny_recipe):
+    from selfllm_runtime.lc.chat_model import ChatSelfLLM
+
+    from selfllm_runtime.chat_engine import ChatEngine
+
+    phi4 = ChatEngine(*tiny_recipe("phi4/fastapi"))
+    with pytest.raises(ValueError, match="does not render tools"):
+        ChatSelfLLM(engine=phi4).bind_tools([get_weather])

@@ -4,10 +4,15 @@ invoke/batch go through `_generate`, stream through `_stream`; async variants us
 executor defaults. The engine's lock serializes generations, so `batch` queues safely.
 Reasoning (Qwen3's <think>…</think>) is kept out of the content and returned in
 `additional_kwargs["reasoning_content"]`, the convention of LangChain's DeepSeek/Qwen integrations.
+`bind_tools` works for families with tool calls (model.yaml `tool_calls`): the tools go into the
+family's chat template and the calls the model writes come back as `AIMessage.tool_calls` (streamed:
+one `tool_call_chunks` entry per call, after the content); AIMessage tool calls and ToolMessages in the
+history are rendered the family's way (tool_calls.py).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -23,9 +28,13 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
+from ..tool_calls import ToolCall, ToolCallStream, parse_tool_calls, tool_names
 
 ROLES: dict[type[BaseMessage], str] = {
     SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant", ToolMessage: "tool",
@@ -55,8 +64,19 @@ def to_engine_messages(messages: list[BaseMessage]) -> list[Message]:
             role = next((r for cls, r in ROLES.items() if isinstance(message, cls)), None)
             if role is None:
                 raise ValueError(f"unsupported message type {type(message).__name__}")
-        out.append({"role": role, "content": message_text(message)})
+        item: Message = {"role": role, "content": message_text(message)}
+        if isinstance(message, AIMessage) and message.tool_calls:
+            item["tool_calls"] = [{"id": call.get("id") or "", "type": "function", "function": {
+                "name": call["name"], "arguments": json.dumps(call["args"], ensure_ascii=False)}}
+                for call in message.tool_calls]
+        if isinstance(message, ToolMessage):
+            item["tool_call_id"] = message.tool_call_id
+        out.append(item)
     return out
+
+
+def langchain_call(call: ToolCall) -> dict[str, Any]:
+    return {"name": call.name, "args": json.loads(call.arguments), "id": call.id, "type": "tool_call"}
 
 
 def usage(completion: Completion) -> UsageMetadata:
@@ -89,6 +109,21 @@ class ChatSelfLLM(BaseChatModel):
         return {"model_name": self.engine.model_name, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "enable_thinking": self.enable_thinking}
 
+    def bind_tools(self, tools: Sequence[dict[str, Any] | type[BaseModel] | Callable | BaseTool], *,
+                   tool_choice: str | None = None, **kwargs: Any) -> Runnable:
+        """Bind tools (anything convert_to_openai_tool takes). tool_choice: None/"auto" (the model decides),
+        "none" (tools not shown), or a tool's name (only that one shown); decoding is not constrained, so a
+        model that writes no call answers in content."""
+        if self.engine.family.tool_calls is None:
+            raise ValueError(f"{self.engine.family.display_name}'s chat template does not render tools "
+                             "(no tool_calls in its model.yaml)")
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        if tool_choice not in (None, "auto", "any", "required", "none"):
+            formatted = [t for t in formatted if t["function"]["name"] == tool_choice]
+            if not formatted:
+                raise ValueError(f"tool_choice {tool_choice!r} names none of the bound tools")
+        return self.bind(tools=[] if tool_choice == "none" else formatted, **kwargs)
+
     def _params(self, stop: list[str] | None, overrides: dict[str, Any]) -> GenerationParams:
         template_kwargs: dict[str, Any] = dict(overrides.get("template_kwargs") or {})
         thinking = overrides.get("enable_thinking", self.enable_thinking)
@@ -103,6 +138,7 @@ class ChatSelfLLM(BaseChatModel):
             seed=overrides.get("seed", self.seed),
             stop=list(stop or []),
             template_kwargs=template_kwargs,
+            tools=overrides.get("tools") or None,
         )
 
     def _response_metadata(self, completion: Completion) -> dict[str, Any]:
@@ -110,23 +146,44 @@ class ChatSelfLLM(BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        completion = self.engine.generate(to_engine_messages(messages), self._params(stop, kwargs))
+        params = self._params(stop, kwargs)
+        completion = self.engine.generate(to_engine_messages(messages), params)
         extra = {"reasoning_content": completion.reasoning} if completion.reasoning else {}
-        message = AIMessage(content=completion.text, additional_kwargs=extra, usage_metadata=usage(completion),
+        content, calls = completion.text, []
+        spec = self.engine.family.tool_calls
+        if params.tools and spec is not None:
+            content, calls = parse_tool_calls(completion.text, spec, tool_names(params.tools))
+        message = AIMessage(content=content, additional_kwargs=extra, usage_metadata=usage(completion),
+                            tool_calls=[langchain_call(call) for call in calls],
                             response_metadata=self._response_metadata(completion))
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.engine.model_name})
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        for piece in self.engine.stream(to_engine_messages(messages), self._params(stop, kwargs)):
+        params = self._params(stop, kwargs)
+        spec = self.engine.family.tool_calls
+        calls_stream = ToolCallStream(spec, tool_names(params.tools)) if params.tools and spec is not None else None
+        for piece in self.engine.stream(to_engine_messages(messages), params):
             if isinstance(piece, Completion):
+                if calls_stream is not None:
+                    rest, calls = calls_stream.finish()
+                    if rest:
+                        yield ChatGenerationChunk(message=AIMessageChunk(content=rest))
+                    for index, call in enumerate(calls):
+                        yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[{
+                            "name": call.name, "args": call.arguments, "id": call.id, "index": index,
+                            "type": "tool_call_chunk"}]))
                 chunk = ChatGenerationChunk(message=AIMessageChunk(
                     content="", usage_metadata=usage(piece), response_metadata=self._response_metadata(piece),
                     chunk_position="last"))
                 yield chunk
                 continue
             kind, delta = piece
+            if kind == "content" and calls_stream is not None:
+                delta = calls_stream.feed(delta)
+                if not delta:
+                    continue
             if kind == "reasoning":
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content="", additional_kwargs={"reasoning_content": delta}))
             else:
