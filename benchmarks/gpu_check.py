@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from selfllm_runtime.chat_engine import ChatEngine, GenerationParams  # noqa: E402
 from selfllm_runtime.context import load_context  # noqa: E402
 from selfllm_runtime.metadata import SmokeModelShape  # noqa: E402
+from selfllm_runtime.settings import EngineSettings  # noqa: E402
 from selfllm_runtime.smoke_model import make_smoke_model  # noqa: E402
 
 QWEN3_06B = SmokeModelShape(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -114,7 +115,7 @@ def compare_batching(context, model_dir: Path, tokens: int = 128) -> None:
     params = GenerationParams(max_new_tokens=tokens, temperature=0, template_kwargs={"enable_thinking": False})
     answers: dict[str, list[str]] = {}
     for kind in ("static", "continuous"):
-        engine = ChatEngine(context, model_dir, batching=kind)
+        engine = ChatEngine(context, model_dir, context.settings(EngineSettings, cli={"batching": kind}))
         engine.generate(prompts[0], params)  # warm-up
         figures = []
         for clients in (1, 8, 32):

@@ -17,6 +17,14 @@ from selfllm_runtime.chat_engine import ChatEngine, GenerationParams  # noqa: E4
 PROMPTS = [[{"role": "user", "content": f"第 {i} 个问题：你好，请介绍一下你自己。"}] for i in range(8)]
 
 
+def engine_with(made: tuple, **settings) -> ChatEngine:
+    """A ChatEngine on tiny_recipe(...)'s (context, model folder) with these engine settings."""
+    from selfllm_runtime.settings import EngineSettings
+
+    context, model_dir = made
+    return ChatEngine(context, model_dir, context.settings(EngineSettings, cli=settings))
+
+
 def greedy(tokens: int = 12) -> GenerationParams:
     return GenerationParams(max_new_tokens=tokens, temperature=0, template_kwargs={"enable_thinking": False})
 
@@ -98,7 +106,7 @@ def test_full_queue_answers_503_with_retry_after(tiny_recipe, monkeypatch):
 
     from selfllm_runtime.tasks.fastapi_server import create_app
 
-    engine = ChatEngine(*tiny_recipe("qwen3/fastapi"), max_queue=1)
+    engine = engine_with(tiny_recipe("qwen3/fastapi"), max_queue=1)
     release = hold_first_generate(engine, monkeypatch)
     client = TestClient(create_app(engine))
     body = {"messages": PROMPTS[0], "max_tokens": 2}
@@ -197,7 +205,7 @@ def test_replacing_the_model_replaces_what_the_scheduler_runs(tiny_recipe):
 
 @pytest.fixture(scope="module")
 def continuous(tiny_recipe):
-    engine = ChatEngine(*tiny_recipe("qwen3/fastapi"), batching="continuous")
+    engine = engine_with(tiny_recipe("qwen3/fastapi"), batching="continuous")
     assert engine.scheduler.kind == "continuous"
     return engine
 
@@ -244,7 +252,7 @@ def test_continuous_refuses_a_seed_with_400(continuous):
 
 
 def test_continuous_queue_is_bounded_and_a_closed_stream_frees_its_row(tiny_recipe):
-    engine = ChatEngine(*tiny_recipe("qwen3/fastapi"), batching="continuous", max_batch=1, max_queue=1)
+    engine = engine_with(tiny_recipe("qwen3/fastapi"), batching="continuous", max_batch=1, max_queue=1)
     long_ = greedy(4000)
     running = engine.stream(PROMPTS[0], long_)
     waiting = engine.stream(PROMPTS[1], long_)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
@@ -14,7 +14,7 @@ from selfllm_runtime import cli
 from selfllm_runtime.context import load_context
 from selfllm_runtime.metadata import TaskKind
 from selfllm_runtime.settings import (TASK_SETTINGS, EngineSettings, FastapiSettings, LoraSettings, ModelSettings,
-                                      SettingsError, TaskSettings, resolve)
+                                      SettingsError, resolve)
 
 RUNTIME = REPO_ROOT / "runtime" / "selfllm_runtime"
 TASKS = [kind.value for kind in TaskKind]
@@ -30,14 +30,11 @@ def with_recipe_env(context, **env: str):
     return type(context)(context.recipe_dir, recipe, context.family_dir, context.family)
 
 
-def annotated(model: type[TaskSettings], field: str) -> str:
-    return str(model.model_fields[field].annotation)
-
-
-def infos_of(kind: str, type_name: str) -> list[tuple[str, str]]:
+def infos_of(kind: str, type_: type) -> list[tuple[str, str]]:
+    """(task, variable) of the task's settings of type_ (or type_ | None)."""
     model = TASK_SETTINGS[TaskKind(kind)]
-    return [(kind, i.env) for i in model.infos() if annotated(model, i.field).replace("typing.", "")
-            .removeprefix("<class '").removesuffix("'>") in {type_name, f"{type_name} | None", f"Optional[{type_name}]"}]
+    return [(kind, i.env) for i in model.infos()
+            if type_ in (model.model_fields[i.field].annotation, *get_args(model.model_fields[i.field].annotation))]
 
 
 # ----------------------------------------------------------------------------- precedence
@@ -87,8 +84,8 @@ def test_the_engine_takes_its_settings_from_the_one_mechanism():
 
 # ----------------------------------------------------------------------------- strict parsing
 
-BOOLEANS = sorted({pair for kind in TASKS for pair in infos_of(kind, "bool")})
-INTEGERS = sorted({pair for kind in TASKS for pair in infos_of(kind, "int")})
+BOOLEANS = sorted({pair for kind in TASKS for pair in infos_of(kind, bool)})
+INTEGERS = sorted({pair for kind in TASKS for pair in infos_of(kind, int)})
 
 
 def test_the_typed_settings_are_found():

@@ -137,24 +137,17 @@ class ChatEngine:
     requests are generated together, each with its own stop handling and stream.
 
     settings: MAX_BATCH, MAX_QUEUE and BATCHING (settings.EngineSettings; default: resolved from the
-    environment and the recipe); max_batch / max_queue / batching override them one by one.
+    environment and the recipe; in code, `context.settings(EngineSettings, cli={"max_batch": 1})`).
 
     BATCHING=auto is static on CPU and on GPU: on CPU static served 1.6x the requests/s of continuous
     at 1 and 32 clients (benchmarks/fastapi_throughput.py --batching static continuous, tiny model); on
     GPU it has not been measured by this project yet (benchmarks/gpu_check.py prints the comparison)."""
 
-    def __init__(self, context: RecipeContext, model_dir: Path, settings: EngineSettings | None = None, *,
-                 max_batch: int | None = None, max_queue: int | None = None, batching: str | None = None):
+    def __init__(self, context: RecipeContext, model_dir: Path, settings: EngineSettings | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        given = {k: v for k, v in {"max_batch": max_batch, "max_queue": max_queue, "batching": batching}.items()
-                 if v is not None}
-        if settings is None:
-            engine = context.settings(EngineSettings, cli=given)
-        else:
-            engine = EngineSettings.model_validate(
-                {**settings.model_dump(include=set(EngineSettings.model_fields)), **given})
+        engine = context.settings(EngineSettings) if settings is None else settings
         kind = engine.batching_kind  # a bad setting fails before the model loads
         self.context = context
         self.family = context.family

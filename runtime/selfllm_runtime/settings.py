@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .finetune.data import DEFAULT_DATA
-from .metadata import ModelFamily, ModelSource, Recipe, TaskKind
+from .metadata import LoraDefaults, ModelFamily, ModelSource, Recipe, TaskKind
 
 DEFAULT_CACHE = Path("/root/autodl-tmp")  # AutoDL's data disk: a saved instance keeps what is there
 SAMPLE_DOCS_DIR = Path(__file__).resolve().parent / "lc" / "sample_docs"
@@ -34,6 +34,9 @@ DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_LORA_OUTPUT = DEFAULT_CACHE / "lora"
 DEFAULT_DATA_DIR = DEFAULT_CACHE / "data"
 DEFAULT_MAX_MODEL_LEN = 8192
+LORA_DEFAULTS = LoraDefaults.model_fields  # model.yaml's `lora:` defaults, used when no family is given
+MODEL_PATH_TEXT = ("已挂载的模型目录（含 `config.json` 与全部权重），设置后不下载",
+                   "a mounted model folder (config.json and all its weights); set, nothing is downloaded")
 
 
 class SettingsError(ValueError):
@@ -89,9 +92,9 @@ class SettingInfo:
 
 
 class TaskSettings(BaseModel):
-    """Base of every task's settings: values are validated on assignment too; no NaN or infinity."""
+    """Base of every task's settings: resolved once, read-only; no NaN or infinity."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     @classmethod
     def infos(cls) -> list[SettingInfo]:
@@ -110,9 +113,7 @@ class TaskSettings(BaseModel):
 class ModelSettings(TaskSettings):
     """Where the model comes from (model_source.py acquires it)."""
 
-    model_path: Path | None = setting(
-        None, "MODEL_PATH", "已挂载的模型目录（含 `config.json` 与全部权重），设置后不下载",
-        "a mounted model folder (config.json and all its weights); set, nothing is downloaded")
+    model_path: Path | None = setting(None, "MODEL_PATH", *MODEL_PATH_TEXT)
     model_id: str | None = setting(
         None, "MODEL_ID", "要下载的模型", "the model to download",
         shown=("`{modelscope}`（`MODEL_SOURCE=huggingface` 时为 `{huggingface}`）",
@@ -256,9 +257,7 @@ class LangchainSettings(EngineSettings, ModelSettings):
 class AdapterSettings(ModelSettings):
     """What `selfllm lora infer` / `merge` read besides their own flags."""
 
-    model_path: Path | None = setting(
-        None, "MODEL_PATH", ModelSettings.model_fields["model_path"].json_schema_extra["zh"],  # type: ignore[index]
-        ModelSettings.model_fields["model_path"].description or "", flag="--model")
+    model_path: Path | None = setting(None, "MODEL_PATH", *MODEL_PATH_TEXT, flag="--model")  # + its flag
 
     adapter_path: Path | None = setting(None, "ADAPTER_PATH", "`infer` / `merge` 用的适配器目录",
                                         "the adapter folder `infer` / `merge` use", flag="--adapter")
@@ -290,9 +289,9 @@ class LoraSettings(AdapterSettings):
                                  flag="--logging-steps", gt=0)
     save_steps: int = setting(100, "SAVE_STEPS", "每多少步保存 checkpoint（在运行目录下）",
                               "steps between checkpoints (in the run folder)", flag="--save-steps", gt=0)
-    r: int = setting(8, "LORA_R", "LoRA 秩", "LoRA rank", flag="--lora-r", family="lora.r", gt=0)
-    alpha: int = setting(32, "LORA_ALPHA", "LoRA alpha", "LoRA alpha", flag="--lora-alpha", family="lora.alpha", gt=0)
-    dropout: float = setting(0.1, "LORA_DROPOUT", "LoRA dropout", "LoRA dropout", flag="--lora-dropout",
+    r: int = setting(LORA_DEFAULTS["r"].default, "LORA_R", "LoRA 秩", "LoRA rank", flag="--lora-r", family="lora.r", gt=0)
+    alpha: int = setting(LORA_DEFAULTS["alpha"].default, "LORA_ALPHA", "LoRA alpha", "LoRA alpha", flag="--lora-alpha", family="lora.alpha", gt=0)
+    dropout: float = setting(LORA_DEFAULTS["dropout"].default, "LORA_DROPOUT", "LoRA dropout", "LoRA dropout", flag="--lora-dropout",
                              family="lora.dropout", ge=0, lt=1)
     target_modules: CommaList = setting(
         [], "LORA_TARGET_MODULES", "加 LoRA 的模块（逗号分隔）", "modules that get LoRA (comma-separated)",
@@ -403,7 +402,11 @@ def gather(model: type[TaskSettings], recipe: Recipe | None = None, family: Mode
 def resolve(model: type[S], recipe: Recipe | None = None, family: ModelFamily | None = None,
             cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> S:
     """The settings of `model` by the precedence in this module's docstring; SettingsError names a bad one."""
-    found = gather(model, recipe, family, cli, env)
+    return validated(model, gather(model, recipe, family, cli, env))
+
+
+def validated(model: type[S], found: Mapping[str, Given]) -> S:
+    """The gathered values parsed into `model`; SettingsError names the first bad one."""
     infos = {i.field: i for i in model.infos()}
     values = {field: None if infos[field].clearable and isinstance(g.value, str) and not g.value.strip() else g.value
               for field, g in found.items()}
@@ -419,8 +422,8 @@ SECRETS = {"api_key"}  # shown as set / unset, never as their value
 def explain(model: type[S], recipe: Recipe | None = None, family: ModelFamily | None = None,
             cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
     """(variable, effective value, layer it came from) for every setting of `model`, validated first."""
-    settings = resolve(model, recipe, family, cli, env)
     found = gather(model, recipe, family, cli, env)
+    settings = validated(model, found)
     rows = []
     for info in model.infos():
         if not _exists(info, family):
