@@ -112,16 +112,21 @@ def whole_number(value: Any) -> Any:
     which pydantic's lax int would convert, are not)."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
-class TextPart(BaseModel):
+
+class RequestPart(BaseModel):
+    """A part of a request body: keys this server does not know are ignored, as OpenAI's API does."""
+
     model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(RequestPart):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestPart):
     """A system, developer, user or tool message: content is required."""
 
-    model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "tool"]
     content: str | list[TextPart]
     name: str | None = None
@@ -135,8 +140,7 @@ class ChatMessage(BaseModel):
         return message
 
 
-class FunctionCallIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionCallIn(RequestPart):
     name: str = Field(min_length=1)
     arguments: str = Field(description="the arguments as a JSON object, in text (as OpenAI returns them)")
 
@@ -152,10 +156,9 @@ class FunctionCallIn(BaseModel):
         return value
 
 
-class ToolCallIn(BaseModel):
+class ToolCallIn(RequestPart):
     """A call of an earlier assistant turn."""
 
-    model_config = ConfigDict(extra="ignore")
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCallIn
@@ -186,42 +189,36 @@ AnyMessage = Annotated[Annotated[ChatMessage, Tag("other")] | Annotated[Assistan
                        Discriminator(message_kind)]
 
 
-class FunctionSpec(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionSpec(RequestPart):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
     strict: bool | None = Field(None, strict=True)
 
 
-class ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ToolSpec(RequestPart):
     type: Literal["function"]
     function: FunctionSpec
 
 
-class FunctionName(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionName(RequestPart):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class NamedToolChoice(RequestPart):
     type: Literal["function"]
     function: FunctionName
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(RequestPart):
     include_usage: bool = Field(False, strict=True)
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(RequestPart):
     """The subset of OpenAI's chat-completions body this server honours; unknown fields are ignored.
     Numbers and booleans are strict, as OpenAI's: "0.5", true or "yes" where a number or a boolean
     belongs is a 400, not silently converted."""
 
-    model_config = ConfigDict(extra="ignore")
     model: str | None = None
     messages: list[AnyMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, strict=True)
