@@ -239,3 +239,19 @@ def test_selfllm_settings_shows_each_value_and_its_layer(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "sk-never-printed" not in out
     assert any(line.split()[:2] == ["API_KEY", "<set>"] for line in out.splitlines())
+
+
+@pytest.mark.parametrize("text", ["1", "0", "YES", "no", "On", "false", "maybe", "2", ""])
+def test_a_flag_outside_the_settings_reads_a_boolean_as_the_settings_do(text):
+    """`selfllm lora infer --enable-thinking` is not a setting; it must not be a fourth boolean parser."""
+    from selfllm_runtime.settings import parse_bool
+
+    try:
+        expected = resolve(LoraSettings, env={"GRADIENT_CHECKPOINTING": text}).gradient_checkpointing if text else None
+    except SettingsError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ValueError, match="not a boolean"):
+            parse_bool(text)
+    else:
+        assert parse_bool(text) is expected

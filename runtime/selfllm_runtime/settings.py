@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .finetune.data import DEFAULT_DATA
 from .metadata import LoraDefaults, ModelFamily, ModelSource, Recipe, TaskKind
@@ -53,6 +53,15 @@ def _lines(value: Any) -> Any:
     if isinstance(value, str):
         return [line.strip() for line in value.splitlines() if line.strip()]
     return value
+
+
+def parse_bool(text: str) -> bool:
+    """A boolean the way every setting reads one (1/0, true/false, yes/no, on/off, any case); ValueError else.
+    For flags that are not settings, e.g. `selfllm lora infer --enable-thinking`."""
+    try:
+        return TypeAdapter(bool).validate_python(text.strip())
+    except ValidationError:
+        raise ValueError(f"not a boolean: {text!r} (1/0, true/false, yes/no, on/off)") from None
 
 
 def _lower(value: Any) -> Any:

@@ -21,7 +21,7 @@ from ..context import RecipeContext, load_context
 from ..finetune.data import DataError, write_sample_data
 from ..finetune.lora import infer, merge, train
 from ..model_source import ModelNotFound, model_request, resolve_model
-from ..settings import AdapterSettings, LoraSettings, ModelSettings, add_flags
+from ..settings import AdapterSettings, LoraSettings, ModelSettings, add_flags, parse_bool
 
 
 def run(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> None:
@@ -37,11 +37,11 @@ def _model_dir(context: RecipeContext, settings: ModelSettings) -> Path:
     return resolve_model(model_request(context.recipe, settings))
 
 
-def _optional_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
-        raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (1/0, true/false, yes/no, on/off)")
-    return lowered in {"1", "true", "yes", "on"}
+def _flag_bool(text: str) -> bool:
+    try:
+        return parse_bool(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, AdapterSettings)  # --model (MODEL_PATH), --adapter (ADAPTER_PATH)
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default=None, help="system prompt (default: the one used in training)")
-    p.add_argument("--enable-thinking", type=_optional_bool, nargs="?", const=True, default=None)
+    p.add_argument("--enable-thinking", type=_flag_bool, nargs="?", const=True, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's generation_config")
     p.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's generation_config")
