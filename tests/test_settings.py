@@ -10,10 +10,10 @@ from typing import Any, get_args
 import pytest
 
 from selfllm_recipes.layout import RECIPES_DIR, REPO_ROOT
-from selfllm_runtime import cli
+from selfllm_runtime import cli, settings
 from selfllm_runtime.context import load_context
-from selfllm_runtime.metadata import TaskKind
-from selfllm_runtime.settings import (TASK_SETTINGS, EngineSettings, FastapiSettings, LoraSettings, ModelSettings,
+from selfllm_runtime.metadata import QUANTIZED_TASKS, TaskKind
+from selfllm_runtime.settings import (TASK_SETTINGS, AdapterSettings, EngineSettings, FastapiSettings, LoraSettings, ModelSettings,
                                       SettingsError, resolve)
 
 RUNTIME = REPO_ROOT / "runtime" / "selfllm_runtime"
@@ -120,6 +120,34 @@ def test_an_integer_is_a_whole_number(task, variable, text):
 def test_out_of_range_values_are_refused(variable, text):
     with pytest.raises(SettingsError, match=f"^{variable}='{text}': "):
         qwen3("langchain").settings(env={variable: text})
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_quantization_is_a_setting_of_exactly_the_tasks_that_load_through_bitsandbytes(task, monkeypatch):
+    """QUANTIZATION exists where metadata says the task is quantized (the README's VRAM table reads that), takes
+    none/4bit/8bit in any case, and refuses anything else by name."""
+    variables = {i.env for i in TASK_SETTINGS[TaskKind(task)].infos()}
+    assert ("QUANTIZATION" in variables) == (TaskKind(task) in QUANTIZED_TASKS)
+    if TaskKind(task) not in QUANTIZED_TASKS:
+        return
+    assert qwen3(task).settings(env={}).quantization == "none"
+    with pytest.raises(SettingsError, match="^QUANTIZATION='int4': Input should be 'none', '8bit' or '4bit'"):
+        qwen3(task).settings(env={"QUANTIZATION": "int4"})
+    monkeypatch.setattr(settings, "bitsandbytes_installed", lambda: True)
+    assert qwen3(task).settings(env={"QUANTIZATION": "4BIT"}).quantization == "4bit"
+    monkeypatch.setattr(settings, "bitsandbytes_installed", lambda: False)  # checked before any download
+    with pytest.raises(SettingsError, match="^QUANTIZATION='8bit': needs the bitsandbytes package"):
+        qwen3(task).settings(env={"QUANTIZATION": "8bit"})
+    assert qwen3(task).settings(env={"QUANTIZATION": "none"}).quantization == "none"
+
+
+def test_lora_infer_loads_the_base_as_the_adapter_was_trained_unless_told(monkeypatch):
+    """AdapterSettings leaves QUANTIZATION unset (infer falls back to the run's); the flag and the variable set it."""
+    monkeypatch.setattr(settings, "bitsandbytes_installed", lambda: True)
+    context = qwen3("lora")
+    assert context.settings(AdapterSettings, env={}).quantization is None
+    assert context.settings(AdapterSettings, cli={"quantization": "none"}, env={"QUANTIZATION": "4bit"}).quantization == "none"
+    assert context.settings(LoraSettings, env={"QUANTIZATION": "8bit"}).quantization == "8bit"
 
 
 def test_a_bad_flag_is_named_by_its_flag():

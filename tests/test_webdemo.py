@@ -101,6 +101,21 @@ def test_page_controls(app, context):
     assert len(app.chat_input) == 1 and len(app.chat_message) == 0
 
 
+def test_a_quantized_page_says_so_and_chats(tiny_model, monkeypatch, tmp_path):
+    model = tmp_path / "model"  # another folder: its own cached engine, loaded with QUANTIZATION=4bit
+    shutil.copytree(tiny_model, model)
+    monkeypatch.setenv(webdemo.ENV_RECIPE_DIR, str(RECIPE_DIR))
+    monkeypatch.setenv(webdemo.ENV_MODEL_DIR, str(model))
+    monkeypatch.setenv("QUANTIZATION", "4bit")
+    at = AppTest.from_file(str(webdemo.APP_FILE), default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert at.caption[0].value.endswith(" · cpu · 4bit")
+    at.slider(key="max_length").set_value(16).run()
+    at.chat_input[0].set_value("你好").run()
+    assert not at.exception, at.exception
+    assert [m["role"] for m in at.session_state["messages"]] == ["user", "assistant"]
+
+
 def test_no_login_without_api_key(app):
     assert len(app.text_input) == 0 and len(app.chat_input) == 1
 

@@ -16,6 +16,7 @@ from typing import Any
 from .batching import DONE, Job, Scheduler
 from .context import RecipeContext
 from .continuous import ContinuousScheduler
+from .loading import load_causal_lm
 from .metadata import Reasoning
 from .model_source import checkpoint_name
 from .settings import EngineSettings
@@ -123,21 +124,12 @@ class RequestStream(Iterator[Any]):
             close()
 
 
-def pick_device() -> tuple[str, Any]:
-    import torch
-
-    if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
-        return "cuda", torch.bfloat16 if bf16 else torch.float16
-    return "cpu", torch.float32
-
-
 class ChatEngine:
     """One loaded model. Generation goes through a batching scheduler (batching.py): concurrent
     requests are generated together, each with its own stop handling and stream.
 
-    settings: MAX_BATCH, MAX_QUEUE and BATCHING (settings.EngineSettings; default: resolved from the
-    environment and the recipe; in code, `context.settings(EngineSettings, cli={"max_batch": 1})`).
+    settings: QUANTIZATION, MAX_BATCH, MAX_QUEUE and BATCHING (settings.EngineSettings; default: resolved
+    from the environment and the recipe; in code, `context.settings(EngineSettings, cli={"max_batch": 1})`).
 
     BATCHING=auto is static on CPU and on GPU: on CPU static served 1.6x the requests/s of continuous
     at 1 and 32 clients (benchmarks/fastapi_throughput.py --batching static continuous, tiny model); on
@@ -145,21 +137,17 @@ class ChatEngine:
 
     def __init__(self, context: RecipeContext, model_dir: Path, settings: EngineSettings | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         engine = context.settings(EngineSettings) if settings is None else settings
         kind = engine.batching_kind  # a bad setting fails before the model loads
         self.context = context
         self.family = context.family
         self.model_dir = Path(model_dir)
-        self.device, dtype = pick_device()
-        trust = self.family.trust_remote_code
-        log.info("loading %s on %s (%s)", self.model_dir, self.device, dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=trust)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=dtype, trust_remote_code=trust,
-            device_map="auto" if self.device == "cuda" else None,
-        )
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.family.trust_remote_code)
+        self.loaded = load_causal_lm(context, self.model_dir, engine.quantization)
+        self.device, self.quantization = self.loaded.device, self.loaded.quantization
+        self.model = self.loaded.model
         self.model.eval()
         self.torch = torch
         self.stop_token_ids = self._stop_token_ids()

@@ -12,6 +12,7 @@ Only pydantic and PyYAML are imported here, so the host toolkit can validate wit
 """
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,9 @@ class TaskKind(str, Enum):
     lora = "lora"
     vllm = "vllm"
 
+
+# Task kinds that read QUANTIZATION (settings.py; vLLM has its own `--quantization`, through VLLM_ARGS).
+QUANTIZED_TASKS = frozenset({TaskKind.fastapi, TaskKind.webdemo, TaskKind.langchain, TaskKind.lora})
 
 class ModelSource(str, Enum):
     modelscope = "modelscope"
@@ -108,8 +112,35 @@ class SmokeModelShape(Strict):
     vocab_size: int = Field(1024, ge=300)
 
 
+Quantization = Literal["none", "8bit", "4bit"]  # the QUANTIZATION setting (loading.py)
+QUANTIZATIONS: tuple[Quantization, ...] = ("none", "8bit", "4bit")
+# Bytes one quantized weight takes: bf16; LLM.int8 (+ per-row scales); NF4 with double-quantized block scales.
+WEIGHT_BYTES: dict[Quantization, float] = {"none": 2.0, "8bit": 1.0, "4bit": 0.52}
+
+
+class ParameterCount(Strict):
+    """Parameters of the family's default checkpoint, in billions (from its config.json)."""
+
+    total: float = Field(gt=0)
+    unquantized: float = Field(ge=0, description="embeddings + lm_head: bitsandbytes leaves them unquantized")
+
+    @field_validator("unquantized")
+    @classmethod
+    def _part_of_total(cls, value: float, info: Any) -> float:
+        if value >= info.data.get("total", float("inf")):
+            raise ValueError("must be less than total")
+        return value
+
+    def weights_gb(self, quantization: Quantization, unquantized_bytes: float = 2.0) -> float:
+        """GB the weights take when loaded with `quantization`; unquantized_bytes: per weight that stays
+        unquantized (4 where QLoRA's prepare_model_for_kbit_training upcasts them to fp32)."""
+        if quantization == "none":
+            return self.total * WEIGHT_BYTES["none"]
+        return (self.total - self.unquantized) * WEIGHT_BYTES[quantization] + self.unquantized * unquantized_bytes
+
+
 class VramNeeds(Strict):
-    """GPU memory a recipe needs, in GB: one number for every task, or per-task overrides."""
+    """GPU memory a recipe needs in bf16, in GB: one number for every task, or per-task overrides."""
 
     default: float = Field(gt=0)
     fastapi: float | None = Field(None, gt=0)
@@ -120,6 +151,10 @@ class VramNeeds(Strict):
 
     def for_task(self, task: "TaskKind") -> float:
         return getattr(self, task.value) or self.default
+
+
+def _ceil_half(value: float) -> float:
+    return math.ceil(value * 2 - 1e-9) / 2
 
 
 class Notes(Strict):
@@ -135,6 +170,7 @@ class ModelFamily(Strict):
     display_name: str
     checkpoints: CheckpointIds = Field(description="default checkpoint ids on ModelScope and Hugging Face")
     vram_gb: VramNeeds
+    parameters_b: ParameterCount = Field(description="of the default checkpoint: the quantized VRAM estimates use it")
     contributors: dict[TaskKind, list[str]] = Field(
         {}, description="authors of upstream's tutorial per task; a task missing here is credited to the project")
     notes: Notes | None = None
@@ -161,10 +197,26 @@ class ModelFamily(Strict):
     def credits(self, task: "TaskKind") -> list[str]:
         return [n.strip() for n in self.contributors.get(task, []) if n.strip()] or [PROJECT_CREDIT]
 
+    def vram_estimate(self, task: "TaskKind", quantization: Quantization) -> float | None:
+        """GB of VRAM `task` needs with QUANTIZATION (None: the task has no such setting). bf16 is
+        vram_gb's figure; a quantized load takes the quantized weights plus the same room beside the
+        weights (KV cache, activations, optimizer state) as bf16, rounded up to 0.5 GB. QLoRA keeps the
+        unquantized weights in fp32."""
+        bf16 = self.vram_gb.for_task(task)
+        if quantization == "none":
+            return bf16
+        if task not in QUANTIZED_TASKS:
+            return None
+        room = bf16 - self.parameters_b.weights_gb("none")
+        unquantized_bytes = 4.0 if task is TaskKind.lora else 2.0
+        return _ceil_half(self.parameters_b.weights_gb(quantization, unquantized_bytes) + room)
+
 
 class GpuNeeds(Strict):
     required: bool = True
-    min_vram_gb: float = Field(gt=0)
+    min_vram_gb: float = Field(gt=0, description="in bf16")
+    quantized_vram_gb: dict[Quantization, float] = Field(
+        {}, description="estimates with QUANTIZATION=8bit / 4bit (ModelFamily.vram_estimate); empty: no such setting")
 
 
 class SmokeSettings(Strict):
@@ -280,6 +332,12 @@ def load_family(model_dir: Path) -> ModelFamily:
     family: ModelFamily = _validate(ModelFamily, path)
     if not (Path(model_dir) / family.chat_template).is_file():
         raise MetadataError(path, "chat_template", f"file {family.chat_template!r} not found beside it")
+    weights = family.parameters_b.weights_gb("none")
+    for field in ("default", *(t.value for t in TaskKind)):
+        gb = getattr(family.vram_gb, field)
+        if gb is not None and gb < weights:  # the quantized estimates start from the room beside the weights
+            raise MetadataError(path, f"vram_gb.{field}",
+                                f"{gb:g} GB is less than the bf16 weights ({weights:.1f} GB from parameters_b.total)")
     return family
 
 
@@ -300,7 +358,9 @@ def merge_recipe(path: Path, task: TaskDefaults, family: ModelFamily, own: Recip
     fields |= {
         "name": f"{family.short_name} {task.title}",
         "default_model": family.checkpoints.model_dump(),
-        "gpu": {"required": True, "min_vram_gb": family.vram_gb.for_task(own.task)},
+        "gpu": {"required": True, "min_vram_gb": family.vram_gb.for_task(own.task),
+                "quantized_vram_gb": {q: family.vram_estimate(own.task, q) for q in QUANTIZATIONS[1:]
+                                      if own.task in QUANTIZED_TASKS}},
         "contributors": family.credits(own.task),
     }
     fields |= own.model_dump(exclude_none=True)

@@ -15,6 +15,7 @@ models (settings_table), so the documentation can't drift from what is read.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -23,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .finetune.data import DEFAULT_DATA
-from .metadata import LoraDefaults, ModelFamily, ModelSource, Recipe, TaskKind
+from .metadata import LoraDefaults, ModelFamily, ModelSource, Quantization, Recipe, TaskKind
 
 DEFAULT_CACHE = Path("/root/autodl-tmp")  # AutoDL's data disk: a saved instance keeps what is there
 SAMPLE_DOCS_DIR = Path(__file__).resolve().parent / "lc" / "sample_docs"
@@ -35,6 +36,8 @@ DEFAULT_LORA_OUTPUT = DEFAULT_CACHE / "lora"
 DEFAULT_DATA_DIR = DEFAULT_CACHE / "data"
 DEFAULT_MAX_MODEL_LEN = 8192
 LORA_DEFAULTS = LoraDefaults.model_fields  # model.yaml's `lora:` defaults, used when no family is given
+QUANTIZATION_TEXT = ("`4bit`（NF4）或 `8bit` 加载权重，显存见「显存」表；需要 bitsandbytes（镜像已装）",
+                     "load the weights in `4bit` (NF4) or `8bit`; VRAM in the VRAM table; needs bitsandbytes (in the image)")
 MODEL_PATH_TEXT = ("已挂载的模型目录（含 `config.json` 与全部权重），设置后不下载",
                    "a mounted model folder (config.json and all its weights); set, nothing is downloaded")
 
@@ -68,7 +71,18 @@ def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _loadable(value: Any) -> Any:
+    if value not in (None, "none") and not bitsandbytes_installed():
+        raise ValueError("needs the bitsandbytes package (the recipe images have it; natively: pip install bitsandbytes)")
+    return value
+
+
 CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
+QuantizationSetting = Annotated[Quantization, BeforeValidator(_lower), AfterValidator(_loadable)]
 PathList = Annotated[list[Path], BeforeValidator(_comma_list)]
 Lines = Annotated[list[str], BeforeValidator(_lines)]
 
@@ -165,7 +179,9 @@ class AccessSettings(TaskSettings):
 
 
 class EngineSettings(TaskSettings):
-    """How the ChatEngine batches requests (chat_engine.py, batching.py, continuous.py)."""
+    """How the ChatEngine loads the model (loading.py) and batches requests (batching.py, continuous.py)."""
+
+    quantization: QuantizationSetting = setting("none", "QUANTIZATION", *QUANTIZATION_TEXT)
 
     max_batch: int = setting(16, "MAX_BATCH", "一次 `generate` 合并的请求数上限（显存紧张时调小）",
                              "rows generated together at most (lower it when VRAM is short)", ge=1)
@@ -270,9 +286,19 @@ class AdapterSettings(ModelSettings):
 
     adapter_path: Path | None = setting(None, "ADAPTER_PATH", "`infer` / `merge` 用的适配器目录",
                                         "the adapter folder `infer` / `merge` use", flag="--adapter")
+    quantization: QuantizationSetting | None = setting(
+        None, "QUANTIZATION", "`infer` 加载基座的方式：`none`、`4bit` 或 `8bit`（`merge` 总是合并进 bf16 基座）",
+        "how `infer` loads the base: `none`, `4bit` or `8bit` (`merge` always merges into the bf16 base)",
+        flag="--quantization", shown=("训练时的设置", "as in training"))
 
 
 class LoraSettings(AdapterSettings):
+    quantization: QuantizationSetting = setting(
+        "none", "QUANTIZATION",
+        "`4bit`：QLoRA（4-bit NF4 基座 + `prepare_model_for_kbit_training`，适配器权重不量化）；`8bit`：8-bit 基座上的 LoRA；"
+        "显存见「显存」表",
+        "`4bit`: QLoRA (a 4-bit NF4 base, `prepare_model_for_kbit_training`, adapters not quantized); `8bit`: LoRA on "
+        "an 8-bit base; VRAM in the VRAM table", flag="--quantization")
     data: PathList = setting(
         [], "DATA_PATH", "训练文件（逗号分隔可多个）；未设置则用 `DATA_URL`，再没有则用运行时自带的上游 `huanhuan.json`（校验 sha256，不联网）",
         "training files (comma-separated); unset: `DATA_URL`, else upstream's `huanhuan.json` shipped with the "

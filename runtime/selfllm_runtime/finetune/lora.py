@@ -14,7 +14,9 @@ from urllib.parse import urlsplit
 
 from ..context import RecipeContext
 from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, encode_files
-from ..settings import LoraSettings
+from ..loading import load_causal_lm
+from ..metadata import Quantization
+from ..settings import EngineSettings, LoraSettings
 
 log = logging.getLogger("selfllm.lora")
 RESULT_PREFIX = "SELFLLM_RESULT "  # one JSON line per action, parsed by smoke checks and scripts
@@ -69,14 +71,6 @@ def fetch_data(url: str, folder: Path, max_bytes: int = MAX_DATA_URL_BYTES) -> P
     return target
 
 
-def training_device() -> tuple[str, Any]:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return "cpu", torch.float32
-
-
 def load_tokenizer(context: RecipeContext, model_dir: Path):
     from transformers import AutoTokenizer
 
@@ -115,9 +109,8 @@ def _report_to(settings: LoraSettings, run_dir: Path) -> list[str]:
 def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> dict[str, Any]:
     """Fine-tune a LoRA adapter; returns (and prints as SELFLLM_RESULT) a summary with the losses."""
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     model_dir = Path(model_dir)
     run_dir = settings.run_dir(model_dir)
@@ -126,19 +119,22 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     paths, data = prepare_data(context, tokenizer, settings)
     log.info("%d examples from %d records in %s (%d tokens, %d skipped as too long)", len(data.examples),
              data.records, ", ".join(map(str, paths)), data.tokens, data.skipped)
-    device, dtype = training_device()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                                 trust_remote_code=context.family.trust_remote_code)
+    loaded = load_causal_lm(context, model_dir, settings.quantization, training=True)
+    model, device, dtype = loaded.model, loaded.device, loaded.dtype
     model.config.use_cache = False
-    if settings.gradient_checkpointing:
+    if settings.quantization != "none":  # QLoRA: freezes the base, upcasts the unquantized layers to fp32
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # else frozen embeddings give checkpointed blocks no grad (upstream #119)
     lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=settings.target_modules, r=settings.r,
                              lora_alpha=settings.alpha, lora_dropout=settings.dropout, inference_mode=False)
     model = get_peft_model(model, lora_config)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d alpha=%d on %s: %d trainable of %d parameters (%.3f%%)", settings.r, settings.alpha,
-             ",".join(settings.target_modules), trainable, total, 100 * trainable / total)
+    log.info("%s r=%d alpha=%d on %s: %d trainable of %d parameters (%.3f%%)",
+             "LoRA" if settings.quantization == "none" else f"LoRA on a {settings.quantization} base", settings.r,
+             settings.alpha, ",".join(settings.target_modules), trainable, total, 100 * trainable / total)
 
     losses: list[float] = []
 
@@ -187,7 +183,8 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     (run_dir / RUN_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
     print(f"LoRA adapter saved to {run_dir}", flush=True)
     return emit_result(
-        "train", adapter_dir=str(run_dir), device=device, steps=int(output.global_step), examples=len(data.examples),
+        "train", adapter_dir=str(run_dir), device=device, quantization=settings.quantization,
+        base_weights_gb=loaded.weights_gb, steps=int(output.global_step), examples=len(data.examples),
         records=data.records, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         loss_min=min(losses) if losses else None, losses=[round(x, 4) for x in losses[:200]],
         train_tokens=tokens, peak_gpu_memory_gb=peak_gb, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else None,
@@ -201,16 +198,19 @@ def read_run_info(adapter_dir: Path | None) -> dict[str, Any]:
 
 def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, prompt: str,
           system_prompt: str | None = None, enable_thinking: bool | None = None, max_new_tokens: int = 256,
-          temperature: float | None = None, top_p: float | None = None, seed: int | None = 0) -> dict[str, Any]:
+          temperature: float | None = None, top_p: float | None = None, seed: int | None = 0,
+          quantization: Quantization | None = None) -> dict[str, Any]:
     """One reply from the base model plus adapter (or from a merged model when adapter_dir is None).
-    The system prompt and thinking switch default to what the adapter was trained with; temperature
-    and top_p to the checkpoint's generation_config."""
+    The system prompt, thinking switch and the base's quantization default to what the adapter was
+    trained with (a merged model: none); temperature and top_p to the checkpoint's generation_config."""
     from ..chat_engine import ChatEngine
 
     info = read_run_info(adapter_dir) or read_run_info(Path(model_dir))  # a merged folder keeps it too
     system_prompt = system_prompt if system_prompt is not None else info.get("system_prompt")
     thinking = enable_thinking if enable_thinking is not None else info.get("enable_thinking", False)
-    engine = ChatEngine(context, Path(model_dir))
+    trained = info.get("settings", {}).get("quantization", "none") if adapter_dir is not None else "none"
+    quantization = quantization or trained
+    engine = ChatEngine(context, Path(model_dir), context.settings(EngineSettings, cli={"quantization": quantization}))
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -223,6 +223,7 @@ def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, pro
     completion = engine.generate(messages, params)
     print(completion.text, flush=True)
     return emit_result("infer", model=str(model_dir), adapter=str(adapter_dir) if adapter_dir else None,
+                       quantization=engine.quantization, weights_gb=engine.loaded.weights_gb,
                        prompt=prompt, reply=completion.text, output=completion.raw,
                        completion_tokens=completion.completion_tokens, finish_reason=completion.finish_reason,
                        prompt_logprob=prompt_logprob(engine, engine.format_prompt(messages, kwargs)))
@@ -244,10 +245,17 @@ def prompt_logprob(engine: Any, prompt: str) -> float:
 
 
 def merge(context: RecipeContext, model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Fold the adapter into the base weights: a full model folder for from_pretrained, vLLM, etc."""
+    """Fold the adapter into the base weights: a full model folder for from_pretrained, vLLM, etc.
+    Always into the base in its own dtype (bf16), never a quantized one: an adapter trained on a 4-bit
+    or 8-bit base (QLoRA) learnt to correct that base's rounded weights, so the merged model answers
+    close to, not exactly as, the quantized base + adapter (QUANTIZATION=4bit on the merged folder
+    quantizes it again)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    trained = read_run_info(Path(adapter_dir)).get("settings", {}).get("quantization", "none")
+    if trained != "none":
+        log.info("the adapter was trained on a %s base: merging it into the base in full precision", trained)
     trust = context.family.trust_remote_code
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -260,4 +268,5 @@ def merge(context: RecipeContext, model_dir: Path, adapter_dir: Path, out_dir: P
         (out_dir / RUN_INFO).write_bytes((Path(adapter_dir) / RUN_INFO).read_bytes())
     print(f"merged model saved to {out_dir}", flush=True)
     return emit_result("merge", model=str(model_dir), adapter=str(adapter_dir), merged_dir=str(out_dir),
+                       trained_on=trained, merged_dtype=str(merged.dtype).removeprefix("torch."),
                        files=sorted(p.name for p in out_dir.iterdir()))

@@ -82,7 +82,8 @@ def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
 
     @app.get("/health")  # async: answered on the event loop, never behind queued generations
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.model_name, "device": engine.device}
+        return {"status": "ok", "model": engine.model_name, "device": engine.device,
+                "quantization": engine.quantization}
 
     @app.post("/", response_model=LegacyResponse, response_model_exclude_none=True, responses={
         400: {"model": LegacyError, "description": "The body is not parseable"},

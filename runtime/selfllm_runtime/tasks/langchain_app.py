@@ -168,6 +168,7 @@ def interactive(app: RagApp) -> None:
 def run(context: RecipeContext, model_dir: Path, settings: LangchainSettings) -> None:
     app = RagApp(ChatEngine(context, model_dir, settings), settings)
     payload: dict[str, Any] = {"ok": True, "model": app.llm.engine.model_name, "device": app.llm.engine.device,
+                               "quantization": app.llm.engine.quantization,
                                "embedding_model": settings.embedding_model, "docs_dir": str(settings.docs_dir),
                                "chroma_dir": str(settings.store_dir), "index": asdict(app.index)}
     if settings.selftest:

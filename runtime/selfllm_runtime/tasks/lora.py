@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
             settings = context.settings(LoraSettings, cli=vars(args))  # checked before the model is fetched
             train(context, _model_dir(context, settings), settings)
             return 0
-        tool = context.settings(AdapterSettings, cli={"model_path": args.model_path, "adapter_path": args.adapter_path})
+        tool = context.settings(AdapterSettings, cli={"model_path": args.model_path, "adapter_path": args.adapter_path,
+                                                      "quantization": args.quantization})
         if args.action == "infer":
             infer(context, _model_dir(context, tool), tool.adapter_path, args.prompt, args.system,
-                  args.enable_thinking, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+                  args.enable_thinking, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                  tool.quantization)
         else:
             if tool.adapter_path is None:
                 raise ValueError("merge needs the adapter: --adapter DIR or ADAPTER_PATH")

@@ -79,7 +79,8 @@ login_gate(page_context.settings(WebdemoSettings).api_key)
 engine = load_engine(recipe_dir, model_dir)
 context = engine.context
 st.title(context.recipe.name)
-st.caption(f"{context.family.display_name} · {engine.model_name} · {engine.device}")
+st.caption(" · ".join([context.family.display_name, engine.model_name, engine.device]
+                      + ([engine.quantization] if engine.quantization != "none" else [])))
 if "messages" not in st.session_state:
     st.session_state.messages = []
 

@@ -1,0 +1,98 @@
+"""Loading a checkpoint for generation or for training, in one place for every task kind: the device,
+the dtype, and QUANTIZATION (bitsandbytes: `4bit` NF4 with double quantization, `8bit` LLM.int8).
+
+bitsandbytes keeps the embeddings and lm_head in the model's dtype and quantizes every other linear
+layer; its CPU backend runs both settings (slowly), which is how the smoke tests check them here.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .metadata import Quantization
+
+if TYPE_CHECKING:
+    from .context import RecipeContext
+
+log = logging.getLogger("selfllm.loading")
+
+
+def pick_device() -> tuple[str, Any]:
+    """('cuda', bf16 — fp16 on cards without bf16) when a GPU is visible, else ('cpu', fp32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return "cpu", torch.float32
+
+
+def quantization_config(quantization: Quantization, compute_dtype: Any) -> Any:
+    """transformers' BitsAndBytesConfig for QUANTIZATION (None for `none`; settings checked that bitsandbytes is there)."""
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_CAST_ONCE)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+class _FirstOnly(logging.Filter):
+    """LLM.int8 casts fp32/bf16 activations to fp16 and logs it on every matmul: only the first is kept."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+_CAST_ONCE = _FirstOnly("MatMul8bitLt: inputs will be cast")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    device: str
+    dtype: Any
+    quantization: Quantization
+
+    @property
+    def weights_gb(self) -> float:
+        """The weights' memory (transformers' get_memory_footprint), GB."""
+        return round(self.model.get_memory_footprint() / 1e9, 6)
+
+
+def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quantization = "none",
+                   training: bool = False) -> LoadedModel:
+    """The checkpoint in model_dir, on the GPU when there is one. Generation spreads it over the visible
+    GPUs (device_map=auto); training leaves placement to the Trainer, except that a quantized model can't
+    be moved after loading: it is loaded onto this process's GPU."""
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = pick_device()
+    kwargs: dict[str, Any] = {}
+    config = quantization_config(quantization, dtype)
+    if config is not None:
+        kwargs["quantization_config"] = config
+    if device == "cuda" and not training:
+        kwargs["device_map"] = "auto"
+    elif device == "cuda" and config is not None:
+        from accelerate import PartialState
+
+        kwargs["device_map"] = {"": PartialState().local_process_index}
+    log.info("loading %s on %s (%s%s)", model_dir, device, str(dtype).removeprefix("torch."),
+             "" if config is None else f", {quantization}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                 trust_remote_code=context.family.trust_remote_code, **kwargs)
+    loaded = LoadedModel(model, device, dtype, quantization)
+    log.info("weights: %.3f GB", loaded.weights_gb)
+    return loaded

@@ -1,0 +1,95 @@
+"""QUANTIZATION (runtime/selfllm_runtime/loading.py) on the tiny model through bitsandbytes' CPU backend: the
+engine every chat task shares loads 4-bit / 8-bit layers, the servers say so and answer, and LoRA trains on
+a 4-bit base (QLoRA), infers as it was trained and merges into the full-precision base."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from selfllm_runtime.chat_engine import ChatEngine
+from selfllm_runtime.finetune.data import write_sample_data
+from selfllm_runtime.finetune.lora import infer, merge, train
+from selfllm_runtime.settings import EngineSettings, LoraSettings
+
+QUANTIZED_LAYER = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
+
+
+@pytest.fixture(scope="module", params=["4bit", "8bit"])
+def quantized(request, tiny_recipe) -> ChatEngine:
+    context, model = tiny_recipe("qwen3/fastapi")
+    return ChatEngine(context, model, context.settings(EngineSettings, env={"QUANTIZATION": request.param}))
+
+
+def test_the_engine_loads_quantized_layers_that_take_less_memory(quantized, engine):
+    layers = {type(m).__name__ for m in quantized.model.modules()}
+    assert QUANTIZED_LAYER[quantized.quantization] in layers
+    assert not {"Linear4bit", "Linear8bitLt"} & {type(m).__name__ for m in engine.model.modules()}
+    assert quantized.loaded.weights_gb < engine.loaded.weights_gb
+    completion = quantized.generate([{"role": "user", "content": "你好"}], quantized.params(max_new_tokens=6, temperature=0))
+    assert completion.completion_tokens > 0
+
+
+def test_the_server_reports_and_serves_its_quantization(quantized):
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    with TestClient(create_app(quantized)) as client:
+        assert client.get("/health").json()["quantization"] == quantized.quantization
+        name = client.get("/v1/models").json()["data"][0]["id"]
+        answer = client.post("/v1/chat/completions", json={
+            "model": name, "messages": [{"role": "user", "content": "你好"}], "max_tokens": 6, "temperature": 0})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] > 0
+
+
+def test_the_langchain_chat_model_runs_on_a_quantized_engine(quantized):
+    from selfllm_runtime.lc.chat_model import ChatSelfLLM
+
+    llm = ChatSelfLLM(engine=quantized, max_new_tokens=6, temperature=0)
+    assert llm.invoke("你好").usage_metadata["output_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def qlora(tiny_recipe, tmp_path_factory):
+    context, model = tiny_recipe("qwen3/lora")
+    work = tmp_path_factory.mktemp("qlora")
+    env = {"DATA_PATH": str(write_sample_data(work / "sample.json", 36)), "OUTPUT_DIR": str(work / "out"),
+           "RUN_NAME": "q", "MAX_STEPS": "20", "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1",
+           "LOGGING_STEPS": "1", "QUANTIZATION": "4bit"}
+    return context, model, train(context, model, context.settings(LoraSettings, env=env))
+
+
+def test_qlora_trains_on_a_4bit_base(qlora):
+    _, _, trained = qlora
+    losses = trained["losses"]
+    assert trained["quantization"] == "4bit" and trained["steps"] == 20
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    adapter = Path(trained["adapter_dir"])
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8  # a plain LoRA adapter
+    assert json.loads((adapter / "selfllm_lora.json").read_text())["settings"]["quantization"] == "4bit"
+
+
+def test_infer_loads_the_base_as_the_adapter_was_trained_unless_told(qlora):
+    context, model, trained = qlora
+    adapter = Path(trained["adapter_dir"])
+    ask = dict(max_new_tokens=4, temperature=0)
+    as_trained = infer(context, model, adapter, "你是谁？", **ask)
+    on_bf16 = infer(context, model, adapter, "你是谁？", quantization="none", **ask)
+    base = infer(context, model, None, "你是谁？", quantization="4bit", **ask)
+    assert (as_trained["quantization"], on_bf16["quantization"], base["quantization"]) == ("4bit", "none", "4bit")
+    assert abs(as_trained["prompt_logprob"] - base["prompt_logprob"]) > 1e-4  # the adapter moved the 4-bit model
+
+
+def test_a_qlora_adapter_merges_into_the_full_precision_base(qlora, tmp_path):
+    context, model, trained = qlora
+    adapter = Path(trained["adapter_dir"])
+    result = merge(context, model, adapter, tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert result["trained_on"] == "4bit" and result["merged_dtype"] == "float32"
+    assert "quantization_config" not in config
+    merged = infer(context, tmp_path / "merged", None, "你是谁？", max_new_tokens=4, temperature=0)
+    on_full = infer(context, model, adapter, "你是谁？", quantization="none", max_new_tokens=4, temperature=0)
+    assert merged["quantization"] == "none"
+    assert abs(merged["prompt_logprob"] - on_full["prompt_logprob"]) < 1e-3  # merged = full base + adapter
