@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from selfllm_runtime.metadata import PROJECT_CREDIT, MetadataError, ModelFamily, Recipe
+from selfllm_runtime.metadata import PROJECT_CREDIT, QUANTIZATIONS, MetadataError, ModelFamily, Recipe, TaskKind
 from selfllm_runtime.settings import settings_table
 
 from .layout import DOCKERFILE_TEMPLATE, LOCK_FILE, LOCK_INPUT, README_TEMPLATE, REPO_ROOT, image_name
@@ -53,6 +53,25 @@ def lock_names(recipe: Recipe) -> list[str]:
     return [LOCK_FILE] + ([recipe.cpu_variant.lock] if recipe.cpu_variant else [])
 
 
+TASK_HEADINGS = {TaskKind.fastapi: "FastAPI", TaskKind.webdemo: "WebDemo", TaskKind.langchain: "LangChain",
+                 TaskKind.lora: "LoRA", TaskKind.vllm: "vLLM"}
+
+
+def vram_table(family: ModelFamily, task: TaskKind, lang: str) -> str:
+    """The family's VRAM table (GB): a row per QUANTIZATION, a column per task kind, this recipe's in bold."""
+    bf16 = "（bf16）" if lang == "zh" else " (bf16)"
+    head = ["`QUANTIZATION`"] + [f"**{TASK_HEADINGS[t]}**" if t is task else TASK_HEADINGS[t] for t in TaskKind]
+    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for quantization in QUANTIZATIONS:
+        cells = [f"`{quantization}`" + (bf16 if quantization == "none" else "")]
+        for kind in TaskKind:
+            gb = family.vram_estimate(kind, quantization)
+            cell = "—" if gb is None else f"{gb:g} GB"
+            cells.append(f"**{cell}**" if kind is task and gb is not None else cell)
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def template_context(recipe: Recipe, family: ModelFamily) -> dict:
     key = f"{recipe.model}/{recipe.task.value}"
     return {
@@ -66,6 +85,8 @@ def template_context(recipe: Recipe, family: ModelFamily) -> dict:
         # every setting of the task, from its one definition (runtime/selfllm_runtime/settings.py)
         "settings_zh": settings_table(recipe, family, "zh"),
         "settings_en": settings_table(recipe, family, "en"),
+        "vram_zh": vram_table(family, recipe.task, "zh"),
+        "vram_en": vram_table(family, recipe.task, "en"),
     }
 
 

@@ -76,6 +76,11 @@ def test_scaffold_writes_valid_recipes_and_refuses_an_existing_family(tmp_path: 
     (lambda s: s.replace("chat_template: chat_template.jinja", "chat_template: nope.jinja"), "chat_template",
      "'nope.jinja' not found"),
     (lambda s: s.replace("  lora: 32\n", "  lora: lots\n"), "vram_gb.lora", "valid number"),
+    (lambda s: s.replace("  lora: 32\n", "  lora: 16\n"), "vram_gb.lora",
+     "16 GB is less than the bf16 weights (18.8 GB from parameters_b.total)"),
+    (lambda s: s.replace("  unquantized: 1.24", "  unquantized: 9.4"), "parameters_b.unquantized",
+     "must be less than total"),
+    (lambda s: s.replace("parameters_b:", "parameters:"), "parameters_b", "Field required"),
 ])
 def test_bad_model_yaml_names_file_and_field_and_writes_nothing(tmp_path: Path, edit, field, message):
     root = family_only(tmp_path, "glm4")
@@ -86,6 +91,29 @@ def test_bad_model_yaml_names_file_and_field_and_writes_nothing(tmp_path: Path, 
         new_family("glm4", ALL_TASKS, root)
     assert info.value.path == model_yaml and info.value.field == field and message in info.value.problem
     assert sorted(p.name for p in (root / "glm4").iterdir()) == before  # nothing half-written
+
+
+def test_quantized_vram_follows_from_the_parameter_counts():
+    """bf16 is model.yaml's figure; 4bit/8bit = the quantized weights + the same room beside them, rounded up to
+    0.5 GB; QLoRA keeps embeddings and lm_head in fp32; vLLM has no QUANTIZATION."""
+    qwen3 = load_family(RECIPES_DIR / "qwen3")  # 8.19B parameters, 1.24B of them unquantized; bf16 18 GB, LoRA 24
+    assert qwen3.vram_estimate(TaskKind.fastapi, "none") == 18
+    assert qwen3.vram_estimate(TaskKind.fastapi, "8bit") == 11.5  # 6.95 + 1.24 * 2 + (18 - 16.38) = 11.05
+    assert qwen3.vram_estimate(TaskKind.fastapi, "4bit") == 8  # 6.95 * 0.52 + 2.48 + 1.62 = 7.71
+    assert qwen3.vram_estimate(TaskKind.lora, "4bit") == 16.5  # 3.61 + 1.24 * 4 + (24 - 16.38) = 16.19
+    assert qwen3.vram_estimate(TaskKind.vllm, "4bit") is None
+    for model in FAMILIES:
+        family = load_family(RECIPES_DIR / model)
+        for task in ALL_TASKS:
+            recipe = load_recipe(RECIPES_DIR / model / task.value)
+            figures = [family.vram_estimate(task, q) for q in ("none", "8bit", "4bit")]
+            if task is TaskKind.vllm:
+                assert figures[1:] == [None, None] and recipe.gpu.quantized_vram_gb == {}
+                continue
+            assert figures[0] > figures[1] > figures[2], (model, task, figures)
+            assert recipe.gpu.quantized_vram_gb == {"8bit": figures[1], "4bit": figures[2]}
+    readme = (RECIPES_DIR / "qwen3/lora/README.md").read_text()
+    assert "| `4bit` | 8 GB | 8 GB | 8 GB | **16.5 GB** | — |" in readme
 
 
 def test_scaffold_without_model_yaml_names_it(tmp_path: Path):
