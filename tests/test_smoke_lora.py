@@ -1,5 +1,6 @@
 """The LoRA smoke check's judgement (selfllm_recipes/smoke/task_lora.py) on made-up container output:
-an adapter that leaves the weights as they were fails, whatever the greedy replies look like."""
+an adapter that leaves the weights as they were fails, whatever the greedy replies look like; so does a
+QLoRA run whose base was not quantized or whose adapter was merged into a quantized base."""
 from __future__ import annotations
 
 import json
@@ -21,18 +22,34 @@ class FakeSession:
         return self.text
 
 
-def run(base_lp: float, adapter_lp: float, merged_lp: float, base_out: str, adapter_out: str) -> str:
-    def infer(adapter: str | None, output: str, lp: float, model: str = "/m") -> dict:
-        return {"action": "infer", "adapter": adapter, "model": model, "output": output, "completion_tokens": 16,
-                "prompt_logprob": lp}
+def infer(adapter: str | None, output: str, lp: float, model: str = "/m", quantization: str = "none",
+          weights_gb: float = 0.00085) -> dict:
+    return {"action": "infer", "adapter": adapter, "model": model, "output": output, "completion_tokens": 16,
+            "prompt_logprob": lp, "quantization": quantization, "weights_gb": weights_gb}
 
-    trained = {"action": "train", "steps": 20, "losses": [6.3, 6.2, 6.1, 6.0, 5.9, 5.8], "examples": 48,
-               "adapter_files": ["adapter_config.json", "adapter_model.safetensors"], "tokens_per_s": 1.0,
-               "device": "cpu"}
-    merged = {"action": "merge", "files": ["config.json", "model.safetensors"]}
+
+def trained(quantization: str = "none", losses: tuple[float, ...] = (6.3, 6.2, 6.1, 6.0, 5.9, 5.8)) -> dict:
+    return {"action": "train", "steps": 20, "losses": list(losses), "examples": 48, "quantization": quantization,
+            "adapter_files": ["adapter_config.json", "adapter_model.safetensors"], "tokens_per_s": 1.0,
+            "device": "cpu"}
+
+
+def qlora(base_lp: float = -6.6, adapter_lp: float = -6.4, weights_gb: float = 0.00056, merged_dtype: str = "float32",
+          quantization: str = "4bit", losses: tuple[float, ...] = (6.3, 6.2, 6.1, 6.0, 5.9, 5.8)) -> list[dict]:
+    return [trained(quantization, losses),
+            infer(None, "ab", base_lp, quantization="4bit", weights_gb=weights_gb),
+            infer(task_lora.QLORA_ADAPTER, "cd", adapter_lp, quantization="4bit", weights_gb=weights_gb),
+            {"action": "merge", "files": ["config.json", "model.safetensors"], "trained_on": quantization,
+             "merged_dtype": merged_dtype}]
+
+
+def run(base_lp: float, adapter_lp: float, merged_lp: float, base_out: str, adapter_out: str,
+        qlora_results: list[dict] | None = None) -> str:
+    merged = {"action": "merge", "files": ["config.json", "model.safetensors"], "trained_on": "none",
+              "merged_dtype": "float32"}
     return task_lora.verify_lora(FakeSession([
-        trained, infer(None, base_out, base_lp), infer(task_lora.ADAPTER, adapter_out, adapter_lp), merged,
-        infer(None, adapter_out, merged_lp, model=task_lora.MERGED)]))
+        trained(), infer(None, base_out, base_lp), infer(task_lora.ADAPTER, adapter_out, adapter_lp), merged,
+        infer(None, adapter_out, merged_lp, model=task_lora.MERGED), *(qlora() if qlora_results is None else qlora_results)]))
 
 
 def test_a_trained_adapter_passes():
@@ -53,3 +70,24 @@ def test_an_adapter_that_changes_nothing_fails(outputs):
 def test_a_merged_model_that_is_not_base_plus_adapter_fails():
     with pytest.raises(SmokeFailure, match="the merged model is not base \\+ adapter"):
         run(-6.5, -6.3, -6.5, "ab", "cd")
+
+
+def test_a_qlora_run_passes():
+    assert "QLoRA (4bit): loss" in run(-6.5, -6.3, -6.3, "ab", "cd")
+
+
+@pytest.mark.parametrize("results, message", [
+    (qlora(quantization="none"), "QLoRA trained with quantization 'none'"),
+    (qlora(losses=(5.8, 5.9, 6.0, 6.1, 6.2, 6.3)), "QLoRA: loss did not go down"),
+    (qlora(weights_gb=0.00085), "the 4-bit base takes"),
+    (qlora(adapter_lp=-6.6), "the QLoRA adapter leaves the 4-bit model as it was"),
+    (qlora(merged_dtype="uint8"), "must merge into the full-precision base"),
+])
+def test_a_qlora_run_that_did_not_do_its_part_fails(results, message):
+    with pytest.raises(SmokeFailure, match=message):
+        run(-6.5, -6.3, -6.3, "ab", "cd", results)
+
+
+def test_a_run_without_the_qlora_phase_fails():
+    with pytest.raises(SmokeFailure, match="then QLoRA's train"):
+        run(-6.5, -6.3, -6.3, "ab", "cd", [])

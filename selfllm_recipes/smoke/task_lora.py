@@ -1,7 +1,10 @@
 """Smoke check of task `lora`: a run to completion, not a server. On the tiny model and a small
 generated data set (both formats), the container trains 20 steps through `selfllm start`, answers
 with the base model and with the adapter (the prompt's log-prob must move, and visible greedy replies
-differ), merges it, and answers from the merged model (as with the adapter, same log-prob); each step
+differ), merges it, and answers from the merged model (as with the adapter, same log-prob). Then QLoRA
+(QUANTIZATION=4bit, bitsandbytes' CPU backend): trains 20 steps on the 4-bit base (loss falls), answers
+with the 4-bit base alone and with its adapter (the quantization read back from the run; the log-prob
+moves, the 4-bit weights take less memory), and merges it into the full-precision base. Each step
 prints `SELFLLM_RESULT {json}`."""
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ RESULT_PREFIX = "SELFLLM_RESULT "
 DATA = "/root/autodl-tmp/data/lora-sample.json"
 ADAPTER = "/root/autodl-tmp/lora/smoke"
 MERGED = ADAPTER + "-merged"
+QLORA_ADAPTER = ADAPTER + "-4bit"
+QLORA_MERGED = QLORA_ADAPTER + "-merged"
 SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 # the same greedy question to the base model, with the adapter, and to the merged model
 ASK = f"--prompt '你是谁？' --system '{SYSTEM_PROMPT}' --enable-thinking false --temperature 0 --max-new-tokens 16"
@@ -24,7 +29,14 @@ COMMAND = " && ".join([
     f"selfllm lora infer --adapter {ADAPTER} {ASK}",
     f"selfllm lora merge --adapter {ADAPTER} --out {MERGED}",
     f"selfllm lora infer --model {MERGED} {ASK}",
+    # QLoRA: train on the 4-bit base; infer from the 4-bit base alone, then with the adapter (no flag:
+    # the run's quantization); merge into the full-precision base
+    "QUANTIZATION=4bit RUN_NAME=smoke-4bit selfllm start",
+    f"selfllm lora infer --quantization 4bit {ASK}",
+    f"selfllm lora infer --adapter {QLORA_ADAPTER} {ASK}",
+    f"selfllm lora merge --adapter {QLORA_ADAPTER} --out {QLORA_MERGED}",
 ])
+ACTIONS = ["train", "infer", "infer", "merge", "infer", "train", "infer", "infer", "merge"]
 ENV = {"DATA_PATH": DATA, "RUN_NAME": "smoke", "MAX_STEPS": "20",
        "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1",
        "SYSTEM_PROMPT": SYSTEM_PROMPT}
@@ -54,20 +66,28 @@ def _visible(output: str) -> str:
     return output.replace("<think>", "").replace("</think>", "").strip()
 
 
+def verify_training(trained: dict, label: str) -> tuple[float, float]:
+    """(first, last) mean of three logged losses, after checking 20 steps ran, the loss fell and the
+    adapter was saved."""
+    losses = trained["losses"]
+    expect(trained["steps"] == 20 and len(losses) >= 6,
+           f"{label}: trained {trained['steps']} steps, logged {len(losses)} losses")
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    expect(last < first, f"{label}: loss did not go down: {losses}")
+    expect({"adapter_config.json", "adapter_model.safetensors"} <= set(trained["adapter_files"]),
+           f"{label}: adapter files: {trained['adapter_files']}")
+    return first, last
+
+
 def verify_lora(session: SmokeSession) -> str:
     code = session.exit_code()
     found = results(session.logs())
     actions = [r["action"] for r in found]
     expect(code == 0, f"the container exited with code {code} after {actions or 'no result'}")
-    expect(actions == ["train", "infer", "infer", "merge", "infer"],
-           f"expected train, infer (base), infer (adapter), merge, infer (merged); got {actions}")
-    trained, infer_base, infer_adapter, merged, infer_merged = found
-    losses = trained["losses"]
-    expect(trained["steps"] == 20 and len(losses) >= 6, f"trained {trained['steps']} steps, logged {len(losses)} losses")
-    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    expect(last < first, f"loss did not go down: {losses}")
-    expect({"adapter_config.json", "adapter_model.safetensors"} <= set(trained["adapter_files"]),
-           f"adapter files: {trained['adapter_files']}")
+    expect(actions == ACTIONS, "expected train, infer (base), infer (adapter), merge, infer (merged), then QLoRA's "
+                               f"train, infer (4-bit base), infer (adapter), merge; got {actions}")
+    trained, infer_base, infer_adapter, merged, infer_merged = found[:5]
+    first, last = verify_training(trained, "LoRA")
     expect(infer_adapter["adapter"] == ADAPTER and infer_adapter["completion_tokens"] > 0,
            f"inference with the adapter: {infer_adapter}")
     # `output` is the whole generated text, thinking included (R1-style templates open the thinking block,
@@ -92,7 +112,30 @@ def verify_lora(session: SmokeSession) -> str:
             f"{trained['tokens_per_s']} tokens/s ({trained['device']}); "
             + f"the adapter moves the prompt log-prob {base_lp:.4f} → {adapter_lp:.4f}"
             + (" and changes the greedy reply, " if visible else " (greedy replies are whitespace), ")
-            + "the merged model answers as base + adapter")
+            + "the merged model answers as base + adapter; " + verify_qlora(found[5:], infer_base))
+
+
+def verify_qlora(found: list[dict], full_base: dict) -> str:
+    """QLoRA's train, infer (4-bit base), infer (adapter), merge; full_base: the full-precision base's infer."""
+    trained, infer_base, infer_adapter, merged = found
+    expect(trained["quantization"] == "4bit", f"QLoRA trained with quantization {trained['quantization']!r}")
+    first, last = verify_training(trained, "QLoRA")
+    expect(infer_base["adapter"] is None and infer_base["quantization"] == "4bit",
+           f"the 4-bit base's inference: {infer_base}")
+    expect(infer_base["weights_gb"] < full_base["weights_gb"],
+           f"the 4-bit base takes {infer_base['weights_gb']} GB, the full-precision one {full_base['weights_gb']} GB")
+    expect(infer_adapter["adapter"] == QLORA_ADAPTER and infer_adapter["quantization"] == "4bit"
+           and infer_adapter["completion_tokens"] > 0,
+           f"inference with the QLoRA adapter (on the 4-bit base it was trained on): {infer_adapter}")
+    base_lp, adapter_lp = infer_base["prompt_logprob"], infer_adapter["prompt_logprob"]
+    expect(abs(adapter_lp - base_lp) > LOGPROB_MOVED,
+           f"the QLoRA adapter leaves the 4-bit model as it was: prompt log-prob {base_lp} vs {adapter_lp}")
+    expect(merged["trained_on"] == "4bit" and merged["merged_dtype"] in ("float32", "bfloat16", "float16")
+           and "config.json" in merged["files"],
+           f"the QLoRA adapter must merge into the full-precision base: {merged}")
+    return (f"QLoRA (4bit): loss {first:.2f} → {last:.2f}, weights {infer_base['weights_gb'] * 1e3:.3f} MB "
+            f"(full precision {full_base['weights_gb'] * 1e3:.3f} MB), the adapter moves the 4-bit model's "
+            f"log-prob {base_lp:.4f} → {adapter_lp:.4f}, merged into the {merged['merged_dtype']} base")
 
 
 CHECK = SmokeCheck(command=COMMAND, verify=verify_lora, serves_http=False, env=ENV)
