@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from selfllm_runtime.metadata import MetadataError
+from selfllm_runtime.metadata import GpuNeeds, MetadataError
 
 from .discover import RecipeSpec
 from .generate import write_atomically
@@ -53,8 +53,14 @@ def _cell(result: dict[str, str] | None) -> str:
     return f"{mark} ({result.get('level', '')})"
 
 
+def _vram(gpu: GpuNeeds) -> str:
+    """bf16 GB, and the QUANTIZATION=4bit estimate where the task has the setting."""
+    quantized = gpu.quantized_vram_gb.get("4bit")
+    return f"{gpu.min_vram_gb:g} GB" + (f" ({quantized:g} GB*)" if quantized else "")
+
+
 def render_table(specs: list[RecipeSpec], results: dict[str, dict[str, str]]) -> str:
-    lines = ["| 模型族 Family | 任务 Task | 配方 Recipe | 默认模型 ModelScope / Hugging Face | 显存 VRAM | 端口 Port | 上次冒烟 Last smoke |",
+    lines = ["| 模型族 Family | 任务 Task | 配方 Recipe | 默认模型 ModelScope / Hugging Face | 显存 VRAM bf16 (4bit*) | 端口 Port | 上次冒烟 Last smoke |",
              "|---|---|---|---|---|---|---|"]
     for spec in sorted(specs, key=lambda s: s.key):
         recipe, family = spec.recipe, spec.family
@@ -62,7 +68,7 @@ def render_table(specs: list[RecipeSpec], results: dict[str, dict[str, str]]) ->
         checkpoint = f"`{ids.modelscope}`" + ("" if ids.modelscope == ids.huggingface else f" / `{ids.huggingface}`")
         port = str(recipe.port) if recipe.task.value in ("fastapi", "webdemo", "vllm") else "—"
         lines.append(f"| {family.display_name} | {TASK_LABEL[recipe.task.value]} | [`{spec.key}`](recipes/{spec.key}) | "
-                     f"{checkpoint} | {recipe.gpu.min_vram_gb:g} GB | {port} | {_cell(results.get(spec.key))} |")
+                     f"{checkpoint} | {_vram(recipe.gpu)} | {port} | {_cell(results.get(spec.key))} |")
     return "\n".join(lines)
 
 
