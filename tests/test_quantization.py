@@ -11,6 +11,7 @@ import pytest
 from selfllm_runtime.chat_engine import ChatEngine
 from selfllm_runtime.finetune.data import write_sample_data
 from selfllm_runtime.finetune.lora import infer, merge, train
+from selfllm_runtime.loading import parameter_count
 from selfllm_runtime.settings import EngineSettings, LoraSettings
 
 QUANTIZED_LAYER = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
@@ -29,6 +30,14 @@ def test_the_engine_loads_quantized_layers_that_take_less_memory(quantized, engi
     assert quantized.loaded.weights_gb < engine.loaded.weights_gb
     completion = quantized.generate([{"role": "user", "content": "你好"}], quantized.params(max_new_tokens=6, temperature=0))
     assert completion.completion_tokens > 0
+
+
+def test_the_vram_formula_gives_the_weights_bitsandbytes_keeps(quantized, engine):
+    """The README's quantized estimates rest on ParameterCount.weights_gb: on the tiny model (fp32 on CPU) it
+    gives what bitsandbytes' layers take, within 2%."""
+    count = parameter_count(engine.model)
+    assert count.weights_gb("none", full_bytes=4) == pytest.approx(engine.loaded.weights_gb, rel=0.02)
+    assert count.weights_gb(quantized.quantization, full_bytes=4) == pytest.approx(quantized.loaded.weights_gb, rel=0.02)
 
 
 def test_the_server_reports_and_serves_its_quantization(quantized):

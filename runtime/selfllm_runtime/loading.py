@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .metadata import Quantization
+from .metadata import ParameterCount, Quantization
 
 if TYPE_CHECKING:
     from .context import RecipeContext
@@ -96,3 +96,12 @@ def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quanti
     loaded = LoadedModel(model, device, dtype, quantization)
     log.info("weights: %.3f GB", loaded.weights_gb)
     return loaded
+
+
+def parameter_count(model: Any) -> ParameterCount:
+    """An unquantized model's parameters in billions, and of those the ones bitsandbytes leaves unquantized
+    (input embeddings and lm_head, counted once when tied): what model.yaml's parameters_b records."""
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                  if m is not None}
+    return ParameterCount(total=total / 1e9, unquantized=sum(embeddings.values()) / 1e9)

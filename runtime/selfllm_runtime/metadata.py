@@ -114,8 +114,8 @@ class SmokeModelShape(Strict):
 
 Quantization = Literal["none", "8bit", "4bit"]  # the QUANTIZATION setting (loading.py)
 QUANTIZATIONS: tuple[Quantization, ...] = ("none", "8bit", "4bit")
-# Bytes one quantized weight takes: bf16; LLM.int8 (+ per-row scales); NF4 with double-quantized block scales.
-WEIGHT_BYTES: dict[Quantization, float] = {"none": 2.0, "8bit": 1.0, "4bit": 0.52}
+# Bytes one quantized weight takes: LLM.int8 (+ per-row scales); NF4 with double-quantized block scales.
+WEIGHT_BYTES: dict[Quantization, float] = {"8bit": 1.0, "4bit": 0.52}
 
 
 class ParameterCount(Strict):
@@ -131,12 +131,12 @@ class ParameterCount(Strict):
             raise ValueError("must be less than total")
         return value
 
-    def weights_gb(self, quantization: Quantization, unquantized_bytes: float = 2.0) -> float:
-        """GB the weights take when loaded with `quantization`; unquantized_bytes: per weight that stays
-        unquantized (4 where QLoRA's prepare_model_for_kbit_training upcasts them to fp32)."""
+    def weights_gb(self, quantization: Quantization, full_bytes: float = 2.0) -> float:
+        """GB the weights take when loaded with `quantization`; full_bytes: per weight left unquantized (bf16: 2;
+        fp32: 4, on CPU and where QLoRA's prepare_model_for_kbit_training upcasts them)."""
         if quantization == "none":
-            return self.total * WEIGHT_BYTES["none"]
-        return (self.total - self.unquantized) * WEIGHT_BYTES[quantization] + self.unquantized * unquantized_bytes
+            return self.total * full_bytes
+        return (self.total - self.unquantized) * WEIGHT_BYTES[quantization] + self.unquantized * full_bytes
 
 
 class VramNeeds(Strict):
@@ -208,8 +208,8 @@ class ModelFamily(Strict):
         if task not in QUANTIZED_TASKS:
             return None
         room = bf16 - self.parameters_b.weights_gb("none")
-        unquantized_bytes = 4.0 if task is TaskKind.lora else 2.0
-        return _ceil_half(self.parameters_b.weights_gb(quantization, unquantized_bytes) + room)
+        full_bytes = 4.0 if task is TaskKind.lora else 2.0
+        return _ceil_half(self.parameters_b.weights_gb(quantization, full_bytes) + room)
 
 
 class GpuNeeds(Strict):
