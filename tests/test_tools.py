@@ -251,14 +251,21 @@ def prompts(engine, monkeypatch) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def api(engine):
+def server_url(engine):
+    """The fastapi task's app on a real uvicorn on 127.0.0.1: its OpenAI base URL."""
     from conftest import uvicorn_on_loopback
-    import openai
 
     from selfllm_runtime.tasks.fastapi_server import create_app
 
     with uvicorn_on_loopback(create_app(engine)) as url:
-        yield openai.OpenAI(base_url=url + "/v1", api_key="dummy", max_retries=0, timeout=60)
+        yield url + "/v1"
+
+
+@pytest.fixture(scope="module")
+def api(server_url):
+    import openai
+
+    return openai.OpenAI(base_url=server_url, api_key="dummy", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +386,7 @@ def test_family_without_tool_support_refuses_tools(phi4_client):
     assert phi4_client.post(URL, json={**body, "tools": TOOLS, "tool_choice": "none"}).status_code == 200
 
 
-# --- LangChain: ChatSelfLLM.bind_tools -----------------------------------------------------------
+# --- LangChain: ChatSelfLLM.bind_tools in process, and langchain-openai's ChatOpenAI against the server ----------
 
 def get_weather(city: str) -> str:
     """Get the current weather in a city."""
@@ -387,12 +394,18 @@ def get_weather(city: str) -> str:
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_langchain_bind_tools_round_trip(engine, prompts, streaming):
+@pytest.mark.parametrize("chat_model", ["ChatSelfLLM", "ChatOpenAI"])
+def test_langchain_bind_tools_round_trip(engine, server_url, prompts, chat_model, streaming):
     from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
 
     from selfllm_runtime.lc.chat_model import ChatSelfLLM
 
-    llm = ChatSelfLLM(engine=engine, max_new_tokens=200).bind_tools([get_weather])
+    if chat_model == "ChatSelfLLM":
+        llm = ChatSelfLLM(engine=engine, max_new_tokens=200).bind_tools([get_weather])
+    else:  # an agent framework speaking the OpenAI protocol to the fastapi recipe
+        llm = ChatOpenAI(base_url=server_url, api_key="dummy", model=MODEL, max_tokens=200, max_retries=0,
+                         timeout=60).bind_tools([get_weather])
 
     def ask(history):
         if not streaming:
@@ -404,7 +417,8 @@ def test_langchain_bind_tools_round_trip(engine, prompts, streaming):
     first = ask(history)
     assert [(c["name"], c["args"]) for c in first.tool_calls] == [("get_weather", {"city": "Paris"})]
     assert first.content.strip() == "I will look it up." and "get_weather" in prompts[-1]  # the tool was shown
-    assert first.additional_kwargs["reasoning_content"].strip().startswith("The user wants the weather")
+    if chat_model == "ChatSelfLLM":  # ChatOpenAI drops the non-standard reasoning_content
+        assert first.additional_kwargs["reasoning_content"].strip().startswith("The user wants the weather")
     call = first.tool_calls[0]
     history += [AIMessage(content=first.content, tool_calls=first.tool_calls),
                 ToolMessage(get_weather("Paris"), tool_call_id=call["id"])]
