@@ -134,6 +134,41 @@ def test_default_data_ships_with_the_runtime_and_needs_no_network(context, token
     assert settings.run_dir(Path("/m/Qwen3-8B")).name == "Qwen3-8B-huanhuan"
 
 
+def test_gemma2_learns_with_the_system_prompt_in_its_first_user_turn(tiny_recipe):
+    """Gemma-2's template has no system role (system_role: merge_into_first_user): the default data's
+    SYSTEM_PROMPT goes into the first user turn of the prompt, the prompt stays masked, and the learned
+    part is the reply and <end_of_turn>, as at inference time."""
+    from transformers import AutoTokenizer
+
+    from selfllm_runtime.finetune.lora import load_tokenizer
+
+    context, folder = tiny_recipe("gemma2/lora")
+    family = context.family
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, False), family.special_tokens.eos, 512,
+                         closes_reply=family.template_closes_reply, reasoning=family.reasoning,
+                         system_role=family.system_role)
+    system = "现在你要扮演皇帝身边的女人--甄嬛"
+    encoded = chat.encode([{"role": "system", "content": system}, {"role": "user", "content": "你是谁？"}],
+                          {"role": "assistant", "content": "我是甄嬛。"})
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert all(label == IGNORE_INDEX for label in labels[:first_learned]) and labels[first_learned:] == ids[first_learned:]
+    assert tokenizer.decode(ids[:first_learned]) == (
+        f"<bos><start_of_turn>user\n{system}\n\n你是谁？<end_of_turn>\n<start_of_turn>model\n")
+    assert tokenizer.decode(labels[first_learned:]) == "我是甄嬛。<end_of_turn>"
+    # the task's own path: the shipped data with the recipe's SYSTEM_PROMPT, through prepare_data
+    settings = context.settings(LoraSettings, env={"MAX_SAMPLES": "4"})
+    assert settings.system_prompt == system
+    _, data = prepare_data(context, load_tokenizer(context, folder), settings)
+    assert data.records == 4 and len(data.examples) == 4
+    prompt = tokenizer.decode([t for t, label in zip(data.examples[0]["input_ids"], data.examples[0]["labels"])
+                               if label == IGNORE_INDEX])
+    assert prompt.startswith(f"<bos><start_of_turn>user\n{system}\n\n") and "<start_of_turn>system" not in prompt
+    # a native family keeps ChatTokenizer's default: the template's own system turn
+    assert ChatTokenizer(tokenizer, {}, family.special_tokens.eos).system_role == "native"
+
+
 def test_changed_default_data_is_refused(tmp_path):
     copy = tmp_path / "huanhuan.json"
     copy.write_bytes(DEFAULT_DATA.read_bytes().replace("甄嬛".encode(), "华妃".encode(), 1))

@@ -81,6 +81,9 @@ def test_scaffold_writes_valid_recipes_and_refuses_an_existing_family(tmp_path: 
     (lambda s: s.replace("  unquantized: 1.24", "  unquantized: 9.4"), "parameters_b.unquantized",
      "must be less than total"),
     (lambda s: s.replace("parameters_b:", "parameters:"), "parameters_b", "Field required"),
+    (lambda s: s + "system_role: drop\n", "system_role", "'native' or 'merge_into_first_user'"),
+    # GLM-4's tools ride on a system message: folding it into a user turn would lose them
+    (lambda s: s + "system_role: merge_into_first_user\n", "system_role", "tools_in is system_message"),
 ])
 def test_bad_model_yaml_names_file_and_field_and_writes_nothing(tmp_path: Path, edit, field, message):
     root = family_only(tmp_path, "glm4")

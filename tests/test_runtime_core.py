@@ -144,3 +144,76 @@ def test_checkpoint_name_sees_through_hub_cache_layouts(folder, name):
 
     assert checkpoint_name(folder) == name
     assert resolve(LoraSettings, env={}).run_dir(Path(folder)).name == f"{name}-huanhuan"
+
+
+# ------------------------------------------------- system_role: a template without a system role (Gemma-2)
+
+SYSTEM_USER = [{"role": "system", "content": "你是甄嬛。"}, {"role": "user", "content": "你是谁？"}]
+
+
+@pytest.fixture(scope="module")
+def gemma2(tiny_recipe):
+    from selfllm_runtime.chat_engine import ChatEngine
+
+    return ChatEngine(*tiny_recipe("gemma2/fastapi"))
+
+
+def test_gemma2s_own_template_refuses_a_system_message(gemma2):
+    """The template file is the checkpoint's, unchanged: rendered directly, it raises as the real one does."""
+    with pytest.raises(Exception, match="System role not supported"):
+        gemma2.tokenizer.apply_chat_template(SYSTEM_USER, tokenize=False, add_generation_prompt=True)
+
+
+def test_gemma2_engine_merges_the_system_text_into_the_first_user_turn(gemma2):
+    assert gemma2.family.system_role == "merge_into_first_user"
+    prompt = gemma2.format_prompt(SYSTEM_USER)
+    assert prompt == "<bos><start_of_turn>user\n你是甄嬛。\n\n你是谁？<end_of_turn>\n<start_of_turn>model\n"
+    # a system message with no user turn after it becomes one; later ones join the next user turn
+    assert gemma2.format_prompt(SYSTEM_USER[:1]) == "<bos><start_of_turn>user\n你是甄嬛。<end_of_turn>\n<start_of_turn>model\n"
+    later = gemma2.format_prompt([*SYSTEM_USER, {"role": "assistant", "content": "臣妾甄嬛。"},
+                                  {"role": "system", "content": "简短回答。"}, {"role": "user", "content": "多大了？"}])
+    assert later.endswith("<start_of_turn>model\n臣妾甄嬛。<end_of_turn>\n"
+                          "<start_of_turn>user\n简短回答。\n\n多大了？<end_of_turn>\n<start_of_turn>model\n")
+    # without a system message the prompt is exactly what the checkpoint's own template makes
+    plain = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "嗯"}, {"role": "user", "content": "再见"}]
+    assert gemma2.format_prompt(plain) == gemma2.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    # the checkpoint's tokenizer is left as it was (what LoRA saves beside an adapter)
+    assert "selfllm" not in gemma2.tokenizer.chat_template
+
+
+def test_gemma2_chat_with_a_system_message_through_both_apis(gemma2):
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.chat_engine import GenerationParams
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    done = gemma2.generate(SYSTEM_USER, GenerationParams(max_new_tokens=3, seed=0))
+    assert done.completion_tokens <= 3
+    client = TestClient(create_app(gemma2))
+    answer = client.post("/v1/chat/completions", json={"model": "google/gemma-2-9b-it", "messages": SYSTEM_USER,
+                                                        "max_tokens": 3})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] == len(gemma2.tokenizer(gemma2.format_prompt(SYSTEM_USER),
+                                                                           add_special_tokens=False)["input_ids"])
+
+
+def test_a_native_family_renders_system_messages_as_its_template_does(engine):
+    """Qwen3 (system_role native): format_prompt is the tokenizer's own template, system turn and all."""
+    from selfllm_runtime.system_role import render_chat, with_system_role
+
+    assert engine.family.system_role == "native"
+    prompt = engine.format_prompt(SYSTEM_USER)
+    assert prompt == engine.tokenizer.apply_chat_template(SYSTEM_USER, tokenize=False, add_generation_prompt=True,
+                                                          **engine.context.template_kwargs())
+    assert prompt.startswith("<|im_start|>system\n你是甄嬛。<|im_end|>\n<|im_start|>user\n你是谁？<|im_end|>")
+    assert with_system_role("{{ x }}", "native") == "{{ x }}"
+    assert render_chat(engine.tokenizer, SYSTEM_USER, "native", add_generation_prompt=True,
+                       **engine.context.template_kwargs()) == prompt
+
+
+def test_the_merge_prelude_is_added_once():
+    from selfllm_runtime.system_role import MARKER, with_system_role
+
+    once = with_system_role("{{ messages }}", "merge_into_first_user")
+    assert MARKER in once and once.endswith("{{ messages }}")
+    assert with_system_role(once, "merge_into_first_user") == once

@@ -9,6 +9,7 @@ import pytest
 from conftest import script_model
 
 from selfllm_runtime.metadata import ToolCalls
+from selfllm_runtime.system_role import render_chat
 from selfllm_runtime.tool_calls import ToolCallStream, parse_tool_calls, template_inputs
 
 WEATHER = {"type": "function", "function": {
@@ -30,6 +31,7 @@ LLAMA = ToolCalls(format="llama3_json", vllm_parser="llama3_json")
 GLM4 = ToolCalls(format="glm4", tools_in="system_message")
 
 WITH_TOOLS = ["qwen3", "qwen2.5", "qwen2.5-coder", "llama3.1", "glm4"]
+WITHOUT_TOOLS = ["deepseek-r1-distill-qwen", "phi4", "gemma2"]
 
 
 # ----------------------------------------------------------------------------- model data + templates
@@ -42,7 +44,7 @@ def test_families_with_tool_calls_are_those_whose_template_renders_tools():
                for d in sorted(RECIPES_DIR.iterdir()) if (d / "model.yaml").is_file()}
     assert formats == {"qwen3": "hermes", "qwen2.5": "hermes", "qwen2.5-coder": "hermes",
                        "llama3.1": "llama3_json", "glm4": "glm4",
-                       "deepseek-r1-distill-qwen": None, "phi4": None}
+                       "deepseek-r1-distill-qwen": None, "phi4": None, "gemma2": None}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def tokenizers() -> dict[str, Any]:
     from selfllm_runtime.smoke_model import _train_tokenizer
 
     made = {}
-    for family in [*WITH_TOOLS, "deepseek-r1-distill-qwen", "phi4"]:
+    for family in [*WITH_TOOLS, *WITHOUT_TOOLS]:
         context = load_context(RECIPES_DIR / family / "fastapi")
         made[family] = (context, _train_tokenizer(context, 512))
     return made
@@ -63,8 +65,8 @@ def render(tokenizers: dict[str, Any], family: str, messages: list[dict[str, Any
            tools: list[dict[str, Any]] | None) -> str:
     context, tokenizer = tokenizers[family]
     messages, extra = template_inputs(messages, tools, context.family.tool_calls)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         **context.template_kwargs(), **extra)
+    return render_chat(tokenizer, messages, context.family.system_role, add_generation_prompt=True,
+                       **context.template_kwargs(), **extra)
 
 
 @pytest.mark.parametrize("family", WITH_TOOLS)
@@ -115,6 +117,13 @@ def test_glm4_tools_join_an_existing_system_message_or_get_their_own():
 def test_families_without_tool_support_get_messages_unchanged():
     messages, extra = template_inputs(CALLED, TOOLS, None)
     assert messages is CALLED and extra == {}
+
+
+@pytest.mark.parametrize("family", WITHOUT_TOOLS)
+def test_families_without_tool_support_render_system_and_user(tokenizers, family):
+    """Gemma-2's template has no system role: the system text goes into the user turn instead of failing."""
+    prompt = render(tokenizers, family, ASKED, None)
+    assert "Be brief." in prompt and "Weather in Paris?" in prompt and "get_weather" not in prompt
 
 
 # ----------------------------------------------------------------------------- parser (recorded outputs)

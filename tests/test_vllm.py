@@ -15,7 +15,7 @@ from selfllm_recipes.locks import Pin, parse_lock
 from selfllm_recipes.smoke.checks import SmokeFailure
 from selfllm_recipes.smoke.task_vllm import CHECK, served_by
 from selfllm_runtime.context import load_context
-from selfllm_runtime.tasks.vllm_server import CPU_PACKAGE, GPU_PACKAGE, VllmBuild, build_argv
+from selfllm_runtime.tasks.vllm_server import CPU_PACKAGE, GPU_PACKAGE, VllmBuild, build_argv, option_values
 
 RECIPE = RECIPES_DIR / "qwen3" / "vllm"
 GPU = VllmBuild(GPU_PACKAGE, "0.8.5.post1")
@@ -59,7 +59,7 @@ def test_cpu_argv_runs_eager_without_compilation_and_newer_vllm_drops_enable_rea
 
 @pytest.mark.parametrize(("model", "parser"), [
     ("qwen3", "hermes"), ("qwen2.5", "hermes"), ("qwen2.5-coder", "hermes"), ("llama3.1", "llama3_json"),
-    ("glm4", None), ("deepseek-r1-distill-qwen", None), ("phi4", None)])
+    ("glm4", None), ("deepseek-r1-distill-qwen", None), ("phi4", None), ("gemma2", None)])
 def test_tool_call_parser_follows_the_family(model, parser):
     """vLLM parses tool calls where the family has a parser of its format (none for GLM-4-9B's)."""
     other = load_context(RECIPES_DIR / model / "vllm")
@@ -106,6 +106,69 @@ def test_trust_remote_code_follows_the_family(context):
     other = type(context)(context.recipe_dir, context.recipe, context.family_dir, family)
     argv = build_argv(other, "/m", CPU, other.settings(env={}))
     assert "--trust-remote-code" in argv and "--reasoning-parser" not in argv
+
+
+def _served_argv(monkeypatch, tmp_path: Path, context, model_dir, env: dict[str, str] | None = None) -> list[str]:
+    """The argv run() execs (vLLM is not installed on the host: the build and execv are stand-ins)."""
+    import tempfile
+
+    from selfllm_runtime.tasks import vllm_server
+
+    execs: list[list[str]] = []
+    monkeypatch.setattr(vllm_server, "installed_build", lambda: GPU)
+    monkeypatch.setattr(vllm_server.os, "execv", lambda path, argv: execs.append(argv))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    vllm_server.run(context, Path(model_dir), context.settings(env={"HOST": "127.0.0.1", **(env or {})}))
+    return execs[0]
+
+
+def test_a_family_without_a_system_role_is_served_its_template_behind_the_merge_prelude(tiny_recipe, monkeypatch,
+                                                                                       tmp_path: Path):
+    """Gemma-2 (system_role: merge_into_first_user): run() writes the checkpoint's template behind the runtime's
+    prelude and passes it as --chat-template; rendered by transformers (as vLLM does) it merges a system
+    message exactly as the transformers engine does. Qwen3 (native) gets no --chat-template."""
+    from transformers import AutoTokenizer
+
+    from selfllm_runtime.system_role import MARKER, render_chat
+    from selfllm_runtime.tasks.vllm_server import checkpoint_chat_template
+
+    gemma2, folder = tiny_recipe("gemma2/vllm")
+    argv = _served_argv(monkeypatch, tmp_path, gemma2, folder)
+    served = Path(_option(argv, "--chat-template"))
+    assert served.parent == tmp_path and argv.count("--chat-template") == 1
+    text = served.read_text(encoding="utf-8")
+    own = checkpoint_chat_template(folder)
+    assert own is not None and MARKER not in own and text.endswith(own) and MARKER in text
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = tokenizer.apply_chat_template(messages, chat_template=text, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert rendered == render_chat(tokenizer, messages, gemma2.family.system_role, add_generation_prompt=True)
+    # the same file again (named by its content); VLLM_ARGS come last, so a chat template there wins
+    again = _served_argv(monkeypatch, tmp_path, gemma2, folder, {"VLLM_ARGS": "--chat-template /mine.jinja"})
+    assert option_values(again, "--chat-template") == [str(served), "/mine.jinja"]
+    qwen3 = load_context(RECIPE)
+    assert qwen3.family.system_role == "native"
+    assert "--chat-template" not in _served_argv(monkeypatch, tmp_path, qwen3, "/models/qwen3")
+
+
+def test_checkpoint_template_is_read_as_transformers_loads_it(context, tmp_path: Path):
+    from selfllm_runtime.tasks.vllm_server import checkpoint_chat_template, served_chat_template
+
+    assert checkpoint_chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))
+    assert checkpoint_chat_template(tmp_path) == "D"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "S"}))
+    assert checkpoint_chat_template(tmp_path) == "S"
+    (tmp_path / "chat_template.jinja").write_text("J")
+    assert checkpoint_chat_template(tmp_path) == "J"  # the separate file wins, as in transformers
+    assert served_chat_template(context, tmp_path, tmp_path / "out") is None  # Qwen3: native
+    gemma2 = load_context(RECIPES_DIR / "gemma2" / "vllm")
+    empty = tmp_path / "no-template"
+    empty.mkdir()
+    served = served_chat_template(gemma2, empty, tmp_path / "out")  # none shipped: the family's copy
+    assert served is not None and served.read_text(encoding="utf-8").endswith(gemma2.chat_template)
 
 
 def test_build_string_names_package_version_and_device():

@@ -20,6 +20,7 @@ from .loading import load_causal_lm
 from .metadata import Reasoning
 from .model_source import checkpoint_name
 from .settings import EngineSettings
+from .system_role import render_chat
 from .tool_calls import template_inputs
 
 log = logging.getLogger("selfllm.chat")
@@ -203,11 +204,12 @@ class ChatEngine:
     def format_prompt(self, messages: list[Message], template_kwargs: dict[str, Any] | None = None,
                       tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt; messages with tool calls / tool results and the tools are first put in the shape
-        the family's template reads (tool_calls.template_inputs)."""
+        the family's template reads (tool_calls.template_inputs), then rendered under the family's
+        system-role policy (system_role.render_chat)."""
         kwargs = self.context.template_kwargs(**(template_kwargs or {}))
         messages, tool_kwargs = template_inputs(messages, tools, self.family.tool_calls)
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                  **kwargs, **tool_kwargs)
+        return render_chat(self.tokenizer, messages, self.family.system_role, add_generation_prompt=True,
+                           **kwargs, **tool_kwargs)
 
     def opens_reasoning(self, prompt: str) -> bool:
         """Whether the chat template already opened the reasoning block in the prompt."""

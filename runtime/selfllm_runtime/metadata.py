@@ -93,6 +93,14 @@ class ToolCalls(Strict):
     vllm_parser: str | None = None
 
 
+# How a family's chat template takes a system message (ModelFamily.system_role; applied by system_role.py):
+# - native: as its own turn (the template renders system messages);
+# - merge_into_first_user: the template has no system role (Gemma-2's raises "System role not supported"),
+#   so each system message's text and a blank line go before the text of the first user turn after it,
+#   as Gemma-3's own template does; a system message with no user turn after it becomes a user turn.
+SystemRole = Literal["native", "merge_into_first_user"]
+
+
 class LoraDefaults(Strict):
     target_modules: list[str] = Field(min_length=1)
     r: int = Field(8, gt=0)
@@ -183,11 +191,23 @@ class ModelFamily(Strict):
     thinking: Thinking | None = None
     reasoning: Reasoning | None = None
     tool_calls: ToolCalls | None = Field(None, description="None: the chat template renders no tools")
+    system_role: SystemRole = Field(
+        "native", description="native: the template renders system messages; merge_into_first_user: it has no "
+        "system role, so the runtime puts a system message's text before the first user turn after it")
     lora: LoraDefaults
     # Templates that leave the assistant turn open (GLM-4: the next role tag ends it) get eos
     # appended to each training reply, so the fine-tuned model learns to stop.
     template_closes_reply: bool = True
     smoke: SmokeModelShape = SmokeModelShape()
+
+    @field_validator("system_role")
+    @classmethod
+    def _tools_need_a_system_turn(cls, value: str, info: Any) -> str:
+        tools = info.data.get("tool_calls")
+        if value != "native" and tools is not None and tools.tools_in == "system_message":
+            raise ValueError(f"{value} folds system messages into user turns, but tool_calls.tools_in is "
+                             "system_message (the tools ride on a system message): the family needs native")
+        return value
 
     @property
     def short_name(self) -> str:

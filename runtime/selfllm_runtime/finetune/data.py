@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..system_role import render_chat
+
 IGNORE_INDEX = -100  # label of tokens that carry no loss (the prompt, padding)
 ROLES = {"system", "user", "assistant"}
 Message = dict[str, str]
@@ -141,10 +143,12 @@ class ChatTokenizer:
     The prompt is what the template renders with add_generation_prompt=True (for Qwen3 with
     enable_thinking=False that ends in an empty think block); the learned part is the reply up to
     and including the end-of-turn token (eos, e.g. <|im_end|>), so the model learns to stop.
-    Two template shapes are handled as data from model.yaml:
+    Template shapes are handled as data from model.yaml:
     - `closes_reply=False` (GLM-4): the template leaves the turn open, so eos is appended;
     - a prompt that opens the reasoning block (R1-style `<think>\n` after the assistant tag) while
-      the rendered reply does not: the reply learns an empty block first (`\n</think>\n\n` + text).
+      the rendered reply does not: the reply learns an empty block first (`\n</think>\n\n` + text);
+    - `system_role` (Gemma-2: merge_into_first_user): rendered as at inference time (system_role.render_chat),
+      so a SYSTEM_PROMPT goes into the first user turn of the prompt, never into the learned part.
     """
 
     tokenizer: Any
@@ -153,6 +157,7 @@ class ChatTokenizer:
     max_length: int = 1024
     closes_reply: bool = True
     reasoning: Any = None  # metadata.Reasoning of the family, or None
+    system_role: str = "native"  # metadata.SystemRole of the family
 
     def _reply_after(self, prompt: str, full: str) -> str:
         if full.startswith(prompt):
@@ -165,10 +170,10 @@ class ChatTokenizer:
                          f"cannot mask the prompt (prompt ends {prompt[-40:]!r})")
 
     def render(self, context: list[Message], reply: Message) -> tuple[str, str]:
-        prompt = self.tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True,
-                                                    **self.template_kwargs)
-        full = self.tokenizer.apply_chat_template([*context, reply], tokenize=False, add_generation_prompt=False,
-                                                  **self.template_kwargs)
+        prompt = render_chat(self.tokenizer, context, self.system_role, add_generation_prompt=True,
+                             **self.template_kwargs)
+        full = render_chat(self.tokenizer, [*context, reply], self.system_role, add_generation_prompt=False,
+                           **self.template_kwargs)
         answer = self._reply_after(prompt, full)
         if not self.closes_reply:
             return prompt, answer.rstrip() + self.eos_token

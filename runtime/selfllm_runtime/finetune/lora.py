@@ -86,7 +86,8 @@ def prepare_data(context: RecipeContext, tokenizer, settings: LoraSettings) -> t
         paths = [fetch_data(settings.data_url, settings.data_dir) if settings.data_url else default_data()]
     family = context.family
     chat = ChatTokenizer(tokenizer, thinking_kwargs(context, settings.enable_thinking), family.special_tokens.eos,
-                         settings.max_length, closes_reply=family.template_closes_reply, reasoning=family.reasoning)
+                         settings.max_length, closes_reply=family.template_closes_reply, reasoning=family.reasoning,
+                         system_role=family.system_role)
     return paths, encode_files(paths, chat, settings.system_prompt, settings.max_samples)
 
 

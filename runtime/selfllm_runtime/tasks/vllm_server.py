@@ -7,13 +7,21 @@ argv differs only where the CPU build needs it (eager mode, no compilation).
 Settings (settings.VllmSettings): SERVED_MODEL_NAME (default: the model id served), MAX_MODEL_LEN,
 HOST, API_KEY (passed as `--api-key`: vLLM then wants `Authorization: Bearer <key>` on /v1/*; it never
 appears in the logged command line), VLLM_ARGS (extra arguments, shell-quoted, appended last so they win).
+
+vLLM renders the checkpoint's own chat template. A family whose template has no system role
+(model.yaml `system_role: merge_into_first_user`, Gemma-2) is served that template behind the runtime's
+system-role prelude (system_role.with_system_role, the same one the transformers engine renders with),
+written to a file and passed as `--chat-template`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +29,7 @@ from pathlib import Path
 from ..access import warn_if_exposed
 from ..context import RecipeContext
 from ..settings import VllmSettings
+from ..system_role import with_system_role
 
 log = logging.getLogger("selfllm.vllm")
 
@@ -70,9 +79,46 @@ def served_model_name(context: RecipeContext, settings: VllmSettings) -> str:
     return (settings.served_model_name or "").strip() or settings.model_id_for(context.recipe)
 
 
+def checkpoint_chat_template(model_dir: Path | str) -> str | None:
+    """The chat template the checkpoint ships, as transformers (and so vLLM) loads it: chat_template.jinja,
+    else tokenizer_config.json's `chat_template` (a string, or the one named "default" of a list); None if none."""
+    folder = Path(model_dir)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def served_chat_template(context: RecipeContext, model_dir: Path | str, directory: Path | None = None) -> Path | None:
+    """The file to pass as `--chat-template`: None where vLLM serves the checkpoint's template as it is (system_role
+    native); else the checkpoint's template (the family's copy where it ships none) behind the family's system-role
+    prelude, written under `directory` (default: the temp folder), named by its content."""
+    policy = context.family.system_role
+    if policy == "native":
+        return None
+    own = checkpoint_chat_template(model_dir)
+    if own is None:
+        log.info("%s ships no chat template: serving the family's (%s)", model_dir, context.family.chat_template)
+    text = with_system_role(own if own is not None else context.chat_template, policy)
+    folder = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"selfllm-chat-template-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jinja"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    return path
+
+
 def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, settings: VllmSettings,
-               python: str = sys.executable) -> list[str]:
-    """The full command line of the server (pure: no process, no import of vllm)."""
+               python: str = sys.executable, chat_template: Path | None = None) -> list[str]:
+    """The full command line of the server (pure: no process, no import of vllm); chat_template: the file
+    served_chat_template wrote (run() passes it), given to vLLM as `--chat-template`."""
     argv = [python, "-m", SERVER_MODULE,
             "--model", str(model_dir),
             "--served-model-name", served_model_name(context, settings),
@@ -89,6 +135,8 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
     tools = context.family.tool_calls
     if tools is not None and tools.vllm_parser:  # `tools` in requests, parsed into tool_calls
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", tools.vllm_parser]
+    if chat_template is not None:
+        argv += ["--chat-template", str(chat_template)]
     if context.family.trust_remote_code:
         argv.append("--trust-remote-code")
     if build.on_cpu:
@@ -133,7 +181,7 @@ def redacted(argv: list[str]) -> list[str]:
 
 def run(context: RecipeContext, model_dir: Path, settings: VllmSettings) -> None:
     build = installed_build()
-    argv = build_argv(context, model_dir, build, settings)
+    argv = build_argv(context, model_dir, build, settings, chat_template=served_chat_template(context, model_dir))
     host, port = option_values(argv, "--host")[-1], option_values(argv, "--port")[-1]  # VLLM_ARGS win
     warn_if_exposed(host, port, "set" if option_values(argv, API_KEY_OPTION) else "")
     # The smoke test reads this line to name the build that really served (never assume the GPU one).
