@@ -6,6 +6,9 @@ import requests
 from .checks import SmokeCheck, SmokeSession, expect, start_on_smoke_model
 
 
+SYSTEM = {"role": "system", "content": "你是一个乐于助人的助手。"}
+
+
 def verify_legacy(session: SmokeSession) -> str:
     body = {"prompt": "你好，请介绍一下你自己", "history": [], "max_length": 24, "top_p": 0.8, "temperature": 0.7}
     answer = requests.post(session.base_url + "/", json=body, timeout=120)
@@ -50,9 +53,11 @@ def verify_openai(session: SmokeSession) -> str:
     expect(400 <= bad.status_code < 500, f"malformed JSON answered HTTP {bad.status_code}")
     expect(set(bad.json().get("error", {})) >= {"message", "type", "param", "code"},
            f"malformed JSON got a non-OpenAI error body: {bad.text[:200]}")
-    again = api.chat.completions.create(model=models[0], messages=messages, max_tokens=4)
-    expect(again.choices[0].finish_reason in {"stop", "length"}, "a good request after a bad one failed")
-    return f"/v1 served {models[0]}: {len(content)} chars, {len(chunks)} stream chunks, bad JSON → {bad.status_code}"
+    # with a system message: families without a system role (model.yaml system_role) must merge it, not fail
+    again = api.chat.completions.create(model=models[0], messages=[SYSTEM, *messages], max_tokens=4)
+    expect(again.choices[0].finish_reason in {"stop", "length"}, "a good request (with a system message) after a bad one failed")
+    return (f"/v1 served {models[0]}: {len(content)} chars, {len(chunks)} stream chunks, bad JSON → {bad.status_code}, "
+            "then system + user answered")
 
 
 def verify_fastapi(session: SmokeSession) -> str:

@@ -8,6 +8,7 @@ import re
 import requests
 
 from .checks import SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .task_fastapi import SYSTEM  # a system message: families without a system role get it merged
 
 SERVED_NAME = "smoke-qwen"
 SERVING_LINE = re.compile(r"selfllm: serving with (?P<package>vllm(?:-cpu)?) (?P<version>\S+) on (?P<device>CPU|GPU)")
@@ -30,7 +31,7 @@ def verify_vllm(session: SmokeSession) -> str:
     models = [m.id for m in client.models.list().data]
     expect(SERVED_NAME in models, f"/v1/models lists {models}, not {SERVED_NAME!r}")
     answer = client.chat.completions.create(
-        model=SERVED_NAME, messages=[{"role": "user", "content": "你好，请介绍一下你自己"}],
+        model=SERVED_NAME, messages=[SYSTEM, {"role": "user", "content": "你好，请介绍一下你自己"}],
         max_tokens=16, temperature=0.7)
     message = answer.choices[0].message
     # The qwen3 parser moves thinking out of `content`: to `reasoning` (vLLM >= 0.10) or
@@ -41,7 +42,7 @@ def verify_vllm(session: SmokeSession) -> str:
     version = requests.get(session.base_url + "/version", timeout=10)
     api_version = version.json().get("version", "") if version.status_code == 200 else ""
     tokens = answer.usage.completion_tokens if answer.usage else "?"
-    return (f"served by {served_by(session.logs(), api_version)}: chat completion answered "
+    return (f"served by {served_by(session.logs(), api_version)}: chat completion (system + user) answered "
             f"{len(message.content or '')} chars of content + {len(reasoning)} of reasoning ({tokens} tokens)")
 
 
