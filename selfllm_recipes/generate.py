@@ -15,8 +15,10 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from selfllm_runtime.metadata import PROJECT_CREDIT, QUANTIZATIONS, MetadataError, ModelFamily, Recipe, TaskKind
 from selfllm_runtime.settings import settings_table
+from selfllm_runtime.tasks.vllm_server import upstream_names
 
 from .layout import DOCKERFILE_TEMPLATE, LOCK_FILE, LOCK_INPUT, README_TEMPLATE, REPO_ROOT, image_name
+from .locks import parse_lock
 
 GENERATE_COMMAND = "python scripts/build_matrix.py generate"
 
@@ -28,7 +30,7 @@ class GeneratedFile:
     sources: tuple[Path, ...]  # the inputs it is made from
 
 
-SHARED_README_PARTS = ("access.md.j2", "settings.md.j2")  # macros the README templates import
+SHARED_README_PARTS = ("access.md.j2", "settings.md.j2", "vram.md.j2")  # macros the README templates import
 SETTINGS_SOURCE = REPO_ROOT / "runtime" / "selfllm_runtime" / "settings.py"  # the READMEs' settings tables
 
 
@@ -72,7 +74,15 @@ def vram_table(family: ModelFamily, task: TaskKind, lang: str) -> str:
     return "\n".join(rows)
 
 
-def template_context(recipe: Recipe, family: ModelFamily) -> dict:
+def pinned_versions(task_dir: Path, recipe: Recipe) -> dict[str, dict[str, str]]:
+    """{"gpu": {package: version}, "cpu": {...}} from the task kind's locks, for the README's version lines."""
+    found = {"gpu": {p.key: p.version for p in parse_lock(task_dir / LOCK_FILE)}, "cpu": {}}
+    if recipe.cpu_variant is not None:
+        found["cpu"] = {p.key: p.version for p in parse_lock(task_dir / recipe.cpu_variant.lock)}
+    return found
+
+
+def template_context(recipe: Recipe, family: ModelFamily, tasks_dir: Path = REPO_ROOT / "tasks") -> dict:
     key = f"{recipe.model}/{recipe.task.value}"
     return {
         "key": key,
@@ -87,6 +97,9 @@ def template_context(recipe: Recipe, family: ModelFamily) -> dict:
         "settings_en": settings_table(recipe, family, "en"),
         "vram_zh": vram_table(family, recipe.task, "zh"),
         "vram_en": vram_table(family, recipe.task, "en"),
+        "versions": pinned_versions(tasks_dir / recipe.task.value, recipe),
+        # the names vLLM serves the default checkpoint under (the model id MODEL_SOURCE picks by default first)
+        "served_names": upstream_names(recipe.default_model.modelscope, recipe, family),
     }
 
 
@@ -94,9 +107,9 @@ def expected_files(recipe_dir: Path, recipe: Recipe, family: ModelFamily, model_
                    tasks_dir: Path) -> list[GeneratedFile]:
     """What the generated files of recipe_dir must hold, given their inputs."""
     env = _environment(tasks_dir)
-    context = template_context(recipe, family)
-    family_inputs = (model_dir / "model.yaml", recipe_dir / "recipe.yaml")
+    context = template_context(recipe, family, tasks_dir)
     task_dir = tasks_dir / recipe.task.value
+    family_inputs = (model_dir / "model.yaml", recipe_dir / "recipe.yaml", task_dir / "task.yaml")
     files: list[GeneratedFile] = []
     for name, template in (("Dockerfile", DOCKERFILE_TEMPLATE), ("README.md", f"{recipe.task.value}/{README_TEMPLATE}")):
         source = tasks_dir / template
@@ -104,7 +117,7 @@ def expected_files(recipe_dir: Path, recipe: Recipe, family: ModelFamily, model_
             raise MetadataError(source, "(file)", f"missing: the template of every recipe's {name}")
         text = env.get_template(template).render(**context)
         shared = tuple(tasks_dir / part for part in SHARED_README_PARTS if name == "README.md") + (
-            (SETTINGS_SOURCE,) if name == "README.md" else ())
+            (SETTINGS_SOURCE, *(task_dir / lock for lock in lock_names(recipe))) if name == "README.md" else ())
         files.append(GeneratedFile(name, text.encode("utf-8"), (source, *shared, *family_inputs)))
     for lock in lock_names(recipe):
         if own_lock_input(recipe_dir, lock).is_file():

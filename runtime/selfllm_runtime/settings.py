@@ -214,8 +214,10 @@ class WebdemoSettings(EngineSettings, AccessSettings, ModelSettings):
 
 class VllmSettings(AccessSettings, ModelSettings):
     served_model_name: str | None = setting(
-        None, "SERVED_MODEL_NAME", "请求里 `model` 字段要写的名字", "the name requests give as `model`",
-        shown=("要服务的模型 id（`MODEL_ID` 或配方的）", "the model id served (`MODEL_ID` or the recipe's)"))
+        None, "SERVED_MODEL_NAME", "请求里 `model` 字段要写的名字（设置后只有这一个）",
+        "the name requests give as `model` (when set, the only one)",
+        shown=("要服务的模型 id（`MODEL_ID` 或配方的），以及上游教程用的名字（如 `Qwen3-8B`）",
+               "the model id served (`MODEL_ID` or the recipe's), and the names upstream's tutorials use (e.g. `Qwen3-8B`)"))
     max_model_len: int = setting(
         DEFAULT_MAX_MODEL_LEN, "MAX_MODEL_LEN", "最大上下文长度（越大 KV cache 越占显存）",
         "the longest context (more takes more VRAM for the KV cache)", ge=1)

