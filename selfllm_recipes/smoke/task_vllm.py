@@ -1,5 +1,6 @@
-"""Smoke check of task `vllm`: the official `openai` client asks the served model for a chat
-completion. The detail names the build that really served, read from the container (its start log
+"""Smoke check of task `vllm`: `/v1/models` lists the model under its hub id and the names upstream's
+tutorials use, and the official `openai` client asks for a chat completion by upstream's name (as their
+client code does). The detail names the build that really served, read from the container (its start log
 and vLLM's /version): on an engine without GPU that is the recipe's CPU variant (vllm-cpu)."""
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import requests
 from .checks import SmokeCheck, SmokeSession, expect, start_on_smoke_model
 from .task_fastapi import SYSTEM  # a system message: families without a system role get it merged
 
-SERVED_NAME = "smoke-qwen"
 SERVING_LINE = re.compile(r"selfllm: serving with (?P<package>vllm(?:-cpu)?) (?P<version>\S+) on (?P<device>CPU|GPU)")
 
 
@@ -24,14 +24,27 @@ def served_by(logs: str, api_version: str) -> str:
     return f"{package} {version} on {device}"
 
 
+def expected_names(recipe_key: str) -> list[str]:
+    """The names the recipe serves its default checkpoint under (no MODEL_ID or SERVED_MODEL_NAME set)."""
+    from selfllm_runtime.metadata import load_family, load_recipe
+    from selfllm_runtime.tasks.vllm_server import upstream_names
+
+    from ..layout import RECIPES_DIR
+
+    recipe = load_recipe(RECIPES_DIR / recipe_key)
+    return upstream_names(recipe.default_model.modelscope, recipe, load_family(RECIPES_DIR / recipe.model))
+
+
 def verify_vllm(session: SmokeSession) -> str:
     from openai import OpenAI
 
     client = OpenAI(base_url=session.base_url + "/v1", api_key="EMPTY", timeout=300, max_retries=0)
     models = [m.id for m in client.models.list().data]
-    expect(SERVED_NAME in models, f"/v1/models lists {models}, not {SERVED_NAME!r}")
+    names = expected_names(session.recipe_key)
+    expect(models == names, f"/v1/models lists {models}, not {names} (the hub id and upstream's names)")
+    upstream = names[-1]
     answer = client.chat.completions.create(
-        model=SERVED_NAME, messages=[SYSTEM, {"role": "user", "content": "你好，请介绍一下你自己"}],
+        model=upstream, messages=[SYSTEM, {"role": "user", "content": "你好，请介绍一下你自己"}],
         max_tokens=16, temperature=0.7)
     message = answer.choices[0].message
     # The qwen3 parser moves thinking out of `content`: to `reasoning` (vLLM >= 0.10) or
@@ -42,7 +55,8 @@ def verify_vllm(session: SmokeSession) -> str:
     version = requests.get(session.base_url + "/version", timeout=10)
     api_version = version.json().get("version", "") if version.status_code == 200 else ""
     tokens = answer.usage.completion_tokens if answer.usage else "?"
-    return (f"served by {served_by(session.logs(), api_version)}: chat completion (system + user) answered "
+    return (f"served by {served_by(session.logs(), api_version)} as {', '.join(names)}: chat completion to "
+            f"{upstream!r} (system + user) answered "
             f"{len(message.content or '')} chars of content + {len(reasoning)} of reasoning ({tokens} tokens)")
 
 
@@ -50,7 +64,7 @@ CHECK = SmokeCheck(
     command=start_on_smoke_model(),
     verify=verify_vllm,
     # The tiny model's context is 4096; vllm-cpu's KV cache is kept small (GiB) for a shared box.
-    env={"SERVED_MODEL_NAME": SERVED_NAME, "MAX_MODEL_LEN": "1024",
+    env={"MAX_MODEL_LEN": "1024",
          "VLLM_CPU_KVCACHE_SPACE": "1"},
     shm_size="1g",  # vLLM wants ~160 MiB of /dev/shm; Docker gives 64 MiB by default
 )
