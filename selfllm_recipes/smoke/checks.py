@@ -18,6 +18,9 @@ class SmokeFailure(AssertionError):
     pass
 
 
+# The system message the chat checks send: families without a system role must merge it, not fail.
+SYSTEM = {"role": "system", "content": "你是一个乐于助人的助手。"}
+
 @dataclass(frozen=True)
 class SmokeCheck:
     """How to start the task on the tiny model, and how to judge it."""

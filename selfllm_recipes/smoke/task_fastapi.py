@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import requests
 
-from .checks import SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .checks import SYSTEM, SmokeCheck, SmokeSession, expect, start_on_smoke_model
 
 
-SYSTEM = {"role": "system", "content": "你是一个乐于助人的助手。"}
 
 
 def verify_legacy(session: SmokeSession) -> str:

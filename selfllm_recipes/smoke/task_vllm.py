@@ -8,8 +8,7 @@ import re
 
 import requests
 
-from .checks import SmokeCheck, SmokeSession, expect, start_on_smoke_model
-from .task_fastapi import SYSTEM  # a system message: families without a system role get it merged
+from .checks import SYSTEM, SmokeCheck, SmokeSession, expect, start_on_smoke_model
 
 SERVING_LINE = re.compile(r"selfllm: serving with (?P<package>vllm(?:-cpu)?) (?P<version>\S+) on (?P<device>CPU|GPU)")
 
