@@ -31,7 +31,7 @@ LLAMA = ToolCalls(format="llama3_json", vllm_parser="llama3_json")
 GLM4 = ToolCalls(format="glm4", tools_in="system_message")
 
 WITH_TOOLS = ["qwen3", "qwen2.5", "qwen2.5-coder", "llama3.1", "glm4"]
-WITHOUT_TOOLS = ["deepseek-r1-distill-qwen", "phi4", "gemma2"]
+WITHOUT_TOOLS = ["deepseek-r1-distill-qwen", "phi4", "gemma2", "ernie4.5"]
 
 
 # ----------------------------------------------------------------------------- model data + templates
@@ -44,7 +44,7 @@ def test_families_with_tool_calls_are_those_whose_template_renders_tools():
                for d in sorted(RECIPES_DIR.iterdir()) if (d / "model.yaml").is_file()}
     assert formats == {"qwen3": "hermes", "qwen2.5": "hermes", "qwen2.5-coder": "hermes",
                        "llama3.1": "llama3_json", "glm4": "glm4",
-                       "deepseek-r1-distill-qwen": None, "phi4": None, "gemma2": None}
+                       "deepseek-r1-distill-qwen": None, "phi4": None, "gemma2": None, "ernie4.5": None}
 
 
 @pytest.fixture(scope="module")
