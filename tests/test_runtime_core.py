@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from selfllm_recipes.layout import RECIPES_DIR
 from selfllm_runtime.chat_engine import ReasoningStream, split_reasoning
 from selfllm_runtime.metadata import Reasoning
 from selfllm_runtime.model_source import ModelNotFound, find_cached, request_from_env, resolve_model
@@ -217,3 +218,41 @@ def test_the_merge_prelude_is_added_once():
     once = with_system_role("{{ messages }}", "merge_into_first_user")
     assert MARKER in once and once.endswith("{{ messages }}")
     assert with_system_role(once, "merge_into_first_user") == once
+
+
+# ---------------------------------------------------------------- the smoke model's size, in every report
+
+
+def test_smoke_model_records_and_logs_its_parameter_count(tmp_path: Path, capsys):
+    from selfllm_recipes.smoke.runner import tiny_model_size
+    from selfllm_runtime import cli
+    from selfllm_runtime.smoke_model import PARAMETERS_PATTERN
+
+    recipe = RECIPES_DIR / "ernie4.5" / "fastapi"
+    assert cli.main(["smoke-model", str(tmp_path / "tiny"), "--recipe", str(recipe)]) == 0
+    logged = capsys.readouterr().err
+    found = PARAMETERS_PATTERN.search(logged)
+    assert found and found["architecture"] == "Ernie4_5ForCausalLM"
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    assert int(found["parameters"]) == sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert tiny_model_size(logged) == f"tiny Ernie4_5ForCausalLM: {int(found['parameters']):,} parameters"
+
+
+def test_a_smoke_model_above_the_bound_is_refused(tmp_path: Path, monkeypatch, capsys):
+    """A config that ignores the smoke shape (a composite one's flat fields) makes a large model: refused by
+    name in the image, and refused again by the host when it reads the logged count."""
+    from selfllm_recipes.smoke.checks import SmokeFailure
+    from selfllm_recipes.smoke.runner import tiny_model_size
+    from selfllm_runtime import cli, smoke_model
+
+    monkeypatch.setattr(smoke_model, "MAX_SMOKE_PARAMETERS", 10_000)
+    assert cli.main(["smoke-model", str(tmp_path / "tiny"), "--recipe", str(RECIPES_DIR / "qwen3" / "fastapi")]) == 2
+    error = capsys.readouterr().err
+    assert "Qwen3ForCausalLM has" in error and "above the bound of 10,000" in error
+    assert not (tmp_path / "tiny" / "config.json").exists()  # nothing half-made
+    with pytest.raises(SmokeFailure, match="above the bound of 10,000"):
+        tiny_model_size("selfllm: smoke model Gemma3ForConditionalGeneration: 2700000000 parameters (random weights)")
+    with pytest.raises(SmokeFailure, match="never logged"):
+        tiny_model_size("no such line")

@@ -58,7 +58,15 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_smoke_model(args: argparse.Namespace) -> int:
     from .smoke_model import make_smoke_model
 
-    print(make_smoke_model(load_context(args.recipe), Path(args.out)))
+    from .smoke_model import SmokeModelTooLarge, parameter_line
+
+    try:
+        out = make_smoke_model(load_context(args.recipe), Path(args.out))
+    except SmokeModelTooLarge as exc:
+        print(f"selfllm smoke-model: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(parameter_line(out), file=sys.stderr, flush=True)  # the smoke report reads the count from this line
+    print(out)
     return 0
 
 

@@ -8,11 +8,37 @@ same code path as real weights.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 from .context import RecipeContext
 from .metadata import ModelFamily, SmokeModelShape
+
+# A smoke model is tiny: well under a million parameters for a plain decoder. The bound catches a config that
+# silently ignored the smoke shape (a composite config's flat fields: a "tiny" Gemma-3 came out at 2.7B).
+MAX_SMOKE_PARAMETERS = 20_000_000
+PARAMETERS_LINE = "selfllm: smoke model {architecture}: {parameters} parameters (random weights)"
+PARAMETERS_PATTERN = re.compile(r"selfllm: smoke model (?P<architecture>\w+): (?P<parameters>\d+) parameters")
+
+
+class SmokeModelTooLarge(ValueError):
+    pass
+
+
+def parameter_line(out_dir: Path) -> str:
+    """The line `selfllm smoke-model` logs: the smoke test's report reads the count from it."""
+    data = json.loads((Path(out_dir) / "SMOKE_MODEL.json").read_text(encoding="utf-8"))
+    parameters = data.get("parameters")
+    if parameters is None:  # made before the count was recorded: count the saved tensors
+        from safetensors import safe_open
+
+        parameters = 0
+        for path in Path(out_dir).glob("*.safetensors"):
+            with safe_open(str(path), framework="pt") as weights:
+                parameters += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    return PARAMETERS_LINE.format(architecture=data["architecture"], parameters=parameters)
+
 
 CORPUS = [
     "Hello! How can I help you today? I am a helpful assistant.",
@@ -116,6 +142,11 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0) -> Pa
         eos_token_id=tokenizer.convert_tokens_to_ids(family.special_tokens.eos),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     model = model_class(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters > MAX_SMOKE_PARAMETERS:
+        raise SmokeModelTooLarge(
+            f"the smoke model of {family.architecture} has {parameters:,} parameters, above the bound of "
+            f"{MAX_SMOKE_PARAMETERS:,}: its config ignored the smoke shape (model.yaml `smoke:`)")
     # Like the real checkpoints' generation_config.json: generation stops at any of the family's
     # stop tokens (GLM-4: <|endoftext|>, <|user|>, <|observation|>), which vLLM reads too.
     stops = [tokenizer.convert_tokens_to_ids(t) for t in [family.special_tokens.eos, *family.stop_tokens]]
@@ -125,5 +156,6 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0) -> Pa
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
-        {"architecture": family.architecture, "random": True, "note": "tiny random model for smoke tests"}))
+        {"architecture": family.architecture, "random": True, "parameters": parameters,
+         "note": "tiny random model for smoke tests"}))
     return out_dir

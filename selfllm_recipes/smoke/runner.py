@@ -109,6 +109,20 @@ def session_of(container, base_url: str, key: str, artifacts_dir: Path | None = 
     return SmokeSession(base_url, key, logs, exit_code, artifacts_dir)
 
 
+def tiny_model_size(logs: str) -> str:
+    """'tiny model: 1,234,567 parameters', from the line `selfllm smoke-model` logs; a smoke model that
+    is missing from the logs or above the bound fails the recipe (a "tiny" model must be tiny)."""
+    from selfllm_runtime.smoke_model import MAX_SMOKE_PARAMETERS, PARAMETERS_PATTERN
+
+    found = PARAMETERS_PATTERN.search(logs)
+    if found is None:
+        raise SmokeFailure("the container never logged the smoke model's parameter count (selfllm smoke-model)")
+    parameters = int(found["parameters"])
+    if parameters > MAX_SMOKE_PARAMETERS:
+        raise SmokeFailure(f"the smoke model has {parameters:,} parameters, above the bound of {MAX_SMOKE_PARAMETERS:,}")
+    return f"tiny {found['architecture']}: {parameters:,} parameters"
+
+
 def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> SmokeResult:
     from testcontainers.core.container import DockerContainer
 
@@ -141,7 +155,7 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
             wait_until_exited(session, spec.recipe.smoke.timeout_s)
         log.info("phase: check %s", spec.key)
         detail = check.verify(session)
-        return SmokeResult(True, detail, time.monotonic() - started, level=level)
+        return SmokeResult(True, f"{detail}; {tiny_model_size(session.logs())}", time.monotonic() - started, level=level)
     except Exception as exc:  # noqa: BLE001 - any failure of one recipe's smoke is that recipe's FAIL
         message = str(exc) if isinstance(exc, SmokeFailure) else f"{type(exc).__name__}: {exc}"
         return SmokeResult(False, f"{message}{_tail(container)}", time.monotonic() - started, level=level)
