@@ -103,9 +103,19 @@ SystemRole = Literal["native", "merge_into_first_user"]
 
 class LoraDefaults(Strict):
     target_modules: list[str] = Field(min_length=1)
+    target_parameters: list[str] = Field(
+        [], description="parameters (not modules) that get LoRA, by name suffix: a MoE's fused expert weights, which "
+        "transformers 5 keeps as 3-D parameters (e.g. mlp.experts.gate_up_proj); peft's target_parameters")
     r: int = Field(8, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
+
+    @field_validator("dropout")
+    @classmethod
+    def _parameters_need_no_dropout(cls, value: float, info: Any) -> float:
+        if value and info.data.get("target_parameters"):
+            raise ValueError("LoRA on target_parameters (peft's ParamWrapper) works only with dropout 0")
+        return value
 
 
 class SmokeModelShape(Strict):
@@ -118,6 +128,9 @@ class SmokeModelShape(Strict):
     head_dim: int = Field(16, gt=0)
     intermediate_size: int = Field(128, gt=0)
     vocab_size: int = Field(1024, ge=300)
+    extra: dict[str, Any] = Field(
+        {}, description="more config kwargs of the architecture, passed as they are: a MoE's num_experts, "
+        "moe_intermediate_size...; a composite config's nested text_config / vision_config dicts")
 
 
 Quantization = Literal["none", "8bit", "4bit"]  # the QUANTIZATION setting (loading.py)

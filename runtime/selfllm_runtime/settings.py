@@ -333,6 +333,18 @@ class LoraSettings(AdapterSettings):
     target_modules: CommaList = setting(
         [], "LORA_TARGET_MODULES", "加 LoRA 的模块（逗号分隔）", "modules that get LoRA (comma-separated)",
         flag="--target-modules", family="lora.target_modules", min_length=1)
+    target_parameters: CommaList = setting(
+        [], "LORA_TARGET_PARAMETERS", "加 LoRA 的参数（名字后缀，逗号分隔）：MoE 的专家权重是三维参数，不是模块",
+        "parameters that get LoRA (name suffixes, comma-separated): a MoE's expert weights are 3-D parameters, not modules",
+        flag="--target-parameters", family="lora.target_parameters")
+
+    @field_validator("target_parameters")
+    @classmethod
+    def _parameters_need_no_dropout(cls, value: list[str], info: Any) -> list[str]:
+        dropout = info.data.get("dropout")
+        if value and dropout:
+            raise ValueError(f"LoRA on parameters (peft's ParamWrapper) works only with LORA_DROPOUT=0, not {dropout:g}")
+        return value
     report_to: Annotated[Literal["none", "tensorboard", "swanlab"], BeforeValidator(_lower)] = setting(
         "none", "REPORT_TO",
         "`tensorboard`（已安装，日志在 `<运行目录>/runs`）或 `swanlab`（需自行 `pip install swanlab`，默认离线 `SWANLAB_MODE=local`）",

@@ -102,6 +102,7 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         **token_ids,
+        **shape.extra,
     )
     config.architectures = [architecture]
     return model_class, config
@@ -120,10 +121,35 @@ def module_names(family: ModelFamily) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
 
 
+def parameter_names(family: ModelFamily) -> set[str]:
+    """Full names of every parameter of a tiny model of the family's architecture (built without weights)."""
+    import torch
+
+    model_class, config = tiny_config(family.architecture, family.smoke, family.smoke.vocab_size,
+                                      pad_token_id=0, bos_token_id=None, eos_token_id=0)
+    with torch.device("meta"):
+        model = model_class(config)
+    return {name for name, _ in model.named_parameters()}
+
+
 def missing_lora_targets(family: ModelFamily) -> list[str]:
-    """LoRA target modules that the family's architecture does not have."""
+    """LoRA target modules (a module's last name) and target parameters (a name suffix, as peft matches them)
+    that the family's architecture does not have."""
     names = module_names(family)
-    return [target for target in family.lora.target_modules if target not in names]
+    missing = [target for target in family.lora.target_modules if target not in names]
+    if family.lora.target_parameters:
+        params = parameter_names(family)
+        missing += [t for t in family.lora.target_parameters if not any(p == t or p.endswith("." + t) for p in params)]
+    return missing
+
+
+def smoke_shape(context: RecipeContext) -> SmokeModelShape:
+    """The family's smoke shape, or the task's (vLLM CPU: head_dim 64) with the family's extra config kwargs
+    under the task's own (a MoE stays a MoE with few experts)."""
+    family, own = context.family.smoke, context.recipe.smoke_model
+    if own is None:
+        return family
+    return own.model_copy(update={"extra": {**family.extra, **own.extra}})
 
 
 def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0) -> Path:
@@ -135,7 +161,7 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0) -> Pa
         return out_dir
     torch.manual_seed(seed)
     family = context.family
-    shape = context.recipe.smoke_model or family.smoke  # a task may need another shape (vLLM CPU: head_dim 64)
+    shape = smoke_shape(context)
     tokenizer = _train_tokenizer(context, shape.vocab_size)
     model_class, config = tiny_config(
         family.architecture, shape, len(tokenizer),

@@ -129,13 +129,16 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     elif settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # else frozen embeddings give checkpointed blocks no grad (upstream #119)
+    # A MoE's fused experts are parameters, not modules: peft wraps them by name (target_parameters).
+    by_parameter = {"target_parameters": settings.target_parameters} if settings.target_parameters else {}
     lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=settings.target_modules, r=settings.r,
-                             lora_alpha=settings.alpha, lora_dropout=settings.dropout, inference_mode=False)
+                             lora_alpha=settings.alpha, lora_dropout=settings.dropout, inference_mode=False, **by_parameter)
     model = get_peft_model(model, lora_config)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s r=%d alpha=%d on %s: %d trainable of %d parameters (%.3f%%)",
              "LoRA" if settings.quantization == "none" else f"LoRA on a {settings.quantization} base", settings.r,
-             settings.alpha, ",".join(settings.target_modules), trainable, total, 100 * trainable / total)
+             settings.alpha, ",".join(settings.target_modules + settings.target_parameters), trainable, total,
+             100 * trainable / total)
 
     losses: list[float] = []
 
