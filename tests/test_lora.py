@@ -330,3 +330,54 @@ def test_report_to_imports_only_what_is_chosen(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "swanlab" else real_find_spec(name))
     with pytest.raises(ValueError, match="pip install swanlab"):
         lora_module._report_to(LoraSettings(**base, report_to="swanlab"), tmp_path)
+
+
+def test_moe_lora_trains_the_fused_experts_and_merges(tiny_recipe, tmp_path):
+    """Qwen3-MoE: transformers 5 keeps each layer's experts as 3-D parameters; model.yaml's
+    lora.target_parameters puts LoRA on them (peft target_parameters): the expert adapters move and the
+    merged model equals base + adapter."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    context, folder = tiny_recipe("qwen3-moe/lora")
+    assert context.family.lora.target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    data = write_sample_data(tmp_path / "sample.json", 24)
+    env = {"DATA_PATH": str(data), "OUTPUT_DIR": str(tmp_path / "out"), "RUN_NAME": "moe", "MAX_STEPS": "12",
+           "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1"}
+    result = train(context, folder, context.settings(LoraSettings, env=env))
+    first, last = result["losses"][:3], result["losses"][-3:]
+    assert sum(last) / 3 < sum(first) / 3, result["losses"]
+    weights = load_file(Path(result["adapter_dir"]) / "adapter_model.safetensors")
+    experts = {name: tensor for name, tensor in weights.items() if "mlp.experts" in name}
+    assert experts and any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in experts.items())
+    config = json.loads((Path(result["adapter_dir"]) / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    out = tmp_path / "merged"
+    merge(context, folder, Path(result["adapter_dir"]), out)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), result["adapter_dir"]).eval()
+    ids = AutoTokenizer.from_pretrained(out)("你好，我是", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**ids).logits, with_adapter(**ids).logits, atol=1e-4)
+
+
+def test_lora_on_parameters_refuses_dropout_by_name(tmp_path):
+    """peft's LoRA on parameters has no dropout: a setting or a model.yaml asking for both is refused by name."""
+    import shutil
+
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_runtime.context import load_context
+    from selfllm_runtime.metadata import MetadataError, load_family
+    from selfllm_runtime.settings import SettingsError
+
+    context = load_context(RECIPES_DIR / "qwen3-moe" / "lora")
+    with pytest.raises(SettingsError, match="LORA_TARGET_PARAMETERS.*LORA_DROPOUT=0, not 0.1"):
+        context.settings(LoraSettings, env={"LORA_DROPOUT": "0.1"})
+    family = tmp_path / "qwen3-moe"
+    shutil.copytree(RECIPES_DIR / "qwen3-moe", family, ignore=shutil.ignore_patterns("fastapi", "webdemo", "langchain", "lora", "vllm"))
+    text = (family / "model.yaml").read_text(encoding="utf-8")
+    (family / "model.yaml").write_text(text.replace("  dropout: 0 ", "  dropout: 0.1 "), encoding="utf-8")
+    with pytest.raises(MetadataError, match="lora.dropout.*dropout 0"):
+        load_family(family)
