@@ -56,5 +56,6 @@ ensure_python_env() {
 
 ensure_python_env
 ensure_docker_engine
-# Browser tests (webdemo) and the local CUDA stand-in need these Debian packages too.
-ensure_apt_packages debootstrap busybox-static chromium fonts-noto-cjk
+# Browser tests (webdemo), the local CUDA stand-in and the publish tests (the distribution registry server,
+# started on 127.0.0.1 by the tests themselves) need these Debian packages too.
+ensure_apt_packages debootstrap busybox-static chromium fonts-noto-cjk docker-registry

@@ -7,6 +7,7 @@
     python scripts/build_matrix.py new MODEL [--tasks T ...]  # a new family's recipe folders from its model.yaml
     python scripts/build_matrix.py catalogue              # rewrite the README's recipe table
     python scripts/build_matrix.py list                   # validate every recipe (stale generated files too)
+    python scripts/build_matrix.py publish --registry HOST/NS --only ...  # push smoke-tested images (make publish)
 --only all (make matrix RECIPES=all) selects every recipe.
 """
 from __future__ import annotations
@@ -61,7 +62,8 @@ def raise_if_interrupted() -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="build_matrix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", choices=["matrix", "lock", "list", "generate", "new", "catalogue"], default="matrix")
+    p.add_argument("command", nargs="?", choices=["matrix", "lock", "list", "generate", "new", "catalogue", "publish"],
+                   default="matrix")
     p.add_argument("family", nargs="?", metavar="MODEL", help="new: the family folder under recipes/ (model.yaml written)")
     p.add_argument("--tasks", nargs="+", choices=[t.value for t in TaskKind], default=[t.value for t in TaskKind],
                    help="new: the task kinds to scaffold (default: all five)")
@@ -79,6 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hf-endpoint", help="HF_ENDPOINT baked into images (e.g. https://hf-mirror.com)")
     p.add_argument("--find-links", action="append", default=[], metavar="DIR_OR_URL",
                    help="lock: also resolve from here (CPU torch: https://download.pytorch.org/whl/cpu)")
+    p.add_argument("--registry", metavar="HOST[:PORT]/NAMESPACE",
+                   help="publish: where to push (e.g. 127.0.0.1:5000/selfllm, docker.io/selfllm)")
+    p.add_argument("--stacks-only", action="store_true",
+                   help="publish: only the base and the stacks of the selected recipes (CI's first job)")
+    p.add_argument("--stack-from", metavar="HOST[:PORT]/NAMESPACE",
+                   help="matrix: take the base and stacks published there (by input hash) instead of building them")
     return p.parse_args(argv)
 
 
@@ -202,6 +210,36 @@ def cmd_list(console: Console) -> int:
     return 1 if broken or stale else 0
 
 
+def cmd_publish(args: argparse.Namespace, console: Console) -> int:
+    """Push the selected recipes' smoke-tested images (and the base and stacks under them) to --registry."""
+    import datetime
+
+    from .publish import PublishError, Registry, check_reachable, git_sha12, plan, plan_stacks, push, read_results
+
+    try:
+        if not args.registry:
+            raise PublishError("publish: name the registry: --registry HOST[:PORT]/NAMESPACE (make publish REGISTRY=...)")
+        registry = Registry.parse(args.registry)
+        recipes, broken = selected(args)
+        if broken:
+            raise PublishError(f"{broken[0].key}: broken recipe ({broken[0].error}): not published")
+        if not recipes:
+            raise PublishError("publish: no recipe selected (RECIPES=...)")
+        client = connect()
+        if args.stacks_only:
+            items = plan_stacks(client, registry, recipes, cpu=args.gpu == "off")
+        else:
+            results = read_results(args.report_dir or REPO_ROOT / "reports" / "latest")
+            items = plan(client, registry, recipes, results, datetime.date.today(), git_sha12())
+        check_reachable(registry)
+        push(client, items, say=lambda line: console.print(f"[green]✓[/] {line}"))
+    except PublishError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 1
+    console.print(f"published {len(items)} images to {registry.host}/{registry.namespace}")
+    return 0
+
+
 def finish_step(progress: Progress, task, line: str) -> None:
     """A finished step leaves the live view and stays as a printed line (also in CI logs, where
     rich shows no live view)."""
@@ -249,6 +287,11 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
                 if node.kind is NodeKind.recipe:
                     rows[node.key] = RecipeReport(node.key, "fail", 0.0, node.tag, error=blocked, build="not built")
                 continue
+            if args.stack_from and node.kind in (NodeKind.base, NodeKind.stack) and not args.rebuild:
+                from .publish import Registry, pull_published
+
+                if pull_published(client, Registry.parse(args.stack_from), node.tag, node.input_hash):
+                    log.info("took %s from %s (input hash %s)", node.tag, args.stack_from, node.input_hash)
             try:
                 result = build_node(client, node, report_dir / "logs", SOURCE_URL, force=args.rebuild)
                 raise_if_interrupted()
@@ -268,7 +311,9 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
             if node.kind is not NodeKind.recipe:
                 continue
             spec = by_key[node.key]
-            row = RecipeReport(node.key, "pass", time.monotonic() - started, node.tag, build=how)
+            row = RecipeReport(node.key, "pass", time.monotonic() - started, node.tag, build=how,
+                               image_id=result.image_id, input_hash=node.input_hash,
+                               image_bytes=client.images.get(result.image_id).attrs.get("Size", 0))
             rows[node.key] = row
             if args.no_smoke:
                 row.status, row.smoke = "skip", "--no-smoke"
@@ -328,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SelectionError(f"unexpected argument {args.family!r} (only `new` takes a family name)")
         commands = {"lock": lambda: cmd_lock(args, console), "generate": lambda: cmd_generate(args, console),
                     "new": lambda: cmd_new(args, console), "list": lambda: cmd_list(console),
-                    "catalogue": lambda: cmd_catalogue(console), "matrix": lambda: cmd_matrix(args, console)}
+                    "catalogue": lambda: cmd_catalogue(console), "matrix": lambda: cmd_matrix(args, console),
+                    "publish": lambda: cmd_publish(args, console)}
         return commands[args.command]()
     except (SelectionError, EngineError) as exc:
         console.print(f"[red]error:[/] {exc}")

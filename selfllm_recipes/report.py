@@ -22,6 +22,9 @@ class RecipeReport:
     build: str = ""  # built | reused | failed | not built
     smoke: str = ""  # one-line detail of the smoke check
     level: str = ""  # where the smoke test ran: cpu | gpu (+ any reduced level the check names)
+    image_id: str = ""  # the image the result is about: `make publish` pushes only that image
+    input_hash: str = ""  # its org.selfllm.input-hash label
+    image_bytes: int = 0  # its size as the engine reports it (the README's publishing section quotes these)
 
 
 def render_table(rows: list[RecipeReport], console: Console) -> None:
