@@ -225,11 +225,11 @@ def cmd_publish(args: argparse.Namespace, console: Console) -> int:
             raise PublishError(f"{broken[0].key}: broken recipe ({broken[0].error}): not published")
         if not recipes:
             raise PublishError("publish: no recipe selected (RECIPES=...)")
+        results = {} if args.stacks_only else read_results(args.report_dir or REPO_ROOT / "reports" / "latest")
         client = connect()
         if args.stacks_only:
             items = plan_stacks(client, registry, recipes, cpu=args.gpu == "off")
         else:
-            results = read_results(args.report_dir or REPO_ROOT / "reports" / "latest")
             items = plan(client, registry, recipes, results, datetime.date.today(), git_sha12())
         check_reachable(registry)
         push(client, items, say=lambda line: console.print(f"[green]✓[/] {line}"))

@@ -76,3 +76,15 @@ def test_a_ref_that_looks_like_an_option_never_reaches_git_as_one(tmp_path):
     result = _cli("--github-matrix", f"--changed-since=--output={target}")
     assert result.returncode == 2 and "not a commit" in result.stdout + result.stderr
     assert not target.exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["publish", "--only", "qwen3/fastapi"], "name the registry: --registry HOST[:PORT]/NAMESPACE"),
+    (["publish", "--registry", "127.0.0.1:5000", "--only", "qwen3/fastapi"], "REGISTRY='127.0.0.1:5000': expected <host"),
+    (["publish", "--registry", "127.0.0.1:5000/selfllm", "--only", "qwen3/fastapi", "--report-dir", "{empty}"],
+     "no matrix report; run `make matrix` first"),
+])
+def test_publish_refuses_bad_input_in_one_line_before_touching_the_engine(args, message, tmp_path):
+    args = [a.replace("{empty}", str(tmp_path)) for a in args]
+    done = subprocess.run([sys.executable, "scripts/build_matrix.py", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and message in done.stdout.replace("\n", " ") and "Traceback" not in done.stderr
