@@ -113,7 +113,16 @@ def test_quantized_vram_follows_from_the_parameter_counts():
             if task is TaskKind.vllm:
                 assert figures[1:] == [None, None] and recipe.gpu.quantized_vram_gb == {}
                 continue
-            assert figures[0] > figures[1] > figures[2], (model, task, figures)
+            if family.parameters_b.unquantized > family.parameters_b.total / 2:
+                # most weights stay unquantized (Qwen3-MoE's fused experts): QLoRA's fp32 upcast of them makes
+                # LoRA need more than bf16 LoRA, and the table must say so rather than promise a saving
+                assert task is not TaskKind.lora or figures[2] > figures[0], (model, task, figures)
+            else:
+                assert figures[0] >= figures[1] >= figures[2], (model, task, figures)
+                # rounded to 0.5 GB: a small model (ERNIE-4.5 0.36B saves 0.5 GB at most) may round to equal figures
+                saved = family.parameters_b.weights_gb("none") - family.parameters_b.weights_gb("4bit")
+                if saved >= 1:
+                    assert figures[0] > figures[1] > figures[2], (model, task, figures)
             assert recipe.gpu.quantized_vram_gb == {"8bit": figures[1], "4bit": figures[2]}
     readme = (RECIPES_DIR / "qwen3/lora/README.md").read_text()
     assert "| `4bit` | 8 GB | 8 GB | 8 GB | **16.5 GB** | — |" in readme
