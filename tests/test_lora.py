@@ -381,3 +381,62 @@ def test_lora_on_parameters_refuses_dropout_by_name(tmp_path):
     (family / "model.yaml").write_text(text.replace("  dropout: 0 ", "  dropout: 0.1 "), encoding="utf-8")
     with pytest.raises(MetadataError, match="lora.dropout.*dropout 0"):
         load_family(family)
+
+
+def test_two_processes_train_one_adapter_through_torchrun(tiny_model, tmp_path):
+    """NPROC=2: `selfllm start` re-runs itself under torchrun (2 processes, gloo on CPU); both ranks end with the
+    same adapter (DDP averages the gradients), only rank 0 writes it and the result line, the loss falls, and
+    the merged model generates."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from selfllm_recipes.layout import RECIPES_DIR, REPO_ROOT
+    from selfllm_runtime.context import load_context
+
+    data = write_sample_data(tmp_path / "sample.json", 32)
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'runtime'}", "RECIPE_DIR": str(RECIPES_DIR / "qwen3" / "lora"),
+           "MODEL_PATH": str(tiny_model), "DATA_PATH": str(data), "OUTPUT_DIR": str(tmp_path / "out"),
+           "RUN_NAME": "ddp", "MAX_STEPS": "12", "LEARNING_RATE": "5e-3", "BATCH_SIZE": "2", "GRAD_ACCUM": "1",
+           "LOGGING_STEPS": "1", "NPROC": "2", "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "selfllm_runtime", "start"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    seconds = time.monotonic() - started
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "2 processes through torchrun" in output
+    ranks = dict(re.findall(r"selfllm: rank (\d)/2 adapter sha256 (\w+) last loss", output))
+    assert set(ranks) == {"0", "1"} and ranks["0"] == ranks["1"], ranks
+    results = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("SELFLLM_RESULT ")]
+    assert len(results) == 1  # rank 0 only
+    result = results[0]
+    assert "2 process(es): batch 2 per device × 1 accumulation steps × 2 = 4 examples per optimizer step" in output
+    assert sum(result["losses"][-3:]) / 3 < sum(result["losses"][:3]) / 3, result["losses"]
+    losses = re.findall(r"selfllm: rank (\d)/2 adapter sha256 \w+ last loss ([\d.]+)", output)
+    print(f"2-process LoRA: {seconds:.1f} s, final losses {dict(losses)}, adapter {ranks['0']}")
+    out = tmp_path / "merged"
+    context = load_context(RECIPES_DIR / "qwen3" / "lora")
+    merge(context, tiny_model, Path(result["adapter_dir"]), out)
+    answer = infer(context, out, None, "你是谁？", max_new_tokens=6, temperature=0)
+    assert answer["completion_tokens"] > 0
+
+
+def test_nproc_is_checked_and_launches_torchrun():
+    from selfllm_runtime.context import load_context
+    from selfllm_runtime.settings import SettingsError
+    from selfllm_runtime.tasks.lora import torchrun_argv
+
+    from selfllm_recipes.layout import RECIPES_DIR
+
+    context = load_context(RECIPES_DIR / "qwen3" / "lora")
+    assert context.settings(LoraSettings, env={}).processes() == 1
+    assert context.settings(LoraSettings, env={"NPROC": "4"}).processes() == 4
+    with pytest.raises(SettingsError, match="NPROC"):
+        context.settings(LoraSettings, env={"NPROC": "0"})
+    with pytest.raises(SettingsError, match="FSDP"):
+        context.settings(LoraSettings, env={"FSDP": "zero3"})
+    assert torchrun_argv(2, "/py") == ["/py", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                                       "--nproc-per-node", "2", "-m", "selfllm_runtime", "start"]

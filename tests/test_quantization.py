@@ -102,3 +102,37 @@ def test_a_qlora_adapter_merges_into_the_full_precision_base(qlora, tmp_path):
     on_full = infer(context, model, adapter, "你是谁？", quantization="none", max_new_tokens=4, temperature=0)
     assert merged["quantization"] == "none"
     assert abs(merged["prompt_logprob"] - on_full["prompt_logprob"]) < 1e-3  # merged = full base + adapter
+
+
+def test_generation_spreads_over_the_visible_cards_or_pins_the_named_ones(monkeypatch):
+    """GPUS=all: device_map=auto over every visible card, named at start; GPUS=1: that card only; an unknown card
+    is refused by name (the CUDA calls are stand-ins: this machine has no GPU)."""
+    import torch
+
+    from selfllm_runtime.loading import generation_placement
+
+    class Props:
+        total_memory = 24 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "RTX 4090")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    kwargs, where = generation_placement(None)
+    assert kwargs == {"device_map": "auto", "max_memory": {0: 24 * 2**30, 1: 24 * 2**30}}
+    assert where == "layers spread over 2 cards (device_map=auto): cuda:0 RTX 4090 24 GiB, cuda:1 RTX 4090 24 GiB"
+    kwargs, where = generation_placement([1])
+    assert kwargs == {"device_map": {"": 1}} and where == "on one card: cuda:1 RTX 4090 24 GiB"
+    with pytest.raises(ValueError, match="GPUS=3: no card 3"):
+        generation_placement([3])
+
+
+def test_gpus_setting_is_checked_by_name():
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_runtime.context import load_context
+    from selfllm_runtime.settings import SettingsError
+
+    context = load_context(RECIPES_DIR / "qwen3" / "fastapi")
+    assert context.settings(env={}).gpu_indices() is None
+    assert context.settings(env={"GPUS": "0,2"}).gpu_indices() == [0, 2]
+    with pytest.raises(SettingsError, match="GPUS='first'"):
+        context.settings(env={"GPUS": "first"})

@@ -312,3 +312,12 @@ def test_lock_command_locks_the_cpu_variant_against_its_own_stack_and_python(mon
     assert gpu["python"] == "3.10" and gpu["constraints"].parent.name == "torch2.10.0-cu12"
     assert "--no-emit-package" not in gpu["extra_args"]
     assert by_target[("torch2.13.0-cpu", LOCK_FILE)]["python"] == "3.11"
+
+
+def test_parallel_sizes_reach_vllm_and_are_checked(context):
+    argv = build_argv(context, "/m", GPU, context.settings(env={"TENSOR_PARALLEL_SIZE": "2", "PIPELINE_PARALLEL_SIZE": "2"}))
+    assert _option(argv, "--tensor-parallel-size") == "2" and _option(argv, "--pipeline-parallel-size") == "2"
+    default = build_argv(context, "/m", GPU, context.settings(env={}))
+    assert "--tensor-parallel-size" not in default and "--pipeline-parallel-size" not in default
+    with pytest.raises(ValueError, match="TENSOR_PARALLEL_SIZE"):
+        build_argv(context, "/m", GPU, context.settings(env={"TENSOR_PARALLEL_SIZE": "0"}))

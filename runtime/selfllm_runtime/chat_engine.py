@@ -146,7 +146,7 @@ class ChatEngine:
         self.family = context.family
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.family.trust_remote_code)
-        self.loaded = load_causal_lm(context, self.model_dir, engine.quantization)
+        self.loaded = load_causal_lm(context, self.model_dir, engine.quantization, gpus=engine.gpu_indices())
         self.device, self.quantization = self.loaded.device, self.loaded.quantization
         self.model = self.loaded.model
         self.model.eval()

@@ -71,11 +71,30 @@ class LoadedModel:
         return round(self.model.get_memory_footprint() / 1e9, 6)
 
 
+def generation_placement(gpus: list[int] | None) -> tuple[dict[str, Any], str]:
+    """from_pretrained's device_map (and max_memory) for generation on CUDA, and a line saying where it goes:
+    every visible card (None) or the listed ones; one card is a plain pin, several share the layers."""
+    import torch
+
+    visible = list(range(torch.cuda.device_count()))
+    chosen = visible if gpus is None else gpus
+    if missing := [i for i in chosen if i not in visible]:
+        raise ValueError(f"GPUS={','.join(map(str, gpus or []))}: no card {missing[0]} (visible: {visible})")
+    names = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)} "
+                      f"{torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB" for i in chosen)
+    if len(chosen) == 1:
+        return {"device_map": {"": chosen[0]}}, f"on one card: {names}"
+    memory = {i: torch.cuda.get_device_properties(i).total_memory for i in chosen}
+    return ({"device_map": "auto", "max_memory": memory},
+            f"layers spread over {len(chosen)} cards (device_map=auto): {names}")
+
+
 def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quantization = "none",
-                   training: bool = False) -> LoadedModel:
+                   training: bool = False, gpus: list[int] | None = None) -> LoadedModel:
     """The checkpoint in model_dir, on the GPU when there is one. Generation spreads it over the visible
-    GPUs (device_map=auto); training leaves placement to the Trainer, except that a quantized model can't
-    be moved after loading: it is loaded onto this process's GPU."""
+    GPUs (device_map=auto), or the cards `gpus` lists (GPUS); training leaves placement to the Trainer
+    (one process per card under torchrun), except that a quantized model can't be moved after loading: it
+    is loaded onto this process's GPU."""
     from transformers import AutoModelForCausalLM
 
     device, dtype = pick_device()
@@ -84,7 +103,9 @@ def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quanti
     if config is not None:
         kwargs["quantization_config"] = config
     if device == "cuda" and not training:
-        kwargs["device_map"] = "auto"
+        placement, where = generation_placement(gpus)
+        kwargs |= placement
+        log.info("GPUs: %s", where)
     elif device == "cuda" and config is not None:
         from accelerate import PartialState
 

@@ -182,6 +182,15 @@ class EngineSettings(TaskSettings):
     """How the ChatEngine loads the model (loading.py) and batches requests (batching.py, continuous.py)."""
 
     quantization: QuantizationSetting = setting("none", "QUANTIZATION", *QUANTIZATION_TEXT)
+    gpus: str = setting(
+        "all", "GPUS",
+        "`all`：模型按层分到所有可见 GPU（`device_map=auto`，启动日志写明每张卡）；`0` 只用 0 号卡；`0,1` 只用这几张",
+        "`all`: the model's layers spread over every visible GPU (`device_map=auto`; the start log names each card); "
+        "`0` pins card 0; `0,1` uses those only", pattern=r"^(all|[0-9]+(,[0-9]+)*)$")
+
+    def gpu_indices(self) -> list[int] | None:
+        """The cards GPUS names (None: all visible ones)."""
+        return None if self.gpus == "all" else [int(i) for i in self.gpus.split(",")]
 
     max_batch: int = setting(16, "MAX_BATCH", "一次 `generate` 合并的请求数上限（显存紧张时调小）",
                              "rows generated together at most (lower it when VRAM is short)", ge=1)
@@ -221,6 +230,14 @@ class VllmSettings(AccessSettings, ModelSettings):
     max_model_len: int = setting(
         DEFAULT_MAX_MODEL_LEN, "MAX_MODEL_LEN", "最大上下文长度（越大 KV cache 越占显存）",
         "the longest context (more takes more VRAM for the KV cache)", ge=1)
+    tensor_parallel_size: int = setting(
+        1, "TENSOR_PARALLEL_SIZE", "张量并行：每层切到几张卡（`--tensor-parallel-size`，通常等于本机卡数）",
+        "tensor parallelism: the cards each layer is split over (`--tensor-parallel-size`, usually this machine's cards)",
+        ge=1)
+    pipeline_parallel_size: int = setting(
+        1, "PIPELINE_PARALLEL_SIZE", "流水线并行：层分成几段（`--pipeline-parallel-size`；多机时每台机器一段，见 README）",
+        "pipeline parallelism: the stages the layers are cut into (`--pipeline-parallel-size`; one per machine "
+        "across machines, see the README)", ge=1)
     vllm_args: str = setting(
         "", "VLLM_ARGS", "追加给 vLLM 的参数（shell 引号规则），如 `--gpu-memory-utilization 0.85`，放在最后因而优先",
         "extra vLLM arguments (shell quoting), e.g. `--gpu-memory-utilization 0.85`; appended last, so they win")
@@ -362,6 +379,24 @@ class LoraSettings(AdapterSettings):
         "also calls `enable_input_require_grads()` (upstream #119)", flag="--gradient-checkpointing")
     max_samples: int | None = setting(None, "MAX_SAMPLES", "只用前 N 条", "use the first N records only",
                                       flag="--max-samples", gt=0, shown=("全部", "all"))
+    nproc: str = setting(
+        "1", "NPROC",
+        "训练进程数（每张卡一个）：`auto` 为可见 GPU 数；大于 1 时 `selfllm start` 经 `torchrun` 启动数据并行（DDP），只有 0 号进程写适配器与日志",
+        "training processes (one per GPU): `auto` = the visible GPUs; above 1, `selfllm start` launches data-parallel "
+        "training (DDP) through `torchrun`, and only rank 0 writes the adapter and the logs",
+        pattern=r"^(auto|[1-9][0-9]*)$")
+    fsdp: Annotated[Literal["off", "full_shard"], BeforeValidator(_lower)] = setting(
+        "off", "FSDP",
+        "`full_shard`：FSDP 把基座权重分到各卡（单卡放不下的模型；需 `NPROC` > 1 且在 GPU 上）",
+        "`full_shard`: FSDP shards the base weights across the cards (a model one card can't hold; needs `NPROC` > 1, on GPUs)")
+
+    def processes(self) -> int:
+        """NPROC as a number: `auto` is the visible CUDA devices (1 without any)."""
+        if self.nproc != "auto":
+            return int(self.nproc)
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
 
     def run_dir(self, model_dir: Path) -> Path:
         source = (self.data[0].stem if self.data else Path(self.data_url).stem if self.data_url

@@ -4,8 +4,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import http.client
+import os
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -107,6 +108,18 @@ def _report_to(settings: LoraSettings, run_dir: Path) -> list[str]:
     return ["swanlab"]
 
 
+def adapter_digest(model) -> str:
+    """sha256 (16 hex) of the LoRA weights a PeftModel holds, in name order."""
+    import hashlib
+
+    from peft import get_peft_model_state_dict
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(get_peft_model_state_dict(model).items()):
+        digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> dict[str, Any]:
     """Fine-tune a LoRA adapter; returns (and prints as SELFLLM_RESULT) a summary with the losses."""
     import torch
@@ -115,6 +128,9 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
 
     model_dir = Path(model_dir)
     run_dir = settings.run_dir(model_dir)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if rank != 0:  # torchrun's other processes: only rank 0 logs, writes the adapter and the result line
+        log.setLevel(logging.WARNING)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(context, model_dir)
     paths, data = prepare_data(context, tokenizer, settings)
@@ -147,7 +163,21 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    effective = settings.batch_size * settings.grad_accum * world
+    log.info("%d process(es): batch %d per device × %d accumulation steps × %d = %d examples per optimizer step; "
+             "learning rate %g, not scaled with the process count (scale LEARNING_RATE yourself for a larger "
+             "effective batch)%s", world, settings.batch_size, settings.grad_accum, world, effective,
+             settings.learning_rate, ", FSDP full_shard" if settings.fsdp != "off" else "")
+    distributed: dict[str, Any] = {}
+    if world > 1 and device == "cpu":
+        distributed["ddp_backend"] = "gloo"
+    if settings.fsdp != "off":
+        if world < 2 or device != "cuda":
+            raise ValueError(f"FSDP={settings.fsdp} shards the model across GPUs: it needs NPROC > 1 on CUDA "
+                             f"(here {world} process(es) on {device})")
+        distributed |= {"fsdp": f"{settings.fsdp} auto_wrap", "fsdp_config": {"use_orig_params": True}}
     args = TrainingArguments(
+        **distributed,
         output_dir=str(run_dir),
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
@@ -176,6 +206,9 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     output = trainer.train()
     seconds = time.monotonic() - started
     trainer.save_model(str(run_dir))  # the adapter only: adapter_config.json + adapter_model.safetensors
+    if world > 1:  # every rank says what it trained: the ranks of one data-parallel run hold the same adapter
+        print(f"selfllm: rank {rank}/{world} adapter sha256 {adapter_digest(model)} last loss "
+              f"{losses[-1] if losses else float('nan'):.4f}", file=sys.stderr, flush=True)
     if not trainer.is_world_process_zero():
         return {}
     tokenizer.save_pretrained(str(run_dir))

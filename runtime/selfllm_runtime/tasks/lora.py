@@ -14,6 +14,7 @@ The base model is --model, else MODEL_PATH, else MODEL_ID downloaded like `selfl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,21 @@ from ..model_source import ModelNotFound, model_request, resolve_model
 from ..settings import AdapterSettings, LoraSettings, ModelSettings, add_flags, parse_bool
 
 
+def torchrun_argv(processes: int, python: str = sys.executable) -> list[str]:
+    """`selfllm start` again, in `processes` processes on this machine, through torch's own launcher (torchrun)."""
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", str(processes),
+            "-m", "selfllm_runtime", "start"]
+
+
 def run(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> None:
-    """`selfllm start`: train with the settings from the environment (no flags)."""
+    """`selfllm start`: train with the settings from the environment (no flags); NPROC > 1 (and not yet inside
+    torchrun): the same command under torchrun, one process per GPU (CPU: gloo)."""
+    processes = settings.processes()
+    if processes > 1 and "LOCAL_RANK" not in os.environ:
+        argv = torchrun_argv(processes)
+        print(f"selfllm lora: NPROC={settings.nproc}: {processes} processes through torchrun: {' '.join(argv[1:])}",
+              file=sys.stderr, flush=True)
+        os.execv(argv[0], argv)
     try:
         train(context, model_dir, settings)
     except (DataError, ValueError) as exc:  # DataSourceError, SettingsError: one line, status 2 as `selfllm lora`

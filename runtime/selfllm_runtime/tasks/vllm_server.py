@@ -142,6 +142,10 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
             "--port", str(context.recipe.port)]
     if settings.api_key:
         argv += [API_KEY_OPTION, settings.api_key]
+    if settings.tensor_parallel_size > 1:  # vLLM's own parallelism: one worker per card (Ray across machines)
+        argv += ["--tensor-parallel-size", str(settings.tensor_parallel_size)]
+    if settings.pipeline_parallel_size > 1:
+        argv += ["--pipeline-parallel-size", str(settings.pipeline_parallel_size)]
     reasoning = context.family.reasoning
     if reasoning is not None and reasoning.vllm_parser:
         if build.version_tuple < (0, 9):
