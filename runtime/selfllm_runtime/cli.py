@@ -56,9 +56,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_smoke_model(args: argparse.Namespace) -> int:
-    from .smoke_model import make_smoke_model
-
-    from .smoke_model import SmokeModelTooLarge, parameter_line
+    from .smoke_model import SmokeModelTooLarge, make_smoke_model, parameter_line
 
     try:
         out = make_smoke_model(load_context(args.recipe), Path(args.out))
