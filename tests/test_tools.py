@@ -30,7 +30,7 @@ HERMES = ToolCalls(format="hermes", start="<tool_call>", end="</tool_call>", vll
 LLAMA = ToolCalls(format="llama3_json", vllm_parser="llama3_json")
 GLM4 = ToolCalls(format="glm4", tools_in="system_message")
 
-WITH_TOOLS = ["qwen3", "qwen2.5", "qwen2.5-coder", "llama3.1", "glm4"]
+WITH_TOOLS = ["qwen3", "qwen3-moe", "qwen2.5", "qwen2.5-coder", "llama3.1", "glm4"]
 WITHOUT_TOOLS = ["deepseek-r1-distill-qwen", "phi4", "gemma2", "ernie4.5"]
 
 
@@ -42,7 +42,7 @@ def test_families_with_tool_calls_are_those_whose_template_renders_tools():
 
     formats = {d.name: (f.tool_calls.format if (f := load_family(d)).tool_calls else None)
                for d in sorted(RECIPES_DIR.iterdir()) if (d / "model.yaml").is_file()}
-    assert formats == {"qwen3": "hermes", "qwen2.5": "hermes", "qwen2.5-coder": "hermes",
+    assert formats == {"qwen3": "hermes", "qwen3-moe": "hermes", "qwen2.5": "hermes", "qwen2.5-coder": "hermes",
                        "llama3.1": "llama3_json", "glm4": "glm4",
                        "deepseek-r1-distill-qwen": None, "phi4": None, "gemma2": None, "ernie4.5": None}
 
@@ -84,6 +84,8 @@ RENDERED_CALL = {
              "<|im_start|>user\n<tool_response>\n31C and sunny\n</tool_response><|im_end|>",
     "qwen2.5": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
                "<|im_start|>user\n<tool_response>\n31C and sunny\n</tool_response><|im_end|>",
+    "qwen3-moe": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+                 "<|im_start|>user\n<tool_response>\n31C and sunny\n</tool_response><|im_end|>",
     "qwen2.5-coder": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
                      "<|im_end|>\n<|im_start|>user\n<tool_response>\n31C and sunny\n</tool_response><|im_end|>",
     # Llama's template writes a string result with tojson (a string is iterable in Jinja).
@@ -99,7 +101,7 @@ def test_template_renders_calls_and_results_in_the_models_format(tokenizers, fam
     assert RENDERED_CALL[family] in prompt, prompt
     # what the template rendered of the earlier call parses back to the same call
     spec = tokenizers[family][0].family.tool_calls
-    head = {"qwen3": "<tool_call>", "qwen2.5": "<tool_call>", "qwen2.5-coder": "<tool_call>",
+    head = {"qwen3": "<tool_call>", "qwen3-moe": "<tool_call>", "qwen2.5": "<tool_call>", "qwen2.5-coder": "<tool_call>",
             "llama3.1": '{"name"', "glm4": "get_weather\n"}[family]
     call_text = RENDERED_CALL[family][RENDERED_CALL[family].index(head):]
     call_text = call_text.split({"llama3.1": "<|eot_id|>", "glm4": "<|observation|>"}.get(family, "<|im_end|>"))[0]
