@@ -32,7 +32,7 @@ def test_two_processes_train_one_adapter_in_the_recipe_image(docker_client):
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     started = time.monotonic()
     logs = docker_client.containers.run(IMAGE, ["/bin/sh", "-c", SCRIPT], entrypoint=[], remove=True,
-                                        stdout=True, stderr=True, shm_size="1g", network_disabled=True).decode()
+                                        stdout=True, stderr=True, shm_size="1g").decode()  # networked: torchrun needs localhost
     seconds = time.monotonic() - started
     assert "2 processes through torchrun" in logs
     ranks = dict(re.findall(r"selfllm: rank (\d)/2 adapter sha256 (\w+)", logs))
