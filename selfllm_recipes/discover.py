@@ -15,7 +15,7 @@ from selfllm_runtime.metadata import (
 )
 
 from .generate import check_generated, expected_files
-from .layout import LOCK_FILE, RECIPES_DIR, STACKS_DIR, TASKS_DIR, image_name
+from .layout import LOCK_FILE, RECIPES_DIR, SHARED_STACK_DOCKERFILE, STACKS_DIR, TASKS_DIR, image_name
 from .locks import Pin, check_against_stack, parse_lock
 
 
@@ -24,6 +24,7 @@ class StackSpec:
     name: str
     dir: Path
     pins: tuple[Pin, ...]
+    dockerfile: Path  # the folder's own, else base-images/stacks/Dockerfile (shared by the CUDA stacks)
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,11 @@ def recipe_dirs(root: Path = RECIPES_DIR) -> list[Path]:
 
 def load_stack(name: str, referenced_by: Path) -> StackSpec:
     folder = STACKS_DIR / name
-    if not (folder / "Dockerfile").is_file():
-        raise MetadataError(referenced_by, "stack", f"no stack {name!r} (expected {folder}/Dockerfile)")
-    return StackSpec(name, folder, tuple(parse_lock(folder / LOCK_FILE)))
+    if not folder.is_dir():
+        raise MetadataError(referenced_by, "stack", f"no stack {name!r} (expected the folder {folder})")
+    own = folder / "Dockerfile"
+    return StackSpec(name, folder, tuple(parse_lock(folder / LOCK_FILE)),
+                     own if own.is_file() else SHARED_STACK_DOCKERFILE)
 
 
 def load_metadata(task_dir: Path, tasks_dir: Path = TASKS_DIR) -> tuple[Recipe, ModelFamily]:

@@ -133,7 +133,8 @@ def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, 
         if stack_key not in nodes:
             wheels = local_wheels(stack_spec.pins)
             stack = ImageNode(stack_key, NodeKind.stack, f"{IMAGE_PREFIX}/stack:{stack_spec.name}",
-                              folder_files(stack_spec.dir) | wheels, parents=["base"],
+                              folder_files(stack_spec.dir) | {"Dockerfile": stack_spec.dockerfile} | wheels,
+                              parents=["base"],
                               buildargs={"BASE_IMAGE": base.tag, **pip_args,
                                          **({"FIND_LINKS": "/opt/selfllm/stack"} if wheels else {})})
             stack.input_hash = digest(stack, [base.input_hash])

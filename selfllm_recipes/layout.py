@@ -10,6 +10,8 @@ RECIPES_DIR = Path(os.environ.get("SELFLLM_RECIPES_DIR") or REPO_ROOT / "recipes
 BASE_IMAGES_DIR = REPO_ROOT / "base-images"
 CUDA_BASE_DIR = BASE_IMAGES_DIR / "cuda12.1"
 STACKS_DIR = BASE_IMAGES_DIR / "stacks"
+# The Dockerfile of every stack folder that has none of its own (the CUDA torch stacks: they differ only in their lock).
+SHARED_STACK_DOCKERFILE = STACKS_DIR / "Dockerfile"
 RUNTIME_DIR = REPO_ROOT / "runtime"
 CACHE_DIR = REPO_ROOT / ".selfllm-cache"
 

@@ -13,6 +13,7 @@ half-published set.
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -199,8 +200,6 @@ def pull_published(client: docker.DockerClient, registry: Registry, tag: str, in
 
 
 def read_results(report_dir: Path) -> dict[str, dict]:
-    import json
-
     path = Path(report_dir) / "report.json"
     if not path.is_file():
         raise PublishError(f"{path}: no matrix report; run `make matrix` first")
