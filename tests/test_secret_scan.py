@@ -10,9 +10,9 @@ import pytest
 from conftest import missing_prerequisite
 
 from selfllm_recipes.cli import main as matrix_main
-from selfllm_recipes.discover import load_spec
+from selfllm_recipes.discover import load_spec, load_stack
 from selfllm_recipes.images import NodeKind, plan_images
-from selfllm_recipes.layout import IMAGE_PREFIX, RECIPES_DIR, REPO_ROOT
+from selfllm_recipes.layout import IMAGE_PREFIX, RECIPES_DIR, REPO_ROOT, STACKS_DIR
 from selfllm_recipes.secret_scan import has_secret_name, history_build_args, scan_config
 
 # What the images' configs hold today (base + a recipe): nothing here may be flagged.
@@ -108,9 +108,10 @@ def test_no_dockerfile_sets_an_index_url_as_env():
     assert not offenders, offenders
 
 
-@pytest.mark.parametrize("stack", sorted(p.name for p in (REPO_ROOT / "base-images" / "stacks").iterdir()))
+@pytest.mark.parametrize("stack", sorted(p.name for p in STACKS_DIR.iterdir() if p.is_dir()))
 def test_every_pip_step_gets_the_index_as_a_build_arg(stack):
-    instructions = _instructions((REPO_ROOT / "base-images" / "stacks" / stack / "Dockerfile").read_text())
+    # a stack folder's own Dockerfile, else the shared one the CUDA stacks build with
+    instructions = _instructions(load_stack(stack, STACKS_DIR / stack).dockerfile.read_text())
     for prefix in ("", "ONBUILD "):  # the stack's own pip step, then the recipe build's (ONBUILD)
         steps = [i for i in instructions if i.startswith(prefix) and (
             i[len(prefix):].startswith("ARG PIP_INDEX_URL=") or (i[len(prefix):].startswith("RUN ") and "pip install" in i))]
