@@ -80,13 +80,15 @@ class ToolCalls(Strict):
     """How the model writes tool calls, how its chat template takes the tools, and vLLM's parser.
 
     format: hermes (Qwen: `<tool_call>{"name", "arguments"}</tool_call>`), llama3_json (Llama 3.1: a
-    bare `{"name", "parameters"}` object, maybe after `<|python_tag|>`), glm4 (GLM-4: `name\n{args}`).
+    bare `{"name", "parameters"}` object, maybe after `<|python_tag|>`), glm4 (GLM-4: `name\n{args}`),
+    minicpm5 (MiniCPM5: XML `<function name="…"><param name="…">value</param></function>`, values typed
+    by the tool's JSON schema).
     start/end: the markers around one call, where the format has visible ones.
     tools_in: `argument` = apply_chat_template(tools=...); `system_message` = a `tools` key on the
     system message (glm-4-9b-chat's template reads item['tools']).
     vllm_parser: vLLM's --tool-call-parser; None where vLLM has none for this format."""
 
-    format: Literal["hermes", "llama3_json", "glm4"]
+    format: Literal["hermes", "llama3_json", "glm4", "minicpm5"]
     start: str | None = None
     end: str | None = None
     tools_in: Literal["argument", "system_message"] = "argument"

@@ -11,11 +11,17 @@ Formats (as vLLM's tool parsers read them):
   text before them is content; a last call left unterminated still counts if its JSON is whole;
 - llama3_json (Llama 3.1): the whole answer is `{"name": ..., "parameters": {...}}` (calls joined by
   `;`), maybe after `<|python_tag|>`; the name must be one of the request's tools;
-- glm4 (GLM-4): the whole answer is `name\\n{json args}`; the name must be one of the request's tools.
+- glm4 (GLM-4): the whole answer is `name\\n{json args}`; the name must be one of the request's tools;
+- minicpm5 (MiniCPM5): `<function name="...">` + `<param name="...">value</param>` (a value with <, & or
+  newlines inside `<![CDATA[...]]>`) + `</function>`, any number, text before them is content; values are
+  text, typed by the request's JSON schema of that parameter (integer, number, boolean, object, array;
+  a parameter the schema does not type stays a string), the way vLLM's XML parser qwen3_coder types them.
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +48,21 @@ class ToolCall:
 
 def tool_names(tools: list[dict[str, Any]] | None) -> set[str]:
     return {t["function"]["name"] for t in tools or [] if isinstance(t.get("function"), dict) and "name" in t["function"]}
+
+
+Schemas = dict[str, dict[str, Any]]  # tool name → {parameter name: its JSON schema}
+
+
+def tool_parameters(tools: list[dict[str, Any]] | None) -> Schemas:
+    """Each tool's parameter schemas (`function.parameters.properties`), for formats whose values are text."""
+    out: Schemas = {}
+    for tool in tools or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            parameters = function.get("parameters")
+            properties = parameters.get("properties") if isinstance(parameters, dict) else None
+            out[function["name"]] = properties if isinstance(properties, dict) else {}
+    return out
 
 
 def _call(obj: Any, argument_keys: tuple[str, ...], names: set[str] | None) -> ToolCall | None:
@@ -115,10 +136,84 @@ def _glm4(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
     return ("", [call]) if call else (text, [])
 
 
-def parse_tool_calls(text: str, spec: ToolCalls, names: set[str]) -> tuple[str, list[ToolCall]]:
-    """(content, calls) of a finished answer; (text, []) when it holds no well-formed call."""
+# The start marker of a call in the formats that mark calls inside the answer (text may come before them).
+MARKERS = {"hermes": "<tool_call>", "minicpm5": "<function"}
+XML_FUNCTION = re.compile(r"""<function\s+name\s*=\s*(["'])(.*?)\1\s*>(.*?)</function>""", re.DOTALL)
+XML_PARAM = re.compile(r"""<param\s+name\s*=\s*(["'])(.*?)\1\s*>(?:<!\[CDATA\[(.*?)\]\]>|(.*?))</param>""", re.DOTALL)
+
+
+def _typed(value: str, schema: Any) -> Any:
+    """A parameter's text as its JSON schema types it; the text itself where it does not parse as that type."""
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if isinstance(kind, list):  # ["integer", "null"]
+        kind = next((k for k in kind if k != "null"), None)
+    if kind in (None, "string"):
+        return value
+    text = value.strip()
+    if text == "null":
+        return None
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            try:
+                return int(text)
+            except ValueError:
+                number = float(text)
+                return number if math.isfinite(number) else value
+        if kind == "boolean":
+            return {"true": True, "false": False}[text.lower()]
+        if kind in ("object", "array"):
+            parsed = json.loads(text)
+            return parsed if isinstance(parsed, dict if kind == "object" else list) else value
+    except (ValueError, KeyError):
+        pass
+    return value
+
+
+def _xml_call(match: re.Match[str], parameters: Schemas) -> ToolCall | None:
+    """A call from one `<function name=...>...</function>`; None if its body is not only params."""
+    name, body = match.group(2).strip(), match.group(3)
+    if not name:
+        return None
+    schemas = parameters.get(name, {})
+    arguments: dict[str, Any] = {}
+    pos = 0
+    for param in XML_PARAM.finditer(body):
+        if body[pos:param.start()].strip():
+            return None
+        value = param.group(3) if param.group(3) is not None else param.group(4)
+        arguments[param.group(2)] = _typed(value, schemas.get(param.group(2)))
+        pos = param.end()
+    if body[pos:].strip():
+        return None
+    return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
+
+
+def _minicpm5(text: str, start: str, parameters: Schemas) -> tuple[str, list[ToolCall]]:
+    content: list[str] = []
+    calls: list[ToolCall] = []
+    pos = 0
+    while (begin := text.find(start, pos)) >= 0:
+        content.append(text[pos:begin])
+        match = XML_FUNCTION.match(text, begin)
+        call = _xml_call(match, parameters) if match else None
+        if call is None:  # cut off, or markup that is no call: the answer as it is
+            return text, []
+        calls.append(call)
+        pos = match.end()
+    content.append(text[pos:])
+    return ("".join(content).strip(), calls) if calls else (text, [])
+
+
+def parse_tool_calls(text: str, spec: ToolCalls, names: set[str],
+                     parameters: Schemas | None = None) -> tuple[str, list[ToolCall]]:
+    """(content, calls) of a finished answer; (text, []) when it holds no well-formed call.
+    parameters: the request's tool_parameters(tools), which type minicpm5's text values."""
     if spec.format == "hermes":
         return _hermes(text, spec.start or "<tool_call>", spec.end or "</tool_call>")
+    if spec.format == "minicpm5":
+        return _minicpm5(text, spec.start or MARKERS["minicpm5"], parameters or {})
     if spec.format == "llama3_json":
         return _llama3_json(text, names)
     return _glm4(text, names)
@@ -126,12 +221,12 @@ def parse_tool_calls(text: str, spec: ToolCalls, names: set[str]) -> tuple[str, 
 
 class ToolCallStream:
     """Streamed answer text → the content that can go out now; `finish()` → (rest of the content,
-    calls). Text is held back from where a call may begin: hermes at its start marker (and while the
-    tail may still grow into it), llama3_json / glm4 from the first character of the answer while it
-    may still be a call."""
+    calls). Text is held back from where a call may begin: hermes / minicpm5 at its start marker (and
+    while the tail may still grow into it), llama3_json / glm4 from the first character of the answer
+    while it may still be a call."""
 
-    def __init__(self, spec: ToolCalls, names: set[str]):
-        self.spec, self.names = spec, names
+    def __init__(self, spec: ToolCalls, names: set[str], parameters: Schemas | None = None):
+        self.spec, self.names, self.parameters = spec, names, parameters
         self.held = ""  # text not sent yet
         self.capturing = False  # a call has begun: hold everything to the end
         self.plain = False  # the answer can no longer be a call (llama3_json / glm4)
@@ -150,12 +245,12 @@ class ToolCallStream:
         self.held += delta
         if self.capturing:
             return ""
-        if self.spec.format != "hermes":
+        if self.spec.format not in MARKERS:
             if self.plain or not self._could_start(self.held):
                 self.plain, out, self.held = True, self.held, ""
                 return out
             return ""
-        start = self.spec.start or "<tool_call>"
+        start = self.spec.start or MARKERS[self.spec.format]
         begin = self.held.find(start)
         if begin >= 0:
             out, self.held, self.capturing = self.held[:begin], self.held[begin:], True
@@ -169,7 +264,7 @@ class ToolCallStream:
         held, self.held = self.held, ""
         if not held or self.plain:
             return held, []
-        content, calls = parse_tool_calls(held, self.spec, self.names)
+        content, calls = parse_tool_calls(held, self.spec, self.names, self.parameters)
         return (content, calls) if calls else (held, [])
 
 

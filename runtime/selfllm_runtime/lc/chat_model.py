@@ -34,7 +34,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
-from ..tool_calls import ToolCall, ToolCallStream, parse_tool_calls, tool_names
+from ..tool_calls import ToolCall, ToolCallStream, parse_tool_calls, tool_names, tool_parameters
 
 ROLES: dict[type[BaseMessage], str] = {
     SystemMessage: "system", HumanMessage: "user", AIMessage: "assistant", ToolMessage: "tool",
@@ -152,7 +152,8 @@ class ChatSelfLLM(BaseChatModel):
         content, calls = completion.text, []
         spec = self.engine.family.tool_calls
         if params.tools and spec is not None:
-            content, calls = parse_tool_calls(completion.text, spec, tool_names(params.tools))
+            content, calls = parse_tool_calls(completion.text, spec, tool_names(params.tools),
+                                              tool_parameters(params.tools))
         message = AIMessage(content=content, additional_kwargs=extra, usage_metadata=usage(completion),
                             tool_calls=[langchain_call(call) for call in calls],
                             response_metadata=self._response_metadata(completion))
@@ -163,7 +164,8 @@ class ChatSelfLLM(BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         params = self._params(stop, kwargs)
         spec = self.engine.family.tool_calls
-        calls_stream = ToolCallStream(spec, tool_names(params.tools)) if params.tools and spec is not None else None
+        calls_stream = (ToolCallStream(spec, tool_names(params.tools), tool_parameters(params.tools))
+                        if params.tools and spec is not None else None)
         for piece in self.engine.stream(to_engine_messages(messages), params):
             if isinstance(piece, Completion):
                 if calls_stream is not None:

@@ -42,7 +42,7 @@ from ..batching import EngineBusy
 from ..continuous import SeedUnsupported
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
 from ..settings import FastapiSettings
-from ..tool_calls import ToolCallStream, parse_tool_calls, tool_names
+from ..tool_calls import ToolCallStream, parse_tool_calls, tool_names, tool_parameters
 
 log = logging.getLogger("selfllm.openai")
 
@@ -442,7 +442,7 @@ class OpenAIChat:
         calls = []
         spec = self.engine.family.tool_calls
         if tools and spec is not None:
-            content, calls = parse_tool_calls(completion.text, spec, tool_names(tools))
+            content, calls = parse_tool_calls(completion.text, spec, tool_names(tools), tool_parameters(tools))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": None,
@@ -468,7 +468,8 @@ class OpenAIChat:
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         spec = self.engine.family.tool_calls
-        calls_stream = ToolCallStream(spec, tool_names(tools)) if tools and spec is not None else None
+        calls_stream = (ToolCallStream(spec, tool_names(tools), tool_parameters(tools))
+                        if tools and spec is not None else None)
         yield chunk({"role": "assistant", "content": ""})
         try:
             for piece in pieces:
