@@ -43,15 +43,44 @@ class SmokeSession:
 
 
 def always_thinks(recipe_key: str) -> bool:
-    """Whether the recipe's family opens the reasoning block in the prompt with no switch to turn it
-    off (DeepSeek-R1-Distill): a random tiny model then rarely closes it, so its whole output is
-    reasoning and the answer part may be empty."""
-    from selfllm_runtime.metadata import load_family
+    """Whether the recipe opens the reasoning block in the prompt when the request leaves thinking at
+    the family's default: always where there is no switch to turn it off (DeepSeek-R1-Distill), or
+    where the switch's default does (MiniCPM5: enable_thinking on pre-fills `<think>`; Qwen3's does
+    not). A random tiny model then rarely closes it, so its whole output is reasoning and the answer
+    part may be empty."""
+    from selfllm_runtime.context import load_context
 
     from ..layout import RECIPES_DIR
 
-    family = load_family(RECIPES_DIR / recipe_key.split("/")[0])
-    return family.reasoning is not None and family.thinking is None
+    context = load_context(RECIPES_DIR / recipe_key)
+    family = context.family
+    if family.reasoning is None:
+        return False
+    if family.thinking is None:
+        return True
+    return default_prompt(context).rstrip().endswith(family.reasoning.start)
+
+
+def default_prompt(context, messages: list[dict] | None = None) -> str:
+    """The chat template's generation prompt for `messages` (default: one user turn) with the recipe's
+    default template arguments, rendered on the host by a Jinja sandbox set up as transformers sets up
+    its own (trim_blocks, lstrip_blocks, loop controls, `tojson`, `raise_exception`); bos/eos as empty
+    text. Enough to see how a template ends the prompt, without transformers on the host."""
+    import json
+
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, **_: json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(context.chat_template).render(
+        messages=messages or [{"role": "user", "content": "你好"}], add_generation_prompt=True,
+        bos_token="", eos_token="", **context.template_kwargs())
 
 
 def start_on_smoke_model(start: str = "selfllm start") -> str:

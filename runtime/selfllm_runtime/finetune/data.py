@@ -147,6 +147,8 @@ class ChatTokenizer:
     - `closes_reply=False` (GLM-4): the template leaves the turn open, so eos is appended;
     - a prompt that opens the reasoning block (R1-style `<think>\n` after the assistant tag) while
       the rendered reply does not: the reply learns an empty block first (`\n</think>\n\n` + text);
+    - a prompt that ends in an empty closed block (thinking off) that the rendered conversation does not
+      hold (MiniCPM5's template drops it from a finished turn): the prompt keeps it, the reply follows it;
     - `system_role` (Gemma-2: merge_into_first_user): rendered as at inference time (system_role.render_chat),
       so a SYSTEM_PROMPT goes into the first user turn of the prompt, never into the learned part.
     """
@@ -166,6 +168,13 @@ class ChatTokenizer:
         head = prompt.rstrip()
         if opener and head.endswith(opener) and full.startswith(head[: -len(opener)]):
             return "\n" + self.reasoning.end + "\n\n" + full[len(head) - len(opener):].lstrip()
+        if opener and head.endswith(self.reasoning.end):
+            # Thinking off (MiniCPM5): the prompt ends in an empty, closed think block that the rendered
+            # conversation does not hold; the reply is learned as rendered, after the prompt's block.
+            begin = head.rfind(opener)
+            inside = head[begin + len(opener): len(head) - len(self.reasoning.end)] if begin >= 0 else "x"
+            if not inside.strip() and full.startswith(prompt[:begin]):
+                return full[begin:]
         raise ValueError("the chat template renders the prompt differently when the reply follows it; "
                          f"cannot mask the prompt (prompt ends {prompt[-40:]!r})")
 
