@@ -169,6 +169,40 @@ def test_gemma2_learns_with_the_system_prompt_in_its_first_user_turn(tiny_recipe
     assert ChatTokenizer(tokenizer, {}, family.special_tokens.eos).system_role == "native"
 
 
+def test_minicpm5_learns_the_reply_after_the_empty_think_block_of_its_prompt(tiny_recipe):
+    """MiniCPM5's template writes `<think>\n\n</think>\n\n` after the generation prompt with thinking off but
+    leaves it out of a finished turn. As in upstream's MiniCPM5 LoRA tutorial, the (masked) prompt keeps the
+    block and the learned part is the reply and <|im_end|>; the whole example decodes to what it printed."""
+    from transformers import AutoTokenizer
+
+    context, folder = tiny_recipe("minicpm5/lora")
+    family = context.family
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def chat(thinking: bool) -> ChatTokenizer:
+        return ChatTokenizer(tokenizer, thinking_kwargs(context, thinking), family.special_tokens.eos, 512,
+                             closes_reply=family.template_closes_reply, reasoning=family.reasoning,
+                             system_role=family.system_role)
+
+    system = "现在你要扮演皇帝身边的女人--甄嬛"
+    question = "小姐，别的秀女都在求中选，唯有咱们小姐想被撂牌子，菩萨一定记得真真儿的——"
+    reply = {"role": "assistant", "content": "嘘——都说许愿说破是不灵的。"}
+    asked = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    encoded = chat(False).encode(asked, reply)
+    assert tokenizer.decode(encoded["input_ids"]) == (
+        f"<s><|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n嘘——都说许愿说破是不灵的。<|im_end|>")
+    learned = [label for label in encoded["labels"] if label != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "嘘——都说许愿说破是不灵的。<|im_end|>"
+    # a later turn: the earlier reply is in the prompt as the template renders it (no think block)
+    later, answer = chat(False).render([*asked, reply, {"role": "user", "content": "你是谁？"}],
+                                       {"role": "assistant", "content": "我是甄嬛。"})
+    assert later.endswith("<|im_start|>assistant\n嘘——都说许愿说破是不灵的。<|im_end|>\n<|im_start|>user\n你是谁？"
+                          "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n") and answer == "我是甄嬛。<|im_end|>"
+    # thinking on: the prompt opens the block, the reply learns to close it first
+    assert chat(True).render(asked, reply)[1] == "\n</think>\n\n嘘——都说许愿说破是不灵的。<|im_end|>"
+
+
 def test_changed_default_data_is_refused(tmp_path):
     copy = tmp_path / "huanhuan.json"
     copy.write_bytes(DEFAULT_DATA.read_bytes().replace("甄嬛".encode(), "华妃".encode(), 1))
@@ -222,6 +256,21 @@ def trained(context, tiny_model, tmp_path_factory):
            "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1",
            "SYSTEM_PROMPT": "现在你要扮演皇帝身边的女人--甄嬛"}
     return train(context, tiny_model, context.settings(LoraSettings, env=env))
+
+
+@pytest.mark.parametrize("model", ["ernie4.5", "minicpm5"])
+def test_newer_families_train_and_infer_through_the_runtime(model, tiny_recipe, tmp_path):
+    """ERNIE-4.5 (Ernie4_5ForCausalLM) and MiniCPM5 (LlamaForCausalLM, thinking-off template) on their tiny models:
+    a few steps on the sample data, an adapter, and an answer with it."""
+    context, folder = tiny_recipe(f"{model}/lora")
+    env = {"DATA_PATH": str(write_sample_data(tmp_path / "sample.json", 12)), "OUTPUT_DIR": str(tmp_path / "out"),
+           "RUN_NAME": "t", "MAX_STEPS": "6", "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1",
+           "LOGGING_STEPS": "1", "SYSTEM_PROMPT": "现在你要扮演皇帝身边的女人--甄嬛"}
+    done = train(context, folder, context.settings(LoraSettings, env=env))
+    assert done["steps"] == 6 and len(done["losses"]) == 6 and all(loss > 0 for loss in done["losses"])
+    assert (Path(done["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    answer = infer(context, folder, Path(done["adapter_dir"]), "你是谁？", max_new_tokens=8, temperature=0)
+    assert answer["adapter"] and 0 < answer["completion_tokens"] <= 8
 
 
 def test_training_reduces_loss_and_saves_adapter(trained):

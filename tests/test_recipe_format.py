@@ -118,10 +118,15 @@ def test_quantized_vram_follows_from_the_parameter_counts():
                 # LoRA need more than bf16 LoRA, and the table must say so rather than promise a saving
                 assert task is not TaskKind.lora or figures[2] > figures[0], (model, task, figures)
             else:
-                assert figures[0] >= figures[1] >= figures[2], (model, task, figures)
-                # rounded to 0.5 GB: a small model (ERNIE-4.5 0.36B saves 0.5 GB at most) may round to equal figures
+                # never more with fewer bits; rounded to 0.5 GB, a small model (ERNIE-4.5 0.36B saves 0.5 GB at most)
+                # may round to equal figures. QLoRA keeps embeddings and lm_head in fp32: where they are a large
+                # share (MiniCPM5: 37% of 1.08B) that costs more than the 8-bit saving, so a LoRA's quantized
+                # figures are not bound by its bf16 one.
+                assert figures[1] >= figures[2], (model, task, figures)
+                large_unquantized = family.parameters_b.unquantized > family.parameters_b.total / 4
+                assert (task is TaskKind.lora and large_unquantized) or figures[0] >= figures[1], (model, task, figures)
                 saved = family.parameters_b.weights_gb("none") - family.parameters_b.weights_gb("4bit")
-                if saved >= 1:
+                if saved >= 1 and not large_unquantized:
                     assert figures[0] > figures[1] > figures[2], (model, task, figures)
             assert recipe.gpu.quantized_vram_gb == {"8bit": figures[1], "4bit": figures[2]}
     readme = (RECIPES_DIR / "qwen3/lora/README.md").read_text()
@@ -273,3 +278,24 @@ def test_cuda_and_driver_follow_the_stack_lock(task: TaskKind):
         assert recipe.gpu.cuda == defaults.cuda
         readme = (RECIPES_DIR / model / task.value / "README.md").read_text(encoding="utf-8")
         assert f"NVIDIA 驱动 ≥ {defaults.cuda.min_driver}" in readme and f"driver ≥ {defaults.cuda.min_driver}" in readme
+
+
+def test_smoke_checks_know_which_recipes_open_the_thinking_block_by_default(tiny_recipe):
+    """A random tiny model rarely closes a think block the prompt opened: the LangChain smoke check then
+    accepts an empty answer. DeepSeek-R1-Distill always opens it; MiniCPM5 does with enable_thinking on,
+    its default; Qwen3's template does not. The host-side render matches transformers' own."""
+    from transformers import AutoTokenizer
+
+    from selfllm_recipes.smoke.checks import always_thinks, default_prompt
+
+    assert {model for model in FAMILIES if always_thinks(f"{model}/langchain")} == {"deepseek-r1-distill-qwen",
+                                                                                    "minicpm5"}
+    messages = [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "你好"}]
+    for model in ("qwen3", "minicpm5", "ernie4.5"):
+        context, folder = tiny_recipe(f"{model}/fastapi")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 **context.template_kwargs())
+        if "bos_token" in context.chat_template:  # the host render writes bos as empty text
+            rendered = rendered.removeprefix(tokenizer.bos_token)
+        assert default_prompt(context, messages) == rendered, model

@@ -1,6 +1,7 @@
 """The in-image runtime on the host: model acquisition, reasoning split, tiny model, legacy API."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,66 @@ def test_a_smoke_model_above_the_bound_is_refused(tmp_path: Path, monkeypatch, c
         tiny_model_size("selfllm: smoke model Gemma3ForConditionalGeneration: 2700000000 parameters (random weights)")
     with pytest.raises(SmokeFailure, match="never logged"):
         tiny_model_size("no such line")
+
+
+# ------------------------------------------------- MiniCPM5 (thinking switch, think block when off) and ERNIE-4.5
+
+@pytest.fixture(scope="module")
+def minicpm5(tiny_recipe):
+    from selfllm_runtime.chat_engine import ChatEngine
+
+    return ChatEngine(*tiny_recipe("minicpm5/fastapi"))
+
+
+def test_minicpm5_thinking_switch_shapes_the_prompt(minicpm5):
+    """Thinking on (the default) opens <think> after the generation prompt; off writes an empty block there."""
+    head = "<s><|im_start|>system\n你是甄嬛。<|im_end|>\n<|im_start|>user\n你是谁？<|im_end|>\n<|im_start|>assistant\n"
+    on = minicpm5.format_prompt(SYSTEM_USER)
+    assert on == head + "<think>\n" and minicpm5.opens_reasoning(on)
+    off = minicpm5.format_prompt(SYSTEM_USER, {"enable_thinking": False})
+    assert off == head + "<think>\n\n</think>\n\n" and not minicpm5.opens_reasoning(off)
+    assert minicpm5.format_prompt(SYSTEM_USER[1:], {"enable_thinking": False}).startswith("<s><|im_start|>user\n")
+
+
+@pytest.mark.parametrize("thinking, written", [
+    (False, "<think>\n嗯，用户问我是谁。\n</think>\n\n我是甄嬛。"),  # what upstream saw with thinking off
+    (False, "我是甄嬛。"),
+    (True, "嗯，用户问我是谁。\n</think>\n\n我是甄嬛。"),  # the prompt opened the block
+])
+def test_minicpm5_think_block_is_split_off_with_thinking_on_or_off(minicpm5, monkeypatch, thinking, written):
+    """No runtime special case: a reply that starts with a think block (thinking off) or ends one the prompt
+    opened (thinking on) is split like Qwen3's; the answer never carries the block, in either API."""
+    from conftest import script_model
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    script_model(minicpm5, monkeypatch, written)
+    reasoning = "嗯，用户问我是谁。" if "</think>" in written else None
+    body = {"model": "openbmb/MiniCPM5-1B", "messages": SYSTEM_USER, "max_tokens": 64,
+            "chat_template_kwargs": {"enable_thinking": thinking}}
+    with TestClient(create_app(minicpm5)) as client:
+        message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert message["content"] == "我是甄嬛。" and message["reasoning_content"] == reasoning
+        events = client.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in events if line.startswith("data: {")]
+    assert "".join(d.get("content") or "" for d in deltas).strip() == "我是甄嬛。"
+    assert "".join(d.get("reasoning_content") or "" for d in deltas).strip() == (reasoning or "")
+
+
+def test_ernie45_prompt_is_its_template_and_generation_stops_at_end_of_sentence(tiny_recipe, monkeypatch):
+    """ERNIE-4.5's template: <|begin_of_sentence|>, the system text on its own line, `User: …\\n`, `Assistant: `;
+    upstream's tutorial printed the same. A reply stops at <|end_of_sentence|> (or </s>)."""
+    from conftest import script_model
+
+    from selfllm_runtime.chat_engine import ChatEngine, GenerationParams
+
+    ernie = ChatEngine(*tiny_recipe("ernie4.5/fastapi"))
+    assert ernie.format_prompt(SYSTEM_USER) == "<|begin_of_sentence|>你是甄嬛。\nUser: 你是谁？\nAssistant: "
+    history = [*SYSTEM_USER, {"role": "assistant", "content": "臣妾甄嬛。"}, {"role": "user", "content": "多大了？"}]
+    assert ernie.format_prompt(history).endswith("Assistant: 臣妾甄嬛。<|end_of_sentence|>User: 多大了？\nAssistant: ")
+    vocab = ernie.tokenizer.get_vocab()
+    assert ernie.stop_token_ids == sorted([vocab["<|end_of_sentence|>"], vocab["</s>"]])
+    script_model(ernie, monkeypatch, "我是甄嬛。<|end_of_sentence|>User: 还有呢")  # the stop token ends it
+    done = ernie.generate(SYSTEM_USER, GenerationParams(max_new_tokens=32, seed=0))
+    assert done.text == "我是甄嬛。" and done.reasoning is None and done.finish_reason == "stop"

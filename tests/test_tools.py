@@ -29,8 +29,9 @@ CALLED = [*ASKED,
 HERMES = ToolCalls(format="hermes", start="<tool_call>", end="</tool_call>", vllm_parser="hermes")
 LLAMA = ToolCalls(format="llama3_json", vllm_parser="llama3_json")
 GLM4 = ToolCalls(format="glm4", tools_in="system_message")
+MINICPM5 = ToolCalls(format="minicpm5", start="<function", end="</function>", vllm_parser="minicpm5")
 
-WITH_TOOLS = ["qwen3", "qwen3-moe", "qwen2.5", "qwen2.5-coder", "llama3.1", "glm4"]
+WITH_TOOLS = ["qwen3", "qwen3-moe", "qwen2.5", "qwen2.5-coder", "llama3.1", "glm4", "minicpm5"]
 WITHOUT_TOOLS = ["deepseek-r1-distill-qwen", "phi4", "gemma2", "ernie4.5"]
 
 
@@ -43,7 +44,7 @@ def test_families_with_tool_calls_are_those_whose_template_renders_tools():
     formats = {d.name: (f.tool_calls.format if (f := load_family(d)).tool_calls else None)
                for d in sorted(RECIPES_DIR.iterdir()) if (d / "model.yaml").is_file()}
     assert formats == {"qwen3": "hermes", "qwen3-moe": "hermes", "qwen2.5": "hermes", "qwen2.5-coder": "hermes",
-                       "llama3.1": "llama3_json", "glm4": "glm4",
+                       "llama3.1": "llama3_json", "glm4": "glm4", "minicpm5": "minicpm5",
                        "deepseek-r1-distill-qwen": None, "phi4": None, "gemma2": None, "ernie4.5": None}
 
 
@@ -92,6 +93,11 @@ RENDERED_CALL = {
     "llama3.1": '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'
                 '<|start_header_id|>ipython<|end_header_id|>\n\n"31C and sunny"<|eot_id|>',
     "glm4": '<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\n31C and sunny<|assistant|>',
+    # MiniCPM5: XML call; the tool's answer goes into a user turn (enable_thinking is on by default, so the
+    # next generation prompt opens <think>)
+    "minicpm5": '<|im_start|>assistant\n<function name="get_weather"><param name="city">Paris</param></function>'
+                "<|im_end|>\n<|im_start|>user\n<tool_response>\n31C and sunny\n</tool_response><|im_end|>\n"
+                "<|im_start|>assistant\n<think>\n",
 }
 
 
@@ -102,7 +108,7 @@ def test_template_renders_calls_and_results_in_the_models_format(tokenizers, fam
     # what the template rendered of the earlier call parses back to the same call
     spec = tokenizers[family][0].family.tool_calls
     head = {"qwen3": "<tool_call>", "qwen3-moe": "<tool_call>", "qwen2.5": "<tool_call>", "qwen2.5-coder": "<tool_call>",
-            "llama3.1": '{"name"', "glm4": "get_weather\n"}[family]
+            "llama3.1": '{"name"', "glm4": "get_weather\n", "minicpm5": "<function"}[family]
     call_text = RENDERED_CALL[family][RENDERED_CALL[family].index(head):]
     call_text = call_text.split({"llama3.1": "<|eot_id|>", "glm4": "<|observation|>"}.get(family, "<|im_end|>"))[0]
     content, calls = parse_tool_calls(call_text, spec, NAMES)
@@ -194,6 +200,48 @@ def test_glm4_parser(label, text, content, calls):
     assert calls_of(text, GLM4) == (text if content is None else content, calls)
 
 
+# The request's tools type MiniCPM5's text values (as their JSON schema says).
+TYPED = {"get_weather": {"city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+                         "hours": {"type": "array"}, "zip": {"type": "string"}, "ratio": {"type": ["number", "null"]}}}
+MINICPM5_CASES = [
+    ("one call", '<function name="get_weather"><param name="city">Paris</param></function>',
+     "", [("get_weather", {"city": "Paris"})]),
+    ("two calls with text before",
+     'Let me check both.\n<function name="get_weather"><param name="city">巴黎</param></function>\n'
+     '<function name="get_time"><param name="city">Paris</param></function>',
+     "Let me check both.", [("get_weather", {"city": "巴黎"}), ("get_time", {"city": "Paris"})]),
+    ("typed by the schema",
+     '<function name="get_weather"><param name="city">Paris</param><param name="days">3</param>'
+     '<param name="metric">true</param><param name="hours">[9, 12]</param><param name="zip">75001</param>'
+     '<param name="ratio">0.5</param><param name="extra">42</param></function>', "",
+     [("get_weather", {"city": "Paris", "days": 3, "metric": True, "hours": [9, 12], "zip": "75001", "ratio": 0.5,
+                       "extra": "42"})]),
+    ("CDATA value", '<function name="get_time"><param name="city"><![CDATA[New\n<York> & Co]]></param></function>',
+     "", [("get_time", {"city": "New\n<York> & Co"})]),
+    ("no parameters", '<function name="get_time"></function>', "", [("get_time", {})]),
+    ("value that does not parse as its type stays text",
+     '<function name="get_weather"><param name="days">three</param></function>', "", [("get_weather", {"days": "three"})]),
+    ("cut off", '<function name="get_weather"><param name="city">Par', None, []),
+    ("text inside the call", '<function name="get_weather">city=Paris</function>', None, []),
+    ("the system prompt's wording", "I would answer without any <function ... </function>.", None, []),
+    ("no markup", "It is sunny in Paris.", None, []),
+]
+
+
+@pytest.mark.parametrize("label,text,content,calls", MINICPM5_CASES, ids=[c[0] for c in MINICPM5_CASES])
+def test_minicpm5_parser(label, text, content, calls):
+    got, found = parse_tool_calls(text, MINICPM5, NAMES, TYPED)
+    assert (got, [(c.name, json.loads(c.arguments)) for c in found]) == (text if content is None else content, calls)
+
+
+def test_tool_parameters_are_each_tools_property_schemas():
+    from selfllm_runtime.tool_calls import tool_parameters
+
+    assert tool_parameters(TOOLS) == {"get_weather": {"city": {"type": "string"}}, "get_time": {"city": {"type": "string"}}}
+    assert tool_parameters([{"type": "function", "function": {"name": "ping"}}]) == {"ping": {}}
+    assert tool_parameters(None) == {}
+
+
 def test_each_call_gets_its_own_id():
     _, calls = parse_tool_calls(HERMES_CASES[1][1], HERMES, NAMES)
     assert len({c.id for c in calls}) == 2
@@ -209,10 +257,11 @@ def streamed(spec: ToolCalls, text: str, step: int = 3) -> tuple[list[str], str,
 
 @pytest.mark.parametrize("spec,text", [
     (HERMES, "Let me check.\n" + HERMES_CASES[1][1].split("\n", 1)[1]),
-    (LLAMA, LLAMA_CASES[2][1]), (GLM4, GLM_CASES[0][1])], ids=["hermes", "llama3_json", "glm4"])
+    (LLAMA, LLAMA_CASES[2][1]), (GLM4, GLM_CASES[0][1]), (MINICPM5, MINICPM5_CASES[1][1])],
+    ids=["hermes", "llama3_json", "glm4", "minicpm5"])
 def test_stream_holds_back_calls_and_parses_them_at_the_end(spec, text):
     sent, rest, calls = streamed(spec, text)
-    assert calls and not any(marker in "".join(sent) for marker in ("<tool", "{", "get_"))
+    assert calls and not any(marker in "".join(sent) for marker in ("<tool", "<func", "{", "get_"))
     whole_content, whole_calls = calls_of(text, spec)
     assert ("".join(sent) + rest).strip() == whole_content and calls == whole_calls
 
@@ -220,8 +269,10 @@ def test_stream_holds_back_calls_and_parses_them_at_the_end(spec, text):
 @pytest.mark.parametrize("spec,text", [
     (HERMES, "It is <b>sunny</b> in Paris; <tool maybe."), (HERMES, HERMES_CASES[4][1]),
     (LLAMA, "The weather in Paris is sunny."), (LLAMA, LLAMA_CASES[4][1]),
-    (GLM4, "\n巴黎今天晴，31 度。"), (GLM4, GLM_CASES[2][1])],
-    ids=["hermes prose", "hermes malformed", "llama prose", "llama cut off", "glm prose", "glm cut off"])
+    (GLM4, "\n巴黎今天晴，31 度。"), (GLM4, GLM_CASES[2][1]),
+    (MINICPM5, "Use <b>bold</b>; <func maybe."), (MINICPM5, MINICPM5_CASES[6][1])],
+    ids=["hermes prose", "hermes malformed", "llama prose", "llama cut off", "glm prose", "glm cut off",
+         "minicpm5 prose", "minicpm5 cut off"])
 def test_stream_without_a_call_gives_back_all_the_text(spec, text):
     sent, rest, calls = streamed(spec, text)
     assert calls == [] and "".join(sent) + rest == text
@@ -231,6 +282,8 @@ def test_prose_streams_before_the_end():
     sent, _, _ = streamed(HERMES, "It is sunny in Paris today, enjoy it.")
     assert len(sent) > 3
     sent, _, _ = streamed(LLAMA, "It is sunny in Paris today, enjoy it.")
+    assert len(sent) > 3
+    sent, _, _ = streamed(MINICPM5, "It is sunny in Paris today, enjoy it.")
     assert len(sent) > 3
 
 
@@ -455,3 +508,68 @@ def test_langchain_bind_tools_needs_a_family_with_tool_calls(tiny_recipe):
     phi4 = ChatEngine(*tiny_recipe("phi4/fastapi"))
     with pytest.raises(ValueError, match="does not render tools"):
         ChatSelfLLM(engine=phi4).bind_tools([get_weather])
+
+
+# --- MiniCPM5's XML calls through the OpenAI API and ChatSelfLLM (tiny MiniCPM5, scripted output) -----------------
+
+FORECAST = {"type": "function", "function": {
+    "name": "get_forecast", "description": "Forecast of a city for some days",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city", "days"]}}}
+XML_CALL = ('<think>\n要查天气。\n</think>\n\n好的。\n'
+            '<function name="get_forecast"><param name="city">Paris</param><param name="days">3</param></function>')
+
+
+@pytest.fixture(scope="module")
+def minicpm5(tiny_recipe):
+    from selfllm_runtime.chat_engine import ChatEngine
+
+    return ChatEngine(*tiny_recipe("minicpm5/fastapi"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_minicpm5_xml_call_comes_back_typed_by_the_tools_schema(minicpm5, monkeypatch, stream):
+    """Thinking off, the model still writes a think block (upstream saw it): it goes to reasoning_content; the
+    XML call becomes tool_calls with `days` an integer, as the tool's schema says; content keeps the prose."""
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    seen: list[str] = []
+    script_model(minicpm5, monkeypatch, lambda prompt: seen.append(prompt) or XML_CALL)
+    body = {"model": "openbmb/MiniCPM5-1B", "messages": QUESTION, "tools": [FORECAST], "max_tokens": 200,
+            "chat_template_kwargs": {"enable_thinking": False}, "stream": stream}
+    with TestClient(create_app(minicpm5)) as client:
+        answer = client.post(URL, json=body)
+    assert answer.status_code == 200, answer.text
+    assert "Forecast of a city for some days" in seen[-1] and seen[-1].endswith("<think>\n\n</think>\n\n")
+    if stream:
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in answer.text.splitlines()
+                  if line.startswith("data: {")]
+        content = "".join(d.get("content") or "" for d in deltas)
+        reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+        [calls] = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
+    else:
+        message = answer.json()["choices"][0]["message"]
+        content, reasoning, calls = message["content"], message["reasoning_content"], message["tool_calls"]
+        assert answer.json()["choices"][0]["finish_reason"] == "tool_calls"
+    assert content.strip() == "好的。" and reasoning.strip() == "要查天气。" and "<function" not in content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_forecast", {"city": "Paris", "days": 3})]
+
+
+def test_minicpm5_chat_model_parses_its_xml_call(minicpm5, monkeypatch):
+    from selfllm_runtime.lc.chat_model import ChatSelfLLM
+
+    def get_forecast(city: str, days: int) -> str:
+        """Forecast of a city for some days."""
+        return "sunny"
+
+    script_model(minicpm5, monkeypatch, XML_CALL)
+    llm = ChatSelfLLM(engine=minicpm5, max_new_tokens=200, enable_thinking=False).bind_tools([get_forecast])
+    answer = llm.invoke("Weather in Paris for 3 days?")
+    assert [(c["name"], c["args"]) for c in answer.tool_calls] == [("get_forecast", {"city": "Paris", "days": 3})]
+    assert answer.additional_kwargs["reasoning_content"] == "要查天气。"
+    chunks = list(llm.stream("Weather in Paris for 3 days?"))
+    merged = sum(chunks[1:], chunks[0])
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [("get_forecast", {"city": "Paris", "days": 3})]
