@@ -258,10 +258,11 @@ def trained(context, tiny_model, tmp_path_factory):
     return train(context, tiny_model, context.settings(LoraSettings, env=env))
 
 
-@pytest.mark.parametrize("model", ["ernie4.5", "minicpm5"])
+@pytest.mark.parametrize("model", ["ernie4.5", "minicpm5", "gemma3"])
 def test_newer_families_train_and_infer_through_the_runtime(model, tiny_recipe, tmp_path):
-    """ERNIE-4.5 (Ernie4_5ForCausalLM) and MiniCPM5 (LlamaForCausalLM, thinking-off template) on their tiny models:
-    a few steps on the sample data, an adapter, and an answer with it."""
+    """ERNIE-4.5 (Ernie4_5ForCausalLM), MiniCPM5 (LlamaForCausalLM, thinking-off template) and Gemma-3
+    (Gemma3ForConditionalGeneration: LoRA on its language model only) on their tiny models: a few steps on the
+    sample data, an adapter, and an answer with it."""
     context, folder = tiny_recipe(f"{model}/lora")
     env = {"DATA_PATH": str(write_sample_data(tmp_path / "sample.json", 12)), "OUTPUT_DIR": str(tmp_path / "out"),
            "RUN_NAME": "t", "MAX_STEPS": "6", "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1",
@@ -269,6 +270,15 @@ def test_newer_families_train_and_infer_through_the_runtime(model, tiny_recipe, 
     done = train(context, folder, context.settings(LoraSettings, env=env))
     assert done["steps"] == 6 and len(done["losses"]) == 6 and all(loss > 0 for loss in done["losses"])
     assert (Path(done["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(Path(done["adapter_dir"]) / "adapter_model.safetensors"), framework="pt") as weights:
+        adapted = {name.split(".lora_")[0] for name in weights.keys()}
+    under = context.family.lora.modules_under
+    assert adapted and all(under is None or f".{under}." in f".{name}" for name in adapted), sorted(adapted)
+    if under:  # the vision tower has q_proj/k_proj/v_proj too: none of them got an adapter
+        assert not any("vision" in name for name in adapted)
+        assert {name.rsplit(".", 1)[-1] for name in adapted} == set(context.family.lora.target_modules)
     answer = infer(context, folder, Path(done["adapter_dir"]), "你是谁？", max_new_tokens=8, temperature=0)
     assert answer["adapter"] and 0 < answer["completion_tokens"] <= 8
 

@@ -320,3 +320,44 @@ def test_ernie45_prompt_is_its_template_and_generation_stops_at_end_of_sentence(
     script_model(ernie, monkeypatch, "我是甄嬛。<|end_of_sentence|>User: 还有呢")  # the stop token ends it
     done = ernie.generate(SYSTEM_USER, GenerationParams(max_new_tokens=32, seed=0))
     assert done.text == "我是甄嬛。" and done.reasoning is None and done.finish_reason == "stop"
+
+
+# ------------------------------------------------- Gemma-3: a composite (vision-language) config, LoRA on its LM
+
+def test_a_composite_config_gets_the_flat_shape_in_its_text_config_and_a_small_vision_tower():
+    """Gemma3Config ignores flat text fields: tiny_config puts them into text_config. A config that still ignores
+    a shape field is refused by name (never a silently large "tiny" model)."""
+    from selfllm_runtime.metadata import SmokeModelShape, load_family
+    from selfllm_runtime.smoke_model import tiny_config
+
+    family = load_family(RECIPES_DIR / "gemma3")
+    model_class, config = tiny_config(family.architecture, family.smoke, 1024, pad_token_id=0, eos_token_id=1)
+    assert (config.text_config.hidden_size, config.text_config.num_hidden_layers, config.text_config.vocab_size) == (
+        family.smoke.hidden_size, family.smoke.num_hidden_layers, 1024)
+    assert config.vision_config.hidden_size == 32 and config.mm_tokens_per_image == 4
+    import torch
+
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in model_class(config).parameters())
+    assert 100_000 < parameters < 1_000_000, parameters
+    # text_config given in extra without the flat fields it overrides: refused, naming the field
+    shape = SmokeModelShape(extra={"text_config": {"hidden_size": 512}})
+    with pytest.raises(ValueError, match=r"ignored the smoke shape fields \{'hidden_size': 64\}"):
+        tiny_config(family.architecture, shape, 1024)
+
+
+def test_lora_targets_of_a_vision_language_model_are_under_its_language_model():
+    import re
+
+    from selfllm_runtime.metadata import load_family
+    from selfllm_runtime.smoke_model import missing_lora_targets, module_names
+
+    family = load_family(RECIPES_DIR / "gemma3")
+    pattern = family.lora.peft_target_modules(["q_proj", "v_proj"])
+    assert re.fullmatch(pattern, "model.language_model.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(pattern, "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(pattern, "model.language_model.layers.0.self_attn.k_proj")
+    assert "fc1" not in module_names(family) and "q_proj" in module_names(family)  # fc1: SigLIP's MLP
+    assert missing_lora_targets(family.model_copy(update={"lora": family.lora.model_copy(
+        update={"target_modules": ["q_proj", "fc1"]})})) == ["fc1"]
+    assert load_family(RECIPES_DIR / "qwen3").lora.peft_target_modules(["q_proj"]) == ["q_proj"]

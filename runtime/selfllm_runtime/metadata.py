@@ -13,6 +13,7 @@ Only pydantic and PyYAML are imported here, so the host toolkit can validate wit
 from __future__ import annotations
 
 import math
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -108,9 +109,19 @@ class LoraDefaults(Strict):
     target_parameters: list[str] = Field(
         [], description="parameters (not modules) that get LoRA, by name suffix: a MoE's fused expert weights, which "
         "transformers 5 keeps as 3-D parameters (e.g. mlp.experts.gate_up_proj); peft's target_parameters")
+    modules_under: str | None = Field(
+        None, pattern=r"^\w+(\.\w+)*$", description="only modules under this module path get LoRA: a vision-language "
+        "model's language model (model.language_model), whose vision tower has modules of the same names")
     r: int = Field(8, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
+
+    def peft_target_modules(self, names: list[str]) -> list[str] | str:
+        """peft's target_modules for module names `names`: the list itself, or, with modules_under, a regex
+        (peft full-matches a string against each module's full name)."""
+        if self.modules_under is None:
+            return names
+        return rf"{re.escape(self.modules_under)}\..*\.(?:{'|'.join(map(re.escape, names))})"
 
     @field_validator("dropout")
     @classmethod

@@ -91,26 +91,30 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
     model_class = getattr(transformers, architecture, None)
     if model_class is None:
         raise ValueError(f"transformers {transformers.__version__} has no class {architecture!r}")
-    config = model_class.config_class(
-        vocab_size=vocab_size,
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        head_dim=shape.head_dim,
-        intermediate_size=shape.intermediate_size,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        **token_ids,
-        **shape.extra,
-    )
+    text = {"vocab_size": vocab_size, **shape.model_dump(exclude={"extra", "vocab_size"}),
+            "max_position_embeddings": 4096, "tie_word_embeddings": True, **token_ids}
+    extra = dict(shape.extra)
+    if "text_config" in getattr(model_class.config_class, "sub_configs", {}):
+        # A composite config (vision-language: Gemma-3) ignores flat text fields: they go into its text_config,
+        # under what model.yaml's smoke.extra.text_config says.
+        config = model_class.config_class(text_config={**text, **extra.pop("text_config", {})},
+                                          tie_word_embeddings=True, **extra)
+    else:
+        config = model_class.config_class(**text, **extra)
     config.architectures = [architecture]
+    text_config = config.get_text_config()
+    ignored = {name: value for name, value in shape.model_dump(exclude={"extra"}).items()
+               if getattr(text_config, name, None) != value and name != "vocab_size"}
+    if ignored:
+        raise ValueError(f"{type(config).__name__} ignored the smoke shape fields {ignored} (model.yaml `smoke:`): "
+                         "put them where this config reads them (smoke.extra)")
     return model_class, config
 
 
 def module_names(family: ModelFamily) -> set[str]:
     """Last-component names of every module of a tiny model of the family's architecture (built
-    without weights), e.g. {"q_proj", "gate_up_proj", ...}: what LoRA target_modules may name."""
+    without weights), e.g. {"q_proj", "gate_up_proj", ...}: what LoRA target_modules may name; only
+    modules under lora.modules_under where the family sets it."""
     import torch
 
     # Token ids inside the small vocabulary (some configs default to the real checkpoint's, e.g. GLM's pad 151329).
@@ -118,7 +122,9 @@ def module_names(family: ModelFamily) -> set[str]:
                                       pad_token_id=0, bos_token_id=None, eos_token_id=0)
     with torch.device("meta"):
         model = model_class(config)
-    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    under = family.lora.modules_under
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+            if name and (under is None or name.startswith(under + "."))}
 
 
 def parameter_names(family: ModelFamily) -> set[str]:

@@ -147,13 +147,16 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
         model.enable_input_require_grads()  # else frozen embeddings give checkpointed blocks no grad (upstream #119)
     # A MoE's fused experts are parameters, not modules: peft wraps them by name (target_parameters).
     by_parameter = {"target_parameters": settings.target_parameters} if settings.target_parameters else {}
-    lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=settings.target_modules, r=settings.r,
+    # A vision-language model: only the language model's modules (model.yaml lora.modules_under).
+    targets = context.family.lora.peft_target_modules(settings.target_modules)
+    lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=targets, r=settings.r,
                              lora_alpha=settings.alpha, lora_dropout=settings.dropout, inference_mode=False, **by_parameter)
     model = get_peft_model(model, lora_config)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("%s r=%d alpha=%d on %s: %d trainable of %d parameters (%.3f%%)",
+    under = f" under {context.family.lora.modules_under}" if context.family.lora.modules_under else ""
+    log.info("%s r=%d alpha=%d on %s%s: %d trainable of %d parameters (%.3f%%)",
              "LoRA" if settings.quantization == "none" else f"LoRA on a {settings.quantization} base", settings.r,
-             settings.alpha, ",".join(settings.target_modules + settings.target_parameters), trainable, total,
+             settings.alpha, ",".join(settings.target_modules + settings.target_parameters), under, trainable, total,
              100 * trainable / total)
 
     losses: list[float] = []
