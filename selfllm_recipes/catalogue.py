@@ -34,21 +34,24 @@ def load_results(path: Path = RESULTS_FILE) -> dict[str, dict[str, str]]:
 
 
 def record_results(rows: Iterable[RecipeReport], path: Path = RESULTS_FILE) -> dict[str, dict[str, str]]:
-    """Keep each recipe's last pass/fail and where it ran; skipped (--no-smoke) rows change nothing.
+    """Keep each recipe's last pass/fail and where it ran; skipped (--no-smoke) rows change nothing, except that a
+    recipe whose smoke test needs a GPU loses its CPU result.
     Only what a result means is stored (no times), so a rerun with the same outcome writes nothing new."""
     results = load_results(path)
     for row in rows:
         if row.status in ("pass", "fail"):
             results[row.recipe] = {"status": row.status, "level": row.level or "cpu"}
+        elif row.needs_gpu and results.get(row.recipe, {}).get("level", "cpu") == "cpu":
+            results.pop(row.recipe, None)  # a CPU result from before it was marked GPU-only no longer holds
     text = json.dumps(dict(sorted(results.items())), ensure_ascii=False, indent=2) + "\n"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         write_atomically(path, text.encode("utf-8"))
     return results
 
 
-def _cell(result: dict[str, str] | None) -> str:
+def _cell(result: dict[str, str] | None, needs_gpu: str | None = None) -> str:
     if not result:
-        return "— 未运行 / not run"
+        return "⏸ 仅 GPU 可测 / GPU only (see its README)" if needs_gpu else "— 未运行 / not run"
     mark = "✅ PASS" if result.get("status") == "pass" else "❌ FAIL"
     return f"{mark} ({result.get('level', '')})"
 
@@ -68,7 +71,7 @@ def render_table(specs: list[RecipeSpec], results: dict[str, dict[str, str]]) ->
         checkpoint = f"`{ids.modelscope}`" + ("" if ids.modelscope == ids.huggingface else f" / `{ids.huggingface}`")
         port = str(recipe.port) if recipe.task.value in ("fastapi", "webdemo", "vllm") else "—"
         lines.append(f"| {family.display_name} | {TASK_LABEL[recipe.task.value]} | [`{spec.key}`](recipes/{spec.key}) | "
-                     f"{checkpoint} | {_vram(recipe.gpu)} | {port} | {_cell(results.get(spec.key))} |")
+                     f"{checkpoint} | {_vram(recipe.gpu)} | {port} | {_cell(results.get(spec.key), recipe.smoke.needs_gpu)} |")
     return "\n".join(lines)
 
 

@@ -318,6 +318,11 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
             if args.no_smoke:
                 row.status, row.smoke = "skip", "--no-smoke"
                 continue
+            if not gpu and spec.recipe.smoke.needs_gpu:  # said in the table, the reports and the README
+                row.status, row.level, row.needs_gpu = "skip", "cpu", True
+                row.smoke = f"not run without a GPU: {spec.recipe.smoke.needs_gpu}"
+                log.warning("%s: smoke test not run (no GPU): %s", node.key, spec.recipe.smoke.needs_gpu)
+                continue
             smoke_task = progress.add_task(f"smoke {node.key}", total=None)
             smoke = cached_pass(spec, result.image_id, gpu)
             if smoke is None:

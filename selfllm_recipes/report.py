@@ -25,6 +25,7 @@ class RecipeReport:
     image_id: str = ""  # the image the result is about: `make publish` pushes only that image
     input_hash: str = ""  # its org.selfllm.input-hash label
     image_bytes: int = 0  # its size as the engine reports it (the README's publishing section quotes these)
+    needs_gpu: bool = False  # skipped: the recipe's smoke test can't run without a GPU (recipe smoke.needs_gpu)
 
 
 def render_table(rows: list[RecipeReport], console: Console) -> None:

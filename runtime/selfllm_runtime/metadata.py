@@ -282,6 +282,9 @@ class GpuNeeds(Strict):
 
 class SmokeSettings(Strict):
     timeout_s: int = Field(600, gt=0)
+    needs_gpu: str | None = Field(
+        None, min_length=10, description="why the smoke test can't run without a GPU here: on an engine without one "
+        "the matrix builds the recipe and reports this reason (SKIP), never a result")
 
 
 class CpuVariant(Strict):
@@ -426,7 +429,10 @@ def merge_recipe(path: Path, task: TaskDefaults, family: ModelFamily, own: Recip
                 "cuda": task.cuda.model_dump()},
         "contributors": family.credits(own.task),
     }
-    fields |= own.model_dump(exclude_none=True)
+    given = own.model_dump(exclude_none=True, exclude_unset=True)
+    if "smoke" in given:  # a recipe's smoke settings add to its task's (timeout_s stays unless given)
+        given["smoke"] = {**fields.get("smoke", {}), **given["smoke"]}
+    fields |= given
     try:
         return Recipe.model_validate(fields)
     except ValidationError as exc:
