@@ -81,6 +81,19 @@ def test_reasoning_stream_handles_markers_split_across_deltas():
     assert reasoning == "first step" and content == "the answer"
 
 
+def test_reasoning_stream_holds_back_a_long_end_marker_until_it_is_whole():
+    """gpt-oss's end marker is 50 characters: a shorter reasoning buffer is held back whole, never a piece
+    of the marker emitted as reasoning."""
+    from selfllm_runtime.metadata import Reasoning
+
+    harmony = Reasoning(start="<|channel|>analysis<|message|>", end="<|end|><|start|>assistant<|channel|>final<|message|>")
+    text = "<|channel|>analysis<|message|>想一想。<|end|><|start|>assistant<|channel|>final<|message|>我是甄嬛。"
+    stream = ReasoningStream(harmony)
+    pieces = [p for i in range(0, len(text), 3) for p in stream.feed(text[i:i + 3])] + stream.feed("", final=True)
+    assert "".join(t for k, t in pieces if k == "reasoning") == "想一想。"
+    assert "".join(t for k, t in pieces if k == "content") == "我是甄嬛。"
+
+
 def test_thinking_switch_goes_through_the_chat_template(engine):
     on = engine.format_prompt([{"role": "user", "content": "hi"}])
     off = engine.format_prompt([{"role": "user", "content": "hi"}], {"enable_thinking": False})

@@ -97,8 +97,9 @@ class ReasoningStream:
                         out.append(("reasoning", head.rstrip("\n")))
                     self.buffer, self.state = self.buffer.lstrip("\n"), "content"
                     continue
-                keep = 0 if final else len(self.markers.end) - 1
-                emit, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+                keep = 0 if final else len(self.markers.end) - 1  # the end marker may be arriving
+                cut = max(0, len(self.buffer) - keep)  # (a buffer shorter than the marker is all kept)
+                emit, self.buffer = self.buffer[:cut], self.buffer[cut:]
                 if emit:
                     out.append(("reasoning", emit))
                 return out
