@@ -258,7 +258,7 @@ def trained(context, tiny_model, tmp_path_factory):
     return train(context, tiny_model, context.settings(LoraSettings, env=env))
 
 
-@pytest.mark.parametrize("model", ["ernie4.5", "minicpm5", "gemma3"])
+@pytest.mark.parametrize("model", ["ernie4.5", "minicpm5", "gemma3", "gpt-oss"])
 def test_newer_families_train_and_infer_through_the_runtime(model, tiny_recipe, tmp_path):
     """ERNIE-4.5 (Ernie4_5ForCausalLM), MiniCPM5 (LlamaForCausalLM, thinking-off template) and Gemma-3
     (Gemma3ForConditionalGeneration: LoRA on its language model only) on their tiny models: a few steps on the

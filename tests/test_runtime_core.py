@@ -374,3 +374,103 @@ def test_lora_targets_of_a_vision_language_model_are_under_its_language_model():
     assert missing_lora_targets(family.model_copy(update={"lora": family.lora.model_copy(
         update={"target_modules": ["q_proj", "fc1"]})})) == ["fc1"]
     assert load_family(RECIPES_DIR / "qwen3").lora.peft_target_modules(["q_proj"]) == ["q_proj"]
+
+
+# ------------------------------------------------- gpt-oss: harmony channels, a string reasoning effort
+
+@pytest.fixture(scope="module")
+def gptoss(tiny_recipe):
+    from selfllm_runtime.chat_engine import ChatEngine
+
+    return ChatEngine(*tiny_recipe("gpt-oss/fastapi"))
+
+
+HARMONY_REPLY = ("<|channel|>analysis<|message|>用户问我是谁。<|end|>"
+                 "<|start|>assistant<|channel|>final<|message|>我是甄嬛。<|return|>")
+
+
+def test_gptoss_prompt_is_harmony_with_the_effort_and_the_system_message_as_developer(gptoss):
+    prompt = gptoss.format_prompt(SYSTEM_USER)
+    assert prompt.startswith("<|start|>system<|message|>You are ChatGPT") and "Reasoning: medium\n\n" in prompt
+    assert prompt.endswith("<|start|>developer<|message|># Instructions\n\n你是甄嬛。\n\n<|end|>"
+                           "<|start|>user<|message|>你是谁？<|end|><|start|>assistant")
+    assert "Reasoning: high\n\n" in gptoss.format_prompt(SYSTEM_USER, {"reasoning_effort": "high"})
+    vocab = gptoss.tokenizer.get_vocab()
+    assert gptoss.stop_token_ids == sorted({vocab["<|return|>"], vocab["<|call|>"], vocab["<|endoftext|>"]})
+
+
+def test_gptoss_analysis_channel_is_the_reasoning_in_both_apis(gptoss, monkeypatch):
+    """The channel markers are special tokens: decoding keeps exactly those (not <|return|>), so the analysis
+    channel becomes reasoning_content and the final channel the answer, whole and streamed."""
+    from conftest import script_model
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    script_model(gptoss, monkeypatch, HARMONY_REPLY)
+    body = {"model": "openai/gpt-oss-20b", "messages": SYSTEM_USER, "max_tokens": 64}
+    with TestClient(create_app(gptoss)) as client:
+        message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert (message["content"], message["reasoning_content"]) == ("我是甄嬛。", "用户问我是谁。")
+        events = client.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in events if line.startswith("data: {")]
+    assert "".join(d.get("content") or "" for d in deltas).strip() == "我是甄嬛。"
+    assert "".join(d.get("reasoning_content") or "" for d in deltas).strip() == "用户问我是谁。"
+
+
+def test_reasoning_effort_field_reaches_the_template_or_is_refused_by_name(gptoss, tiny_recipe, monkeypatch):
+    from conftest import script_model
+    from fastapi.testclient import TestClient
+
+    from selfllm_runtime.chat_engine import ChatEngine
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    seen: list[str] = []
+    script_model(gptoss, monkeypatch, lambda prompt: seen.append(prompt) or HARMONY_REPLY)
+    body = {"model": "openai/gpt-oss-20b", "messages": SYSTEM_USER, "max_tokens": 32}
+    with TestClient(create_app(gptoss)) as client:
+        assert client.post("/v1/chat/completions", json={**body, "reasoning_effort": "low"}).status_code == 200
+        assert "Reasoning: low\n\n" in seen[-1]
+        bad = client.post("/v1/chat/completions", json={**body, "reasoning_effort": "max"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_effort"
+    assert "['low', 'medium', 'high']" in bad.json()["error"]["message"]
+    qwen3 = ChatEngine(*tiny_recipe("qwen3/fastapi"))
+    with TestClient(create_app(qwen3)) as client:
+        none = client.post("/v1/chat/completions", json={**body, "model": "Qwen/Qwen3-8B", "reasoning_effort": "low"})
+    assert none.status_code == 400 and none.json()["error"]["param"] == "reasoning_effort"
+
+
+def test_langchain_and_webdemo_take_the_effort_levels(gptoss, tiny_recipe):
+    from selfllm_runtime.lc.chat_model import ChatSelfLLM
+    from selfllm_runtime.tasks.webdemo import generation_params
+
+    llm = ChatSelfLLM(engine=gptoss, reasoning_effort="high")
+    assert llm._params(None, {}).template_kwargs == {"reasoning_effort": "high"}
+    assert llm._params(None, {"reasoning_effort": "low"}).template_kwargs == {"reasoning_effort": "low"}
+    with pytest.raises(ValueError, match=r"'max' is not one of \['low', 'medium', 'high'\]"):
+        ChatSelfLLM(engine=gptoss, reasoning_effort="max")
+    context = gptoss.context
+    assert generation_params(context, 64, 0.7, 0.9, "low").template_kwargs == {"reasoning_effort": "low"}
+    with pytest.raises(ValueError, match="not one of"):
+        generation_params(context, 64, 0.7, 0.9, "max")
+    from selfllm_runtime.settings import LangchainSettings, _exists
+
+    envs = {i.env for i in LangchainSettings.infos() if _exists(i, gptoss.family)}
+    assert "REASONING_EFFORT" in envs and "ENABLE_THINKING" not in envs
+
+
+def test_a_checkpoint_shipped_in_mxfp4_trains_dequantized_and_refuses_bitsandbytes(tmp_path: Path):
+    """gpt-oss ships MXFP4 experts: LoRA loads them dequantized (upstream's Mxfp4Config(dequantize=True)),
+    generation leaves MXFP4 to transformers, and QUANTIZATION=8bit/4bit is refused by name."""
+    from selfllm_runtime.loading import prequantized_kwargs, shipped_quantization
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_oss",
+                                                      "quantization_config": {"quant_method": "mxfp4"}}))
+    assert shipped_quantization(tmp_path) == "mxfp4"
+    assert shipped_quantization(tmp_path / "missing") is None
+    config = prequantized_kwargs("mxfp4", "none", training=True)["quantization_config"]
+    assert type(config).__name__ == "Mxfp4Config" and config.dequantize is True
+    assert prequantized_kwargs("mxfp4", "none", training=False) == {}
+    assert prequantized_kwargs(None, "4bit", training=True) == {}
+    with pytest.raises(ValueError, match="QUANTIZATION=4bit: the checkpoint ships mxfp4-quantized weights"):
+        prequantized_kwargs("mxfp4", "4bit", training=False)

@@ -62,7 +62,7 @@ def test_cpu_argv_runs_eager_without_compilation_and_newer_vllm_drops_enable_rea
 @pytest.mark.parametrize(("model", "parser"), [
     ("qwen3", "hermes"), ("qwen2.5", "hermes"), ("qwen2.5-coder", "hermes"), ("llama3.1", "llama3_json"),
     ("glm4", None), ("deepseek-r1-distill-qwen", None), ("phi4", None), ("gemma2", None), ("ernie4.5", None),
-    ("qwen3-moe", "hermes"), ("minicpm5", "minicpm5")])
+    ("qwen3-moe", "hermes"), ("minicpm5", "minicpm5"), ("gemma3", None), ("gpt-oss", None)])
 def test_tool_call_parser_follows_the_family(model, parser):
     """vLLM parses tool calls where the family has a parser of its format (none for GLM-4-9B's)."""
     other = load_context(RECIPES_DIR / model / "vllm")
@@ -90,7 +90,7 @@ def test_a_tool_parser_the_build_lacks_is_left_out_with_a_warning(caplog):
 
 @pytest.mark.parametrize(("model", "parser"), [
     ("qwen3", "qwen3"), ("deepseek-r1-distill-qwen", "deepseek_r1"), ("minicpm5", "qwen3"), ("ernie4.5", None),
-    ("gemma2", None)])
+    ("gemma2", None), ("gemma3", None), ("gpt-oss", "openai_gptoss")])
 def test_reasoning_parser_follows_the_family(model, parser):
     """MiniCPM5 gets qwen3's parser: its output may hold a whole think block (thinking off), only `</think>`
     (thinking on: the prompt opened it) or none; deepseek_r1 would make a plain answer reasoning."""

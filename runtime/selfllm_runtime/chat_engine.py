@@ -67,6 +67,17 @@ def split_reasoning(text: str, markers: Reasoning | None, opened: bool = False) 
     return reasoning.strip(), answer.strip()
 
 
+def hidden_special_ids(tokenizer: Any, markers: Reasoning | None) -> frozenset[int] | None:
+    """The special token ids decoding drops when a reasoning marker is made of special tokens (they are kept);
+    None where no marker is (decode then skips every special token, as usual)."""
+    if markers is None:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    kept = {i for marker in (markers.start, markers.end)
+            for i in tokenizer(marker, add_special_tokens=False)["input_ids"] if i in special}
+    return frozenset(special - kept) if kept else None
+
+
 class ReasoningStream:
     """Splits streamed text deltas into ('reasoning' | 'content', text) pieces."""
 
@@ -153,6 +164,7 @@ class ChatEngine:
         self.model.eval()
         self.torch = torch
         self.stop_token_ids = self._stop_token_ids()
+        self._hidden_ids = hidden_special_ids(self.tokenizer, self.family.reasoning)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
         scheduler_class = ContinuousScheduler if kind == "continuous" else Scheduler
         self.scheduler = scheduler_class(self.model, self.stop_token_ids, pad,
@@ -195,6 +207,13 @@ class ChatEngine:
         if given.get("top_p") is None:
             given["top_p"] = top_p
         return GenerationParams(**given)
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated text without special tokens, except those a reasoning marker is made of (gpt-oss's harmony
+        `<|channel|>analysis<|message|>`), which split_reasoning needs to see."""
+        if self._hidden_ids is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode([i for i in ids if i not in self._hidden_ids], skip_special_tokens=False)
 
     def _stop_token_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -255,7 +274,7 @@ class ChatEngine:
             job.cancel()  # no-op once done; frees the row if this thread is interrupted
         if isinstance(item, Exception):
             raise item
-        raw = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        raw = self.decode(job.tokens)
         return self._finish(raw, prompt_tokens, list(job.tokens), params, opened)
 
     def stream(self, messages: list[Message], params: GenerationParams) -> Iterator[tuple[str, str] | Completion]:
@@ -278,7 +297,7 @@ class ChatEngine:
                 if isinstance(item, Exception):
                     raise item
                 new_ids.append(item)
-                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+                text = self.decode(new_ids)
                 if text.endswith("\ufffd"):
                     continue  # the middle of a multi-byte character
                 emitted = text
@@ -291,7 +310,7 @@ class ChatEngine:
                 if stopped:
                     job.cancel()
                     break
-            emitted = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            emitted = self.decode(new_ids)
             if not stopped:
                 yield from splitter.feed(self._cut_at_stop(emitted, params.stop)[0][sent:])
             yield from splitter.feed("", final=True)

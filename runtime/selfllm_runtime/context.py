@@ -45,6 +45,8 @@ class RecipeContext:
         merged = {**self.family.chat_template_kwargs, **self.recipe.chat_template_kwargs}
         if self.family.thinking is not None:
             merged.setdefault(self.family.thinking.template_kwarg, self.family.thinking.default)
+        if self.family.reasoning_effort is not None:
+            merged.setdefault(self.family.reasoning_effort.template_kwarg, self.family.reasoning_effort.default)
         merged.update({k: v for k, v in overrides.items() if v is not None})
         return merged
 

@@ -6,6 +6,7 @@ layer; its CPU backend runs both settings (slowly), which is how the smoke tests
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,35 @@ def quantization_config(quantization: Quantization, compute_dtype: Any) -> Any:
                                   bnb_4bit_compute_dtype=compute_dtype)
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_CAST_ONCE)
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def shipped_quantization(model_dir: Path) -> str | None:
+    """The quantization the checkpoint ships in (config.json quantization_config.quant_method, e.g. gpt-oss's
+    mxfp4), or None."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    return str(method) if method else None
+
+
+def prequantized_kwargs(shipped: str | None, quantization: Quantization, training: bool) -> dict[str, Any]:
+    """from_pretrained arguments for a checkpoint that ships quantized weights: bitsandbytes can't quantize them
+    again (ValueError naming QUANTIZATION); LoRA trains on them dequantized to bf16, as upstream's gpt-oss LoRA
+    tutorial does (Mxfp4Config(dequantize=True)); generation leaves it to transformers, which keeps MXFP4 where
+    its kernels run and dequantizes elsewhere."""
+    if shipped is None:
+        return {}
+    if quantization != "none":
+        raise ValueError(f"QUANTIZATION={quantization}: the checkpoint ships {shipped}-quantized weights, which "
+                         "bitsandbytes can't quantize again (use QUANTIZATION=none)")
+    if training and shipped == "mxfp4":
+        from transformers import Mxfp4Config
+
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    return {}
 
 
 class _FirstOnly(logging.Filter):
@@ -98,7 +128,11 @@ def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quanti
     from transformers import AutoModelForCausalLM
 
     device, dtype = pick_device()
-    kwargs: dict[str, Any] = {}
+    shipped = shipped_quantization(model_dir)
+    kwargs: dict[str, Any] = prequantized_kwargs(shipped, quantization, training)
+    if shipped:
+        log.info("the checkpoint ships %s weights%s", shipped,
+                 ": dequantized to bf16 for training" if kwargs else " (transformers dequantizes where it has no kernels)")
     config = quantization_config(quantization, dtype)
     if config is not None:
         kwargs["quantization_config"] = config

@@ -69,8 +69,26 @@ class Thinking(Strict):
     default: bool = True
 
 
+class ReasoningEffort(Strict):
+    """A string chat-template control of how much the model reasons (gpt-oss: reasoning_effort low/medium/high),
+    where other families have an on/off switch (Thinking). OpenAI's API takes it as `reasoning_effort`."""
+
+    template_kwarg: str = "reasoning_effort"
+    choices: list[str] = Field(min_length=2)
+    default: str
+
+    @field_validator("default")
+    @classmethod
+    def _one_of_the_choices(cls, value: str, info: Any) -> str:
+        choices = info.data.get("choices") or []
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of choices {choices}")
+        return value
+
+
 class Reasoning(Strict):
-    """How reasoning text is delimited in the output, and vLLM's parser for it."""
+    """How reasoning text is delimited in the output, and vLLM's parser for it. A marker may be made of special
+    tokens (gpt-oss's harmony channels: `<|channel|>analysis<|message|>`): those stay in the decoded text."""
 
     start: str
     end: str
@@ -157,6 +175,9 @@ class ParameterCount(Strict):
 
     total: float = Field(gt=0)
     unquantized: float = Field(ge=0, description="embeddings + lm_head: bitsandbytes leaves them unquantized")
+    shipped_gb: float | None = Field(
+        None, gt=0, description="GB of the weights as the checkpoint ships them, where that is less than bf16 and "
+        "vLLM serves them so (gpt-oss: MXFP4 experts): the vllm VRAM figure is checked against it, not bf16")
 
     @field_validator("unquantized")
     @classmethod
@@ -218,6 +239,7 @@ class ModelFamily(Strict):
     stop_tokens: list[str] = []
     chat_template_kwargs: dict[str, Any] = {}
     thinking: Thinking | None = None
+    reasoning_effort: ReasoningEffort | None = None
     reasoning: Reasoning | None = None
     tool_calls: ToolCalls | None = Field(None, description="None: the chat template renders no tools")
     system_role: SystemRole = Field(
@@ -228,6 +250,13 @@ class ModelFamily(Strict):
     # appended to each training reply, so the fine-tuned model learns to stop.
     template_closes_reply: bool = True
     smoke: SmokeModelShape = SmokeModelShape()
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _one_reasoning_control(cls, value: ReasoningEffort | None, info: Any) -> ReasoningEffort | None:
+        if value is not None and info.data.get("thinking") is not None:
+            raise ValueError("a family has an on/off thinking switch or a reasoning_effort, not both")
+        return value
 
     @field_validator("system_role")
     @classmethod
@@ -254,8 +283,8 @@ class ModelFamily(Strict):
         bf16 = self.vram_gb.for_task(task)
         if quantization == "none":
             return bf16
-        if task not in QUANTIZED_TASKS:
-            return None
+        if task not in QUANTIZED_TASKS or self.parameters_b.shipped_gb is not None:
+            return None  # no such setting, or weights shipped quantized (gpt-oss: bitsandbytes is refused)
         room = bf16 - self.parameters_b.weights_gb("none")
         full_bytes = 4.0 if task is TaskKind.lora else 2.0
         return _ceil_half(self.parameters_b.weights_gb(quantization, full_bytes) + room)
@@ -398,8 +427,14 @@ def load_family(model_dir: Path) -> ModelFamily:
     if not (Path(model_dir) / family.chat_template).is_file():
         raise MetadataError(path, "chat_template", f"file {family.chat_template!r} not found beside it")
     weights = family.parameters_b.weights_gb("none")
+    shipped = family.parameters_b.shipped_gb
     for field in ("default", *(t.value for t in TaskKind)):
         gb = getattr(family.vram_gb, field)
+        if field == "vllm" and shipped is not None:
+            if gb is not None and gb < shipped:
+                raise MetadataError(path, "vram_gb.vllm", f"{gb:g} GB is less than the shipped weights "
+                                    f"({shipped:g} GB from parameters_b.shipped_gb)")
+            continue
         if gb is not None and gb < weights:  # the quantized estimates start from the room beside the weights
             raise MetadataError(path, f"vram_gb.{field}",
                                 f"{gb:g} GB is less than the bf16 weights ({weights:.1f} GB from parameters_b.total)")
@@ -424,8 +459,8 @@ def merge_recipe(path: Path, task: TaskDefaults, family: ModelFamily, own: Recip
         "name": f"{family.short_name} {task.title}",
         "default_model": family.checkpoints.model_dump(),
         "gpu": {"required": True, "min_vram_gb": family.vram_gb.for_task(own.task),
-                "quantized_vram_gb": {q: family.vram_estimate(own.task, q) for q in QUANTIZATIONS[1:]
-                                      if own.task in QUANTIZED_TASKS},
+                "quantized_vram_gb": {q: gb for q in QUANTIZATIONS[1:]
+                                      if (gb := family.vram_estimate(own.task, q)) is not None},
                 "cuda": task.cuda.model_dump()},
         "contributors": family.credits(own.task),
     }

@@ -286,6 +286,10 @@ class LangchainSettings(EngineSettings, ModelSettings):
     enable_thinking: bool | None = setting(
         None, "ENABLE_THINKING", "`0` 关闭思考，回答更快", "`0` turns thinking off: faster answers",
         when="thinking", shown=("模型的默认", "the model's default"))
+    reasoning_effort: str | None = setting(
+        None, "REASONING_EFFORT", "思考强度（模型给出的档位之一，如 `low` / `medium` / `high`）",
+        "reasoning effort (one of the model's levels, e.g. `low` / `medium` / `high`)",
+        when="reasoning_effort", shown=("模型的默认", "the model's default"), min_length=1)
     selftest: bool = setting(False, "LANGCHAIN_SELFTEST", "`1` 时额外自检聊天模型的 invoke/stream/batch（冒烟测试用）",
                              "`1` also exercises the chat model's invoke/stream/batch (smoke tests)")
 

@@ -59,8 +59,10 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
     tokens = family.special_tokens
     special = list(dict.fromkeys([tokens.pad, tokens.eos, *([tokens.bos] if tokens.bos else []),
                                   *family.stop_tokens, *tokens.additional]))
-    # Reasoning markers stay visible in decoded text, as in the real checkpoints.
-    visible = {family.reasoning.start, family.reasoning.end} if family.reasoning else set()
+    # Reasoning markers that are one token (Qwen's <think>) stay visible in decoded text, as in the real
+    # checkpoints; a marker made of special tokens (gpt-oss's <|channel|>analysis<|message|>) is not a token.
+    markers = {family.reasoning.start, family.reasoning.end} if family.reasoning else set()
+    visible = {m for m in markers if not any(t != m and t in m for t in special)}
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
@@ -100,7 +102,7 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
         config = model_class.config_class(text_config={**text, **extra.pop("text_config", {})},
                                           tie_word_embeddings=True, **extra)
     else:
-        config = model_class.config_class(**text, **extra)
+        config = model_class.config_class(**{**text, **extra})  # extra may set a field itself (vocab_size)
     config.architectures = [architecture]
     text_config = config.get_text_config()
     ignored = {name: value for name, value in shape.model_dump(exclude={"extra"}).items()

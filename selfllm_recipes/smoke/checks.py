@@ -44,9 +44,8 @@ class SmokeSession:
 
 def always_thinks(recipe_key: str) -> bool:
     """Whether the recipe opens the reasoning block in the prompt when the request leaves thinking at
-    the family's default: always where there is no switch to turn it off (DeepSeek-R1-Distill), or
-    where the switch's default does (MiniCPM5: enable_thinking on pre-fills `<think>`; Qwen3's does
-    not). A random tiny model then rarely closes it, so its whole output is reasoning and the answer
+    the family's default: DeepSeek-R1-Distill's template always does, MiniCPM5's does with its default
+    enable_thinking on; Qwen3's does not, nor does gpt-oss's (the model opens its analysis channel). A random tiny model then rarely closes it, so its whole output is reasoning and the answer
     part may be empty."""
     from selfllm_runtime.context import load_context
 
@@ -56,9 +55,7 @@ def always_thinks(recipe_key: str) -> bool:
     family = context.family
     if family.reasoning is None:
         return False
-    if family.thinking is None:
-        return True
-    return default_prompt(context).rstrip().endswith(family.reasoning.start)
+    return default_prompt(context).rstrip().endswith(family.reasoning.start.rstrip())
 
 
 def default_prompt(context, messages: list[dict] | None = None) -> str:
@@ -78,6 +75,7 @@ def default_prompt(context, messages: list[dict] | None = None) -> str:
     env.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, **_: json.dumps(
         value, ensure_ascii=ensure_ascii, indent=indent)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)  # gpt-oss's template writes today's date
     return env.from_string(context.chat_template).render(
         messages=messages or [{"role": "user", "content": "你好"}], add_generation_prompt=True,
         bos_token="", eos_token="", **context.template_kwargs())

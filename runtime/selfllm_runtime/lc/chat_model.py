@@ -31,7 +31,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
 from ..tool_calls import ToolCall, ToolCallStream, parse_tool_calls, tool_names, tool_parameters
@@ -84,6 +84,18 @@ def usage(completion: Completion) -> UsageMetadata:
                          total_tokens=completion.prompt_tokens + completion.completion_tokens)
 
 
+def check_effort(engine: ChatEngine, effort: str | None) -> str | None:
+    """`effort` if the family has that reasoning effort level; ValueError naming the levels otherwise."""
+    if effort is None:
+        return None
+    levels = engine.family.reasoning_effort
+    if levels is None:
+        raise ValueError(f"reasoning_effort: {engine.family.display_name} has no reasoning effort levels")
+    if effort not in levels.choices:
+        raise ValueError(f"reasoning_effort: {effort!r} is not one of {levels.choices}")
+    return effort
+
+
 class ChatSelfLLM(BaseChatModel):
     """A local chat model for LangChain chains: `ChatSelfLLM(engine=ChatEngine(context, model_dir))`.
 
@@ -99,6 +111,12 @@ class ChatSelfLLM(BaseChatModel):
     top_p: float | None = None
     seed: int | None = None
     enable_thinking: bool | None = None  # None: the model family's default (model.yaml)
+    reasoning_effort: str | None = None  # families with effort levels instead (gpt-oss); None: the family's default
+
+    @model_validator(mode="after")
+    def _known_effort(self) -> "ChatSelfLLM":
+        check_effort(self.engine, self.reasoning_effort)
+        return self
 
     @property
     def _llm_type(self) -> str:
@@ -107,7 +125,8 @@ class ChatSelfLLM(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"model_name": self.engine.model_name, "max_new_tokens": self.max_new_tokens,
-                "temperature": self.temperature, "top_p": self.top_p, "enable_thinking": self.enable_thinking}
+                "temperature": self.temperature, "top_p": self.top_p, "enable_thinking": self.enable_thinking,
+                "reasoning_effort": self.reasoning_effort}
 
     def bind_tools(self, tools: Sequence[dict[str, Any] | type[BaseModel] | Callable | BaseTool], *,
                    tool_choice: str | None = None, **kwargs: Any) -> Runnable:
@@ -130,6 +149,9 @@ class ChatSelfLLM(BaseChatModel):
         switch = self.engine.family.thinking
         if thinking is not None and switch is not None:
             template_kwargs.setdefault(switch.template_kwarg, thinking)
+        effort = check_effort(self.engine, overrides.get("reasoning_effort", self.reasoning_effort))
+        if effort is not None:
+            template_kwargs.setdefault(self.engine.family.reasoning_effort.template_kwarg, effort)
         temperature, top_p = overrides.get("temperature", self.temperature), overrides.get("top_p", self.top_p)
         return self.engine.params(
             max_new_tokens=int(overrides.get("max_new_tokens", self.max_new_tokens)),

@@ -49,7 +49,7 @@ class RagApp:
         self.settings = settings
         self.llm = ChatSelfLLM(engine=engine, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
-                               enable_thinking=settings.enable_thinking)
+                               enable_thinking=settings.enable_thinking, reasoning_effort=settings.reasoning_effort)
         log.info("embedding model %s", settings.embedding_model)
         self.embeddings = load_embeddings(settings)
         docs = load_documents(settings.docs_dir)

@@ -6,8 +6,9 @@
   `data: [DONE]`), `usage` counts (also as a last stream chunk with `stream_options.include_usage`),
   `stop`, `temperature`, `top_p`, `max_tokens` / `max_completion_tokens`, `seed`;
   the family's thinking switch (Qwen3's `enable_thinking`) as a top-level field or inside
-  `chat_template_kwargs` as vLLM takes it, with the thinking returned as `reasoning_content`
-  (message and delta) as vLLM's reasoning parsers do;
+  `chat_template_kwargs` as vLLM takes it, or its reasoning effort (gpt-oss) as OpenAI's
+  `reasoning_effort`, with the thinking returned as `reasoning_content` (message and delta) as
+  vLLM's reasoning parsers do;
 - tool calling for families whose chat template renders tools (model.yaml `tool_calls`; see
   tool_calls.py): `tools` (functions) go into the template, the answer's calls come back as
   `message.tool_calls` / `delta.tool_calls` (one chunk per call, after the content) with
@@ -236,6 +237,9 @@ class ChatCompletionRequest(RequestPart):
         None, description="functions the model may call; 400 (param `tools`) for a family without tool calling")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     enable_thinking: bool | None = Field(None, strict=True)
+    reasoning_effort: str | None = Field(
+        None, min_length=1, max_length=32, description="OpenAI's reasoning effort (gpt-oss: low / medium / high); "
+        "400 (param `reasoning_effort`) for a family without it or a level it does not know")
     chat_template_kwargs: dict[str, Any] | None = None
 
     _whole_numbers = field_validator("max_tokens", "max_completion_tokens", "seed", "n", mode="before")(whole_number)
@@ -375,6 +379,7 @@ class OpenAIChat:
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 32768)
         thinking = engine.family.thinking
         self.thinking_kwarg = thinking.template_kwarg if thinking else None
+        self.effort = engine.family.reasoning_effort
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "self-llm",
@@ -411,6 +416,15 @@ class OpenAIChat:
         """Engine messages and parameters; 400 when the template fails or the context is too short."""
         messages = [m.to_engine() for m in body.messages]
         template_kwargs = body.template_kwargs(self.thinking_kwarg)
+        if body.reasoning_effort is not None:  # OpenAI's field; wins over chat_template_kwargs
+            effort = self.effort
+            if effort is None:
+                raise OpenAIError(400, f"{self.engine.family.display_name} has no reasoning effort levels",
+                                  param="reasoning_effort")
+            if body.reasoning_effort not in effort.choices:
+                raise OpenAIError(400, f"reasoning_effort {body.reasoning_effort!r} is not one of {effort.choices}",
+                                  param="reasoning_effort")
+            template_kwargs[effort.template_kwarg] = body.reasoning_effort
         tools = self.tools(body)
         try:
             prompt = self.engine.format_prompt(messages, template_kwargs, tools)

@@ -39,11 +39,17 @@ TOP_P = Slider("top_p", 0.05, 1.0, 0.8, 0.05)
 
 
 def generation_params(context: RecipeContext, max_length: int, temperature: float, top_p: float,
-                      thinking: bool | None) -> GenerationParams:
-    """Sidebar values → GenerationParams; `thinking` is None when the family has no such switch."""
+                      thinking: bool | str | None) -> GenerationParams:
+    """Sidebar values → GenerationParams; `thinking`: the family's switch (bool), its reasoning effort (str,
+    gpt-oss), or None when it has neither."""
     template_kwargs: dict[str, Any] = {}
-    if context.family.thinking is not None and thinking is not None:
+    if context.family.thinking is not None and isinstance(thinking, bool):
         template_kwargs[context.family.thinking.template_kwarg] = thinking
+    effort = context.family.reasoning_effort
+    if effort is not None and isinstance(thinking, str):
+        if thinking not in effort.choices:
+            raise ValueError(f"reasoning effort {thinking!r} is not one of {effort.choices}")
+        template_kwargs[effort.template_kwarg] = thinking
     return GenerationParams(max_new_tokens=int(max_length), temperature=float(temperature), top_p=float(top_p),
                             template_kwargs=template_kwargs)
 

@@ -90,10 +90,15 @@ with st.sidebar:
     default_temperature, default_top_p = engine.sampling_defaults()  # the checkpoint's generation_config
     temperature = slider(TEMPERATURE, "temperature", default_temperature)
     top_p = slider(TOP_P, "top_p", default_top_p)
-    thinking: bool | None = None
+    thinking: bool | str | None = None
     if context.family.thinking is not None:
         thinking = st.toggle("深度思考 / Thinking", value=context.family.thinking.default, key="thinking",
                              help=f"chat template: {context.family.thinking.template_kwarg}")
+    elif context.family.reasoning_effort is not None:  # gpt-oss: low / medium / high
+        effort = context.family.reasoning_effort
+        thinking = st.selectbox("思考强度 / Reasoning effort", effort.choices, key="reasoning_effort",
+                                index=effort.choices.index(effort.default),
+                                help=f"chat template: {effort.template_kwarg}")
     if st.button("清空对话 / Clear history", key="clear"):
         st.session_state.messages = []
 
