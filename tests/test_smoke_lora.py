@@ -12,8 +12,9 @@ from selfllm_recipes.smoke.checks import SmokeFailure
 
 
 class FakeSession:
-    def __init__(self, results: list[dict], code: int = 0):
+    def __init__(self, results: list[dict], code: int = 0, recipe_key: str = "qwen3/lora"):
         self.code, self.text = code, "\n".join(task_lora.RESULT_PREFIX + json.dumps(r) for r in results)
+        self.recipe_key = recipe_key
 
     def exit_code(self) -> int:
         return self.code
@@ -44,12 +45,29 @@ def qlora(base_lp: float = -6.6, adapter_lp: float = -6.4, weights_gb: float = 0
 
 
 def run(base_lp: float, adapter_lp: float, merged_lp: float, base_out: str, adapter_out: str,
-        qlora_results: list[dict] | None = None) -> str:
+        qlora_results: list[dict] | None = None, recipe_key: str = "qwen3/lora") -> str:
     merged = {"action": "merge", "files": ["config.json", "model.safetensors"], "trained_on": "none",
               "merged_dtype": "float32"}
     return task_lora.verify_lora(FakeSession([
         trained(), infer(None, base_out, base_lp), infer(task_lora.ADAPTER, adapter_out, adapter_lp), merged,
-        infer(None, adapter_out, merged_lp, model=task_lora.MERGED), *(qlora() if qlora_results is None else qlora_results)]))
+        infer(None, adapter_out, merged_lp, model=task_lora.MERGED), *(qlora() if qlora_results is None else qlora_results)],
+        recipe_key=recipe_key))
+
+
+def test_a_family_shipped_quantized_runs_no_qlora():
+    """gpt-oss ships MXFP4 weights (QUANTIZATION refused): its check runs LoRA only, and QLoRA results would be
+    unexpected; every other family's check runs QLoRA too."""
+    from selfllm_recipes.discover import load_spec
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_recipes.smoke.checks import check_for
+
+    assert "QUANTIZATION=4bit" not in check_for(load_spec(RECIPES_DIR / "gpt-oss" / "lora")).command
+    assert "QUANTIZATION=4bit" in check_for(load_spec(RECIPES_DIR / "qwen3" / "lora")).command
+    assert "no QLoRA" in run(-6.5, -6.3, -6.300001, "ab", "cd", qlora_results=[], recipe_key="gpt-oss/lora")
+    with pytest.raises(SmokeFailure, match="expected train, infer"):
+        run(-6.5, -6.3, -6.300001, "ab", "cd", recipe_key="gpt-oss/lora")
+    with pytest.raises(SmokeFailure, match="then QLoRA's train"):
+        run(-6.5, -6.3, -6.300001, "ab", "cd", qlora_results=[])
 
 
 def test_a_trained_adapter_passes():

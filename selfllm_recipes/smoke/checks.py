@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import requests
 
-from selfllm_runtime.metadata import TaskKind
+if TYPE_CHECKING:
+    from ..discover import RecipeSpec
 
 SMOKE_MODEL_DIR = "/root/autodl-tmp/smoke-model"
 
@@ -120,11 +122,14 @@ def expect(condition: bool, message: str) -> None:
         raise SmokeFailure(message)
 
 
-def check_for(task: TaskKind) -> SmokeCheck:
+def check_for(spec: RecipeSpec) -> SmokeCheck:
+    """The task's smoke check (task_<task>.py: CHECK, or recipe_check(spec) where it depends on the recipe)."""
     import importlib
 
+    task = spec.recipe.task
     try:
         module = importlib.import_module(f"selfllm_recipes.smoke.task_{task.value}")
     except ModuleNotFoundError as exc:
         raise SmokeFailure(f"no smoke check for task {task.value!r} (selfllm_recipes/smoke/task_{task.value}.py)") from exc
-    return module.CHECK
+    recipe_check = getattr(module, "recipe_check", None)
+    return recipe_check(spec) if recipe_check is not None else module.CHECK

@@ -129,7 +129,7 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
     started = time.monotonic()
     level = "gpu" if gpu else "cpu"
     try:
-        check = check_for(spec.recipe.task)
+        check = check_for(spec)
     except SmokeFailure as exc:
         return SmokeResult(False, str(exc), 0.0, level=level)
     port = spec.recipe.port

@@ -21,7 +21,7 @@ QLORA_MERGED = QLORA_ADAPTER + "-merged"
 SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 # the same greedy question to the base model, with the adapter, and to the merged model
 ASK = f"--prompt '你是谁？' --system '{SYSTEM_PROMPT}' --enable-thinking false --temperature 0 --max-new-tokens 16"
-COMMAND = " && ".join([
+LORA_STEPS = [
     f"selfllm smoke-model {SMOKE_MODEL_DIR}",
     f"selfllm lora sample-data {DATA}",
     "selfllm start",  # train with the settings in ENV below
@@ -29,14 +29,18 @@ COMMAND = " && ".join([
     f"selfllm lora infer --adapter {ADAPTER} {ASK}",
     f"selfllm lora merge --adapter {ADAPTER} --out {MERGED}",
     f"selfllm lora infer --model {MERGED} {ASK}",
-    # QLoRA: train on the 4-bit base; infer from the 4-bit base alone, then with the adapter (no flag:
-    # the run's quantization); merge into the full-precision base
+]
+# QLoRA: train on the 4-bit base; infer from the 4-bit base alone, then with the adapter (no flag:
+# the run's quantization); merge into the full-precision base
+QLORA_STEPS = [
     "QUANTIZATION=4bit RUN_NAME=smoke-4bit selfllm start",
     f"selfllm lora infer --quantization 4bit {ASK}",
     f"selfllm lora infer --adapter {QLORA_ADAPTER} {ASK}",
     f"selfllm lora merge --adapter {QLORA_ADAPTER} --out {QLORA_MERGED}",
-])
-ACTIONS = ["train", "infer", "infer", "merge", "infer", "train", "infer", "infer", "merge"]
+]
+COMMAND = " && ".join(LORA_STEPS + QLORA_STEPS)
+LORA_ACTIONS = ["train", "infer", "infer", "merge", "infer"]
+ACTIONS = LORA_ACTIONS + ["train", "infer", "infer", "merge"]
 ENV = {"DATA_PATH": DATA, "RUN_NAME": "smoke", "MAX_STEPS": "20",
        "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1",
        "SYSTEM_PROMPT": SYSTEM_PROMPT}
@@ -84,8 +88,10 @@ def verify_lora(session: SmokeSession) -> str:
     found = results(session.logs())
     actions = [r["action"] for r in found]
     expect(code == 0, f"the container exited with code {code} after {actions or 'no result'}")
-    expect(actions == ACTIONS, "expected train, infer (base), infer (adapter), merge, infer (merged), then QLoRA's "
-                               f"train, infer (4-bit base), infer (adapter), merge; got {actions}")
+    qlora = quantizable(session.recipe_key)
+    expect(actions == (ACTIONS if qlora else LORA_ACTIONS),
+           "expected train, infer (base), infer (adapter), merge, infer (merged)"
+           + (", then QLoRA's train, infer (4-bit base), infer (adapter), merge" if qlora else "") + f"; got {actions}")
     trained, infer_base, infer_adapter, merged, infer_merged = found[:5]
     first, last = verify_training(trained, "LoRA")
     expect(infer_adapter["adapter"] == ADAPTER and infer_adapter["completion_tokens"] > 0,
@@ -112,7 +118,25 @@ def verify_lora(session: SmokeSession) -> str:
             f"{trained['tokens_per_s']} tokens/s ({trained['device']}); "
             + f"the adapter moves the prompt log-prob {base_lp:.4f} → {adapter_lp:.4f}"
             + (" and changes the greedy reply, " if visible else " (greedy replies are whitespace), ")
-            + "the merged model answers as base + adapter; " + verify_qlora(found[5:], infer_base))
+            + "the merged model answers as base + adapter; "
+            + (verify_qlora(found[5:], infer_base) if qlora
+               else "no QLoRA (the checkpoint ships quantized weights: QUANTIZATION is refused)"))
+
+
+def quantizable(recipe_key: str) -> bool:
+    """Whether QUANTIZATION applies to the recipe's family (not to weights shipped quantized: gpt-oss's MXFP4)."""
+    from selfllm_runtime.metadata import load_family
+
+    from ..layout import RECIPES_DIR
+
+    return load_family(RECIPES_DIR / recipe_key.split("/")[0]).parameters_b.shipped_gb is None
+
+
+def recipe_check(spec) -> SmokeCheck:
+    """LoRA, then QLoRA where the family can be quantized."""
+    if quantizable(spec.key):
+        return CHECK
+    return SmokeCheck(command=" && ".join(LORA_STEPS), verify=verify_lora, serves_http=False, env=ENV)
 
 
 def verify_qlora(found: list[dict], full_base: dict) -> str:
