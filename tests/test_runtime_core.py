@@ -474,3 +474,13 @@ def test_a_checkpoint_shipped_in_mxfp4_trains_dequantized_and_refuses_bitsandbyt
     assert prequantized_kwargs(None, "4bit", training=True) == {}
     with pytest.raises(ValueError, match="QUANTIZATION=4bit: the checkpoint ships mxfp4-quantized weights"):
         prequantized_kwargs("mxfp4", "4bit", training=False)
+
+
+def test_only_markers_made_of_special_tokens_change_decoding(engine, gptoss):
+    """Qwen3's <think> is an ordinary token: its engine decodes as before (every special token skipped). gpt-oss's
+    harmony markers are special tokens: exactly those are kept, <|return|> and the rest are dropped."""
+    assert engine._hidden_ids is None
+    vocab = gptoss.tokenizer.get_vocab()
+    kept = {vocab[t] for t in ("<|channel|>", "<|message|>", "<|end|>", "<|start|>")}
+    assert not kept & gptoss._hidden_ids and {vocab["<|return|>"], vocab["<|call|>"]} <= gptoss._hidden_ids
+    assert gptoss.decode([vocab["<|channel|>"], vocab["<|return|>"]]) == "<|channel|>"
