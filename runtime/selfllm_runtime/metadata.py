@@ -179,6 +179,11 @@ class ParameterCount(Strict):
         None, gt=0, description="GB of the weights as the checkpoint ships them, where that is less than bf16 and "
         "vLLM serves them so (gpt-oss: MXFP4 experts): the vllm VRAM figure is checked against it, not bf16")
 
+    @property
+    def quantizable(self) -> bool:
+        """Whether QUANTIZATION (bitsandbytes) applies: not to weights shipped quantized (gpt-oss's MXFP4)."""
+        return self.shipped_gb is None
+
     @field_validator("unquantized")
     @classmethod
     def _part_of_total(cls, value: float, info: Any) -> float:
@@ -251,6 +256,18 @@ class ModelFamily(Strict):
     template_closes_reply: bool = True
     smoke: SmokeModelShape = SmokeModelShape()
 
+    def effort_kwargs(self, level: str | None) -> dict[str, str]:
+        """Chat-template arguments for a requested reasoning effort level (None: none, the default applies);
+        ValueError naming the family's levels for a level it does not know or a family without levels."""
+        if level is None:
+            return {}
+        effort = self.reasoning_effort
+        if effort is None:
+            raise ValueError(f"{self.display_name} has no reasoning effort levels")
+        if level not in effort.choices:
+            raise ValueError(f"reasoning effort {level!r} is not one of {effort.choices}")
+        return {effort.template_kwarg: level}
+
     @field_validator("reasoning_effort")
     @classmethod
     def _one_reasoning_control(cls, value: ReasoningEffort | None, info: Any) -> ReasoningEffort | None:
@@ -283,7 +300,7 @@ class ModelFamily(Strict):
         bf16 = self.vram_gb.for_task(task)
         if quantization == "none":
             return bf16
-        if task not in QUANTIZED_TASKS or self.parameters_b.shipped_gb is not None:
+        if task not in QUANTIZED_TASKS or not self.parameters_b.quantizable:
             return None  # no such setting, or weights shipped quantized (gpt-oss: bitsandbytes is refused)
         room = bf16 - self.parameters_b.weights_gb("none")
         full_bytes = 4.0 if task is TaskKind.lora else 2.0

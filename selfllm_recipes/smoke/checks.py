@@ -47,8 +47,8 @@ class SmokeSession:
 def always_thinks(recipe_key: str) -> bool:
     """Whether the recipe opens the reasoning block in the prompt when the request leaves thinking at
     the family's default: DeepSeek-R1-Distill's template always does, MiniCPM5's does with its default
-    enable_thinking on; Qwen3's does not, nor does gpt-oss's (the model opens its analysis channel). A random tiny model then rarely closes it, so its whole output is reasoning and the answer
-    part may be empty."""
+    enable_thinking on; Qwen3's does not, nor does gpt-oss's (the model opens its analysis channel). A
+    random tiny model then rarely closes it, so its whole output is reasoning and the answer part may be empty."""
     from selfllm_runtime.context import load_context
 
     from ..layout import RECIPES_DIR

@@ -129,7 +129,7 @@ def quantizable(recipe_key: str) -> bool:
 
     from ..layout import RECIPES_DIR
 
-    return load_family(RECIPES_DIR / recipe_key.split("/")[0]).parameters_b.shipped_gb is None
+    return load_family(RECIPES_DIR / recipe_key.split("/")[0]).parameters_b.quantizable
 
 
 def recipe_check(spec) -> SmokeCheck:

@@ -84,18 +84,6 @@ def usage(completion: Completion) -> UsageMetadata:
                          total_tokens=completion.prompt_tokens + completion.completion_tokens)
 
 
-def check_effort(engine: ChatEngine, effort: str | None) -> str | None:
-    """`effort` if the family has that reasoning effort level; ValueError naming the levels otherwise."""
-    if effort is None:
-        return None
-    levels = engine.family.reasoning_effort
-    if levels is None:
-        raise ValueError(f"reasoning_effort: {engine.family.display_name} has no reasoning effort levels")
-    if effort not in levels.choices:
-        raise ValueError(f"reasoning_effort: {effort!r} is not one of {levels.choices}")
-    return effort
-
-
 class ChatSelfLLM(BaseChatModel):
     """A local chat model for LangChain chains: `ChatSelfLLM(engine=ChatEngine(context, model_dir))`.
 
@@ -115,7 +103,7 @@ class ChatSelfLLM(BaseChatModel):
 
     @model_validator(mode="after")
     def _known_effort(self) -> "ChatSelfLLM":
-        check_effort(self.engine, self.reasoning_effort)
+        self.engine.family.effort_kwargs(self.reasoning_effort)  # ValueError for a level the family lacks
         return self
 
     @property
@@ -149,9 +137,8 @@ class ChatSelfLLM(BaseChatModel):
         switch = self.engine.family.thinking
         if thinking is not None and switch is not None:
             template_kwargs.setdefault(switch.template_kwarg, thinking)
-        effort = check_effort(self.engine, overrides.get("reasoning_effort", self.reasoning_effort))
-        if effort is not None:
-            template_kwargs.setdefault(self.engine.family.reasoning_effort.template_kwarg, effort)
+        effort = self.engine.family.effort_kwargs(overrides.get("reasoning_effort", self.reasoning_effort))
+        template_kwargs = {**effort, **template_kwargs}
         temperature, top_p = overrides.get("temperature", self.temperature), overrides.get("top_p", self.top_p)
         return self.engine.params(
             max_new_tokens=int(overrides.get("max_new_tokens", self.max_new_tokens)),

@@ -379,7 +379,6 @@ class OpenAIChat:
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 32768)
         thinking = engine.family.thinking
         self.thinking_kwarg = thinking.template_kwarg if thinking else None
-        self.effort = engine.family.reasoning_effort
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "self-llm",
@@ -416,15 +415,10 @@ class OpenAIChat:
         """Engine messages and parameters; 400 when the template fails or the context is too short."""
         messages = [m.to_engine() for m in body.messages]
         template_kwargs = body.template_kwargs(self.thinking_kwarg)
-        if body.reasoning_effort is not None:  # OpenAI's field; wins over chat_template_kwargs
-            effort = self.effort
-            if effort is None:
-                raise OpenAIError(400, f"{self.engine.family.display_name} has no reasoning effort levels",
-                                  param="reasoning_effort")
-            if body.reasoning_effort not in effort.choices:
-                raise OpenAIError(400, f"reasoning_effort {body.reasoning_effort!r} is not one of {effort.choices}",
-                                  param="reasoning_effort")
-            template_kwargs[effort.template_kwarg] = body.reasoning_effort
+        try:  # OpenAI's field; wins over chat_template_kwargs
+            template_kwargs.update(self.engine.family.effort_kwargs(body.reasoning_effort))
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), param="reasoning_effort") from None
         tools = self.tools(body)
         try:
             prompt = self.engine.format_prompt(messages, template_kwargs, tools)

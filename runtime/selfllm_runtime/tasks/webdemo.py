@@ -45,11 +45,8 @@ def generation_params(context: RecipeContext, max_length: int, temperature: floa
     template_kwargs: dict[str, Any] = {}
     if context.family.thinking is not None and isinstance(thinking, bool):
         template_kwargs[context.family.thinking.template_kwarg] = thinking
-    effort = context.family.reasoning_effort
-    if effort is not None and isinstance(thinking, str):
-        if thinking not in effort.choices:
-            raise ValueError(f"reasoning effort {thinking!r} is not one of {effort.choices}")
-        template_kwargs[effort.template_kwarg] = thinking
+    if isinstance(thinking, str):
+        template_kwargs.update(context.family.effort_kwargs(thinking))
     return GenerationParams(max_new_tokens=int(max_length), temperature=float(temperature), top_p=float(top_p),
                             template_kwargs=template_kwargs)
 
