@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,64 @@ def prequantized_kwargs(shipped: str | None, quantization: Quantization, trainin
 
         return {"quantization_config": Mxfp4Config(dequantize=True)}
     return {}
+
+
+def physical_cores(cpuinfo: str | None = None) -> int:
+    """This machine's physical cores: distinct (physical id, core id) pairs of /proc/cpuinfo (hyperthreads are
+    one core); os.cpu_count() where that can't be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8") if cpuinfo is None else cpuinfo
+    except OSError:
+        text = ""
+    cores: set[tuple[str, str]] = set()
+    socket = core = ""
+    for line in text.splitlines() + [""]:
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "physical id":
+            socket = value
+        elif key == "core id":
+            core = value
+        elif not key and core:  # end of one processor's block
+            cores.add((socket, core))
+            socket = core = ""
+    return len(cores) or os.cpu_count() or 1
+
+
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (a container's --cpus)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text(encoding="utf-8").split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def torch_threads(setting: str, load: float | None = None) -> tuple[int, str]:
+    """(threads, why) for TORCH_THREADS: a number as it is; `auto`: the physical cores this process may use
+    (hyperthreads and CPUs outside its affinity mask or cgroup quota don't count), less the ones other work
+    keeps busy (the whole part of the 1-minute load average, `load`), at least 1. Measured on a 2-core box
+    another job kept busy, decoding with 2 threads was 4x slower than with 1 (benchmarks/torch_threads.py):
+    threads that wait for a busy core stall every matmul."""
+    if setting != "auto":
+        return int(setting), f"TORCH_THREADS={setting}"
+    cores, cpus = physical_cores(), usable_cpus()
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = max(1, min(cores, cpus) - int(load))
+    return threads, f"TORCH_THREADS=auto: {cores} physical cores, {cpus} usable CPUs, load {load:.1f}"
+
+
+def apply_torch_threads(setting: str) -> str:
+    """torch.set_num_threads per TORCH_THREADS (intra-op threads of CPU work); returns the start line's words."""
+    import torch
+
+    threads, why = torch_threads(setting)
+    torch.set_num_threads(threads)
+    return f"{threads} torch threads ({why})"
 
 
 class _FirstOnly(logging.Filter):
