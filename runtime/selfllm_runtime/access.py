@@ -7,16 +7,23 @@
 - `API_KEY`: one key for every task: fastapi's `Authorization: Bearer` check, vLLM's `--api-key`,
   the webdemo's login gate.
 
+- `PORT` (default: the recipe's): the port; `selfllm start` refuses one it can't listen on (already
+  taken) in one line, exit 2, before the model is fetched or loaded.
+
 A server started on a non-loopback address without an API key prints one warning line at start.
 """
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import socket
 import sys
 from typing import TextIO
 
+from .settings import SettingsError
+
 ENV_HOST = "HOST"
+ENV_PORT = "PORT"
 ENV_API_KEY = "API_KEY"
 
 
@@ -45,6 +52,22 @@ def warn_if_exposed(host: str, port: int | str, key: str, out: TextIO | None = N
     if line is not None:
         print(line, file=out or sys.stderr, flush=True)
     return line
+
+
+def check_port_free(host: str, port: int) -> None:
+    """SettingsError (one line naming PORT) unless a server could listen on host:port now: `selfllm start` checks
+    it before it fetches or loads the model. Bound as uvicorn and vLLM bind (SO_REUSEADDR: a port that only
+    has connections closing is free), then released."""
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(where)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise SettingsError(f"{ENV_PORT}={port}: can't listen on {host}:{port} ({reason}); another server may "
+                            f"have it: give {ENV_PORT} a free port (or check {ENV_HOST})") from None
 
 
 def keys_match(given: str | bytes, expected: str) -> bool:

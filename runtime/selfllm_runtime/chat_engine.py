@@ -1,5 +1,6 @@
-"""One loaded chat model, shared by every task kind: prompt formatting through the family's chat
-template, generation (whole or streamed), stop strings, reasoning split, token counts.
+"""One loaded chat model, shared by every task kind: prompt formatting through the chat template CHAT_TEMPLATE
+picks (chat_template.py: by default the checkpoint's own, the family's copy where it ships none; the family's
+system-role policy on top), generation (whole or streamed), stop strings, reasoning split, token counts.
 
 Concurrent requests are batched by one scheduler thread (batching.py), the only one that touches
 the model; each request reads its own tokens back, so answers never interleave.
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .batching import DONE, Job, Scheduler
+from .chat_template import use_chat_template
 from .context import RecipeContext
 from .continuous import ContinuousScheduler
-from .loading import load_causal_lm
+from .loading import apply_torch_threads, load_causal_lm
 from .metadata import Reasoning
 from .model_source import checkpoint_name
 from .settings import EngineSettings
@@ -141,8 +143,10 @@ class ChatEngine:
     """One loaded model. Generation goes through a batching scheduler (batching.py): concurrent
     requests are generated together, each with its own stop handling and stream.
 
-    settings: QUANTIZATION, MAX_BATCH, MAX_QUEUE and BATCHING (settings.EngineSettings; default: resolved
-    from the environment and the recipe; in code, `context.settings(EngineSettings, cli={"max_batch": 1})`).
+    settings: QUANTIZATION, GPUS, MAX_BATCH, MAX_QUEUE, BATCHING, CHAT_TEMPLATE and TORCH_THREADS
+    (settings.EngineSettings; default: resolved from the environment and the recipe; in code,
+    `context.settings(EngineSettings, cli={"max_batch": 1})`). The start line names the model, the device,
+    the torch threads and the chat template in use.
 
     BATCHING=auto is static on CPU and on GPU: on CPU static served 1.6x the requests/s of continuous
     at 1 and 32 clients (benchmarks/fastapi_throughput.py --batching static continuous, tiny model); on
@@ -158,6 +162,8 @@ class ChatEngine:
         self.family = context.family
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.family.trust_remote_code)
+        self.chat_template = use_chat_template(self.tokenizer, context, self.model_dir, engine.chat_template)
+        self.threads = apply_torch_threads(engine.torch_threads)
         self.loaded = load_causal_lm(context, self.model_dir, engine.quantization, gpus=engine.gpu_indices())
         self.device, self.quantization = self.loaded.device, self.loaded.quantization
         self.model = self.loaded.model
@@ -169,8 +175,9 @@ class ChatEngine:
         scheduler_class = ContinuousScheduler if kind == "continuous" else Scheduler
         self.scheduler = scheduler_class(self.model, self.stop_token_ids, pad,
                                          max_batch=engine.max_batch, max_queue=engine.max_queue)
-        log.info("batching: %s, up to %d rows, %d waiting", self.scheduler.kind, self.scheduler.max_batch,
-                 self.scheduler.max_queue)
+        log.info("selfllm: %s on %s, %s; chat template: %s; batching: %s, up to %d rows, %d waiting",
+                 self.model_name, self.device, self.threads, self.chat_template.describe(), self.scheduler.kind,
+                 self.scheduler.max_batch, self.scheduler.max_queue)
         # The model and the libraries behind it live as long as the process: move them out of the
         # garbage collector's reach, so a full collection under load costs milliseconds instead of a
         # ~0.3 s pause of every thread (measured: /health stalled so with 64 requests queued).
@@ -223,9 +230,9 @@ class ChatEngine:
 
     def format_prompt(self, messages: list[Message], template_kwargs: dict[str, Any] | None = None,
                       tools: list[dict[str, Any]] | None = None) -> str:
-        """The prompt; messages with tool calls / tool results and the tools are first put in the shape
-        the family's template reads (tool_calls.template_inputs), then rendered under the family's
-        system-role policy (system_role.render_chat)."""
+        """The prompt, rendered with the chat template in use (self.chat_template); messages with tool calls /
+        tool results and the tools are first put in the shape the family's template reads
+        (tool_calls.template_inputs), then rendered under the family's system-role policy (system_role.render_chat)."""
         kwargs = self.context.template_kwargs(**(template_kwargs or {}))
         messages, tool_kwargs = template_inputs(messages, tools, self.family.tool_calls)
         return render_chat(self.tokenizer, messages, self.family.system_role, add_generation_prompt=True,

@@ -18,10 +18,12 @@ import sysconfig
 import urllib.request
 from pathlib import Path
 
+from .access import check_port_free
+from .chat_template import choose_chat_template
 from .context import RUNTIME_ROOT, RecipeContext, load_context
 from .metadata import MetadataError, TaskKind
 from .model_source import ModelNotFound, model_request, request_from_env, resolve_model
-from .settings import TASK_SETTINGS, SettingsError, explain
+from .settings import TASK_SETTINGS, AccessSettings, SettingsError, TemplateSettings, explain
 
 TASK_MODULES = {
     TaskKind.fastapi: "fastapi_server",
@@ -41,7 +43,11 @@ def task_module(context: RecipeContext):
 def cmd_start(args: argparse.Namespace) -> int:
     context = load_context(args.recipe)
     settings = context.settings()  # every task setting is checked before anything is downloaded
+    if isinstance(settings, AccessSettings):  # a server: its port must be free (PORT), before any download
+        check_port_free(*settings.address(context.recipe))
     model_dir = resolve_model(model_request(context.recipe, settings))
+    if isinstance(settings, TemplateSettings):  # CHAT_TEMPLATE=checkpoint on one without: refused before loading
+        choose_chat_template(context, model_dir, settings.chat_template)
     task_module(context).run(context, model_dir, settings)
     return 0
 
@@ -51,7 +57,10 @@ def cmd_health(args: argparse.Namespace) -> int:
     path = HEALTH_PATHS.get(context.recipe.task)
     if path is None:
         return 0
-    with urllib.request.urlopen(f"http://127.0.0.1:{context.recipe.port}{path}", timeout=4) as answer:
+    host, port = context.settings().address(context.recipe)  # HOST, PORT as `selfllm start` read them
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+    host = f"[{host}]" if ":" in host else host
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=4) as answer:
         return 0 if answer.status == 200 else 1
 
 

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .metadata import ModelSource, Recipe
+from .metadata import ModelFamily, ModelSource, Recipe
 from .settings import ModelSettings, resolve
 
 log = logging.getLogger("selfllm.model")
@@ -77,6 +77,38 @@ def checkpoint_name(model_dir: Path | str) -> str:
     if path.parent.name == "snapshots" and path.parent.parent.name:
         return path.parent.parent.name.removeprefix("models--").split("--")[-1]
     return path.name
+
+
+def upstream_names(model_id: str, recipe: Recipe, family: ModelFamily) -> list[str]:
+    """model_id first, then the other names of the same model: for the recipe's checkpoint, its id on the other
+    hub, the last part of its ids (Qwen3-8B, as upstream's tutorials call it) and model.yaml's served_aliases;
+    for another MODEL_ID, its last part."""
+    checkpoints = recipe.default_model
+    if model_id in (checkpoints.modelscope, checkpoints.huggingface):
+        others = [checkpoints.modelscope, checkpoints.huggingface, checkpoints.modelscope.split("/")[-1],
+                  checkpoints.huggingface.split("/")[-1], *family.served_aliases]
+    else:
+        others = [model_id.rstrip("/").split("/")[-1]]
+    return list(dict.fromkeys([model_id, *(name for name in others if name)]))
+
+
+def served_names(recipe: Recipe, family: ModelFamily, settings: ModelSettings,
+                 served_model_name: str | None = None) -> list[str]:
+    """The names an OpenAI-compatible server answers to (fastapi and vLLM alike), the one `/v1/models` lists and
+    replies carry first. SERVED_MODEL_NAME alone, where set. Else the checkpoint's own name: MODEL_PATH's folder
+    (checkpoint_name), else MODEL_ID (and its last part), else the recipe's default id on MODEL_SOURCE's hub;
+    then, as aliases, the recipe's default id and the names upstream's tutorials use (`Qwen3-8B`), so their
+    client code works unchanged whatever checkpoint is served."""
+    if served_model_name and served_model_name.strip():
+        return [served_model_name.strip()]
+    default_id = getattr(recipe.default_model, settings.model_source.value)
+    own: list[str] = []
+    if settings.model_path is not None:
+        own.append(checkpoint_name(settings.model_path))
+    model_id = (settings.model_id or "").strip()
+    if model_id:
+        own += upstream_names(model_id, recipe, family)
+    return list(dict.fromkeys([*own, *upstream_names(default_id, recipe, family)]))
 
 
 def missing_model_files(path: Path) -> list[str]:

@@ -168,6 +168,10 @@ class AccessSettings(TaskSettings):
     host: str = setting(
         "0.0.0.0", "HOST", "监听地址；`127.0.0.1` 只允许本机（配合 SSH 隧道）",
         "the address the server binds; `127.0.0.1` keeps it to this machine (use an SSH tunnel)", min_length=1)
+    port: int | None = setting(
+        None, "PORT", "监听端口（1–65535）；原生运行两个配方时各给一个；已被占用时启动前一行报错、退出码 2",
+        "the port the server listens on (1-65535); give each of two recipes run natively its own; one already "
+        "taken is one error line before the model loads, exit 2", ge=1, le=65535, shown=("`{port}`", "`{port}`"))
     api_key: str = setting(
         "", "API_KEY", "设置后需要这个 key 才能使用（见「安全地开放服务」）",
         "with it set, the server wants this key (see 'Exposing it safely')")
@@ -177,8 +181,74 @@ class AccessSettings(TaskSettings):
     def _strip(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value
 
+    def port_for(self, recipe: Recipe) -> int:
+        """PORT, else the recipe's port (task.yaml / recipe.yaml)."""
+        return self.port or recipe.port
 
-class EngineSettings(TaskSettings):
+    def address(self, recipe: Recipe) -> tuple[str, int]:
+        """(host, port) the server will bind."""
+        return self.host, self.port_for(recipe)
+
+
+class ServedNameSettings(TaskSettings):
+    """The names an OpenAI-compatible server answers to (model_source.served_names)."""
+
+    served_model_name: str | None = setting(
+        None, "SERVED_MODEL_NAME",
+        "`/v1/models` 列出、回复里带的模型名；设置后只有这一个（FastAPI 另接受模型目录名）。未设置时为 checkpoint 自己的名字"
+        "（`MODEL_PATH` 的目录名或 `MODEL_ID`），并接受配方默认模型的 id 和上游教程用的短名（如 `Qwen3-8B`）",
+        "the model name `/v1/models` lists and replies carry; when set, the only one (fastapi also takes the model "
+        "folder's name). Unset: the checkpoint's own name (`MODEL_PATH`'s folder, or `MODEL_ID`), and the recipe's "
+        "default id and upstream's short names (e.g. `Qwen3-8B`) are accepted too",
+        shown=("`MODEL_PATH` 的目录名、`MODEL_ID`，都未设置时为 `{modelscope}`",
+               "`MODEL_PATH`'s folder name, `MODEL_ID`, else `{modelscope}`"))
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _strip_name(cls, value: str | None) -> str | None:
+        return (value or "").strip() or None
+
+
+CHAT_TEMPLATE_POLICIES = ("auto", "checkpoint", "family")
+
+
+class TemplateSettings(TaskSettings):
+    """Which chat template renders the prompts (chat_template.py)."""
+
+    chat_template: str = setting(
+        "auto", "CHAT_TEMPLATE",
+        "`auto`：checkpoint 自带的模板，没有时用模型族的（`recipes/<模型族>/chat_template.jinja`）；`checkpoint`：只用自带的"
+        "（没有时启动即一行报错、退出码 2）；`family`：模型族的；或一个 Jinja 模板文件的路径。启动日志与 `/health` 写明用的是哪个",
+        "`auto`: the checkpoint's own template, the family's (`recipes/<family>/chat_template.jinja`) where it has "
+        "none; `checkpoint`: its own only (none: one error line at start, exit 2); `family`: the family's; or the "
+        "path of a Jinja template file. The start log and `/health` say which one is used", min_length=1)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _policy_or_file(cls, value: str) -> str:
+        value = value.strip()
+        if value.lower() in CHAT_TEMPLATE_POLICIES:
+            return value.lower()
+        if not Path(value).expanduser().is_file():
+            raise ValueError(f"no such file (give {', '.join(CHAT_TEMPLATE_POLICIES)} or a Jinja template file)")
+        return str(Path(value).expanduser().resolve())
+
+
+class TorchSettings(TaskSettings):
+    """How many threads torch computes with on CPU (loading.apply_torch_threads)."""
+
+    torch_threads: Annotated[str, BeforeValidator(_lower)] = setting(
+        "auto", "TORCH_THREADS",
+        "CPU 上 torch 的计算线程数；`auto`：本进程可用的物理核数（不算超线程，受 CPU 亲和性与容器 CPU 配额限制）减去启动时"
+        "别的任务占用的核数（1 分钟平均负载的整数部分），至少 1——线程比空闲的核多时解码会慢几倍（见 `benchmarks/torch_threads.py`）。"
+        "启动日志写明用了几个",
+        "torch's compute threads on CPU; `auto`: the physical cores this process may use (hyperthreads don't count; "
+        "capped by CPU affinity and a container's CPU quota) less those other work keeps busy at start (the whole "
+        "part of the 1-minute load average), at least 1: more threads than idle cores made decoding several times "
+        "slower (`benchmarks/torch_threads.py`). The start log says the number", pattern=r"^(auto|[1-9][0-9]*)$")
+
+
+class EngineSettings(TorchSettings, TemplateSettings):
     """How the ChatEngine loads the model (loading.py) and batches requests (batching.py, continuous.py)."""
 
     quantization: QuantizationSetting = setting("none", "QUANTIZATION", *QUANTIZATION_TEXT)
@@ -210,23 +280,15 @@ class EngineSettings(TaskSettings):
 
 # ----------------------------------------------------------------------------- one model per task kind
 
-class FastapiSettings(EngineSettings, AccessSettings, ModelSettings):
-    served_model_name: str | None = setting(
-        None, "SERVED_MODEL_NAME", "`/v1/models` 列出的模型名；请求里的 `model` 也可以写模型目录名",
-        "the name `/v1/models` lists; a request may also name the model folder",
-        shown=("`MODEL_ID`，未设置时为 `{huggingface}`", "`MODEL_ID`, else `{huggingface}`"))
+class FastapiSettings(ServedNameSettings, EngineSettings, AccessSettings, ModelSettings):
+    pass
 
 
 class WebdemoSettings(EngineSettings, AccessSettings, ModelSettings):
     pass
 
 
-class VllmSettings(AccessSettings, ModelSettings):
-    served_model_name: str | None = setting(
-        None, "SERVED_MODEL_NAME", "请求里 `model` 字段要写的名字（设置后只有这一个）",
-        "the name requests give as `model` (when set, the only one)",
-        shown=("要服务的模型 id（`MODEL_ID` 或配方的），以及上游教程用的名字（如 `Qwen3-8B`）",
-               "the model id served (`MODEL_ID` or the recipe's), and the names upstream's tutorials use (e.g. `Qwen3-8B`)"))
+class VllmSettings(ServedNameSettings, TemplateSettings, AccessSettings, ModelSettings):
     max_model_len: int = setting(
         DEFAULT_MAX_MODEL_LEN, "MAX_MODEL_LEN", "最大上下文长度（越大 KV cache 越占显存）",
         "the longest context (more takes more VRAM for the KV cache)", ge=1)
@@ -251,6 +313,14 @@ class VllmSettings(AccessSettings, ModelSettings):
     @property
     def vllm_argv(self) -> list[str]:
         return shlex.split(self.vllm_args)
+
+    def address(self, recipe: Recipe) -> tuple[str, int]:
+        """HOST and PORT, unless VLLM_ARGS give vLLM's own --host / --port (they come last, so they win)."""
+        from .tasks.vllm_server import option_values  # builds on this module
+
+        host, port = super().address(recipe)
+        hosts, ports = option_values(self.vllm_argv, "--host"), option_values(self.vllm_argv, "--port")
+        return (hosts[-1] if hosts else host), (int(ports[-1]) if ports and ports[-1].isdigit() else port)
 
 
 class LangchainSettings(EngineSettings, ModelSettings):
@@ -302,7 +372,7 @@ class LangchainSettings(EngineSettings, ModelSettings):
         return self.model_cache / "huggingface" / "hub"
 
 
-class AdapterSettings(ModelSettings):
+class AdapterSettings(TorchSettings, TemplateSettings, ModelSettings):
     """What `selfllm lora infer` / `merge` read besides their own flags."""
 
     model_path: Path | None = setting(None, "MODEL_PATH", *MODEL_PATH_TEXT, flag="--model")  # + its flag
@@ -577,7 +647,7 @@ def default_text(info: SettingInfo, recipe: Recipe, family: ModelFamily, lang: s
         if ids.huggingface == ids.modelscope:
             text = text.replace("（`MODEL_SOURCE=huggingface` 时为 `{huggingface}`）", "").replace(
                 " (`{huggingface}` with `MODEL_SOURCE=huggingface`)", "")
-        return text.format(modelscope=ids.modelscope, huggingface=ids.huggingface)
+        return text.format(modelscope=ids.modelscope, huggingface=ids.huggingface, port=recipe.port)
     return _shown(info.default)
 
 

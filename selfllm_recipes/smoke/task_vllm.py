@@ -1,5 +1,5 @@
-"""Smoke check of task `vllm`: `/v1/models` lists the model under its hub id and the names upstream's
-tutorials use, and the official `openai` client asks for a chat completion by upstream's name (as their
+"""Smoke check of task `vllm`: `/v1/models` lists the model under its folder's name, the default checkpoint's
+ids and the names upstream's tutorials use, and the official `openai` client asks for a chat completion by upstream's name (as their
 client code does). The detail names the build that really served, read from the container (its start log
 and vLLM's /version): on an engine without GPU that is the recipe's CPU variant (vllm-cpu)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 
 import requests
 
-from .checks import SYSTEM, SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .checks import SMOKE_MODEL_DIR, SYSTEM, SmokeCheck, SmokeSession, expect, start_on_smoke_model
 
 SERVING_LINE = re.compile(r"selfllm: serving with (?P<package>vllm(?:-cpu)?) (?P<version>\S+) on (?P<device>CPU|GPU)")
 
@@ -24,14 +24,18 @@ def served_by(logs: str, api_version: str) -> str:
 
 
 def expected_names(recipe_key: str) -> list[str]:
-    """The names the recipe serves its default checkpoint under (no MODEL_ID or SERVED_MODEL_NAME set)."""
+    """The names the recipe serves the smoke model under (MODEL_PATH=SMOKE_MODEL_DIR, no MODEL_ID or
+    SERVED_MODEL_NAME): the folder's name first, then the default checkpoint's ids and upstream's names."""
     from selfllm_runtime.metadata import load_family, load_recipe
-    from selfllm_runtime.tasks.vllm_server import upstream_names
+    from selfllm_runtime.model_source import served_names
+    from selfllm_runtime.settings import ModelSettings, resolve
 
     from ..layout import RECIPES_DIR
 
     recipe = load_recipe(RECIPES_DIR / recipe_key)
-    return upstream_names(recipe.default_model.modelscope, recipe, load_family(RECIPES_DIR / recipe.model))
+    family = load_family(RECIPES_DIR / recipe.model)
+    settings = resolve(ModelSettings, recipe, family, env={"MODEL_PATH": SMOKE_MODEL_DIR})
+    return served_names(recipe, family, settings)
 
 
 def verify_vllm(session: SmokeSession) -> str:
@@ -40,7 +44,7 @@ def verify_vllm(session: SmokeSession) -> str:
     client = OpenAI(base_url=session.base_url + "/v1", api_key="EMPTY", timeout=300, max_retries=0)
     models = [m.id for m in client.models.list().data]
     names = expected_names(session.recipe_key)
-    expect(models == names, f"/v1/models lists {models}, not {names} (the hub id and upstream's names)")
+    expect(models == names, f"/v1/models lists {models}, not {names} (the folder's name, the hub ids and upstream's names)")
     upstream = names[-1]
     answer = client.chat.completions.create(
         model=upstream, messages=[SYSTEM, {"role": "user", "content": "你好，请介绍一下你自己"}],

@@ -1,5 +1,6 @@
 """Training data: upstream's instruction format and a conversation format, detected per record,
-tokenized through the model's own chat template with the prompt masked out of the loss.
+tokenized through the chat template CHAT_TEMPLATE picks (chat_template.py: the checkpoint's own, the
+family's copy where it ships none), as at inference time, with the prompt masked out of the loss.
 
 Formats (a JSON list, or JSONL with one record a line; both may be mixed in one file):
 - instruction (upstream's huanhuan.json): {"instruction": str, "input": str (optional), "output": str,

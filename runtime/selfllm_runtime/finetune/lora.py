@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..chat_template import use_chat_template
 from ..context import RecipeContext
 from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, encode_files
-from ..loading import load_causal_lm
+from ..loading import apply_torch_threads, load_causal_lm
 from ..metadata import Quantization
 from ..settings import EngineSettings, LoraSettings
 
@@ -72,10 +73,15 @@ def fetch_data(url: str, folder: Path, max_bytes: int = MAX_DATA_URL_BYTES) -> P
     return target
 
 
-def load_tokenizer(context: RecipeContext, model_dir: Path):
+def load_tokenizer(context: RecipeContext, model_dir: Path, chat_template: str | None = None):
+    """The checkpoint's tokenizer; chat_template: CHAT_TEMPLATE, whose choice it then renders with (the saved
+    adapter's tokenizer keeps it, so `infer` and `merge` render as training did)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=context.family.trust_remote_code)
+    if chat_template is not None:
+        chosen = use_chat_template(tokenizer, context, model_dir, chat_template)
+        log.info("chat template: %s", chosen.describe())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = context.family.special_tokens.pad
     return tokenizer
@@ -132,7 +138,8 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     if rank != 0:  # torchrun's other processes: only rank 0 logs, writes the adapter and the result line
         log.setLevel(logging.WARNING)
     torch.manual_seed(settings.seed)
-    tokenizer = load_tokenizer(context, model_dir)
+    log.info("%s", apply_torch_threads(settings.torch_threads))
+    tokenizer = load_tokenizer(context, model_dir, settings.chat_template)
     paths, data = prepare_data(context, tokenizer, settings)
     log.info("%d examples from %d records in %s (%d tokens, %d skipped as too long)", len(data.examples),
              data.records, ", ".join(map(str, paths)), data.tokens, data.skipped)

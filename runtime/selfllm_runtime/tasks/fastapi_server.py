@@ -1,4 +1,5 @@
-"""Task `fastapi`: upstream's API (`POST /`) on port 6006, plus `GET /health`.
+"""Task `fastapi`: upstream's API (`POST /`) on port 6006 (PORT), plus `GET /health` (the model, the device, the
+quantization and the chat template in use).
 
 The legacy route logs each exchange's sizes at INFO; the prompt and answer themselves only at DEBUG.
 """
@@ -83,7 +84,7 @@ def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
     @app.get("/health")  # async: answered on the event loop, never behind queued generations
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.model_name, "device": engine.device,
-                "quantization": engine.quantization}
+                "quantization": engine.quantization, "chat_template": engine.chat_template.as_dict()}
 
     @app.post("/", response_model=LegacyResponse, response_model_exclude_none=True, responses={
         400: {"model": LegacyError, "description": "The body is not parseable"},
@@ -113,6 +114,7 @@ def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
 def run(context: RecipeContext, model_dir: Path, settings: FastapiSettings) -> None:
     import uvicorn
 
-    warn_if_exposed(settings.host, context.recipe.port, settings.api_key)  # HOST, API_KEY: see access.py
+    host, port = settings.address(context.recipe)
+    warn_if_exposed(host, port, settings.api_key)  # HOST, PORT, API_KEY: see access.py
     app = create_app(ChatEngine(context, model_dir, settings), settings)
-    uvicorn.run(app, host=settings.host, port=context.recipe.port, workers=1)
+    uvicorn.run(app, host=host, port=port, workers=1)

