@@ -361,3 +361,5 @@ def test_streamlit_health_answers_fast_with_64_chats_queued(context, tiny_model,
     with streamlit_on_loopback(context, tiny_model, tmp_path, env={"MAX_BATCH": "1"}) as url:
         probes = asyncio.run(chat_and_probe(int(url.rsplit(":", 1)[1])))
     assert max(probes) < 0.1, f"/_stcore/health took {probes} s with 64 chats queued"
+    start = (tmp_path / "streamlit.log").read_text(encoding="utf-8", errors="replace")  # the engine's start line
+    assert "torch threads (TORCH_THREADS=" in start and "chat template: checkpoint (" in start, start[-2000:]

@@ -6,6 +6,7 @@ With API_KEY set, a tab sees only a password field until it gives that key (st.s
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,12 @@ def load_recipe_context(recipe_dir: str) -> RecipeContext:
 
 @st.cache_resource(show_spinner="正在加载模型… / Loading the model…")
 def load_engine(recipe_dir: str, model_dir: str) -> ChatEngine:
+    selfllm_log = logging.getLogger("selfllm")  # the engine's start line (model, threads, chat template), as
+    if not selfllm_log.handlers:               # `selfllm start` logs it for the other tasks
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        selfllm_log.addHandler(handler)
+        selfllm_log.setLevel(logging.INFO)
     context = load_recipe_context(recipe_dir)
     return ChatEngine(context, Path(model_dir), context.settings(WebdemoSettings))
 
