@@ -218,10 +218,10 @@ class TemplateSettings(TaskSettings):
     chat_template: str = setting(
         "auto", "CHAT_TEMPLATE",
         "`auto`：checkpoint 自带的模板，没有时用模型族的（`recipes/<模型族>/chat_template.jinja`）；`checkpoint`：只用自带的"
-        "（没有时启动即一行报错、退出码 2）；`family`：模型族的；或一个 Jinja 模板文件的路径。启动日志与 `/health` 写明用的是哪个",
+        "（没有时启动即一行报错、退出码 2）；`family`：模型族的；或一个 Jinja 模板文件的路径。启动日志（FastAPI 还有 `/health`）写明用的是哪个",
         "`auto`: the checkpoint's own template, the family's (`recipes/<family>/chat_template.jinja`) where it has "
         "none; `checkpoint`: its own only (none: one error line at start, exit 2); `family`: the family's; or the "
-        "path of a Jinja template file. The start log and `/health` say which one is used", min_length=1)
+        "path of a Jinja template file. The start log (fastapi: also `/health`) says which one is used", min_length=1)
 
     @field_validator("chat_template")
     @classmethod
