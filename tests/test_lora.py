@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -459,7 +460,7 @@ def test_two_processes_train_one_adapter_through_torchrun(tiny_model, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'runtime'}", "RECIPE_DIR": str(RECIPES_DIR / "qwen3" / "lora"),
            "MODEL_PATH": str(tiny_model), "DATA_PATH": str(data), "OUTPUT_DIR": str(tmp_path / "out"),
            "RUN_NAME": "ddp", "MAX_STEPS": "12", "LEARNING_RATE": "5e-3", "BATCH_SIZE": "2", "GRAD_ACCUM": "1",
-           "LOGGING_STEPS": "1", "NPROC": "2", "OMP_NUM_THREADS": "1"}
+           "LOGGING_STEPS": "1", "NPROC": "2", "OMP_NUM_THREADS": "1", "SAVE_STEPS": "4"}
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "selfllm_runtime", "start"], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -476,6 +477,17 @@ def test_two_processes_train_one_adapter_through_torchrun(tiny_model, tmp_path):
     assert sum(result["losses"][-3:]) / 3 < sum(result["losses"][:3]) / 3, result["losses"]
     losses = re.findall(r"selfllm: rank (\d)/2 adapter sha256 \w+ last loss ([\d.]+)", output)
     print(f"2-process LoRA: {seconds:.1f} s, final losses {dict(losses)}, adapter {ranks['0']}")
+    # Stopped after checkpoint-8 (the last checkpoint and the final adapter gone): rank 0 picks checkpoint-8, both
+    # ranks load it, train the 4 remaining steps and end with the same adapter as the uninterrupted run.
+    run = Path(result["adapter_dir"])
+    shutil.rmtree(run / "checkpoint-12")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "selfllm_lora.json"):
+        (run / name).unlink()
+    again = subprocess.run([sys.executable, "-m", "selfllm_runtime", "start"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert again.stderr.count("RESUME=auto: resuming from checkpoint-8 at step 8") == 1  # said by rank 0 only
+    assert dict(re.findall(r"selfllm: rank (\d)/2 adapter sha256 (\w+) last loss", again.stderr)) == ranks
     out = tmp_path / "merged"
     context = load_context(RECIPES_DIR / "qwen3" / "lora")
     merge(context, tiny_model, Path(result["adapter_dir"]), out)
