@@ -2,7 +2,7 @@
 
   selfllm start [--recipe DIR]       acquire the model, then run the recipe's task
   selfllm health                     exit 0 when the task answers (the image's HEALTHCHECK)
-  selfllm smoke-model OUT            write a tiny random model of the recipe's architecture
+  selfllm smoke-model OUT [--architecture CLASS]  a tiny random model of the recipe's class (or a variant's)
   selfllm fetch-model                download the model into the cache and print its folder
   selfllm settings                   every setting of the task: its value and where it came from
   selfllm link RECIPE_DIR            native install's last step (runtime/bin/selfllm-install)
@@ -59,8 +59,8 @@ def cmd_smoke_model(args: argparse.Namespace) -> int:
     from .smoke_model import SmokeModelTooLarge, make_smoke_model, parameter_line
 
     try:
-        out = make_smoke_model(load_context(args.recipe), Path(args.out))
-    except SmokeModelTooLarge as exc:
+        out = make_smoke_model(load_context(args.recipe), Path(args.out), architecture=args.architecture)
+    except (SmokeModelTooLarge, ValueError) as exc:
         print(f"selfllm smoke-model: error: {exc}", file=sys.stderr, flush=True)
         return 2
     print(parameter_line(out), file=sys.stderr, flush=True)  # the smoke report reads the count from this line
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("smoke-model")
     p.add_argument("out")
     p.add_argument("--recipe")
+    p.add_argument("--architecture", help="a class of the family's `variants:` (model.yaml) instead of its default")
     p.set_defaults(func=cmd_smoke_model)
     p = sub.add_parser("link", help="native install's last step (see runtime/bin/selfllm-install)")
     p.add_argument("recipe_dir")

@@ -114,13 +114,14 @@ def tiny_model_size(logs: str) -> str:
     is missing from the logs or above the bound fails the recipe (a "tiny" model must be tiny)."""
     from selfllm_runtime.smoke_model import MAX_SMOKE_PARAMETERS, PARAMETERS_PATTERN
 
-    found = PARAMETERS_PATTERN.search(logs)
-    if found is None:
+    found = {(m["architecture"], int(m["parameters"])): None for m in PARAMETERS_PATTERN.finditer(logs)}
+    if not found:
         raise SmokeFailure("the container never logged the smoke model's parameter count (selfllm smoke-model)")
-    parameters = int(found["parameters"])
-    if parameters > MAX_SMOKE_PARAMETERS:
-        raise SmokeFailure(f"the smoke model has {parameters:,} parameters, above the bound of {MAX_SMOKE_PARAMETERS:,}")
-    return f"tiny {found['architecture']}: {parameters:,} parameters"
+    for architecture, parameters in found:  # a family's variants (model.yaml `variants:`) are smoke models too
+        if parameters > MAX_SMOKE_PARAMETERS:
+            raise SmokeFailure(f"the smoke model {architecture} has {parameters:,} parameters, above the bound of "
+                               f"{MAX_SMOKE_PARAMETERS:,}")
+    return "; ".join(f"tiny {architecture}: {parameters:,} parameters" for architecture, parameters in found)
 
 
 def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> SmokeResult:

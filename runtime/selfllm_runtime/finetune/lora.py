@@ -151,6 +151,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     model_dir = Path(model_dir)
+    context = context.for_checkpoint(model_dir)  # a text-only size of a vision-language family: its own LoRA modules
     run_dir = settings.run_dir(model_dir)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if rank != 0:  # torchrun's other processes: only rank 0 logs, writes the adapter and the result line
@@ -177,7 +178,18 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     targets = context.family.lora.peft_target_modules(settings.target_modules)
     lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=targets, r=settings.r,
                              lora_alpha=settings.alpha, lora_dropout=settings.dropout, inference_mode=False, **by_parameter)
-    model = get_peft_model(model, lora_config)
+    try:
+        model = get_peft_model(model, lora_config)
+    except ValueError as exc:
+        if "not found in the base model" not in str(exc):
+            raise
+        family = context.family
+        raise ValueError(
+            f"LoRA found none of {','.join(settings.target_modules)}"
+            + (f" under {family.lora.modules_under}" if family.lora.modules_under else "")
+            + f" in {model_dir} ({type(model).__name__}); {family.display_name} expects {family.known_classes()}: "
+            f"set LORA_TARGET_MODULES to modules this checkpoint has, or add its class under `variants:` in "
+            f"{context.family_dir / 'model.yaml'}") from None
     trainable, total = model.get_nb_trainable_parameters()
     under = f" under {context.family.lora.modules_under}" if context.family.lora.modules_under else ""
     log.info("%s r=%d alpha=%d on %s%s: %d trainable of %d parameters (%.3f%%)",
@@ -259,7 +271,8 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     resume.publish(staged, run_dir, last=RUN_INFO)
     print(f"LoRA adapter saved to {run_dir}", flush=True)
     return emit_result(
-        "train", adapter_dir=str(run_dir), device=device, quantization=settings.quantization,
+        "train", adapter_dir=str(run_dir), architecture=context.family.architecture, device=device,
+        quantization=settings.quantization,
         base_weights_gb=loaded.weights_gb, steps=int(output.global_step), resumed_from_step=start.step,
         trained_steps=int(output.global_step) - start.step, examples=len(data.examples),
         records=data.records, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
