@@ -100,9 +100,22 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
-    from .tasks.lora import main as lora_main
+    try:  # by name, as task_module: an image carries only its own task's runtime (selfllm_recipes/runtime_closure.py)
+        lora = importlib.import_module(f"selfllm_runtime.tasks.{TASK_MODULES[TaskKind.lora]}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"selfllm_runtime.tasks.{TASK_MODULES[TaskKind.lora]}":
+            raise
+        print(f"selfllm: error: `selfllm lora` is not in this image: it carries the runtime of its own task "
+              f"({image_task()}) only; use a lora recipe image (e.g. selfllm/qwen3-lora)", file=sys.stderr)
+        return 2
+    return lora.main(args.args)
 
-    return lora_main(args.args)
+
+def image_task() -> str:
+    try:
+        return load_context().recipe.task.value
+    except (MetadataError, OSError):
+        return "another task"
 
 
 def main(argv: list[str] | None = None) -> int:

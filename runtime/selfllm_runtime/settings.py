@@ -26,11 +26,12 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from .finetune.data import DEFAULT_DATA
 from .metadata import LoraDefaults, ModelFamily, ModelSource, Quantization, Recipe, TaskKind
 
 DEFAULT_CACHE = Path("/root/autodl-tmp")  # AutoDL's data disk: a saved instance keeps what is there
 SAMPLE_DOCS_DIR = Path(__file__).resolve().parent / "lc" / "sample_docs"
+# The LoRA task's default data, upstream's huanhuan.json shipped with the runtime (finetune/data.py checks it).
+DEFAULT_DATA = Path(__file__).resolve().parent / "finetune" / "data" / "huanhuan.json"
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_LORA_OUTPUT = DEFAULT_CACHE / "lora"
 DEFAULT_DATA_DIR = DEFAULT_CACHE / "data"

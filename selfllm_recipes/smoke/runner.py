@@ -35,15 +35,22 @@ class SmokeResult:
     level: str = ""  # e.g. "cpu" or "gpu"
 
 
-def check_code_hash() -> str:
+def check_files(task: str) -> list[Path]:
+    """The smoke code that judges a recipe of task kind `task`: the shared modules and its own task_<task>.py."""
+    return [p for p in sorted(Path(__file__).parent.glob("*.py"))
+            if not p.name.startswith("task_") or p.name == f"task_{task}.py"]
+
+
+def check_code_hash(task: str) -> str:
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in check_files(task):
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 
 def _cache_file(spec: RecipeSpec, image_id: str, gpu: bool) -> Path:
-    name = f"{spec.key.replace('/', '-')}-{image_id.split(':')[-1][:16]}-{check_code_hash()}-{'gpu' if gpu else 'cpu'}.json"
+    code = check_code_hash(spec.recipe.task.value)
+    name = f"{spec.key.replace('/', '-')}-{image_id.split(':')[-1][:16]}-{code}-{'gpu' if gpu else 'cpu'}.json"
     return CACHE_DIR / "smoke" / name
 
 
