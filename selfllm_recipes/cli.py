@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -37,7 +39,7 @@ from .scaffold import new_family
 from .plan import SelectionError, select, select_by_name
 from .report import RecipeReport, render_table, write_reports
 from .secret_scan import url_has_credentials
-from .smoke.runner import cached_pass, remember_pass, remove_leftovers, run_smoke
+from .smoke.runner import SmokeResult, cached_pass, remember_pass, remove_leftovers, run_smoke
 
 log = logging.getLogger("selfllm")
 SOURCE_URL = "https://github.com/datawhalechina/self-llm"
@@ -75,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-dir", type=Path, help="write report.json, report.md and junit.xml here")
     p.add_argument("--github-matrix", action="store_true", help="print the selection as a GitHub Actions matrix and exit")
     p.add_argument("--no-smoke", action="store_true", help="build only")
+    p.add_argument("--smoke-jobs", type=int, default=int(os.environ.get("SMOKE_JOBS", "1")), metavar="N",
+                   help="smoke tests run side by side (builds stay one at a time, beside them); default $SMOKE_JOBS or 1")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when inputs are unchanged")
     p.add_argument("--pip-index-url", help="PIP_INDEX_URL for image builds (e.g. the Tsinghua mirror); a build arg, "
                    "recorded in `docker history`: no credentials")
@@ -275,8 +279,9 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
     left = remove_leftovers(client)
     if left:
         log.warning("removed %d container(s) left by an interrupted run", left)
+    pending: list[Future] = []
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=False) as progress:
+                  transient=False) as progress, ThreadPoolExecutor(max(args.smoke_jobs, 1)) as smokers:
         for node in nodes:
             started = time.monotonic()
             task = progress.add_task(f"build {node.key}", total=None)
@@ -311,7 +316,8 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
             if node.kind is not NodeKind.recipe:
                 continue
             spec = by_key[node.key]
-            row = RecipeReport(node.key, "pass", time.monotonic() - started, node.tag, build=how,
+            build_seconds = time.monotonic() - started
+            row = RecipeReport(node.key, "pass", build_seconds, node.tag, build=how,
                                image_id=result.image_id, input_hash=node.input_hash,
                                image_bytes=client.images.get(result.image_id).attrs.get("Size", 0))
             rows[node.key] = row
@@ -323,22 +329,46 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
                 row.smoke = f"not run without a GPU: {spec.recipe.smoke.needs_gpu}"
                 log.warning("%s: smoke test not run (no GPU): %s", node.key, spec.recipe.smoke.needs_gpu)
                 continue
-            smoke_task = progress.add_task(f"smoke {node.key}", total=None)
             smoke = cached_pass(spec, result.image_id, gpu)
-            if smoke is None:
-                smoke = run_smoke(spec, node.tag, gpu, report_dir)
-                raise_if_interrupted()
-                if smoke.ok:
-                    remember_pass(spec, result.image_id, gpu, smoke)
-            row.seconds = time.monotonic() - started
-            row.smoke = ("reused: " if smoke.reused else "") + smoke.detail.splitlines()[0]
-            row.level = smoke.level
-            if not smoke.ok:
-                row.status, row.error = "fail", smoke.detail
-            mark = "[green]✓[/]" if smoke.ok else "[red]✗[/]"
-            finish_step(progress, smoke_task, f"{mark} smoke {node.key}: {row.smoke}")
+            if smoke is not None:
+                record_smoke(row, smoke, build_seconds, build_seconds, progress, None)
+                continue
+            smoke_task = progress.add_task(f"smoke {node.key}", total=None)
+            pending.append(smokers.submit(smoke_and_record, spec, node, row, result.image_id, gpu, report_dir,
+                                          build_seconds, progress, smoke_task))
+            if args.smoke_jobs <= 1:  # one at a time: the next build waits for this smoke
+                pending.pop().result()
+        for future in pending:
+            future.result()
     raise_if_interrupted()
     return finish(list(rows.values()), args, console, meta)
+
+
+def smoke_and_record(spec: RecipeSpec, node, row: RecipeReport, image_id: str, gpu: bool, report_dir: Path,
+                     build_seconds: float, progress: Progress, smoke_task) -> None:
+    """One recipe's smoke test (on a worker thread with --smoke-jobs > 1), remembered when it passes."""
+    started = time.monotonic()
+    smoke = run_smoke(spec, node.tag, gpu, report_dir)
+    if smoke.ok:
+        remember_pass(spec, image_id, gpu, smoke)
+    record_smoke(row, smoke, build_seconds, build_seconds + time.monotonic() - started, progress, smoke_task)
+
+
+def record_smoke(row: RecipeReport, smoke: SmokeResult, build_seconds: float, seconds: float, progress: Progress,
+                 smoke_task) -> None:
+    row.seconds = seconds
+    if not smoke.reused:
+        row.phases = {"build": round(build_seconds, 2), **smoke.phases}
+    row.smoke = ("reused: " if smoke.reused else "") + smoke.detail.splitlines()[0]
+    row.level = smoke.level
+    if not smoke.ok:
+        row.status, row.error = "fail", smoke.detail
+    mark = "[green]✓[/]" if smoke.ok else "[red]✗[/]"
+    line = f"{mark} smoke {row.recipe}: {row.smoke}"
+    if smoke_task is None:
+        progress.console.print(line)
+    else:
+        finish_step(progress, smoke_task, line)
 
 
 def finish(rows: list[RecipeReport], args: argparse.Namespace, console: Console, meta: dict) -> int:

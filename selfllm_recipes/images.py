@@ -1,4 +1,4 @@
-"""Plan: the image graph (base → stacks → runtime → recipes), each node with its build context and
+"""Plan: the image graph (base → stacks, each recipe's runtime → recipes), each node with its build context and
 an input hash, so an unchanged node is reused instead of rebuilt."""
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from selfllm_runtime.metadata import MODEL_FILE, TASK_FILE, load_family
+from selfllm_runtime.metadata import MODEL_FILE, TASK_FILE
 
 from .discover import RecipeSpec
-from .layout import CUDA_BASE_DIR, IMAGE_PREFIX, RECIPES_DIR, RUNTIME_DIR, TASKS_DIR
+from .layout import CUDA_BASE_DIR, IMAGE_PREFIX, RUNTIME_DIR, TASKS_DIR
+from .runtime_closure import task_context_files
 
 IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
 
@@ -27,7 +28,7 @@ class NodeKind(str, Enum):
 
 @dataclass
 class ImageNode:
-    key: str  # "base", "stack/torch2.6.0-cu12", "runtime", "qwen3/fastapi"
+    key: str  # "base", "stack/torch2.6.0-cu12", "runtime/qwen3/fastapi", "qwen3/fastapi"
     kind: NodeKind
     tag: str
     files: dict[str, Path]  # name in the build context → file on disk
@@ -80,21 +81,23 @@ def local_wheels(pins, dirs: list[Path] | None = None) -> dict[str, Path]:
     return found
 
 
-def runtime_files() -> dict[str, Path]:
-    files = {"Dockerfile": RUNTIME_DIR / "Dockerfile"}
-    files |= folder_files(RUNTIME_DIR / "bin", "bin/")
-    files |= folder_files(RUNTIME_DIR / "selfllm_runtime", "selfllm_runtime/")
-    for model_file in sorted(RECIPES_DIR.glob(f"*/{MODEL_FILE}")):
-        model = model_file.parent
-        files[f"recipes/{model.name}/{MODEL_FILE}"] = model_file
-        try:
-            template = load_family(model).chat_template
-        except ValueError:
-            continue  # a broken model.yaml is reported by discovery, for its recipes only
-        files[f"recipes/{model.name}/{template}"] = model / template
-    for task_file in sorted(TASKS_DIR.glob(f"*/{TASK_FILE}")):
-        files[f"tasks/{task_file.parent.name}/{TASK_FILE}"] = task_file
+def runtime_files(spec: RecipeSpec) -> dict[str, Path]:
+    """What one recipe's runtime image holds: the runtime files its task kind runs (runtime_closure), the launcher,
+    its family's model.yaml and chat template, and its task's task.yaml; so a change elsewhere leaves its input
+    hash (and its last smoke result) as it was."""
+    files = {"Dockerfile": RUNTIME_DIR / "Dockerfile"} | folder_files(RUNTIME_DIR / "bin", "bin/")
+    files |= task_context_files(spec.recipe.task)
+    model = spec.model_dir
+    files[f"recipes/{model.name}/{MODEL_FILE}"] = model / MODEL_FILE
+    files[f"recipes/{model.name}/{spec.family.chat_template}"] = model / spec.family.chat_template
+    task = spec.recipe.task.value
+    files[f"tasks/{task}/{TASK_FILE}"] = TASKS_DIR / task / TASK_FILE
     return files
+
+
+def runtime_tag(spec: RecipeSpec) -> str:
+    """selfllm/runtime:<model>-<task>: the files-only image one recipe copies its runtime from."""
+    return f"{IMAGE_PREFIX}/runtime:{spec.key.replace('/', '-')}"
 
 
 def digest(node: ImageNode, parent_hashes: list[str], external: str = "") -> str:
@@ -124,8 +127,6 @@ def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, 
     base = ImageNode("base", NodeKind.base, f"{IMAGE_PREFIX}/base:cuda12.1", folder_files(CUDA_BASE_DIR),
                      buildargs={"BASE_IMAGE": base_image, **base_args})
     base.input_hash = digest(base, [], base_image_id)
-    runtime = ImageNode("runtime", NodeKind.runtime, f"{IMAGE_PREFIX}/runtime:latest", runtime_files())
-    runtime.input_hash = digest(runtime, [])
     nodes: dict[str, ImageNode] = {"base": base}
     for spec in recipes:
         stack_spec = spec.variant(cpu)[0]
@@ -139,16 +140,19 @@ def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, 
                                          **({"FIND_LINKS": "/opt/selfllm/stack"} if wheels else {})})
             stack.input_hash = digest(stack, [base.input_hash])
             nodes[stack_key] = stack
-    if recipes:
-        nodes["runtime"] = runtime
     for spec in recipes:
+        runtime = ImageNode(f"runtime/{spec.key}", NodeKind.runtime, runtime_tag(spec), runtime_files(spec))
+        runtime.input_hash = digest(runtime, [])
+        nodes[runtime.key] = runtime
+    for spec in recipes:
+        runtime = nodes[f"runtime/{spec.key}"]
         stack_spec, _lock, variant_args = spec.variant(cpu)
         stack = nodes[f"stack/{stack_spec.name}"]
         tag = f"{spec.image}:{'latest' if stack_spec is spec.stack else 'cpu'}"
         # The README is documentation: editing it must not rebuild or re-test an image.
         files = {name: path for name, path in folder_files(spec.dir).items() if name != "README.md"}
         node = ImageNode(spec.key, NodeKind.recipe, tag, files,
-                         parents=[stack.key, "runtime"],
+                         parents=[stack.key, runtime.key],
                          buildargs={"STACK_IMAGE": stack.tag, "RUNTIME_IMAGE": runtime.tag, **pip_args, **variant_args})
         node.input_hash = digest(node, [stack.input_hash, runtime.input_hash])
         nodes[spec.key] = node

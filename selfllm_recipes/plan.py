@@ -6,9 +6,12 @@ from collections.abc import Sequence
 
 from .discover import BrokenRecipe, RecipeSpec
 from .layout import REPO_ROOT
+from .runtime_closure import task_files
+from .smoke.runner import check_files
 
-# Paths whose change affects every recipe.
-SHARED_PATHS = ("base-images/cuda12.1/", "runtime/", "selfllm_recipes/smoke/", "tasks/Dockerfile.j2")
+# Paths whose change affects every recipe (the runtime's modules and the smoke checks: only where a recipe's task
+# kind runs them, recipe_inputs).
+SHARED_PATHS = ("base-images/cuda12.1/", "runtime/Dockerfile", "runtime/bin/", "tasks/Dockerfile.j2")
 
 
 class SelectionError(ValueError):
@@ -51,9 +54,13 @@ def changed_paths(ref: str) -> list[str]:
 
 
 def recipe_inputs(spec: RecipeSpec) -> list[str]:
+    """Repo paths (a folder ends in /) whose change changes the recipe's image or the check that judges it."""
     rel = lambda p: str(p.relative_to(REPO_ROOT)) + "/"  # noqa: E731
-    return [rel(spec.dir), rel(spec.model_dir) + "model.yaml", rel(spec.model_dir) + spec.family.chat_template,
-            f"tasks/{spec.recipe.task.value}/", rel(spec.stack.dir)] + ([rel(spec.cpu_stack.dir)] if spec.cpu_stack else [])
+    task = spec.recipe.task
+    return ([rel(spec.dir), rel(spec.model_dir) + "model.yaml", rel(spec.model_dir) + spec.family.chat_template,
+             f"tasks/{task.value}/", rel(spec.stack.dir)] + ([rel(spec.cpu_stack.dir)] if spec.cpu_stack else [])
+            + [rel(p).rstrip("/") for p in sorted(task_files(task))]
+            + [rel(p).rstrip("/") for p in check_files(task.value)])
 
 
 def select_changed(specs: Sequence[RecipeSpec | BrokenRecipe], ref: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -459,7 +460,7 @@ def test_two_processes_train_one_adapter_through_torchrun(tiny_model, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'runtime'}", "RECIPE_DIR": str(RECIPES_DIR / "qwen3" / "lora"),
            "MODEL_PATH": str(tiny_model), "DATA_PATH": str(data), "OUTPUT_DIR": str(tmp_path / "out"),
            "RUN_NAME": "ddp", "MAX_STEPS": "12", "LEARNING_RATE": "5e-3", "BATCH_SIZE": "2", "GRAD_ACCUM": "1",
-           "LOGGING_STEPS": "1", "NPROC": "2", "OMP_NUM_THREADS": "1"}
+           "LOGGING_STEPS": "1", "NPROC": "2", "OMP_NUM_THREADS": "1", "SAVE_STEPS": "4"}
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "selfllm_runtime", "start"], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -476,6 +477,17 @@ def test_two_processes_train_one_adapter_through_torchrun(tiny_model, tmp_path):
     assert sum(result["losses"][-3:]) / 3 < sum(result["losses"][:3]) / 3, result["losses"]
     losses = re.findall(r"selfllm: rank (\d)/2 adapter sha256 \w+ last loss ([\d.]+)", output)
     print(f"2-process LoRA: {seconds:.1f} s, final losses {dict(losses)}, adapter {ranks['0']}")
+    # Stopped after checkpoint-8 (the last checkpoint and the final adapter gone): rank 0 picks checkpoint-8, both
+    # ranks load it, train the 4 remaining steps and end with the same adapter as the uninterrupted run.
+    run = Path(result["adapter_dir"])
+    shutil.rmtree(run / "checkpoint-12")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "selfllm_lora.json"):
+        (run / name).unlink()
+    again = subprocess.run([sys.executable, "-m", "selfllm_runtime", "start"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert again.stderr.count("RESUME=auto: resuming from checkpoint-8 at step 8") == 1  # said by rank 0 only
+    assert dict(re.findall(r"selfllm: rank (\d)/2 adapter sha256 (\w+) last loss", again.stderr)) == ranks
     out = tmp_path / "merged"
     context = load_context(RECIPES_DIR / "qwen3" / "lora")
     merge(context, tiny_model, Path(result["adapter_dir"]), out)
@@ -499,3 +511,53 @@ def test_nproc_is_checked_and_launches_torchrun():
         context.settings(LoraSettings, env={"FSDP": "zero3"})
     assert torchrun_argv(2, "/py") == ["/py", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                                        "--nproc-per-node", "2", "-m", "selfllm_runtime", "start"]
+
+
+def test_gemma3_lora_trains_a_text_only_size_without_overrides(tiny_recipe, tmp_path):
+    """Gemma-3 270m / 1b are Gemma3ForCausalLM (model.yaml `variants:`): no language_model module, so LoRA goes on
+    the whole model's projections, picked from the checkpoint's config with no setting."""
+    from selfllm_runtime.smoke_model import make_smoke_model
+
+    context = tiny_recipe("gemma3/lora")[0]
+    folder = make_smoke_model(context, tmp_path / "gemma3-1b-tiny", architecture="Gemma3ForCausalLM")
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+    env = {"DATA_PATH": str(write_sample_data(tmp_path / "sample.json", 8)), "OUTPUT_DIR": str(tmp_path / "out"),
+           "RUN_NAME": "t", "MAX_STEPS": "3", "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1",
+           "LOGGING_STEPS": "1"}
+    done = train(context, folder, context.settings(LoraSettings, env=env))
+    assert done["steps"] == 3 and done["architecture"] == "Gemma3ForCausalLM"
+    from safetensors import safe_open
+
+    with safe_open(str(Path(done["adapter_dir"]) / "adapter_model.safetensors"), framework="pt") as weights:
+        adapted = {name.split(".lora_")[0] for name in weights.keys()}
+    assert adapted and all(".model.layers." in name for name in adapted), sorted(adapted)
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == set(context.family.lora.target_modules)
+
+
+def test_a_class_the_family_does_not_know_is_named_with_what_it_expects(tiny_recipe, tmp_path, caplog):
+    """A checkpoint whose config names a class model.yaml doesn't list (here a text-only Gemma-3 renamed): one
+    warning line at the start, and LoRA's failure to find model.language_model says which classes Gemma-3 comes
+    in and what to set."""
+    from selfllm_runtime.smoke_model import make_smoke_model
+
+    context = tiny_recipe("gemma3/lora")[0]
+    folder = make_smoke_model(context, tmp_path / "renamed", architecture="Gemma3ForCausalLM")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma3ForTextOnlyLM"]}))
+    env = {"DATA_PATH": str(write_sample_data(tmp_path / "sample.json", 8)), "OUTPUT_DIR": str(tmp_path / "out"),
+           "MAX_STEPS": "1"}
+    with pytest.raises(ValueError) as caught:
+        train(context, folder, context.settings(LoraSettings, env=env))
+    expected = ("Gemma-3 expects Gemma3ForConditionalGeneration (4b, 12b, 27b; LoRA under model.language_model) or "
+                "Gemma3ForCausalLM (270m, 1b; LoRA on the whole model)")
+    assert "is a Gemma3ForTextOnlyLM checkpoint; " + expected in caplog.text
+    message = str(caught.value)
+    assert message.startswith("LoRA found none of q_proj,k_proj,v_proj,o_proj under model.language_model in ")
+    assert expected in message and "LORA_TARGET_MODULES" in message and "variants:" in message
+
+
+def test_smoke_model_refuses_a_class_the_family_lacks(tiny_recipe, tmp_path):
+    from selfllm_runtime.smoke_model import make_smoke_model
+
+    with pytest.raises(ValueError, match="Gemma-3 has no class LlamaForCausalLM: it has Gemma3ForConditionalGeneration"):
+        make_smoke_model(tiny_recipe("gemma3/lora")[0], tmp_path / "x", architecture="LlamaForCausalLM")

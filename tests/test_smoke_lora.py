@@ -109,3 +109,24 @@ def test_a_qlora_run_that_did_not_do_its_part_fails(results, message):
 def test_a_run_without_the_qlora_phase_fails():
     with pytest.raises(SmokeFailure, match="then QLoRA's train"):
         run(-6.5, -6.3, -6.3, "ab", "cd", [])
+
+
+def test_a_family_with_a_text_only_variant_also_trains_it():
+    """Gemma-3's check ends with 4 steps on a tiny Gemma3ForCausalLM (model.yaml `variants:`); a missing or wrong
+    variant run fails it, and families without variants run none."""
+    from selfllm_recipes.discover import load_spec
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_recipes.smoke.checks import check_for
+
+    command = check_for(load_spec(RECIPES_DIR / "gemma3" / "lora")).command
+    assert command.endswith("selfllm smoke-model /tmp/tiny-Gemma3ForCausalLM --architecture Gemma3ForCausalLM && "
+                            "MODEL_PATH=/tmp/tiny-Gemma3ForCausalLM RUN_NAME=smoke-variant MAX_STEPS=4 selfllm start")
+    assert "--architecture" not in check_for(load_spec(RECIPES_DIR / "qwen3" / "lora")).command
+    variant = {**trained(), "steps": 4, "architecture": "Gemma3ForCausalLM"}
+    report = run(-6.5, -6.3, -6.300001, "ab", "cd", qlora_results=[*qlora(), variant], recipe_key="gemma3/lora")
+    assert report.endswith("; 4 steps on a tiny Gemma3ForCausalLM (its own LoRA modules)")
+    with pytest.raises(SmokeFailure, match="then train on a Gemma3ForCausalLM"):
+        run(-6.5, -6.3, -6.300001, "ab", "cd", recipe_key="gemma3/lora")
+    with pytest.raises(SmokeFailure, match="training on the Gemma3ForCausalLM variant"):
+        run(-6.5, -6.3, -6.300001, "ab", "cd", qlora_results=[*qlora(), {**variant, "architecture": "X"}],
+            recipe_key="gemma3/lora")

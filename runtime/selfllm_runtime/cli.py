@@ -2,7 +2,7 @@
 
   selfllm start [--recipe DIR]       acquire the model, then run the recipe's task
   selfllm health                     exit 0 when the task answers (the image's HEALTHCHECK)
-  selfllm smoke-model OUT            write a tiny random model of the recipe's architecture
+  selfllm smoke-model OUT [--architecture CLASS]  a tiny random model of the recipe's class (or a variant's)
   selfllm fetch-model                download the model into the cache and print its folder
   selfllm settings                   every setting of the task: its value and where it came from
   selfllm link RECIPE_DIR            native install's last step (runtime/bin/selfllm-install)
@@ -68,8 +68,8 @@ def cmd_smoke_model(args: argparse.Namespace) -> int:
     from .smoke_model import SmokeModelTooLarge, make_smoke_model, parameter_line
 
     try:
-        out = make_smoke_model(load_context(args.recipe), Path(args.out))
-    except SmokeModelTooLarge as exc:
+        out = make_smoke_model(load_context(args.recipe), Path(args.out), architecture=args.architecture)
+    except (SmokeModelTooLarge, ValueError) as exc:
         print(f"selfllm smoke-model: error: {exc}", file=sys.stderr, flush=True)
         return 2
     print(parameter_line(out), file=sys.stderr, flush=True)  # the smoke report reads the count from this line
@@ -109,9 +109,22 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
-    from .tasks.lora import main as lora_main
+    try:  # by name, as task_module: an image carries only its own task's runtime (selfllm_recipes/runtime_closure.py)
+        lora = importlib.import_module(f"selfllm_runtime.tasks.{TASK_MODULES[TaskKind.lora]}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"selfllm_runtime.tasks.{TASK_MODULES[TaskKind.lora]}":
+            raise
+        print(f"selfllm: error: `selfllm lora` is not in this image: it carries the runtime of its own task "
+              f"({image_task()}) only; use a lora recipe image (e.g. selfllm/qwen3-lora)", file=sys.stderr)
+        return 2
+    return lora.main(args.args)
 
-    return lora_main(args.args)
+
+def image_task() -> str:
+    try:
+        return load_context().recipe.task.value
+    except (MetadataError, OSError):
+        return "another task"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("smoke-model")
     p.add_argument("out")
     p.add_argument("--recipe")
+    p.add_argument("--architecture", help="a class of the family's `variants:` (model.yaml) instead of its default")
     p.set_defaults(func=cmd_smoke_model)
     p = sub.add_parser("link", help="native install's last step (see runtime/bin/selfllm-install)")
     p.add_argument("recipe_dir")

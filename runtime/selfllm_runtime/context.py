@@ -1,9 +1,11 @@
 """Which recipe this process serves, and the model family data that goes with it."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,27 @@ class RecipeContext:
                  env: Mapping[str, str] | None = None) -> Any:
         """This recipe's task settings (or another settings model's), resolved by settings.resolve."""
         return resolve(model or TASK_SETTINGS[self.recipe.task], self.recipe, self.family, cli, env)
+
+    def for_checkpoint(self, model_dir: Path) -> "RecipeContext":
+        """This context with the family as it applies to the checkpoint in model_dir, picked by the class its
+        config.json names (model.yaml `variants:`); a class the family doesn't know: one warning line saying what
+        it expects, and the family's defaults."""
+        config = Path(model_dir) / "config.json"
+        try:
+            architecture = (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
+        except (OSError, ValueError):
+            return self
+        if architecture is None:
+            return self
+        family = self.family.for_architecture(architecture)
+        if family is None:
+            logging.getLogger("selfllm").warning(
+                "%s is a %s checkpoint; %s expects %s. The defaults of %s apply; if they don't fit (LoRA's "
+                "modules), add the class under `variants:` in %s", model_dir, architecture,
+                self.family.display_name, self.family.known_classes(), self.family.architecture,
+                self.family_dir / "model.yaml")
+            return self
+        return self if family is self.family else replace(self, family=family)
 
     def template_kwargs(self, **overrides: Any) -> dict[str, Any]:
         """Family defaults, then the recipe's, then the request's (None means 'not given')."""

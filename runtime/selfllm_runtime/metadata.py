@@ -149,6 +149,16 @@ class LoraDefaults(Strict):
         return value
 
 
+class Variant(Strict):
+    """Checkpoints of the family in another class than its default (model.yaml `variants:`, keyed by class):
+    Gemma-3 270m / 1b are text-only Gemma3ForCausalLM, 4b and up the vision-language class."""
+
+    sizes: list[str] = Field(min_length=1, description="the checkpoints of this class, e.g. [270m, 1b]")
+    lora_modules_under: str | None = Field(
+        None, pattern=r"^\w+(\.\w+)*$", description="lora.modules_under for this class (None: the whole model)")
+    smoke_extra: dict[str, Any] = Field({}, description="smoke.extra for a tiny model of this class")
+
+
 class SmokeModelShape(Strict):
     """Size of the tiny random model used by smoke tests (same architecture as the real one)."""
 
@@ -255,6 +265,38 @@ class ModelFamily(Strict):
     # appended to each training reply, so the fine-tuned model learns to stop.
     template_closes_reply: bool = True
     smoke: SmokeModelShape = SmokeModelShape()
+    sizes: list[str] = Field([], description="the checkpoints of the default class (architecture), e.g. [4b, 12b, 27b]")
+    variants: dict[str, Variant] = Field(
+        {}, description="other classes the family's checkpoints come in; the runtime picks by the checkpoint's config")
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_classes(cls, value: dict[str, Variant], info: Any) -> dict[str, Variant]:
+        for name in value:
+            if not re.fullmatch(r"[A-Z]\w+For\w+", name) or name == info.data.get("architecture"):
+                raise ValueError(f"variant {name!r}: a transformers class other than the default architecture")
+        return value
+
+    def for_architecture(self, architecture: str) -> ModelFamily | None:
+        """The family as it applies to a checkpoint of class `architecture` (None: a class it doesn't know)."""
+        if architecture == self.architecture:
+            return self
+        variant = self.variants.get(architecture)
+        if variant is None:
+            return None
+        return self.model_copy(update={
+            "architecture": architecture, "sizes": variant.sizes, "variants": {},
+            "lora": self.lora.model_copy(update={"modules_under": variant.lora_modules_under}),
+            "smoke": self.smoke.model_copy(update={"extra": variant.smoke_extra})})
+
+    def known_classes(self) -> str:
+        """'Gemma3ForConditionalGeneration (4b, 12b, 27b; LoRA under model.language_model) or Gemma3ForCausalLM (...)'."""
+        def one(name: str, sizes: list[str], under: str | None) -> str:
+            where = f"LoRA under {under}" if under else "LoRA on the whole model"
+            return f"{name} ({', '.join(sizes) + '; ' if sizes else ''}{where})"
+
+        return " or ".join([one(self.architecture, self.sizes, self.lora.modules_under)]
+                           + [one(n, v.sizes, v.lora_modules_under) for n, v in self.variants.items()])
 
     def effort_kwargs(self, level: str | None) -> dict[str, str]:
         """Chat-template arguments for a requested reasoning effort level (None: none, the default applies);

@@ -26,11 +26,12 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from .finetune.data import DEFAULT_DATA
 from .metadata import LoraDefaults, ModelFamily, ModelSource, Quantization, Recipe, TaskKind
 
 DEFAULT_CACHE = Path("/root/autodl-tmp")  # AutoDL's data disk: a saved instance keeps what is there
 SAMPLE_DOCS_DIR = Path(__file__).resolve().parent / "lc" / "sample_docs"
+# The LoRA task's default data, upstream's huanhuan.json shipped with the runtime (finetune/data.py checks it).
+DEFAULT_DATA = Path(__file__).resolve().parent / "finetune" / "data" / "huanhuan.json"
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_LORA_OUTPUT = DEFAULT_CACHE / "lora"
 DEFAULT_DATA_DIR = DEFAULT_CACHE / "data"
@@ -69,6 +70,14 @@ def parse_bool(text: str) -> bool:
 
 def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
+
+
+def _resume(value: Any) -> Any:
+    """RESUME: `auto` or `never` in any case, else a checkpoint folder as written."""
+    if isinstance(value, str):
+        value = value.strip()
+        return value.lower() if value.lower() in ("auto", "never") else value
+    return value
 
 
 def bitsandbytes_installed() -> bool:
@@ -448,6 +457,15 @@ class LoraSettings(AdapterSettings):
     enable_thinking: bool = setting(False, "ENABLE_THINKING", "训练目标是否用思考模式的模板",
                                     "train on the thinking-mode template", flag="--enable-thinking", when="thinking")
     seed: int = setting(42, "SEED", "随机种子", "random seed", flag="--seed")
+    resume: Annotated[str, BeforeValidator(_resume)] = setting(
+        "auto", "RESUME",
+        "`auto`：运行目录里有完整的 checkpoint 且数据、基座、LoRA 配置、量化、种子、batch/学习率计划都与它一致时，从最新的一个继续"
+        "（优化器、调度器、随机数状态和数据位置一并恢复），不一致时一行说明哪一项不同并退出；`never`：从第 0 步重新训练；"
+        "或一个 checkpoint 目录",
+        "`auto`: continue from the run folder's newest complete checkpoint when data, base model, LoRA config, "
+        "quantization, seed and batch/LR schedule match it (optimizer, scheduler, RNG and data position too); a "
+        "mismatch stops with one line naming the setting; `never`: train from step 0; or a checkpoint folder",
+        flag="--resume", min_length=1)
     gradient_checkpointing: bool = setting(
         True, "GRADIENT_CHECKPOINTING", "同时调用 `enable_input_require_grads()`（上游 #119 的报错）",
         "also calls `enable_input_require_grads()` (upstream #119)", flag="--gradient-checkpointing")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from .context import RecipeContext
@@ -160,7 +161,8 @@ def smoke_shape(context: RecipeContext) -> SmokeModelShape:
     return own.model_copy(update={"extra": {**family.extra, **own.extra}})
 
 
-def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0) -> Path:
+def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, architecture: str | None = None) -> Path:
+    """A tiny random model of the family's class, or of one of its variants' (`architecture`, model.yaml `variants:`)."""
     import torch
     import transformers
 
@@ -168,7 +170,11 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0) -> Pa
     if (out_dir / "config.json").is_file():
         return out_dir
     torch.manual_seed(seed)
-    family = context.family
+    family = context.family if architecture is None else context.family.for_architecture(architecture)
+    if family is None:
+        raise ValueError(f"{context.family.display_name} has no class {architecture}: it has "
+                         f"{context.family.known_classes()}")
+    context = replace(context, family=family)
     shape = smoke_shape(context)
     tokenizer = _train_tokenizer(context, shape.vocab_size)
     model_class, config = tiny_config(

@@ -33,6 +33,10 @@ class SmokeCheck:
     health_path: str = "/health"
     env: dict[str, str] = field(default_factory=dict)
     shm_size: str | None = None
+    # CPU threads of the task's torch (OMP_NUM_THREADS, TORCH_THREADS): one is fastest for a tiny model, and it keeps two
+    # containers side by side from fighting over the cores (20 LoRA steps: 1.7 s with 1, 11.7 s with 2 threads on a
+    # busy 2-core box). None: the task's own choice (vLLM's CPU backend binds its threads itself).
+    threads: int | None = 1
 
 
 @dataclass

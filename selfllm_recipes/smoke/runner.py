@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
@@ -33,17 +33,25 @@ class SmokeResult:
     seconds: float
     reused: bool = False
     level: str = ""  # e.g. "cpu" or "gpu"
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of each phase: start, ready / run, check
 
 
-def check_code_hash() -> str:
+def check_files(task: str) -> list[Path]:
+    """The smoke code that judges a recipe of task kind `task`: the shared modules and its own task_<task>.py."""
+    return [p for p in sorted(Path(__file__).parent.glob("*.py"))
+            if not p.name.startswith("task_") or p.name == f"task_{task}.py"]
+
+
+def check_code_hash(task: str) -> str:
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in check_files(task):
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 
 def _cache_file(spec: RecipeSpec, image_id: str, gpu: bool) -> Path:
-    name = f"{spec.key.replace('/', '-')}-{image_id.split(':')[-1][:16]}-{check_code_hash()}-{'gpu' if gpu else 'cpu'}.json"
+    code = check_code_hash(spec.recipe.task.value)
+    name = f"{spec.key.replace('/', '-')}-{image_id.split(':')[-1][:16]}-{code}-{'gpu' if gpu else 'cpu'}.json"
     return CACHE_DIR / "smoke" / name
 
 
@@ -91,7 +99,8 @@ def remove_leftovers(client: docker.DockerClient, own: bool = False) -> int:
 
 def container_env(check: SmokeCheck) -> dict[str, str]:
     """Every task runs on the tiny model that its command writes to SMOKE_MODEL_DIR; no hub is asked."""
-    return {"HF_HUB_OFFLINE": "1", "MODEL_PATH": SMOKE_MODEL_DIR, **check.env}
+    threads = {"OMP_NUM_THREADS": str(check.threads), "TORCH_THREADS": str(check.threads)} if check.threads else {}
+    return {"HF_HUB_OFFLINE": "1", "MODEL_PATH": SMOKE_MODEL_DIR, **threads, **check.env}
 
 
 def session_of(container, base_url: str, key: str, artifacts_dir: Path | None = None) -> SmokeSession:
@@ -114,13 +123,14 @@ def tiny_model_size(logs: str) -> str:
     is missing from the logs or above the bound fails the recipe (a "tiny" model must be tiny)."""
     from selfllm_runtime.smoke_model import MAX_SMOKE_PARAMETERS, PARAMETERS_PATTERN
 
-    found = PARAMETERS_PATTERN.search(logs)
-    if found is None:
+    found = {(m["architecture"], int(m["parameters"])): None for m in PARAMETERS_PATTERN.finditer(logs)}
+    if not found:
         raise SmokeFailure("the container never logged the smoke model's parameter count (selfllm smoke-model)")
-    parameters = int(found["parameters"])
-    if parameters > MAX_SMOKE_PARAMETERS:
-        raise SmokeFailure(f"the smoke model has {parameters:,} parameters, above the bound of {MAX_SMOKE_PARAMETERS:,}")
-    return f"tiny {found['architecture']}: {parameters:,} parameters"
+    for architecture, parameters in found:  # a family's variants (model.yaml `variants:`) are smoke models too
+        if parameters > MAX_SMOKE_PARAMETERS:
+            raise SmokeFailure(f"the smoke model {architecture} has {parameters:,} parameters, above the bound of "
+                               f"{MAX_SMOKE_PARAMETERS:,}")
+    return "; ".join(f"tiny {architecture}: {parameters:,} parameters" for architecture, parameters in found)
 
 
 def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> SmokeResult:
@@ -143,22 +153,36 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
         container = container.with_env(key, value)
     if check.serves_http:
         publish_on_loopback(container, port)
+    phases: dict[str, float] = {}
+    mark = [time.monotonic()]
+
+    def phase(name: str) -> None:  # the phase that just ended, and its seconds
+        now = time.monotonic()
+        phases[name] = round(now - mark[0], 2)
+        mark[0] = now
+
     try:
         log.info("phase: container start %s", spec.key)
         container.start()
         base_url = f"http://{LOOPBACK}:{container.get_exposed_port(port)}" if check.serves_http else ""
         session = session_of(container, base_url, spec.key, artifacts_dir)
+        phase("start")
         log.info("phase: %s %s", "health wait" if check.serves_http else "run to exit", spec.key)
         if check.serves_http:
             wait_until_healthy(session, check.health_path, spec.recipe.smoke.timeout_s)
+            phase("ready")
         else:  # a task that runs to completion: verify sees its exit code and logs
             wait_until_exited(session, spec.recipe.smoke.timeout_s)
+            phase("run")
         log.info("phase: check %s", spec.key)
         detail = check.verify(session)
-        return SmokeResult(True, f"{detail}; {tiny_model_size(session.logs())}", time.monotonic() - started, level=level)
+        phase("check")
+        return SmokeResult(True, f"{detail}; {tiny_model_size(session.logs())}", time.monotonic() - started,
+                           level=level, phases=phases)
     except Exception as exc:  # noqa: BLE001 - any failure of one recipe's smoke is that recipe's FAIL
         message = str(exc) if isinstance(exc, SmokeFailure) else f"{type(exc).__name__}: {exc}"
-        return SmokeResult(False, f"{message}{_tail(container)}", time.monotonic() - started, level=level)
+        return SmokeResult(False, f"{message}{_tail(container)}", time.monotonic() - started, level=level,
+                           phases=phases)
     finally:
         _save_logs(container, artifacts_dir / f"{spec.key.replace('/', '-')}.container.log")
         try:

@@ -5,7 +5,8 @@ differ), merges it, and answers from the merged model (as with the adapter, same
 (QUANTIZATION=4bit, bitsandbytes' CPU backend): trains 20 steps on the 4-bit base (loss falls), answers
 with the 4-bit base alone and with its adapter (the quantization read back from the run; the log-prob
 moves, the 4-bit weights take less memory), and merges it into the full-precision base. Each step
-prints `SELFLLM_RESULT {json}`."""
+prints `SELFLLM_RESULT {json}`. A family with text-only sizes of another class (model.yaml `variants:`, Gemma-3
+270m/1b) also trains 4 steps on a tiny model of that class, with no override."""
 from __future__ import annotations
 
 import json
@@ -88,10 +89,18 @@ def verify_lora(session: SmokeSession) -> str:
     found = results(session.logs())
     actions = [r["action"] for r in found]
     expect(code == 0, f"the container exited with code {code} after {actions or 'no result'}")
-    qlora = quantizable(session.recipe_key)
-    expect(actions == (ACTIONS if qlora else LORA_ACTIONS),
+    qlora, other = quantizable(session.recipe_key), variant(session.recipe_key)
+    expect(actions == (ACTIONS if qlora else LORA_ACTIONS) + (["train"] if other else []),
            "expected train, infer (base), infer (adapter), merge, infer (merged)"
-           + (", then QLoRA's train, infer (4-bit base), infer (adapter), merge" if qlora else "") + f"; got {actions}")
+           + (", then QLoRA's train, infer (4-bit base), infer (adapter), merge" if qlora else "")
+           + (f", then train on a {other}" if other else "") + f"; got {actions}")
+    variant_line = ""
+    if other:
+        trained_variant = found.pop()
+        expect(trained_variant["architecture"] == other and trained_variant["steps"] == 4
+               and "adapter_model.safetensors" in trained_variant["adapter_files"],
+               f"training on the {other} variant: {trained_variant}")
+        variant_line = f"; 4 steps on a tiny {other} (its own LoRA modules)"
     trained, infer_base, infer_adapter, merged, infer_merged = found[:5]
     first, last = verify_training(trained, "LoRA")
     expect(infer_adapter["adapter"] == ADAPTER and infer_adapter["completion_tokens"] > 0,
@@ -120,23 +129,41 @@ def verify_lora(session: SmokeSession) -> str:
             + (" and changes the greedy reply, " if visible else " (greedy replies are whitespace), ")
             + "the merged model answers as base + adapter; "
             + (verify_qlora(found[5:], infer_base) if qlora
-               else "no QLoRA (the checkpoint ships quantized weights: QUANTIZATION is refused)"))
+               else "no QLoRA (the checkpoint ships quantized weights: QUANTIZATION is refused)") + variant_line)
 
 
-def quantizable(recipe_key: str) -> bool:
-    """Whether QUANTIZATION applies to the recipe's family (not to weights shipped quantized: gpt-oss's MXFP4)."""
+def _family(recipe_key: str):
     from selfllm_runtime.metadata import load_family
 
     from ..layout import RECIPES_DIR
 
-    return load_family(RECIPES_DIR / recipe_key.split("/")[0]).parameters_b.quantizable
+    return load_family(RECIPES_DIR / recipe_key.split("/")[0])
+
+
+def quantizable(recipe_key: str) -> bool:
+    """Whether QUANTIZATION applies to the recipe's family (not to weights shipped quantized: gpt-oss's MXFP4)."""
+    return _family(recipe_key).parameters_b.quantizable
+
+
+def variant(recipe_key: str) -> str | None:
+    """The first class of the family's model.yaml `variants:` (Gemma-3's text-only sizes), trained on last."""
+    return next(iter(_family(recipe_key).variants), None)
+
+
+def variant_steps(architecture: str) -> list[str]:
+    """A tiny model of the variant's class, and 4 training steps on it with no override (LoRA's modules picked
+    from its config)."""
+    folder = f"/tmp/tiny-{architecture}"
+    return [f"selfllm smoke-model {folder} --architecture {architecture}",
+            f"MODEL_PATH={folder} RUN_NAME=smoke-variant MAX_STEPS=4 selfllm start"]
 
 
 def recipe_check(spec) -> SmokeCheck:
-    """LoRA, then QLoRA where the family can be quantized."""
-    if quantizable(spec.key):
-        return CHECK
-    return SmokeCheck(command=" && ".join(LORA_STEPS), verify=verify_lora, serves_http=False, env=ENV)
+    """LoRA, then QLoRA where the family can be quantized, then a text-only variant where the family has one."""
+    steps = LORA_STEPS + (QLORA_STEPS if quantizable(spec.key) else [])
+    if (architecture := variant(spec.key)) is not None:
+        steps = steps + variant_steps(architecture)
+    return SmokeCheck(command=" && ".join(steps), verify=verify_lora, serves_http=False, env=ENV)
 
 
 def verify_qlora(found: list[dict], full_base: dict) -> str:

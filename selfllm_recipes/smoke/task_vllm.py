@@ -80,4 +80,5 @@ CHECK = SmokeCheck(
     env={"MAX_MODEL_LEN": "1024",
          "VLLM_CPU_KVCACHE_SPACE": "1"},
     shm_size="1g",  # vLLM wants ~160 MiB of /dev/shm; Docker gives 64 MiB by default
+    threads=None,  # vllm-cpu binds its OpenMP threads to cores itself
 )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..settings import DEFAULT_DATA
 from ..system_role import render_chat
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (the prompt, padding)
@@ -27,7 +28,6 @@ Message = dict[str, str]
 
 # Upstream's huanhuan.json, shipped with the runtime (provenance and license: data/README.md): the data of a
 # run with neither DATA_PATH nor DATA_URL, used without network access and checked against this digest.
-DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "huanhuan.json"
 DEFAULT_DATA_SHA256 = "1bbe8b09857274adc58186919622554df7f71dcee8655537f6a8b80993d6e6f3"
 
 

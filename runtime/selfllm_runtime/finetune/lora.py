@@ -6,6 +6,7 @@ import json
 import logging
 import http.client
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 from ..chat_template import use_chat_template
 from ..context import RecipeContext
 from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, encode_files
+from . import resume
 from ..loading import apply_torch_threads, load_causal_lm
 from ..metadata import Quantization
 from ..settings import EngineSettings, LoraSettings
@@ -114,6 +116,28 @@ def _report_to(settings: LoraSettings, run_dir: Path) -> list[str]:
     return ["swanlab"]
 
 
+# The settings a checkpoint is tied to (RESUME=auto continues only when all of them match), by variable name.
+RESUME_FIELDS = ("quantization", "r", "alpha", "dropout", "target_modules", "target_parameters", "seed", "batch_size",
+                 "grad_accum", "learning_rate", "epochs", "max_steps", "max_length", "max_samples", "system_prompt",
+                 "enable_thinking", "fsdp")
+
+
+def training_identity(settings: LoraSettings, model_dir: Path, data: list[Path], processes: int) -> dict[str, str]:
+    """What shaped this run's checkpoints: the base (its name and config.json), the data (by content), the
+    process count and the RESUME_FIELDS settings, each under the variable that sets it."""
+    from ..model_source import checkpoint_name
+
+    config = Path(model_dir) / "config.json"
+    model = checkpoint_name(model_dir) + (f" (config.json sha256 {resume.file_sha256(config)[:12]})"
+                                          if config.is_file() else "")
+    identity = {"MODEL": model, "DATA": ", ".join(f"{p.name} (sha256 {resume.file_sha256(p)[:12]})" for p in data),
+                "NPROC": str(processes)}
+    envs = {info.field: info.env for info in LoraSettings.infos()}
+    for field in RESUME_FIELDS:
+        identity[envs[field]] = json.dumps(getattr(settings, field), ensure_ascii=False, default=str)
+    return identity
+
+
 def adapter_digest(model) -> str:
     """sha256 (16 hex) of the LoRA weights a PeftModel holds, in name order."""
     import hashlib
@@ -133,6 +157,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     model_dir = Path(model_dir)
+    context = context.for_checkpoint(model_dir)  # a text-only size of a vision-language family: its own LoRA modules
     run_dir = settings.run_dir(model_dir)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if rank != 0:  # torchrun's other processes: only rank 0 logs, writes the adapter and the result line
@@ -143,6 +168,8 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     paths, data = prepare_data(context, tokenizer, settings)
     log.info("%d examples from %d records in %s (%d tokens, %d skipped as too long)", len(data.examples),
              data.records, ", ".join(map(str, paths)), data.tokens, data.skipped)
+    identity = training_identity(settings, model_dir, paths, world)
+    start = resume.plan(run_dir, identity, settings.resume)  # refuses before the model is loaded
     loaded = load_causal_lm(context, model_dir, settings.quantization, training=True)
     model, device, dtype = loaded.model, loaded.device, loaded.dtype
     model.config.use_cache = False
@@ -158,7 +185,18 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     targets = context.family.lora.peft_target_modules(settings.target_modules)
     lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=targets, r=settings.r,
                              lora_alpha=settings.alpha, lora_dropout=settings.dropout, inference_mode=False, **by_parameter)
-    model = get_peft_model(model, lora_config)
+    try:
+        model = get_peft_model(model, lora_config)
+    except ValueError as exc:
+        if "not found in the base model" not in str(exc):
+            raise
+        family = context.family
+        raise ValueError(
+            f"LoRA found none of {','.join(settings.target_modules)}"
+            + (f" under {family.lora.modules_under}" if family.lora.modules_under else "")
+            + f" in {model_dir} ({type(model).__name__}); {family.display_name} expects {family.known_classes()}: "
+            f"set LORA_TARGET_MODULES to modules this checkpoint has, or add its class under `variants:` in "
+            f"{context.family_dir / 'model.yaml'}") from None
     trainable, total = model.get_nb_trainable_parameters()
     under = f" under {context.family.lora.modules_under}" if context.family.lora.modules_under else ""
     log.info("%s r=%d alpha=%d on %s%s: %d trainable of %d parameters (%.3f%%)",
@@ -211,27 +249,39 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     )
     trainer = Trainer(model=model, args=args, train_dataset=data.examples, processing_class=tokenizer,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[LossRecorder()])
+                      callbacks=[LossRecorder(), resume.record_callback(identity)])
+    start = resume.shared_plan(start)  # under torchrun rank 0 decides, every rank loads that checkpoint
+    for line in start.skipped:
+        log.warning("%s", line)
+    log.info("%s", start.line)
     started = time.monotonic()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=start.resume_from)
     seconds = time.monotonic() - started
-    trainer.save_model(str(run_dir))  # the adapter only: adapter_config.json + adapter_model.safetensors
+    # The final adapter is written aside, then moved into the run folder (RUN_INFO last): a stop never leaves a
+    # half-written adapter where the finished one goes.
+    staged = run_dir / ".final-adapter.partial"
+    if trainer.is_world_process_zero() and staged.exists():
+        shutil.rmtree(staged)
+    trainer.save_model(str(staged))  # the adapter only: adapter_config.json + adapter_model.safetensors
     if world > 1:  # every rank says what it trained: the ranks of one data-parallel run hold the same adapter
         print(f"selfllm: rank {rank}/{world} adapter sha256 {adapter_digest(model)} last loss "
               f"{losses[-1] if losses else float('nan'):.4f}", file=sys.stderr, flush=True)
     if not trainer.is_world_process_zero():
         return {}
-    tokenizer.save_pretrained(str(run_dir))
+    tokenizer.save_pretrained(str(staged))
     peak_gb = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     info = {"base_model": str(model_dir), "family": context.recipe.model, "data": [str(p) for p in paths],
             "system_prompt": settings.system_prompt, "enable_thinking": settings.enable_thinking,
             "settings": json.loads(settings.model_dump_json())}
-    (run_dir / RUN_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    (staged / RUN_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    resume.publish(staged, run_dir, last=RUN_INFO)
     print(f"LoRA adapter saved to {run_dir}", flush=True)
     return emit_result(
-        "train", adapter_dir=str(run_dir), device=device, quantization=settings.quantization,
-        base_weights_gb=loaded.weights_gb, steps=int(output.global_step), examples=len(data.examples),
+        "train", adapter_dir=str(run_dir), architecture=context.family.architecture, device=device,
+        quantization=settings.quantization,
+        base_weights_gb=loaded.weights_gb, steps=int(output.global_step), resumed_from_step=start.step,
+        trained_steps=int(output.global_step) - start.step, examples=len(data.examples),
         records=data.records, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         loss_min=min(losses) if losses else None, losses=[round(x, 4) for x in losses[:200]],
         train_tokens=tokens, peak_gpu_memory_gb=peak_gb, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else None,
