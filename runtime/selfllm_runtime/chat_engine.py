@@ -19,7 +19,7 @@ from .chat_template import use_chat_template
 from .context import RecipeContext
 from .continuous import ContinuousScheduler
 from .loading import apply_torch_threads, load_causal_lm
-from .metadata import Reasoning
+from .metadata import ModelFamily, Reasoning
 from .model_source import checkpoint_name
 from .settings import EngineSettings
 from .system_role import render_chat
@@ -78,6 +78,27 @@ def hidden_special_ids(tokenizer: Any, markers: Reasoning | None) -> frozenset[i
     kept = {i for marker in (markers.start, markers.end)
             for i in tokenizer(marker, add_special_tokens=False)["input_ids"] if i in special}
     return frozenset(special - kept) if kept else None
+
+
+def end_of_turn(tokenizer: Any, family: ModelFamily) -> str:
+    """The token that ends a reply: the family's eos where the checkpoint has it, else the checkpoint's own
+    (its tokenizer's eos). A checkpoint of another lineage mounted as MODEL_PATH (SmolLM2: Llama's architecture,
+    ChatML, <|im_end|>, served by a llama3.1 recipe) ends its turns with its own token, not Llama's <|eot_id|>."""
+    eos = family.special_tokens.eos
+    if eos in tokenizer.get_vocab() or not tokenizer.eos_token:
+        return eos
+    return str(tokenizer.eos_token)
+
+
+def stop_token_ids(tokenizer: Any, family: ModelFamily, generation_config: Any = None) -> list[int]:
+    """Where generation stops: the checkpoint's own end tokens (its tokenizer's eos and its generation_config's
+    eos_token_id, one id or a list, as transformers and vLLM read them) and the family's stop tokens that the
+    checkpoint has (one it lacks is skipped, not mapped to unk)."""
+    vocab = tokenizer.get_vocab()
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, (list, tuple)) else [configured])}
+    ids |= {vocab[token] for token in (end_of_turn(tokenizer, family), *family.stop_tokens) if token in vocab}
+    return sorted(i for i in ids if isinstance(i, int))
 
 
 class ReasoningStream:
@@ -223,10 +244,7 @@ class ChatEngine:
         return self.tokenizer.decode([i for i in ids if i not in self._hidden_ids], skip_special_tokens=False)
 
     def _stop_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        vocab = self.tokenizer.get_vocab()  # a stop token the checkpoint lacks is skipped, not mapped to unk
-        ids |= {vocab[token] for token in self.family.stop_tokens if token in vocab}
-        return sorted(i for i in ids if i is not None)
+        return stop_token_ids(self.tokenizer, self.family, getattr(self.model, "generation_config", None))
 
     def format_prompt(self, messages: list[Message], template_kwargs: dict[str, Any] | None = None,
                       tools: list[dict[str, Any]] | None = None) -> str:

@@ -7,6 +7,7 @@
   selfllm settings                   every setting of the task: its value and where it came from
   selfllm link RECIPE_DIR            native install's last step (runtime/bin/selfllm-install)
   selfllm lora train|infer|merge     LoRA fine-tuning (selfllm lora -h)
+  selfllm convert-gguf IN.gguf OUT   a GGUF file as a checkpoint folder (safetensors + tokenizer), for MODEL_PATH
 """
 from __future__ import annotations
 
@@ -108,6 +109,20 @@ def cmd_link(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    from .gguf_checkpoint import GGUFConversionError, convert_gguf
+
+    try:
+        converted = convert_gguf(Path(args.gguf), Path(args.out), args.dtype)
+    except GGUFConversionError as exc:
+        print(f"selfllm convert-gguf: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(f"{converted.architecture}, {converted.parameters} parameters ({args.dtype}), from sha256 "
+          f"{converted.sha256}", file=sys.stderr, flush=True)
+    print(converted.folder)
+    return 0
+
+
 def cmd_lora(args: argparse.Namespace) -> int:
     try:  # by name, as task_module: an image carries only its own task's runtime (selfllm_recipes/runtime_closure.py)
         lora = importlib.import_module(f"selfllm_runtime.tasks.{TASK_MODULES[TaskKind.lora]}")
@@ -141,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe")
     p.add_argument("--architecture", help="a class of the family's `variants:` (model.yaml) instead of its default")
     p.set_defaults(func=cmd_smoke_model)
+    p = sub.add_parser("convert-gguf", help="a GGUF file as a checkpoint folder (safetensors + tokenizer)")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("out", help="the checkpoint folder to write (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the saved weights' type (default float32: the dequantized values exactly)")
+    p.set_defaults(func=cmd_convert_gguf)
     p = sub.add_parser("link", help="native install's last step (see runtime/bin/selfllm-install)")
     p.add_argument("recipe_dir")
     p.set_defaults(func=cmd_link)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..chat_engine import end_of_turn
 from ..chat_template import use_chat_template
 from ..context import RecipeContext
 from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, encode_files
@@ -94,7 +95,7 @@ def prepare_data(context: RecipeContext, tokenizer, settings: LoraSettings) -> t
     if not paths:
         paths = [fetch_data(settings.data_url, settings.data_dir) if settings.data_url else default_data()]
     family = context.family
-    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, settings.enable_thinking), family.special_tokens.eos,
+    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, settings.enable_thinking), end_of_turn(tokenizer, family),
                          settings.max_length, closes_reply=family.template_closes_reply, reasoning=family.reasoning,
                          system_role=family.system_role)
     return paths, encode_files(paths, chat, settings.system_prompt, settings.max_samples)
