@@ -27,6 +27,14 @@ class RecipeReport:
     image_bytes: int = 0  # its size as the engine reports it (the README's publishing section quotes these)
     needs_gpu: bool = False  # skipped: the recipe's smoke test can't run without a GPU (recipe smoke.needs_gpu)
     phases: dict[str, float] = field(default_factory=dict)  # seconds: build (its own layers), then the smoke phases
+    # What the smoke test ran on: the matrix always uses a tiny random model of the real class ("tiny"); real
+    # checkpoints are the `real` test level of `make test` (tests/test_real_weights.py), not the matrix's.
+    weights: str = "tiny"
+
+    @property
+    def where(self) -> str:
+        """'cpu, tiny weights' — the level of the smoke result, as the reports show it."""
+        return ", ".join(filter(None, [self.level, f"{self.weights} weights" if self.level else ""]))
 
 
 def phases_text(phases: dict[str, float]) -> str:
@@ -40,7 +48,7 @@ def render_table(rows: list[RecipeReport], console: Console) -> None:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row.recipe, f"[{STATUS_STYLE[row.status]}]{row.status.upper()}[/]", row.build,
-                      (row.smoke or "-") + (f" [{row.level}]" if row.level else ""),
+                      (row.smoke or "-") + (f" [{row.where}]" if row.where else ""),
                       f"{row.seconds:.1f}" + (f"\n{phases_text(row.phases)}" if row.phases else ""),
                       row.error.splitlines()[0] if row.error else row.image)
     console.print(table)
@@ -57,7 +65,7 @@ def write_reports(rows: list[RecipeReport], folder: Path, meta: dict) -> None:
              "| recipe | status | build | smoke | seconds | image / error |", "|---|---|---|---|---|---|"]
     for r in rows:
         cell = (r.error.splitlines()[0] if r.error else r.image).replace("|", "\\|")
-        smoke = (r.smoke + (f" [{r.level}]" if r.level else "")).replace("|", "\\|")
+        smoke = (r.smoke + (f" [{r.where}]" if r.where else "")).replace("|", "\\|")
         seconds = f"{r.seconds:.1f}" + (f" ({phases_text(r.phases)})" if r.phases else "")
         lines.append(f"| {r.recipe} | {r.status.upper()} | {r.build} | {smoke} | {seconds} | {cell} |")
     (folder / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -71,5 +79,5 @@ def write_reports(rows: list[RecipeReport], folder: Path, meta: dict) -> None:
             ET.SubElement(case, "failure", message=r.error.splitlines()[0] if r.error else "failed").text = r.error
         elif r.status == "skip":
             ET.SubElement(case, "skipped", message=r.error or "skipped")
-        ET.SubElement(case, "system-out").text = f"image={r.image} build={r.build} smoke={r.smoke} level={r.level}"
+        ET.SubElement(case, "system-out").text = f"image={r.image} build={r.build} smoke={r.smoke} level={r.level} weights={r.weights}"
     ET.ElementTree(suite).write(folder / "junit.xml", encoding="utf-8", xml_declaration=True)
