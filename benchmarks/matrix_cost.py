@@ -34,7 +34,7 @@ def main() -> int:
     phases: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     if args.report.is_file():
         for row in json.loads(args.report.read_text()):
-            if row.get("build") == "built" and row.get("status") == "pass" and row["recipe"] in task_of:
+            if row.get("phases") and row.get("status") == "pass" and row["recipe"] in task_of:  # smoke ran, not reused
                 seconds[task_of[row["recipe"]]].append(float(row["seconds"]))
                 for name, value in (row.get("phases") or {}).items():
                     phases[task_of[row["recipe"]]][name].append(float(value))
@@ -42,14 +42,14 @@ def main() -> int:
     overall = sum(sum(v) for v in seconds.values()) / max(sum(len(v) for v in seconds.values()), 1)
 
     console = Console(width=150)
-    per_task = Table(title=f"cold seconds per recipe (build of its layers + smoke), from {args.report}")
+    per_task = Table(title=f"seconds per recipe whose smoke test ran (build of its own layers + smoke), from {args.report}")
     for column in ("task", "recipes measured", "average s", "average of each phase, s"):
         per_task.add_column(column)
     for task in sorted(average):
         split = " · ".join(f"{name} {sum(v) / len(v):.1f}" for name, v in phases[task].items())
         per_task.add_row(task, str(len(seconds[task])), f"{average[task]:.1f}", split or "—")
     per_task.add_row("all", str(sum(len(v) for v in seconds.values())), f"{overall:.1f}", "")
-    console.print(per_task if average else f"no cold (built) rows in {args.report}: run `make matrix` first")
+    console.print(per_task if average else f"no smoke test ran in {args.report}: run `make matrix` first")
 
     modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "runtime" / "selfllm_runtime").rglob("*.py"))
     modules += sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "selfllm_recipes" / "smoke").glob("*.py"))

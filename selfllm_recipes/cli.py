@@ -77,8 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report-dir", type=Path, help="write report.json, report.md and junit.xml here")
     p.add_argument("--github-matrix", action="store_true", help="print the selection as a GitHub Actions matrix and exit")
     p.add_argument("--no-smoke", action="store_true", help="build only")
-    p.add_argument("--smoke-jobs", type=int, default=int(os.environ.get("SMOKE_JOBS", "1")), metavar="N",
-                   help="smoke tests run side by side (builds stay one at a time, beside them); default $SMOKE_JOBS or 1")
+    p.add_argument("--smoke-jobs", type=int, default=int(os.environ.get("SMOKE_JOBS", "2")), metavar="N",
+                   help="smoke tests run side by side (builds stay one at a time, beside them); default $SMOKE_JOBS or 2 "
+                   "(on 2 cores: 5 qwen2.5 smoke tests in 88 s instead of 128 s one at a time)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when inputs are unchanged")
     p.add_argument("--pip-index-url", help="PIP_INDEX_URL for image builds (e.g. the Tsinghua mirror); a build arg, "
                    "recorded in `docker history`: no credentials")
