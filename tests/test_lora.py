@@ -170,6 +170,29 @@ def test_gemma2_learns_with_the_system_prompt_in_its_first_user_turn(tiny_recipe
     assert ChatTokenizer(tokenizer, {}, family.special_tokens.eos).system_role == "native"
 
 
+@pytest.mark.parametrize(("recipe", "prompt", "learned"), [
+    # Phi-3's template writes eos_token after the last turn when no generation prompt follows; the reply is
+    # learned up to its own <|end|>, and the template's system turn is kept (native).
+    ("phi3/lora", "<|system|>\nS<|end|>\n<|user|>\nQ<|end|>\n<|assistant|>\n", "A<|end|>"),
+    # Gemma 1: no system role (merged into the first user turn), <bos> written by the template.
+    ("gemma/lora", "<bos><start_of_turn>user\nS\n\nQ<end_of_turn>\n<start_of_turn>model\n", "A<end_of_turn>"),
+])
+def test_lora_learns_each_reply_up_to_the_family_end_of_turn(tiny_recipe, recipe, prompt, learned):
+    from transformers import AutoTokenizer
+
+    context, folder = tiny_recipe(recipe)
+    family = context.family
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = ChatTokenizer(tokenizer, {}, family.special_tokens.eos, 512, closes_reply=family.template_closes_reply,
+                         reasoning=family.reasoning, system_role=family.system_role)
+    encoded = chat.encode([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+                          {"role": "assistant", "content": "A"})
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert tokenizer.decode(ids[:first_learned]) == prompt
+    assert tokenizer.decode(labels[first_learned:]) == learned
+
+
 def test_a_checkpoint_of_another_lineage_ends_its_turns_with_its_own_token(tiny_recipe):
     """SmolLM2's case (tests/test_real_weights.py) on tiny models: a ChatML checkpoint (<|im_end|>) under a
     llama3.1 recipe, whose family ends turns with <|eot_id|>, a token this checkpoint lacks. LoRA learns the

@@ -61,8 +61,9 @@ def test_cpu_argv_runs_eager_without_compilation_and_newer_vllm_drops_enable_rea
 
 @pytest.mark.parametrize(("model", "parser"), [
     ("qwen3", "hermes"), ("qwen2.5", "hermes"), ("qwen2.5-coder", "hermes"), ("llama3.1", "llama3_json"),
-    ("glm4", None), ("deepseek-r1-distill-qwen", None), ("phi4", None), ("gemma2", None), ("ernie4.5", None),
-    ("qwen3-moe", "hermes"), ("minicpm5", "minicpm5"), ("gemma3", None), ("gpt-oss", None)])
+    ("glm4", None), ("deepseek-r1-distill-qwen", None), ("phi3", None), ("phi4", None), ("gemma", None),
+    ("gemma2", None), ("ernie4.5", None), ("qwen3-moe", "hermes"), ("minicpm5", "minicpm5"), ("gemma3", None),
+    ("gpt-oss", None)])
 def test_tool_call_parser_follows_the_family(model, parser):
     """vLLM parses tool calls where the family has a parser of its format (none for GLM-4-9B's)."""
     other = load_context(RECIPES_DIR / model / "vllm")
@@ -71,6 +72,16 @@ def test_tool_call_parser_follows_the_family(model, parser):
         assert "--enable-auto-tool-choice" not in argv and "--tool-call-parser" not in argv
     else:
         assert "--enable-auto-tool-choice" in argv and _option(argv, "--tool-call-parser") == parser
+
+
+def test_a_recipe_env_sets_the_context_length_below_the_default():
+    """Phi-3-mini-4k's context is 4096 tokens: its recipe.yaml `env:` sets MAX_MODEL_LEN (vLLM refuses a longer
+    one); the environment still wins, and other families keep the default 8192."""
+    phi3 = load_context(RECIPES_DIR / "phi3" / "vllm")
+    assert _option(build_argv(phi3, "/m", GPU, phi3.settings(env={})), "--max-model-len") == "4096"
+    assert _option(build_argv(phi3, "/m", GPU, phi3.settings(env={"MAX_MODEL_LEN": "2048"})), "--max-model-len") == "2048"
+    phi4 = load_context(RECIPES_DIR / "phi4" / "vllm")
+    assert _option(build_argv(phi4, "/m", GPU, phi4.settings(env={})), "--max-model-len") == "8192"
 
 
 def test_a_tool_parser_the_build_lacks_is_left_out_with_a_warning(caplog):
