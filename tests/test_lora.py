@@ -193,6 +193,38 @@ def test_lora_learns_each_reply_up_to_the_family_end_of_turn(tiny_recipe, recipe
     assert tokenizer.decode(labels[first_learned:]) == learned
 
 
+@pytest.mark.parametrize(("model", "prompt", "learned"), [
+    # Yi-6B-Chat's own template: a first system message's text bare before the first turn; the assistant
+    # turn opened after every user turn, generation prompt or not.
+    ("yi", "{system}<|im_start|>user\n你是谁？<|im_end|>\n<|im_start|>assistant\n", "我是甄嬛。<|im_end|>"),
+    # deepseek-llm-7b-chat's: plain-text turns; the generation prompt `Assistant:` has no space after it,
+    # so the learned reply starts with one.
+    ("deepseek-llm", "<｜begin▁of▁sentence｜>{system}\n\nUser: 你是谁？\n\nAssistant:",
+     " 我是甄嬛。<｜end▁of▁sentence｜>")])
+def test_system_text_and_reply_end_where_the_checkpoints_own_template_puts_them(tiny_recipe, model, prompt, learned):
+    """Yi and DeepSeek-LLM (system_role native) keep their templates' own system handling: LoRA's masked
+    prompt is what the engine renders, and the learned part is the reply up to the family's end token."""
+    from transformers import AutoTokenizer
+
+    from selfllm_runtime.chat_engine import ChatEngine
+
+    context, folder = tiny_recipe(f"{model}/lora")
+    family = context.family
+    assert family.system_role == "native" and family.template_closes_reply
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, False), family.special_tokens.eos, 512,
+                         closes_reply=family.template_closes_reply, reasoning=family.reasoning,
+                         system_role=family.system_role)
+    system = "现在你要扮演皇帝身边的女人--甄嬛"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "你是谁？"}]
+    encoded = chat.encode(messages, {"role": "assistant", "content": "我是甄嬛。"})
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert tokenizer.decode(ids[:first_learned]) == prompt.format(system=system)
+    assert tokenizer.decode(labels[first_learned:]) == learned
+    assert ChatEngine(*tiny_recipe(f"{model}/fastapi")).format_prompt(messages) == prompt.format(system=system)
+
+
 def test_a_checkpoint_of_another_lineage_ends_its_turns_with_its_own_token(tiny_recipe):
     """SmolLM2's case (tests/test_real_weights.py) on tiny models: a ChatML checkpoint (<|im_end|>) under a
     llama3.1 recipe, whose family ends turns with <|eot_id|>, a token this checkpoint lacks. LoRA learns the

@@ -32,7 +32,8 @@ GLM4 = ToolCalls(format="glm4", tools_in="system_message")
 MINICPM5 = ToolCalls(format="minicpm5", start="<function", end="</function>", vllm_parser="minicpm5")
 
 WITH_TOOLS = ["qwen3", "qwen3-moe", "qwen2.5", "qwen2.5-coder", "llama3.1", "glm4", "minicpm5"]
-WITHOUT_TOOLS = ["deepseek-r1-distill-qwen", "phi3", "phi4", "gemma", "gemma2", "ernie4.5", "gemma3", "gpt-oss"]
+WITHOUT_TOOLS = ["deepseek-r1-distill-qwen", "phi3", "phi4", "gemma", "gemma2", "ernie4.5", "gemma3", "gpt-oss", "llama3",
+                 "yi", "deepseek-llm", "qwen2", "qwen1.5"]
 
 
 # ----------------------------------------------------------------------------- model data + templates
@@ -46,7 +47,8 @@ def test_families_with_tool_calls_are_those_whose_template_renders_tools():
     assert formats == {"qwen3": "hermes", "qwen3-moe": "hermes", "qwen2.5": "hermes", "qwen2.5-coder": "hermes",
                        "llama3.1": "llama3_json", "glm4": "glm4", "minicpm5": "minicpm5",
                        "deepseek-r1-distill-qwen": None, "phi3": None, "phi4": None, "gemma": None, "gemma2": None,
-                       "ernie4.5": None, "gemma3": None, "gpt-oss": None}
+                       "ernie4.5": None, "gemma3": None, "gpt-oss": None, "llama3": None, "yi": None,
+                       "deepseek-llm": None, "qwen2": None, "qwen1.5": None}
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def test_cpu_argv_runs_eager_without_compilation_and_newer_vllm_drops_enable_rea
     ("qwen3", "hermes"), ("qwen2.5", "hermes"), ("qwen2.5-coder", "hermes"), ("llama3.1", "llama3_json"),
     ("glm4", None), ("deepseek-r1-distill-qwen", None), ("phi3", None), ("phi4", None), ("gemma", None),
     ("gemma2", None), ("ernie4.5", None), ("qwen3-moe", "hermes"), ("minicpm5", "minicpm5"), ("gemma3", None),
-    ("gpt-oss", None)])
+    ("gpt-oss", None), ("llama3", None), ("yi", None), ("deepseek-llm", None), ("qwen2", None), ("qwen1.5", None)])
 def test_tool_call_parser_follows_the_family(model, parser):
     """vLLM parses tool calls where the family has a parser of its format (none for GLM-4-9B's)."""
     other = load_context(RECIPES_DIR / model / "vllm")
