@@ -15,7 +15,6 @@ transformers uses to read the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from .model_source import file_sha256
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "selfllm-gguf.json"  # what the folder was converted from: file name, sha256, dtype
@@ -39,14 +40,6 @@ class ConvertedCheckpoint:
     architecture: str
     parameters: int
     sha256: str
-
-
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_gguf(path: Path) -> None:

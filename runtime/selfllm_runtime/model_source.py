@@ -16,6 +16,7 @@ without refs/main (a copied-in snapshot) the one snapshot there is used, and non
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -79,6 +80,15 @@ def checkpoint_name(model_dir: Path | str) -> str:
     return path.name
 
 
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a file, read in 1 MiB blocks (a GGUF checkpoint, training data, a config)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def upstream_names(model_id: str, recipe: Recipe, family: ModelFamily) -> list[str]:
     """model_id first, then the other names of the same model: for the recipe's checkpoint, its id on the other
     hub, the last part of its ids (Qwen3-8B, as upstream's tutorials call it) and model.yaml's served_aliases;
@@ -101,14 +111,10 @@ def served_names(recipe: Recipe, family: ModelFamily, settings: ModelSettings,
     client code works unchanged whatever checkpoint is served."""
     if served_model_name and served_model_name.strip():
         return [served_model_name.strip()]
+    own = [checkpoint_name(settings.model_path)] if settings.model_path is not None else []
     default_id = getattr(recipe.default_model, settings.model_source.value)
-    own: list[str] = []
-    if settings.model_path is not None:
-        own.append(checkpoint_name(settings.model_path))
-    model_id = (settings.model_id or "").strip()
-    if model_id:
-        own += upstream_names(model_id, recipe, family)
-    return list(dict.fromkeys([*own, *upstream_names(default_id, recipe, family)]))
+    return list(dict.fromkeys([*own, *upstream_names(settings.model_id_for(recipe), recipe, family),
+                               *upstream_names(default_id, recipe, family)]))
 
 
 def missing_model_files(path: Path) -> list[str]:

@@ -11,13 +11,13 @@ Formats (a JSON list, or JSONL with one record a line; both may be mixed in one 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..model_source import file_sha256
 from ..settings import DEFAULT_DATA
 from ..system_role import render_chat
 
@@ -39,7 +39,7 @@ class DataSourceError(ValueError):
 def default_data(path: Path = DEFAULT_DATA, sha256: str = DEFAULT_DATA_SHA256) -> Path:
     """The shipped default data file, after checking its sha256."""
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = file_sha256(path)
     except OSError as exc:
         raise DataSourceError(f"the shipped default data {path} can't be read ({exc.strerror}): reinstall the "
                               "runtime, or set DATA_PATH to a mounted file") from None

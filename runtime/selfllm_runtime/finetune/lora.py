@@ -126,12 +126,12 @@ RESUME_FIELDS = ("quantization", "r", "alpha", "dropout", "target_modules", "tar
 def training_identity(settings: LoraSettings, model_dir: Path, data: list[Path], processes: int) -> dict[str, str]:
     """What shaped this run's checkpoints: the base (its name and config.json), the data (by content), the
     process count and the RESUME_FIELDS settings, each under the variable that sets it."""
-    from ..model_source import checkpoint_name
+    from ..model_source import checkpoint_name, file_sha256
 
     config = Path(model_dir) / "config.json"
-    model = checkpoint_name(model_dir) + (f" (config.json sha256 {resume.file_sha256(config)[:12]})"
+    model = checkpoint_name(model_dir) + (f" (config.json sha256 {file_sha256(config)[:12]})"
                                           if config.is_file() else "")
-    identity = {"MODEL": model, "DATA": ", ".join(f"{p.name} (sha256 {resume.file_sha256(p)[:12]})" for p in data),
+    identity = {"MODEL": model, "DATA": ", ".join(f"{p.name} (sha256 {file_sha256(p)[:12]})" for p in data),
                 "NPROC": str(processes)}
     envs = {info.field: info.env for info in LoraSettings.infos()}
     for field in RESUME_FIELDS:

@@ -9,7 +9,6 @@ folder resumes from that checkpoint (a differing schedule is said in one line; a
 adapter shape is refused, since its weights would not fit)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,14 +29,6 @@ STRUCTURAL = ("MODEL", "DATA", "QUANTIZATION", "LORA_R", "LORA_TARGET_MODULES", 
 
 class ResumeRefused(ValueError):
     """The run folder holds checkpoints of another configuration (or RESUME names an unusable one)."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as stream:
-        while block := stream.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
