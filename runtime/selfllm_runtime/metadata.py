@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MODEL_FILE = "model.yaml"
 RECIPE_FILE = "recipe.yaml"
@@ -149,6 +149,67 @@ class LoraDefaults(Strict):
         return value
 
 
+Modality = Literal["text", "image", "video", "audio"]
+
+
+class ImageLimits(Strict):
+    """What one request may carry of images (OpenAI `image_url` parts), and how large each may be."""
+
+    max_per_request: int = Field(4, gt=0, description="images in one request, all messages together")
+    max_pixels: int = Field(1280 * 28 * 28, gt=0, description="width × height above which an image is scaled down "
+                            "(the processor's max_pixels where it has one)")
+    max_bytes: int = Field(10 * 1024 * 1024, gt=0, description="encoded size of one image (data: URL or download)")
+
+
+class VideoLimits(Strict):
+    """What one request may carry of videos (vLLM's `video_url` parts)."""
+
+    max_per_request: int = Field(1, gt=0)
+    max_frames: int = Field(16, gt=0, description="frames sampled from one video")
+    max_bytes: int = Field(50 * 1024 * 1024, gt=0)
+
+
+class Modalities(Strict):
+    """What a family takes as input (model.yaml `modalities:`); text-only families leave it out."""
+
+    input: list[Modality] = Field(["text"], min_length=1)
+    processor: str | None = Field(
+        None, pattern=r"^[A-Z]\w+$", description="transformers processor class of the checkpoints (e.g. "
+        "Gemma3Processor): it turns images/video and text into the model's inputs")
+    image: ImageLimits | None = None
+    video: VideoLimits | None = None
+    lora_vision: Literal["frozen", "projector"] = Field(
+        "frozen", description="what LoRA training may touch besides the language model: frozen = nothing; "
+        "projector = the vision-to-text projector/merger is trained too")
+
+    @field_validator("input")
+    @classmethod
+    def _text_first(cls, value: list[str]) -> list[str]:
+        if "text" not in value:
+            raise ValueError("every family takes text: list `text` among the inputs")
+        if len(set(value)) != len(value):
+            raise ValueError("an input is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _limits_for_inputs(self) -> "Modalities":
+        for kind, limits in (("image", self.image), ("video", self.video)):
+            if limits is not None and kind not in self.input:
+                raise ValueError(f"`{kind}:` limits for a family that doesn't list `{kind}` among its inputs")
+            if limits is None and kind in self.input:
+                raise ValueError(f"a family that takes `{kind}` needs `{kind}:` limits (max_per_request, ...)")
+        if self.vision and not self.processor:
+            raise ValueError("a family that takes images or video names its transformers `processor` class")
+        return self
+
+    def takes(self, kind: Modality) -> bool:
+        return kind in self.input
+
+    @property
+    def vision(self) -> bool:
+        return self.takes("image") or self.takes("video")
+
+
 class Variant(Strict):
     """Checkpoints of the family in another class than its default (model.yaml `variants:`, keyed by class):
     Gemma-3 270m / 1b are text-only Gemma3ForCausalLM, 4b and up the vision-language class."""
@@ -268,6 +329,8 @@ class ModelFamily(Strict):
     sizes: list[str] = Field([], description="the checkpoints of the default class (architecture), e.g. [4b, 12b, 27b]")
     variants: dict[str, Variant] = Field(
         {}, description="other classes the family's checkpoints come in; the runtime picks by the checkpoint's config")
+    modalities: Modalities = Field(Modalities(), description="what the family takes besides text (images, video) "
+                                   "and the limits of one request")
 
     @field_validator("variants")
     @classmethod
