@@ -220,6 +220,25 @@ class Variant(Strict):
     smoke_extra: dict[str, Any] = Field({}, description="smoke.extra for a tiny model of this class")
 
 
+class SmokeVision(Strict):
+    """How the tiny model of a vision-language family takes images, as its real checkpoints do: the tokens its
+    processor names, where its config reads their ids, and the processor's own settings (its image size)."""
+
+    tokens: dict[str, str] = Field(
+        description="the tokenizer's named tokens the processor reads (tokenizer.image_token, .boi_token, ...): "
+        "each joins the vocabulary as a special token")
+    config_token_ids: dict[str, str] = Field(
+        {}, description="config fields set to a token's id in the tiny vocabulary (Gemma-3: image_token_index)")
+    single_tokens: list[str] = Field(
+        [], description="texts that are one token of the real vocabulary, which the engine looks up as such "
+        "(vLLM's Gemma-3 wants '\\n' to '\\n\\n\\n\\n')")
+    image_processor: dict[str, Any] = Field({}, description="kwargs of the family's image processor (its size)")
+    weight_prefixes: dict[str, str] = Field(
+        {}, description="saved weight-name prefixes renamed to the real checkpoints' (which vLLM loads): Gemma-3's "
+        "vision_tower. → vision_tower.vision_model.")
+    processor: dict[str, Any] = Field({}, description="kwargs of the family's processor (image_seq_length)")
+
+
 class SmokeModelShape(Strict):
     """Size of the tiny random model used by smoke tests (same architecture as the real one)."""
 
@@ -233,6 +252,8 @@ class SmokeModelShape(Strict):
     extra: dict[str, Any] = Field(
         {}, description="more config kwargs of the architecture, passed as they are: a MoE's num_experts, "
         "moe_intermediate_size...; a composite config's nested text_config / vision_config dicts")
+    vision: SmokeVision | None = Field(None, description="a vision-language family's image tokens and processor: "
+                                       "the tiny model then ships the processor and takes images")
 
 
 Quantization = Literal["none", "8bit", "4bit"]  # the QUANTIZATION setting (loading.py)

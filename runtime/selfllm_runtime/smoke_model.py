@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .context import RecipeContext
-from .metadata import ModelFamily, SmokeModelShape
+from .metadata import ModelFamily, SmokeModelShape, SmokeVision
 
 # A smoke model is tiny: well under a million parameters for a plain decoder. The bound catches a config that
 # silently ignored the smoke shape (a composite config's flat fields: a "tiny" Gemma-3 came out at 2.7B).
@@ -58,8 +58,10 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
 
     family = context.family
     tokens = family.special_tokens
+    vision = smoke_shape(context).vision
+    named = vision.tokens if vision else {}
     special = list(dict.fromkeys([tokens.pad, tokens.eos, *([tokens.bos] if tokens.bos else []),
-                                  *family.stop_tokens, *tokens.additional]))
+                                  *family.stop_tokens, *tokens.additional, *named.values()]))
     # Reasoning markers that are one token (Qwen's <think>) stay visible in decoded text, as in the real
     # checkpoints; a marker made of special tokens (gpt-oss's <|channel|>analysis<|message|>) is not a token.
     markers = {family.reasoning.start, family.reasoning.end} if family.reasoning else set()
@@ -80,9 +82,14 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
         tokenizer_object=core, eos_token=tokens.eos, pad_token=tokens.pad, bos_token=tokens.bos,
         additional_special_tokens=[t for t in special if t not in visible and t not in markers
                                    and t not in (tokens.eos, tokens.pad, tokens.bos)],
+        **({"model_specific_special_tokens": dict(named)} if named else {}),
     )
     if visible:
         tokenizer.add_tokens(sorted(visible))
+    if vision:
+        # The processor reads its tokens by name (tokenizer.image_token); texts the real vocabulary has as one
+        # token (Gemma's '\n\n') are added tokens, matched longest first.
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in vision.single_tokens])
     tokenizer.chat_template = context.chat_template
     return tokenizer
 
@@ -94,7 +101,7 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
     model_class = getattr(transformers, architecture, None)
     if model_class is None:
         raise ValueError(f"transformers {transformers.__version__} has no class {architecture!r}")
-    text = {"vocab_size": vocab_size, **shape.model_dump(exclude={"extra", "vocab_size"}),
+    text = {"vocab_size": vocab_size, **shape.model_dump(exclude={"extra", "vocab_size", "vision"}),
             "max_position_embeddings": 4096, "tie_word_embeddings": True, **token_ids}
     extra = dict(shape.extra)
     if "text_config" in getattr(model_class.config_class, "sub_configs", {}):
@@ -106,7 +113,7 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
         config = model_class.config_class(**{**text, **extra})  # extra may set a field itself (vocab_size)
     config.architectures = [architecture]
     text_config = config.get_text_config()
-    ignored = {name: value for name, value in shape.model_dump(exclude={"extra"}).items()
+    ignored = {name: value for name, value in shape.model_dump(exclude={"extra", "vision"}).items()
                if getattr(text_config, name, None) != value and name != "vocab_size"}
     if ignored:
         raise ValueError(f"{type(config).__name__} ignored the smoke shape fields {ignored} (model.yaml `smoke:`): "
@@ -152,13 +159,48 @@ def missing_lora_targets(family: ModelFamily) -> list[str]:
     return missing
 
 
+def smoke_processor(family: ModelFamily, vision: SmokeVision, config, tokenizer):
+    """The family's processor (model.yaml modalities.processor) around the tiny tokenizer, with the image processor
+    transformers maps the config's model type to (its torchvision build where installed, else its PIL one)."""
+    import transformers
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES[config.model_type]
+    if isinstance(names, dict):
+        names = [names.get("torchvision"), names.get("pil")]
+    elif isinstance(names, str):
+        names = [names]
+    image_processor_class = next(getattr(transformers, n) for n in names if n and hasattr(transformers, n))
+    processor_class = getattr(transformers, family.modalities.processor)
+    return processor_class(image_processor=image_processor_class(**vision.image_processor), tokenizer=tokenizer,
+                           chat_template=tokenizer.chat_template, **vision.processor)
+
+
+def rename_weights(out_dir: Path, prefixes: dict[str, str]) -> None:
+    """Rename saved weights whose name starts with a key of `prefixes` (and not already with its value)."""
+    if not prefixes:
+        return
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(Path(out_dir).glob("*.safetensors")):
+        weights = load_file(str(path))
+        renamed = {}
+        for name, tensor in weights.items():
+            for old, new in prefixes.items():
+                if name.startswith(old) and not name.startswith(new):
+                    name = new + name[len(old):]
+                    break
+            renamed[name] = tensor
+        save_file(renamed, str(path), metadata={"format": "pt"})
+
+
 def smoke_shape(context: RecipeContext) -> SmokeModelShape:
     """The family's smoke shape, or the task's (vLLM CPU: head_dim 64) with the family's extra config kwargs
     under the task's own (a MoE stays a MoE with few experts)."""
     family, own = context.family.smoke, context.recipe.smoke_model
     if own is None:
         return family
-    return own.model_copy(update={"extra": {**family.extra, **own.extra}})
+    return own.model_copy(update={"extra": {**family.extra, **own.extra}, "vision": own.vision or family.vision})
 
 
 def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, architecture: str | None = None) -> Path:
@@ -181,6 +223,9 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
         family.architecture, shape, len(tokenizer),
         eos_token_id=tokenizer.convert_tokens_to_ids(family.special_tokens.eos),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    if shape.vision:
+        for field, token in shape.vision.config_token_ids.items():
+            setattr(config, field, tokenizer.convert_tokens_to_ids(token))
     model = model_class(config)
     parameters = sum(p.numel() for p in model.parameters())
     if parameters > MAX_SMOKE_PARAMETERS:
@@ -195,6 +240,9 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if shape.vision:
+        smoke_processor(family, shape.vision, config, tokenizer).save_pretrained(out_dir)
+        rename_weights(out_dir, shape.vision.weight_prefixes)
     (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
         {"architecture": family.architecture, "random": True, "parameters": parameters,
          "note": "tiny random model for smoke tests"}))
