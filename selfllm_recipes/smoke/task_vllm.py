@@ -40,16 +40,13 @@ def expected_names(recipe_key: str) -> list[str]:
     return served_names(recipe, family, settings)
 
 
-def png_data_url(seed: int, size: int = 96) -> str:
-    """A generated PNG (random pixels from `seed`) as a data: URL, as OpenAI's `image_url` takes one."""
-    import random
-
+def png_data_url(color: tuple[int, int, int], size: int = 96) -> str:
+    """A generated PNG of one colour as a data: URL, as OpenAI's `image_url` takes one. (Random-noise images of two
+    seeds look alike to a tiny vision tower, whose pooled patches average the noise out; two colours do not.)"""
     from PIL import Image
 
-    rng = random.Random(seed)
-    image = Image.frombytes("RGB", (size, size), bytes(rng.randrange(256) for _ in range(size * size * 3)))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -70,7 +67,7 @@ def prompt_fingerprint(answer: dict) -> tuple[float, ...]:
     entries = answer.get("prompt_logprobs") or []
     expect(len(entries) > 1, f"no prompt_logprobs came back: {str(answer)[:300]}")
     # Each entry: {token id: {"logprob", "rank", "decoded_token"}} of the prompt's own token (the first: None).
-    return tuple(round(value["logprob"], 4) for entry in entries if entry
+    return tuple(round(value["logprob"], 6) for entry in entries if entry
                  for _, value in sorted(entry.items()))
 
 
@@ -79,7 +76,7 @@ def verify_images(session: SmokeSession, model: str, image_tokens: int) -> str:
     the image's tokens, and the model sees the image: two images give different prompt logprobs, one image twice the
     same."""
     text_only = ask_with_image(session, model, None)
-    first, second = png_data_url(1), png_data_url(2)
+    first, second = png_data_url((220, 40, 30)), png_data_url((20, 60, 230))
     with_first = ask_with_image(session, model, first)
     again = ask_with_image(session, model, first)
     with_second = ask_with_image(session, model, second)
