@@ -176,6 +176,21 @@ def smoke_processor(family: ModelFamily, vision: SmokeVision, config, tokenizer)
                            chat_template=tokenizer.chat_template, **vision.processor)
 
 
+def randomize_zero_matrices(model, std: float) -> list[str]:
+    """Fill weight matrices a fresh model leaves all zero (Gemma-3's image projection, which only trained weights
+    fill) with random values, as every other weight: with a zero one, every image would look the same. Returns their
+    names. Vectors (biases, norms stored as an offset from 1) stay as they are."""
+    import torch
+
+    filled = []
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.normal_(0.0, std)
+                filled.append(name)
+    return filled
+
+
 def rename_weights(out_dir: Path, prefixes: dict[str, str]) -> None:
     """Rename saved weights whose name starts with a key of `prefixes` (and not already with its value)."""
     if not prefixes:
@@ -227,6 +242,7 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
         for field, token in shape.vision.config_token_ids.items():
             setattr(config, field, tokenizer.convert_tokens_to_ids(token))
     model = model_class(config)
+    randomize_zero_matrices(model, getattr(config.get_text_config(), "initializer_range", 0.02))
     parameters = sum(p.numel() for p in model.parameters())
     if parameters > MAX_SMOKE_PARAMETERS:
         raise SmokeModelTooLarge(
