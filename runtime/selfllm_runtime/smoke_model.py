@@ -138,6 +138,19 @@ def tiny_processor(family: ModelFamily, config: Any, tokenizer: Any) -> Any:
                            **family.modalities.smoke_processor)
 
 
+def carry_images(model: Any) -> list[str]:
+    """Give random values to the weight matrices transformers initialises at zero (Gemma-3's image projection
+    `mm_input_projection_weight`): at zero every image reaches the language model as the same zero vectors, so a
+    tiny random model would answer alike whatever the image. Returns their names."""
+    import torch
+
+    zeroed = [name for name, p in model.named_parameters() if p.dim() >= 2 and not p.detach().any()]
+    with torch.no_grad():
+        for name in zeroed:
+            model.get_parameter(name).normal_(0.0, 0.02)
+    return zeroed
+
+
 def module_names(family: ModelFamily) -> set[str]:
     """Last-component names of every module of a tiny model of the family's architecture (built
     without weights), e.g. {"q_proj", "gate_up_proj", ...}: what LoRA target_modules may name; only
@@ -209,6 +222,8 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
         if hasattr(config, f"{name}_id"):  # the model finds the image positions by these ids
             setattr(config, f"{name}_id", tokenizer.convert_tokens_to_ids(token))
     model = model_class(config)
+    if family.modalities.vision:
+        carry_images(model)
     parameters = sum(p.numel() for p in model.parameters())
     if parameters > MAX_SMOKE_PARAMETERS:
         raise SmokeModelTooLarge(

@@ -264,6 +264,36 @@ class OpenAIChat:
         yield "data: [DONE]\n\n"
 
 
+def family_openapi(document: dict[str, Any], family: ModelFamily, takes_images: bool) -> dict[str, Any]:
+    """The OpenAPI document as this family's server answers it: image parts only where the loaded model reads
+    images, video parts nowhere (this server reads none: 400 naming the part), `reasoning_effort` only for a
+    family with levels, as the enum of its levels. The request model itself takes them all, so what is not
+    advertised gets a plain 400 rather than a schema error."""
+    schemas = document.get("components", {}).get("schemas", {})
+    shown = {"TextPart", *(["ImagePart"] if takes_images else [])}
+    for name in ("ChatMessage", "AssistantMessage"):
+        for branch in schemas.get(name, {}).get("properties", {}).get("content", {}).get("anyOf", []):
+            items = branch.get("items") if isinstance(branch, dict) else None
+            if not isinstance(items, dict) or "oneOf" not in items:
+                continue
+            refs = [ref for ref in items["oneOf"] if ref.get("$ref", "").rsplit("/", 1)[-1] in shown]
+            mapping = {tag: ref for tag, ref in items.get("discriminator", {}).get("mapping", {}).items()
+                       if ref.rsplit("/", 1)[-1] in shown}
+            branch["items"] = refs[0] if len(refs) == 1 else {**items, "oneOf": refs,
+                                                              "discriminator": {"propertyName": "type", "mapping": mapping}}
+    for name in ("VideoPart", "VideoUrl", *([] if takes_images else ["ImagePart", "ImageUrl"])):
+        schemas.pop(name, None)
+    request = schemas.get("ChatCompletionRequest", {}).get("properties", {})
+    effort = family.reasoning_effort
+    if effort is None:
+        request.pop("reasoning_effort", None)
+    elif "reasoning_effort" in request:
+        request["reasoning_effort"] = {"anyOf": [{"type": "string", "enum": list(effort.choices)}, {"type": "null"}],
+                                       "title": "Reasoning Effort",
+                                       "description": f"OpenAI's reasoning effort: {', '.join(effort.choices)}"}
+    return document
+
+
 class ApiKeyMiddleware:
     """Pure ASGI (streams pass through untouched): every HTTP route but OPEN_PATHS needs the key,
     as `Authorization: Bearer <key>` with the scheme in any case, compared in constant time."""
@@ -349,6 +379,14 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
         return chat.response(model, completion, params.tools)
 
     app.include_router(router)
+    full_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = family_openapi(full_openapi(), engine.family, engine.takes_images)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     def is_v1(request: Request) -> bool:
         return request.url.path == "/v1" or request.url.path.startswith("/v1/")
