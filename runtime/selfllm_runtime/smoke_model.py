@@ -39,7 +39,10 @@ def parameter_line(out_dir: Path) -> str:
         for path in Path(out_dir).glob("*.safetensors"):
             with safe_open(str(path), framework="pt") as weights:
                 parameters += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
-    return PARAMETERS_LINE.format(architecture=data["architecture"], parameters=parameters)
+    line = PARAMETERS_LINE.format(architecture=data["architecture"], parameters=parameters)
+    if data.get("vision_parameters"):
+        line += f"; vision tower: {data['vision_parameters']} parameters, {data.get('image_tokens')} tokens an image"
+    return line
 
 
 CORPUS = [
@@ -136,6 +139,15 @@ def tiny_processor(family: ModelFamily, config: Any, tokenizer: Any) -> Any:
     image_processor = image_processor_class(size={"height": side, "width": side})
     return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
                            **family.modalities.smoke_processor)
+
+
+def vision_record(model: Any, family: ModelFamily) -> dict[str, Any]:
+    """A vision family's smoke model: its vision tower's parameters and the tokens an image takes (SMOKE_MODEL.json)."""
+    tower = getattr(getattr(model, "model", model), "vision_tower", None)
+    if not family.modalities.vision or tower is None:
+        return {}
+    return {"vision_parameters": sum(p.numel() for p in tower.parameters()),
+            "image_tokens": family.modalities.smoke_processor.get("image_seq_length")}
 
 
 def carry_images(model: Any) -> list[str]:
@@ -241,5 +253,5 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
         tiny_processor(family, config, tokenizer).save_pretrained(out_dir)
     (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
         {"architecture": family.architecture, "random": True, "parameters": parameters,
-         "note": "tiny random model for smoke tests"}))
+         **vision_record(model, family), "note": "tiny random model for smoke tests"}))
     return out_dir
