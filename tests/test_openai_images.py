@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import fastapi_client
 
 from fastapi.testclient import TestClient
 
@@ -45,17 +46,13 @@ def gemma(tiny_recipe) -> Any:
 
 @pytest.fixture(scope="module")
 def client(gemma) -> Iterator[TestClient]:
-    from selfllm_runtime.tasks.fastapi_server import create_app
-
-    with TestClient(create_app(gemma)) as test_client:
+    with fastapi_client(gemma) as test_client:
         yield test_client
 
 
 @pytest.fixture(scope="module")
 def text_client(engine) -> Iterator[TestClient]:
-    from selfllm_runtime.tasks.fastapi_server import create_app
-
-    with TestClient(create_app(engine)) as test_client:
+    with fastapi_client(engine) as test_client:
         yield test_client
 
 
