@@ -280,3 +280,30 @@ def test_the_schema_advertises_reasoning_effort_levels_only_where_a_family_has_t
         request = family_openapi(app.openapi(), family, False)["components"]["schemas"]["ChatCompletionRequest"]
         effort = request["properties"].get("reasoning_effort")
         assert (effort["anyOf"][0]["enum"] if effort else None) == levels
+
+
+# ----------------------------------------------------------------------------- LangChain (ChatSelfLLM)
+
+def test_langchain_human_message_images(gemma, engine):
+    """Multimodal HumanMessage content through ChatSelfLLM: OpenAI's image_url block and LangChain's standard
+    base64 image block reach the model (the reply follows the image); a text family refuses in plain words."""
+    pytest.importorskip("langchain_core")
+    from langchain_core.messages import HumanMessage
+
+    from selfllm_runtime.lc.chat_model import ChatSelfLLM
+
+    llm = ChatSelfLLM(engine=gemma, max_new_tokens=16, temperature=1.0, top_p=1.0, seed=7)
+
+    def reply(block: dict[str, Any]) -> Any:
+        return llm.invoke([HumanMessage(content=[block, {"type": "text", "text": PROMPT}])])
+
+    red = reply(image_part(RED))
+    standard = reply({"type": "image", "base64": RED.split(",", 1)[1], "mime_type": "image/png"})
+    blue = reply(image_part(BLUE))
+    text = llm.invoke([HumanMessage(content=PROMPT)])
+    assert red.content == standard.content != blue.content
+    assert red.usage_metadata["input_tokens"] > text.usage_metadata["input_tokens"]
+    with pytest.raises(ValueError, match=r"^image 1 \(user message\): the data is not an image"):
+        reply(image_part("data:image/png;base64,AAAA"))
+    with pytest.raises(ValueError, match="Qwen3 takes text only; image input needs a vision-language recipe"):
+        ChatSelfLLM(engine=engine, max_new_tokens=4).invoke([HumanMessage(content=[image_part(RED)])])

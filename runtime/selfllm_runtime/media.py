@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from .metadata import ModelFamily
     from .settings import MediaSettings
 
 MAX_REDIRECTS = 5
@@ -40,6 +41,26 @@ VISION_RECIPES_HINT = "a vision-language recipe such as gemma3"
 
 class MediaError(ValueError):
     """An image (or video) part this server will not use; the text says why."""
+
+
+def check_media(family: ModelFamily, model_reads_images: bool, model_class: str, kind: str, role: str,
+                number: int, max_images: int) -> None:
+    """MediaError unless the `number`-th image (from 1) of a request may go to this model: the family takes the
+    kind (model.yaml modalities), the loaded checkpoint has a vision tower, the message is a user or assistant
+    turn, and the request holds no more than max_images (MEDIA_MAX_IMAGES). Video is never read here."""
+    if not family.modalities.takes(kind):  # type: ignore[arg-type]
+        takes = " and ".join(family.modalities.input)
+        hint = VISION_RECIPES_HINT if kind == "image" else "a recipe whose family takes video"
+        raise MediaError(f"{family.display_name} takes {takes} only; {kind} input needs {hint}")
+    if kind != "image":
+        raise MediaError(f"this server reads images only; {family.display_name}'s {kind} input is served by its "
+                         "vllm recipe")
+    if not model_reads_images:
+        raise MediaError(f"the loaded checkpoint ({model_class}) has no vision tower: it takes text only")
+    if role not in ("user", "assistant"):
+        raise MediaError(f"images go in user (or assistant) messages, not in a {role} message")
+    if number > max_images:
+        raise MediaError(f"more than {max_images} images in one request (MEDIA_MAX_IMAGES)")
 
 
 def mebibytes(size: int) -> str:

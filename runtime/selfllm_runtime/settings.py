@@ -361,7 +361,7 @@ class VllmSettings(ServedNameSettings, TemplateSettings, AccessSettings, ModelSe
         return (hosts[-1] if hosts else host), (int(ports[-1]) if ports and ports[-1].isdigit() else port)
 
 
-class LangchainSettings(EngineSettings, ModelSettings):
+class LangchainSettings(MediaSettings, EngineSettings, ModelSettings):
     docs_dir: Path = setting(SAMPLE_DOCS_DIR, "DOCS_DIR", "要检索的 `.txt` / `.md` 所在目录（递归）",
                              "folder of the `.txt` / `.md` files to search (recursive)",
                              shown=("自带的三篇示例文档", "three bundled sample documents"))

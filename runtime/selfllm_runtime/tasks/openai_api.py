@@ -47,7 +47,7 @@ from ..access import bearer_token, keys_match
 from ..batching import EngineBusy
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message, PromptImagesError
 from ..continuous import ContinuousUnsupported
-from ..media import VISION_RECIPES_HINT, MediaError, load_image
+from ..media import MediaError, check_media, load_image
 from ..metadata import ModelFamily
 from ..model_source import served_names
 from ..settings import FastapiSettings
@@ -122,26 +122,13 @@ class OpenAIChat:
             engine_message = message.to_engine()
             media = message.media_parts()
             for index, part in media:
-                where = f"messages[{number}].content[{index}]"
-                kind = "image" if isinstance(part, ImagePart) else "video"
-                if not family.modalities.takes(kind):
-                    takes = " and ".join(family.modalities.input)
-                    hint = VISION_RECIPES_HINT if kind == "image" else "a recipe whose family takes video"
-                    raise self.media_error(where, f"{family.display_name} takes {takes} only; {kind} input needs "
-                                           f"{hint}")
-                if kind == "video":
-                    raise self.media_error(where, f"this server reads images only; {family.display_name}'s video "
-                                           "input is served by its vllm recipe")
-                if not self.engine.takes_images:
-                    raise self.media_error(where, f"the loaded checkpoint ({type(self.engine.model).__name__}) has "
-                                           "no vision tower: it takes text only")
-                if message.role not in ("user", "assistant"):
-                    raise self.media_error(where, f"images go in user (or assistant) messages, not in a "
-                                           f"{message.role} message")
                 images += 1
-                if images > self.settings.media_max_images:
-                    raise self.media_error(where, f"more than {self.settings.media_max_images} images in one request "
-                                           "(MEDIA_MAX_IMAGES)")
+                try:
+                    check_media(family, self.engine.takes_images, type(self.engine.model).__name__,
+                                "image" if isinstance(part, ImagePart) else "video", message.role, images,
+                                self.settings.media_max_images)
+                except MediaError as exc:
+                    raise self.media_error(f"messages[{number}].content[{index}]", str(exc)) from None
             if media:
                 engine_message["content"] = [self.content_part(number, index, part)
                                              for index, part in enumerate(message.content or [])]
