@@ -322,7 +322,7 @@ class FastapiSettings(MediaSettings, ServedNameSettings, EngineSettings, AccessS
     pass
 
 
-class WebdemoSettings(EngineSettings, AccessSettings, ModelSettings):
+class WebdemoSettings(MediaSettings, EngineSettings, AccessSettings, ModelSettings):
     pass
 
 

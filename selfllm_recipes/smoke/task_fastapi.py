@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import base64
-import struct
-import zlib
 from collections.abc import Callable
 
 import requests
 
-from .checks import SYSTEM, SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .checks import SYSTEM, SmokeCheck, SmokeSession, expect, generated_png, start_on_smoke_model
 
 
 
@@ -65,15 +63,8 @@ def verify_openai(session: SmokeSession) -> str:
 
 
 def png_data_url(width: int, height: int, pixel: Callable[[int, int], tuple[int, int, int]]) -> str:
-    """A generated RGB PNG (stdlib only: the host needs no imaging library) as a data: URL."""
-    rows = b"".join(b"\0" + bytes(c for x in range(width) for c in pixel(x, y)) for y in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+    """A generated RGB PNG as a data: URL."""
+    return "data:image/png;base64," + base64.b64encode(generated_png(width, height, pixel)).decode()
 
 
 def verify_images(session: SmokeSession) -> str:
