@@ -16,6 +16,13 @@
   `tool_choice`: "auto" (default), "none" (tools are neither shown nor parsed), "required" or a named
   function (only that function is shown). Decoding is not constrained: when the model writes no
   call, its answer is returned as it is. Families without tool support answer 400 (param `tools`);
+- images for a family that takes them (model.yaml `modalities`, a checkpoint with a vision tower): `image_url`
+  parts in user messages and in assistant history, several a turn, read by media.py (data: URLs, http(s) within
+  limits, MEDIA_* settings) and turned into the model's inputs by the family's processor (ChatEngine.encode);
+  `usage.prompt_tokens` counts the image tokens. Media a family doesn't take (`video_url` is never read here), an
+  image that can't be read or decoded, one too large or too many: 400 naming the message and part
+  (`messages[1].content[2]: ...`). The OpenAPI document shows image parts and `reasoning_effort` only where the
+  family takes them (family_openapi); the request schema itself lives in openai_schema.py;
 - errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` under /v1 (bad JSON,
   wrong types, empty `messages`, out-of-range `max_tokens`, unknown model), other routes keep
   FastAPI's default answers;
@@ -39,7 +46,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from jinja2 import TemplateError
 
@@ -53,7 +60,7 @@ from ..model_source import served_names
 from ..settings import FastapiSettings
 from ..tool_calls import ToolCallStream, parse_tool_calls, tool_names, tool_parameters
 from .openai_schema import (  # noqa: F401 - whole_number, ErrorResponse: imported from here by fastapi_server
-    SSE_EVENT, ChatCompletion, ChatCompletionRequest, ChatMessage, ErrorResponse, ImagePart, ModelCard, ModelList,
+    SSE_EVENT, ChatCompletion, ChatCompletionRequest, ErrorResponse, ImagePart, ModelCard, ModelList,
     NamedToolChoice, OpenAIError, TextPart, error_body, error_responses, internal_error_message, new_request_id,
     whole_number, describe_validation_errors,
 )
