@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .context import checkpoint_architecture
 from .metadata import ParameterCount, Quantization
 
 if TYPE_CHECKING:
@@ -185,11 +186,7 @@ def model_class(context: RecipeContext, model_dir: Path) -> Any:
     the text-only Qwen3_5ForCausalLM (no vision tower), so a vision family is loaded by its own class."""
     import transformers
 
-    try:
-        names = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError):
-        names = []
-    named = names[0] if names else None
+    named = checkpoint_architecture(model_dir)
     known = named is not None and context.family.for_architecture(named) is not None
     if known and not context.family.trust_remote_code and hasattr(transformers, named):
         return getattr(transformers, named)
