@@ -178,6 +178,13 @@ class Modalities(Strict):
         "Gemma3Processor): it turns images/video and text into the model's inputs")
     image: ImageLimits | None = None
     video: VideoLimits | None = None
+    tokens: dict[str, str] = Field(
+        {}, description="the processor's named tokens as the checkpoint's tokenizer declares them (its "
+        "extra_special_tokens), e.g. image_token: <image_soft_token>; a smoke model gets them, and its config their ids "
+        "(`<name>_id`, e.g. image_token_id)")
+    smoke_processor: dict[str, Any] = Field(
+        {}, description="arguments of the smoke model's processor that follow the tiny config (Gemma-3: "
+        "image_seq_length = smoke.extra.mm_tokens_per_image)")
     lora_vision: Literal["frozen", "projector"] = Field(
         "frozen", description="what LoRA training may touch besides the language model: frozen = nothing; "
         "projector = the vision-to-text projector/merger is trained too")
@@ -221,22 +228,15 @@ class Variant(Strict):
 
 
 class SmokeVision(Strict):
-    """How the tiny model of a vision-language family takes images, as its real checkpoints do: the tokens its
-    processor names, where its config reads their ids, and the processor's own settings (its image size)."""
+    """What vLLM needs of a vision-language family's tiny model beyond its processor's tokens (modalities.tokens):
+    texts its real vocabulary has as one token, and the real checkpoints' weight names."""
 
-    tokens: dict[str, str] = Field(
-        description="the tokenizer's named tokens the processor reads (tokenizer.image_token, .boi_token, ...): "
-        "each joins the vocabulary as a special token")
-    config_token_ids: dict[str, str] = Field(
-        {}, description="config fields set to a token's id in the tiny vocabulary (Gemma-3: image_token_index)")
     single_tokens: list[str] = Field(
         [], description="texts that are one token of the real vocabulary, which the engine looks up as such "
         "(vLLM's Gemma-3 wants '\\n' to '\\n\\n\\n\\n')")
-    image_processor: dict[str, Any] = Field({}, description="kwargs of the family's image processor (its size)")
     weight_prefixes: dict[str, str] = Field(
         {}, description="saved weight-name prefixes renamed to the real checkpoints' (which vLLM loads): Gemma-3's "
         "vision_tower. → vision_tower.vision_model.")
-    processor: dict[str, Any] = Field({}, description="kwargs of the family's processor (image_seq_length)")
 
 
 class SmokeModelShape(Strict):
@@ -252,8 +252,8 @@ class SmokeModelShape(Strict):
     extra: dict[str, Any] = Field(
         {}, description="more config kwargs of the architecture, passed as they are: a MoE's num_experts, "
         "moe_intermediate_size...; a composite config's nested text_config / vision_config dicts")
-    vision: SmokeVision | None = Field(None, description="a vision-language family's image tokens and processor: "
-                                       "the tiny model then ships the processor and takes images")
+    vision: SmokeVision | None = Field(None, description="a vision-language family's single-token texts and weight "
+                                       "names, as vLLM reads them")
 
 
 Quantization = Literal["none", "8bit", "4bit"]  # the QUANTIZATION setting (loading.py)

@@ -12,9 +12,10 @@ import math
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .context import RecipeContext
-from .metadata import ModelFamily, SmokeModelShape, SmokeVision
+from .metadata import ModelFamily, SmokeModelShape
 
 # A smoke model is tiny: well under a million parameters for a plain decoder. The bound catches a config that
 # silently ignored the smoke shape (a composite config's flat fields: a "tiny" Gemma-3 came out at 2.7B).
@@ -38,7 +39,10 @@ def parameter_line(out_dir: Path) -> str:
         for path in Path(out_dir).glob("*.safetensors"):
             with safe_open(str(path), framework="pt") as weights:
                 parameters += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
-    return PARAMETERS_LINE.format(architecture=data["architecture"], parameters=parameters)
+    line = PARAMETERS_LINE.format(architecture=data["architecture"], parameters=parameters)
+    if data.get("vision_parameters"):
+        line += f"; vision tower: {data['vision_parameters']} parameters, {data.get('image_tokens')} tokens an image"
+    return line
 
 
 CORPUS = [
@@ -58,10 +62,8 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
 
     family = context.family
     tokens = family.special_tokens
-    vision = smoke_shape(context).vision
-    named = vision.tokens if vision else {}
     special = list(dict.fromkeys([tokens.pad, tokens.eos, *([tokens.bos] if tokens.bos else []),
-                                  *family.stop_tokens, *tokens.additional, *named.values()]))
+                                  *family.stop_tokens, *tokens.additional]))
     # Reasoning markers that are one token (Qwen's <think>) stay visible in decoded text, as in the real
     # checkpoints; a marker made of special tokens (gpt-oss's <|channel|>analysis<|message|>) is not a token.
     markers = {family.reasoning.start, family.reasoning.end} if family.reasoning else set()
@@ -78,17 +80,21 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
     # by decode, as in the real checkpoints; they keep their ids (the random model's outputs with them).
     markers = [m for m in (family.tool_calls.start, family.tool_calls.end) if m] if family.tool_calls else []
     core.add_tokens([AddedToken(m, special=False, normalized=False) for m in markers if m in special])
+    # A vision family's processor finds its image tokens by name on the tokenizer (Gemma-3: boi_token...).
+    named = family.modalities.tokens if family.modalities.vision else {}
+    media = [t for t in named.values() if t not in special]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, eos_token=tokens.eos, pad_token=tokens.pad, bos_token=tokens.bos,
         additional_special_tokens=[t for t in special if t not in visible and t not in markers
-                                   and t not in (tokens.eos, tokens.pad, tokens.bos)],
-        **({"model_specific_special_tokens": dict(named)} if named else {}),
+                                   and t not in (tokens.eos, tokens.pad, tokens.bos)] + media,
+        **({"extra_special_tokens": dict(named)} if named else {}),
     )
     if visible:
         tokenizer.add_tokens(sorted(visible))
-    if vision:
-        # The processor reads its tokens by name (tokenizer.image_token); texts the real vocabulary has as one
-        # token (Gemma's '\n\n') are added tokens, matched longest first.
+    vision = smoke_shape(context).vision
+    if vision and vision.single_tokens:
+        # Texts the real vocabulary has as one token (Gemma's '\n\n'), which vLLM looks up: added tokens, matched
+        # longest first.
         tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in vision.single_tokens])
     tokenizer.chat_template = context.chat_template
     return tokenizer
@@ -119,6 +125,65 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
         raise ValueError(f"{type(config).__name__} ignored the smoke shape fields {ignored} (model.yaml `smoke:`): "
                          "put them where this config reads them (smoke.extra)")
     return model_class, config
+
+
+def tiny_processor(family: ModelFamily, config: Any, tokenizer: Any) -> Any:
+    """The family's processor class (model.yaml modalities.processor) over the tiny tokenizer, with the image
+    processor of the config's model type (its PIL backend: no torchvision needed) sized to the tiny vision tower."""
+    import transformers
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type) or {}
+    name = names.get("pil") if isinstance(names, dict) else names
+    image_processor_class = getattr(transformers, str(name), None)
+    processor_class = getattr(transformers, str(family.modalities.processor), None)
+    if image_processor_class is None or processor_class is None:
+        raise ValueError(f"transformers {transformers.__version__} has no image processor for {config.model_type!r} "
+                         f"or no class {family.modalities.processor!r} (model.yaml modalities.processor)")
+    side = config.vision_config.image_size
+    image_processor = image_processor_class(size={"height": side, "width": side})
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+                           **family.modalities.smoke_processor)
+
+
+def vision_record(model: Any, family: ModelFamily) -> dict[str, Any]:
+    """A vision family's smoke model: its vision tower's parameters and the tokens an image takes (SMOKE_MODEL.json)."""
+    tower = getattr(getattr(model, "model", model), "vision_tower", None)
+    if not family.modalities.vision or tower is None:
+        return {}
+    return {"vision_parameters": sum(p.numel() for p in tower.parameters()),
+            "image_tokens": family.modalities.smoke_processor.get("image_seq_length")}
+
+
+def carry_images(model: Any) -> list[str]:
+    """Give random values to the weight matrices transformers initialises at zero (Gemma-3's image projection
+    `mm_input_projection_weight`): at zero every image reaches the language model as the same zero vectors, so a
+    tiny random model would answer alike whatever the image. Returns their names."""
+    import torch
+
+    zeroed = [name for name, p in model.named_parameters() if p.dim() >= 2 and not p.detach().any()]
+    with torch.no_grad():
+        for name in zeroed:
+            model.get_parameter(name).normal_(0.0, 0.02)
+    return zeroed
+
+
+def rename_weights(out_dir: Path, prefixes: dict[str, str]) -> None:
+    """Rename saved weights whose name starts with a key of `prefixes` (and not already with its value): the real
+    checkpoints' names, which vLLM loads (transformers loads both)."""
+    if not prefixes:
+        return
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(Path(out_dir).glob("*.safetensors")):
+        renamed = {}
+        for name, tensor in load_file(str(path)).items():
+            for old, new in prefixes.items():
+                if name.startswith(old) and not name.startswith(new):
+                    name = new + name[len(old):]
+                    break
+            renamed[name] = tensor
+        save_file(renamed, str(path), metadata={"format": "pt"})
 
 
 def module_names(family: ModelFamily) -> set[str]:
@@ -159,56 +224,6 @@ def missing_lora_targets(family: ModelFamily) -> list[str]:
     return missing
 
 
-def smoke_processor(family: ModelFamily, vision: SmokeVision, config, tokenizer):
-    """The family's processor (model.yaml modalities.processor) around the tiny tokenizer, with the image processor
-    transformers maps the config's model type to (its torchvision build where installed, else its PIL one)."""
-    import transformers
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
-
-    names = IMAGE_PROCESSOR_MAPPING_NAMES[config.model_type]
-    if isinstance(names, dict):
-        names = [names.get("torchvision"), names.get("pil")]
-    elif isinstance(names, str):
-        names = [names]
-    image_processor_class = next(getattr(transformers, n) for n in names if n and hasattr(transformers, n))
-    processor_class = getattr(transformers, family.modalities.processor)
-    return processor_class(image_processor=image_processor_class(**vision.image_processor), tokenizer=tokenizer,
-                           chat_template=tokenizer.chat_template, **vision.processor)
-
-
-def randomize_zero_matrices(model, std: float) -> list[str]:
-    """Fill weight matrices a fresh model leaves all zero (Gemma-3's image projection, which only trained weights
-    fill) with random values, as every other weight: with a zero one, every image would look the same. Returns their
-    names. Vectors (biases, norms stored as an offset from 1) stay as they are."""
-    import torch
-
-    filled = []
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2 and not parameter.any():
-                parameter.normal_(0.0, std)
-                filled.append(name)
-    return filled
-
-
-def rename_weights(out_dir: Path, prefixes: dict[str, str]) -> None:
-    """Rename saved weights whose name starts with a key of `prefixes` (and not already with its value)."""
-    if not prefixes:
-        return
-    from safetensors.torch import load_file, save_file
-
-    for path in sorted(Path(out_dir).glob("*.safetensors")):
-        weights = load_file(str(path))
-        renamed = {}
-        for name, tensor in weights.items():
-            for old, new in prefixes.items():
-                if name.startswith(old) and not name.startswith(new):
-                    name = new + name[len(old):]
-                    break
-            renamed[name] = tensor
-        save_file(renamed, str(path), metadata={"format": "pt"})
-
-
 def smoke_shape(context: RecipeContext) -> SmokeModelShape:
     """The family's smoke shape, or the task's (vLLM CPU: head_dim 64) with the family's extra config kwargs
     under the task's own (a MoE stays a MoE with few experts)."""
@@ -238,11 +253,12 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
         family.architecture, shape, len(tokenizer),
         eos_token_id=tokenizer.convert_tokens_to_ids(family.special_tokens.eos),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    if shape.vision:
-        for field, token in shape.vision.config_token_ids.items():
-            setattr(config, field, tokenizer.convert_tokens_to_ids(token))
+    for name, token in (family.modalities.tokens if family.modalities.vision else {}).items():
+        if hasattr(config, f"{name}_id"):  # the model finds the image positions by these ids
+            setattr(config, f"{name}_id", tokenizer.convert_tokens_to_ids(token))
     model = model_class(config)
-    randomize_zero_matrices(model, getattr(config.get_text_config(), "initializer_range", 0.02))
+    if family.modalities.vision:
+        carry_images(model)
     parameters = sum(p.numel() for p in model.parameters())
     if parameters > MAX_SMOKE_PARAMETERS:
         raise SmokeModelTooLarge(
@@ -256,10 +272,11 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if family.modalities.vision and family.modalities.processor:
+        tiny_processor(family, config, tokenizer).save_pretrained(out_dir)
     if shape.vision:
-        smoke_processor(family, shape.vision, config, tokenizer).save_pretrained(out_dir)
         rename_weights(out_dir, shape.vision.weight_prefixes)
     (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
         {"architecture": family.architecture, "random": True, "parameters": parameters,
-         "note": "tiny random model for smoke tests"}))
+         **vision_record(model, family), "note": "tiny random model for smoke tests"}))
     return out_dir
