@@ -91,8 +91,8 @@ def verify_images(session: SmokeSession, model: str, image_tokens: int) -> str:
 
 
 def image_tokens_per_image(recipe_key: str) -> int | None:
-    """Image tokens one image becomes in the smoke model (its processor's image_seq_length, else 1); None where the
-    family takes no images."""
+    """Image tokens one image becomes in the smoke model at least (model.yaml modalities.smoke_processor's
+    image_seq_length, else 1); None where the family takes no images."""
     from selfllm_runtime.metadata import load_family, load_recipe
 
     from ..layout import RECIPES_DIR
@@ -101,8 +101,7 @@ def image_tokens_per_image(recipe_key: str) -> int | None:
     family = load_family(RECIPES_DIR / recipe.model)
     if not family.modalities.takes("image"):
         return None
-    vision = family.smoke.vision
-    return int(vision.processor.get("image_seq_length", 1)) if vision else 1
+    return int(family.modalities.smoke_processor.get("image_seq_length", 1))
 
 
 def verify_vllm(session: SmokeSession) -> str:
