@@ -65,8 +65,19 @@ ensure_real_checkpoints() {
   fi
 }
 
+# SwanLab and matplotlib for the LoRA tests, at the lora lock's versions, without dependencies (swanboard's
+# rich<14 and swanlab's protobuf<7 would downgrade the toolkit's own).
+ensure_tracking_packages() {
+  local list=tests/tracking-packages.txt stamp="$VENV/.installed-tracking-packages"
+  if [ ! -f "$stamp" ] || [ "$list" -nt "$stamp" ]; then
+    log "installing SwanLab and matplotlib for the LoRA tests ($list, without dependencies)"
+    "$VENV/bin/pip" install -q --no-deps -r "$list"
+    touch "$stamp"
+  fi
+}
+
 ensure_python_env
-case ",$EXTRAS," in *,test,*) ensure_real_checkpoints ;; esac
+case ",$EXTRAS," in *,test,*) ensure_real_checkpoints; ensure_tracking_packages ;; esac
 ensure_docker_engine
 # Browser tests (webdemo), the local CUDA stand-in and the publish tests (the distribution registry server,
 # started on 127.0.0.1 by the tests themselves) need these Debian packages too.
