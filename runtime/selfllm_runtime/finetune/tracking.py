@@ -28,8 +28,8 @@ def swanlog_dir(run_dir: Path) -> Path:
     return Path(run_dir) / SWANLOG
 
 
-def _need(package: str, report_to: str) -> None:
-    if importlib.util.find_spec(package) is None:
+def _need(report_to: str, package: str, *or_instead: str) -> None:
+    if all(importlib.util.find_spec(name) is None for name in (package, *or_instead)):
         raise ValueError(f"REPORT_TO={report_to} needs the {package} package (not in this image): pip install "
                          f"{package}, or set REPORT_TO=none")
 
@@ -42,15 +42,14 @@ def tracking_for(settings: TrackingSettings, run_dir: Path, project: str) -> tup
     run_dir = Path(run_dir)
     callbacks: list[Any] = [CurvesCallback(run_dir, title=f"{project} · {run_dir.name}")]
     if settings.report_to == "tensorboard":
-        if importlib.util.find_spec("tensorboard") is None:
-            _need("tensorboardX", "tensorboard")
+        _need("tensorboard", "tensorboard", "tensorboardX")
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / TENSORBOARD_RUNS)
         return ["tensorboard"], callbacks
     if settings.report_to == "none":
         return [], callbacks
     _need("swanlab", "swanlab")
     if settings.swanlab_mode == "local":
-        _need("swanboard", "swanlab")  # SwanLab's local mode writes through swanboard's database
+        _need("swanlab", "swanboard")  # SwanLab's local mode writes through swanboard's database
     if settings.swanlab_api_key:
         os.environ["SWANLAB_API_KEY"] = settings.swanlab_api_key  # cloud logs in with it (never written to disk)
     from swanlab.integration.transformers import SwanLabCallback
