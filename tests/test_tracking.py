@@ -195,3 +195,27 @@ def test_the_dashboard_refuses_a_taken_port_in_one_line(context, tmp_path, capsy
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"selfllm lora: error: PORT={port}: can't listen on 127.0.0.1:{port}")
+
+
+def test_start_refuses_cloud_without_a_key_before_any_download(tmp_path):
+    """`selfllm start` as the image runs it, with no local model (the hub on a closed port): the one line names
+    SWANLAB_MODE, not the hub, so nothing was fetched first."""
+    import os
+    import subprocess
+    import sys
+
+    import selfllm_runtime
+    from fake_hub import closed_port_url
+    from selfllm_recipes.layout import RECIPES_DIR
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SWANLAB_", "MODEL_"))},
+           "RECIPE_DIR": str(RECIPES_DIR / "qwen3" / "lora"), "MODELSCOPE_ENDPOINT": closed_port_url(),
+           "MODEL_CACHE": str(tmp_path / "cache"), "OUTPUT_DIR": str(tmp_path / "out"), "SWANLAB_MODE": "cloud",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(selfllm_runtime.__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "selfllm_runtime", "start"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SWANLAB_MODE='cloud': uploading to SwanLab needs SWANLAB_API_KEY" in lines[0], lines
+    assert not (tmp_path / "cache").exists()
