@@ -50,8 +50,8 @@ def tracking_for(settings: TrackingSettings, run_dir: Path, project: str) -> tup
     _need("swanlab", "swanlab")
     if settings.swanlab_mode == "local":
         _need("swanlab", "swanboard")  # SwanLab's local mode writes through swanboard's database
-    if settings.swanlab_api_key:
-        os.environ["SWANLAB_API_KEY"] = settings.swanlab_api_key  # cloud logs in with it (never written to disk)
+    # cloud: swanlab logs in with SWANLAB_API_KEY, read from the environment by itself (settings only checked it
+    # is there; the key is never written into the run folder)
     from swanlab.integration.transformers import SwanLabCallback
 
     swanlab = SwanLabCallback(project=project, experiment_name=run_dir.name, log_dir=str(swanlog_dir(run_dir)),
