@@ -219,3 +219,17 @@ def test_start_refuses_cloud_without_a_key_before_any_download(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "SWANLAB_MODE='cloud': uploading to SwanLab needs SWANLAB_API_KEY" in lines[0], lines
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_hosts_tracking_packages_are_the_lora_locks():
+    """tests/tracking-packages.txt (installed on the host for these tests) pins what every lora image has."""
+    from selfllm_recipes.locks import parse_lock
+
+    repo = Path(__file__).resolve().parent.parent
+    lock = {pin.key: pin for pin in parse_lock(repo / "tasks" / "lora" / "requirements.lock")}
+    host = parse_lock(repo / "tests" / "tracking-packages.txt")
+    assert {"swanlab", "swanboard", "matplotlib"} <= {pin.key for pin in host}
+    for pin in host:
+        assert pin.key in lock and lock[pin.key].version == pin.version, f"{pin.name}=={pin.version}: the lock has " \
+            f"{lock[pin.key].version if pin.key in lock else 'none'}; regenerate tests/tracking-packages.txt"
+        assert set(pin.hashes) == set(lock[pin.key].hashes), pin.name
