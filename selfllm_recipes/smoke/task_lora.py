@@ -145,7 +145,7 @@ def verify_lora(session: SmokeSession) -> str:
                and "adapter_model.safetensors" in trained_variant["adapter_files"],
                f"training on the {other} variant: {trained_variant}")
         variant_line = f"; 4 steps on a tiny {other} (its own LoRA modules)"
-    trained, files, infer_base, infer_adapter, merged, infer_merged = found[:6]
+    trained, files, infer_base, infer_adapter, merged, infer_merged = found[:len(LORA_ACTIONS)]
     first, last = verify_training(trained, "LoRA")
     tracked = verify_run_files(files, trained, session)
     expect(infer_adapter["adapter"] == ADAPTER and infer_adapter["completion_tokens"] > 0,
@@ -174,7 +174,7 @@ def verify_lora(session: SmokeSession) -> str:
             + (" and changes the greedy reply, " if visible else " (greedy replies are whitespace), ")
             + tracked + "; "
             + "the merged model answers as base + adapter; "
-            + (verify_qlora(found[5:], infer_base) if qlora
+            + (verify_qlora(found[len(LORA_ACTIONS):], infer_base) if qlora
                else "no QLoRA (the checkpoint ships quantized weights: QUANTIZATION is refused)") + variant_line)
 
 
