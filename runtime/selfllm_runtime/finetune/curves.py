@@ -66,6 +66,7 @@ def plot(history: MetricHistory, png: Path, title: str) -> Path:
     single empty panel saying so."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     names = history.ordered()
     columns = 2 if len(names) > 1 else 1
@@ -78,6 +79,7 @@ def plot(history: MetricHistory, png: Path, title: str) -> Path:
         axis.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1.4)
         axis.set_title(name.replace("_", " "))
         axis.set_xlabel("step")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     for axis in axes[len(names):]:
         axis.set_axis_off()
