@@ -3,11 +3,10 @@
 `tracking_for(settings, run_dir, project)` gives the Trainer's `report_to` list and the callbacks to add:
 - REPORT_TO=swanlab (default): SwanLab's own transformers callback (`swanlab.integration.transformers`, as
   upstream's tutorials use it; transformers' `report_to="swanlab"` integration calls an API swanlab 0.10 changed),
-  its log in `<run>/swanlog`. SWANLAB_MODE=local
-  (default) writes local files only: no login, no network; `selfllm lora dashboard` serves them. cloud uploads
-  with SWANLAB_API_KEY (settings refuse cloud without one before any download); offline keeps them for a later
-  `swanlab sync`. The SwanLab run is finished at the end of training, so a second run in the same process
-  gets its own.
+  its log in `<run>/swanlog`. SWANLAB_MODE=local (default) writes local files only: no login, no network;
+  `selfllm lora dashboard` serves them. cloud uploads with SWANLAB_API_KEY (settings refuse cloud without one
+  before any download); offline keeps them for a later `swanlab sync`. The SwanLab run is finished at the end of
+  training, so a second run in the same process gets its own.
 - REPORT_TO=tensorboard: event files in `<run>/runs`.
 - always: `<run>/curves.png` + `<run>/curves.json` (curves.py).
 """
