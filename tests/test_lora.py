@@ -580,7 +580,8 @@ def test_two_processes_train_one_adapter_through_torchrun(tiny_model, tmp_path):
     from selfllm_runtime.context import load_context
 
     data = write_sample_data(tmp_path / "sample.json", 32)
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'runtime'}", "RECIPE_DIR": str(RECIPES_DIR / "qwen3" / "lora"),
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT / "runtime"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "RECIPE_DIR": str(RECIPES_DIR / "qwen3" / "lora"),
            "MODEL_PATH": str(tiny_model), "DATA_PATH": str(data), "OUTPUT_DIR": str(tmp_path / "out"),
            "RUN_NAME": "ddp", "MAX_STEPS": "12", "LEARNING_RATE": "5e-3", "BATCH_SIZE": "2", "GRAD_ACCUM": "1",
            "LOGGING_STEPS": "1", "NPROC": "2", "OMP_NUM_THREADS": "1", "SAVE_STEPS": "4"}
