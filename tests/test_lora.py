@@ -460,17 +460,59 @@ def test_cli_sample_data_and_bad_data(context, tiny_model, tmp_path, capsys):
     assert f"{bad}: record 1: unknown format" in capsys.readouterr().err
 
 
-def test_report_to_imports_only_what_is_chosen(tmp_path, monkeypatch):
-    import importlib.util
+def test_the_run_draws_its_curves_and_keeps_an_offline_swanlab_log(trained, tmp_path):
+    """REPORT_TO=swanlab by default, offline: the smoke check's own reading of the run folder (run in the image
+    there, on the host here) finds curves.png for the 20 steps with the reported losses and SwanLab's 20 points."""
+    from selfllm_recipes.smoke.task_lora import run_files, verify_run_files
 
-    from selfllm_runtime.finetune import lora as lora_module
+    files = run_files(trained["adapter_dir"])
+    assert trained["report_to"] == "swanlab" and trained["swanlog"] == str(Path(trained["adapter_dir"]) / "swanlog")
+    detail = verify_run_files(files, trained)
+    assert "4 curves over 20 steps" in detail and "20 loss points" in detail, detail
+    assert list(files["curves"]["metrics"]) == ["loss", "learning_rate", "grad_norm", "train_tokens_per_second"]
 
-    base = {"target_modules": ["q_proj"]}
-    assert lora_module._report_to(LoraSettings(**base), tmp_path) == []
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "swanlab" else real_find_spec(name))
-    with pytest.raises(ValueError, match="pip install swanlab"):
-        lora_module._report_to(LoraSettings(**base, report_to="swanlab"), tmp_path)
+
+def test_a_broken_picture_or_a_missing_swanlab_log_fails_the_smoke_check(trained):
+    from selfllm_recipes.smoke.checks import SmokeFailure
+    from selfllm_recipes.smoke.task_lora import run_files, verify_run_files
+
+    files = run_files(trained["adapter_dir"])
+    with pytest.raises(SmokeFailure, match="no SwanLab log"):
+        verify_run_files({**files, "swanlab_loss": None}, trained)
+    with pytest.raises(SmokeFailure, match="SwanLab log's train/loss"):
+        verify_run_files({**files, "swanlab_loss": files["swanlab_loss"][:-1]}, trained)
+    with pytest.raises(SmokeFailure, match="drawn for step 20 .trained 21"):
+        verify_run_files(files, {**trained, "steps": 21})
+    import base64
+
+    from PIL import UnidentifiedImageError
+
+    with pytest.raises(UnidentifiedImageError):
+        verify_run_files({**files, "png": base64.b64encode(b"not a png").decode()}, trained)
+
+
+def test_swanlab_local_mode_trains_with_the_network_off(context, tiny_model, tmp_path, monkeypatch):
+    """SWANLAB_MODE=local: no login, no connection anywhere (every non-local socket connect raises)."""
+    import socket
+
+    tried: list = []
+    real_connect = socket.socket.connect
+
+    def no_network(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            tried.append(address)
+            raise OSError(101, "Network is unreachable (test)")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    data = write_sample_data(tmp_path / "sample.json", 12)
+    env = {"DATA_PATH": str(data), "OUTPUT_DIR": str(tmp_path / "out"), "RUN_NAME": "offline", "MAX_STEPS": "3",
+           "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1"}
+    done = train(context, tiny_model, context.settings(LoraSettings, env=env))
+    assert not tried, tried
+    from selfllm_recipes.smoke.task_lora import run_files
+
+    assert [step for step, _ in run_files(done["adapter_dir"])["swanlab_loss"]] == [1, 2, 3]
 
 
 def test_moe_lora_trains_the_fused_experts_and_merges(tiny_recipe, tmp_path):
@@ -538,7 +580,8 @@ def test_two_processes_train_one_adapter_through_torchrun(tiny_model, tmp_path):
     from selfllm_runtime.context import load_context
 
     data = write_sample_data(tmp_path / "sample.json", 32)
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'runtime'}", "RECIPE_DIR": str(RECIPES_DIR / "qwen3" / "lora"),
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT / "runtime"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "RECIPE_DIR": str(RECIPES_DIR / "qwen3" / "lora"),
            "MODEL_PATH": str(tiny_model), "DATA_PATH": str(data), "OUTPUT_DIR": str(tmp_path / "out"),
            "RUN_NAME": "ddp", "MAX_STEPS": "12", "LEARNING_RATE": "5e-3", "BATCH_SIZE": "2", "GRAD_ACCUM": "1",
            "LOGGING_STEPS": "1", "NPROC": "2", "OMP_NUM_THREADS": "1", "SAVE_STEPS": "4"}
@@ -642,3 +685,60 @@ def test_smoke_model_refuses_a_class_the_family_lacks(tiny_recipe, tmp_path):
 
     with pytest.raises(ValueError, match="Gemma-3 has no class LlamaForCausalLM: it has Gemma3ForConditionalGeneration"):
         make_smoke_model(tiny_recipe("gemma3/lora")[0], tmp_path / "x", architecture="LlamaForCausalLM")
+
+
+def test_the_dashboard_serves_the_runs_swanlab_log_to_a_browser(trained, tmp_path):
+    """`selfllm lora dashboard RUN` (swanlab watch over <run>/swanlog) on 127.0.0.1: a headless chromium opens the
+    run's charts page, finds the loss chart drawn, and saves a screenshot."""
+    import socket
+    import time
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from selfllm_recipes.smoke.task_webdemo import CHROMIUM, CHROMIUM_ARGS
+    from test_webdemo import need_chromium
+
+    need_chromium()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run_dir = Path(trained["adapter_dir"])
+    log = (tmp_path / "dashboard.log").open("wb")
+    server = subprocess.Popen([sys.executable, "-m", "selfllm_runtime", "lora", "--recipe", str(RECIPE_DIR), "dashboard",
+                               str(run_dir), "--host", "127.0.0.1", "--port", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (tmp_path / "dashboard.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/api/v1/project", timeout=5) as answer:
+                    project = json.loads(answer.read())["data"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the dashboard never answered"
+                time.sleep(0.5)
+        assert project["name"] == "selfllm-lora" and [e["name"] for e in project["experiments"]] == [run_dir.name]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/experiment/{project['experiments'][0]['id']}", wait_until="networkidle")
+            loss = page.locator("text=train/loss").first
+            loss.wait_for(timeout=30_000)
+            chart = page.locator(":has(> * :text-is('train/loss'))").last  # the card around the title
+            assert "Step" in chart.inner_text() and chart.locator("canvas, svg").count() > 0
+            shot = tmp_path / "qwen3-lora.dashboard.png"
+            page.screenshot(path=str(shot))
+            browser.close()
+        assert shot.stat().st_size > 20_000
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    assert f"SwanLab dashboard of {run_dir / 'swanlog'} on http://127.0.0.1:{port}" in (
+        tmp_path / "dashboard.log").read_text()

@@ -45,7 +45,8 @@ sys.exit(main(["start"]))
 def lora_env(tiny_recipe, tmp_path_factory) -> dict[str, str]:
     model = tiny_recipe("qwen3/lora")[1]
     work = tmp_path_factory.mktemp("resume")
-    return {**os.environ, "PYTHONPATH": str(REPO_ROOT / "runtime"), "RECIPE_DIR": str(RECIPES_DIR / "qwen3" / "lora"),
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT / "runtime"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "RECIPE_DIR": str(RECIPES_DIR / "qwen3" / "lora"),
             "MODEL_PATH": str(model), "DATA_PATH": str(write_sample_data(work / "sample.json", 24)),
             "OUTPUT_DIR": str(work / "out"), "MAX_STEPS": str(STEPS), "SAVE_STEPS": str(SAVE_EVERY),
             "LEARNING_RATE": "5e-3", "BATCH_SIZE": "2", "GRAD_ACCUM": "2", "LOGGING_STEPS": "1",

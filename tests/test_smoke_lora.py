@@ -1,9 +1,14 @@
 """The LoRA smoke check's judgement (selfllm_recipes/smoke/task_lora.py) on made-up container output:
 an adapter that leaves the weights as they were fails, whatever the greedy replies look like; so does a
-QLoRA run whose base was not quantized or whose adapter was merged into a quantized base."""
+QLoRA run whose base was not quantized or whose adapter was merged into a quantized base; so does a run without
+its curves picture or its SwanLab log."""
 from __future__ import annotations
 
+import base64
+import functools
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +20,7 @@ class FakeSession:
     def __init__(self, results: list[dict], code: int = 0, recipe_key: str = "qwen3/lora"):
         self.code, self.text = code, "\n".join(task_lora.RESULT_PREFIX + json.dumps(r) for r in results)
         self.recipe_key = recipe_key
+        self.artifacts_dir = None
 
     def exit_code(self) -> int:
         return self.code
@@ -44,12 +50,31 @@ def qlora(base_lp: float = -6.6, adapter_lp: float = -6.4, weights_gb: float = 0
              "merged_dtype": merged_dtype}]
 
 
+@functools.cache
+def curves_png(steps: int, losses: tuple[float, ...]) -> str:
+    """A picture the runtime's curves.plot draws for loss and learning rate over the steps, base64."""
+    from selfllm_runtime.finetune.curves import MetricHistory, plot
+
+    history = MetricHistory()
+    for step in range(1, steps + 1):
+        history.record(step, {"loss": losses[step - 1] if step <= len(losses) else 5.0, "learning_rate": 1e-4})
+    with tempfile.TemporaryDirectory() as folder:
+        return base64.b64encode(plot(history, Path(folder) / "curves.png", "t").read_bytes()).decode()
+
+
+def run_files(steps: int = 20, losses: tuple[float, ...] = (6.3, 6.2, 6.1, 6.0, 5.9, 5.8), **changes) -> dict:
+    points = [[step, losses[step - 1] if step <= len(losses) else 5.0] for step in range(1, steps + 1)]
+    return {"action": "run_files", "run_dir": task_lora.ADAPTER, "png": curves_png(steps, losses),
+            "curves": {"last_step": steps, "metrics": {"loss": points, "learning_rate": [[s, 1e-4] for s, _ in points]}},
+            "swanlab_loss": points, **changes}
+
+
 def run(base_lp: float, adapter_lp: float, merged_lp: float, base_out: str, adapter_out: str,
-        qlora_results: list[dict] | None = None, recipe_key: str = "qwen3/lora") -> str:
+        qlora_results: list[dict] | None = None, recipe_key: str = "qwen3/lora", files: dict | None = None) -> str:
     merged = {"action": "merge", "files": ["config.json", "model.safetensors"], "trained_on": "none",
               "merged_dtype": "float32"}
     return task_lora.verify_lora(FakeSession([
-        trained(), infer(None, base_out, base_lp), infer(task_lora.ADAPTER, adapter_out, adapter_lp), merged,
+        trained(), files or run_files(), infer(None, base_out, base_lp), infer(task_lora.ADAPTER, adapter_out, adapter_lp), merged,
         infer(None, adapter_out, merged_lp, model=task_lora.MERGED), *(qlora() if qlora_results is None else qlora_results)],
         recipe_key=recipe_key))
 
@@ -64,14 +89,29 @@ def test_a_family_shipped_quantized_runs_no_qlora():
     assert "QUANTIZATION=4bit" not in check_for(load_spec(RECIPES_DIR / "gpt-oss" / "lora")).command
     assert "QUANTIZATION=4bit" in check_for(load_spec(RECIPES_DIR / "qwen3" / "lora")).command
     assert "no QLoRA" in run(-6.5, -6.3, -6.300001, "ab", "cd", qlora_results=[], recipe_key="gpt-oss/lora")
-    with pytest.raises(SmokeFailure, match="expected train, infer"):
+    with pytest.raises(SmokeFailure, match="expected train, run_files .curves and SwanLab log., infer"):
         run(-6.5, -6.3, -6.300001, "ab", "cd", recipe_key="gpt-oss/lora")
     with pytest.raises(SmokeFailure, match="then QLoRA's train"):
         run(-6.5, -6.3, -6.300001, "ab", "cd", qlora_results=[])
 
 
 def test_a_trained_adapter_passes():
-    assert "changes the greedy reply" in run(-6.5, -6.3, -6.300001, "<think>\n\n</think>\n\nab", "cd")
+    report = run(-6.5, -6.3, -6.300001, "<think>\n\n</think>\n\nab", "cd")
+    assert "changes the greedy reply" in report
+    assert "curves.png 1200×320 px" in report and "2 curves over 20 steps" in report and "20 loss points" in report
+
+
+@pytest.mark.parametrize("files, message", [
+    (run_files(swanlab_loss=None), "no SwanLab log"),
+    (run_files(steps=19), "drawn for step 19 .trained 20."),
+    (run_files(png=base64.b64encode(b"GIF89a").decode()), "cannot identify image file"),
+    (run_files(losses=(6.0, 6.2, 6.1, 6.0, 5.9, 5.8)), "curves.png's loss"),
+])
+def test_a_run_without_its_curves_or_swanlab_log_fails(files, message):
+    from PIL import UnidentifiedImageError
+
+    with pytest.raises((SmokeFailure, UnidentifiedImageError), match=message):
+        run(-6.5, -6.3, -6.300001, "ab", "cd", files=files)
 
 
 def test_whitespace_replies_are_judged_by_the_fingerprint():

@@ -423,7 +423,36 @@ class AdapterSettings(TorchSettings, TemplateSettings, ModelSettings):
         flag="--quantization", shown=("训练时的设置", "as in training"))
 
 
-class LoraSettings(AdapterSettings):
+class TrackingSettings(TaskSettings):
+    """How a Trainer-based run is tracked (finetune/tracking.py): SwanLab (offline by default), TensorBoard or
+    nothing; every run also draws `<run>/curves.png`."""
+
+    report_to: Annotated[Literal["none", "tensorboard", "swanlab"], BeforeValidator(_lower)] = setting(
+        "swanlab", "REPORT_TO",
+        "`swanlab`（已安装，日志在 `<运行目录>/swanlog`，看板：`selfllm lora dashboard`）、`tensorboard`（日志在 "
+        "`<运行目录>/runs`）或 `none`；三者都会画 `<运行目录>/curves.png`",
+        "`swanlab` (installed; logs in `<run>/swanlog`, dashboard: `selfllm lora dashboard`), `tensorboard` (logs in "
+        "`<run>/runs`) or `none`; each also draws `<run>/curves.png`", flag="--report-to")
+    swanlab_api_key: str = setting(
+        "", "SWANLAB_API_KEY", "`SWANLAB_MODE=cloud` 上传用的 SwanLab API key（不写入运行目录）",
+        "the SwanLab API key `SWANLAB_MODE=cloud` uploads with (never written into the run folder)", exclude=True)
+    swanlab_mode: Annotated[Literal["local", "cloud", "offline"], BeforeValidator(_lower)] = setting(
+        "local", "SWANLAB_MODE",
+        "`local`：只写本地日志，不登录、不联网；`cloud`：上传到 swanlab.cn（需要 `SWANLAB_API_KEY`）；`offline`：本地保存，之后 "
+        "`swanlab sync` 上传",
+        "`local`: local logs only, no login, no network; `cloud`: upload to swanlab.cn (needs `SWANLAB_API_KEY`); "
+        "`offline`: saved locally for a later `swanlab sync`", flag="--swanlab-mode")
+
+    @field_validator("swanlab_mode")
+    @classmethod
+    def _cloud_needs_a_key(cls, value: str, info: Any) -> str:
+        if value == "cloud" and info.data.get("report_to") == "swanlab" and not info.data.get("swanlab_api_key"):
+            raise ValueError("uploading to SwanLab needs SWANLAB_API_KEY (your key from swanlab.cn); or keep the logs "
+                             "on this machine with SWANLAB_MODE=local")
+        return value
+
+
+class LoraSettings(TrackingSettings, AdapterSettings):
     quantization: QuantizationSetting = setting(
         "none", "QUANTIZATION",
         "`4bit`：QLoRA（4-bit NF4 基座 + `prepare_model_for_kbit_training`，适配器权重不量化）；`8bit`：8-bit 基座上的 LoRA；"
@@ -474,11 +503,6 @@ class LoraSettings(AdapterSettings):
         if value and dropout:
             raise ValueError(f"LoRA on parameters (peft's ParamWrapper) works only with LORA_DROPOUT=0, not {dropout:g}")
         return value
-    report_to: Annotated[Literal["none", "tensorboard", "swanlab"], BeforeValidator(_lower)] = setting(
-        "none", "REPORT_TO",
-        "`tensorboard`（已安装，日志在 `<运行目录>/runs`）或 `swanlab`（需自行 `pip install swanlab`，默认离线 `SWANLAB_MODE=local`）",
-        "`tensorboard` (installed; logs in `<run>/runs`) or `swanlab` (`pip install swanlab` yourself; offline "
-        "`SWANLAB_MODE=local` by default)", flag="--report-to")
     system_prompt: str | None = setting(
         None, "SYSTEM_PROMPT", "给没有 system 的记录加上；配方的默认值只用于默认数据（设置 `DATA_PATH` / `DATA_URL` 时不加）",
         "added to records without a system turn; the recipe's default applies to the default data only "
@@ -621,7 +645,7 @@ def validated(model: type[S], found: Mapping[str, Given]) -> S:
         raise settings_error(exc, found) from None
 
 
-SECRETS = {"api_key"}  # shown as set / unset, never as their value
+SECRETS = {"api_key", "swanlab_api_key"}  # shown as set / unset, never as their value
 
 
 def explain(model: type[S], recipe: Recipe | None = None, family: ModelFamily | None = None,

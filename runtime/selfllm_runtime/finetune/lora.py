@@ -1,7 +1,6 @@
 """LoRA training (transformers Trainer + PEFT), inference with an adapter, and merging."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import http.client
@@ -19,6 +18,7 @@ from ..chat_template import use_chat_template
 from ..context import RecipeContext
 from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, encode_files
 from . import resume
+from .tracking import swanlog_dir, tracking_for
 from ..loading import apply_torch_threads, load_causal_lm
 from ..metadata import Quantization
 from ..settings import EngineSettings, LoraSettings
@@ -101,22 +101,6 @@ def prepare_data(context: RecipeContext, tokenizer, settings: LoraSettings) -> t
     return paths, encode_files(paths, chat, settings.system_prompt, settings.max_samples)
 
 
-def _report_to(settings: LoraSettings, run_dir: Path) -> list[str]:
-    if settings.report_to == "none":
-        return []
-    if settings.report_to == "tensorboard":
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise ValueError("REPORT_TO=tensorboard needs the tensorboard package: pip install tensorboard")
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "runs"))
-        return ["tensorboard"]
-    if importlib.util.find_spec("swanlab") is None:
-        raise ValueError("REPORT_TO=swanlab needs the swanlab package (not in the image): pip install swanlab")
-    os.environ.setdefault("SWANLAB_MODE", "local")  # offline; SWANLAB_MODE=cloud with SWANLAB_API_KEY to upload
-    os.environ.setdefault("SWANLAB_LOG_DIR", str(run_dir / "swanlog"))
-    os.environ.setdefault("SWANLAB_PROJECT", "selfllm-lora")
-    return ["swanlab"]
-
-
 # The settings a checkpoint is tied to (RESUME=auto continues only when all of them match), by variable name.
 RESUME_FIELDS = ("quantization", "r", "alpha", "dropout", "target_modules", "target_parameters", "seed", "batch_size",
                  "grad_accum", "learning_rate", "epochs", "max_steps", "max_length", "max_samples", "system_prompt",
@@ -156,6 +140,8 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     import torch
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from .curves import CURVES_PNG
 
     model_dir = Path(model_dir)
     context = context.for_checkpoint(model_dir)  # a text-only size of a vision-language family: its own LoRA modules
@@ -206,6 +192,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
              100 * trainable / total)
 
     losses: list[float] = []
+    report_to, tracking_callbacks = tracking_for(settings, run_dir, project="selfllm-lora")
 
     class LossRecorder(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -241,7 +228,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
-        report_to=_report_to(settings, run_dir),
+        report_to=report_to,
         run_name=run_dir.name,
         seed=settings.seed,
         remove_unused_columns=False,
@@ -250,7 +237,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     )
     trainer = Trainer(model=model, args=args, train_dataset=data.examples, processing_class=tokenizer,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[LossRecorder(), resume.record_callback(identity)])
+                      callbacks=[LossRecorder(), resume.record_callback(identity), *tracking_callbacks])
     start = resume.shared_plan(start)  # under torchrun rank 0 decides, every rank loads that checkpoint
     for line in start.skipped:
         log.warning("%s", line)
@@ -286,7 +273,8 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
         records=data.records, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         loss_min=min(losses) if losses else None, losses=[round(x, 4) for x in losses[:200]],
         train_tokens=tokens, peak_gpu_memory_gb=peak_gb, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else None,
-        adapter_files=sorted(p.name for p in run_dir.glob("adapter_*")))
+        adapter_files=sorted(p.name for p in run_dir.glob("adapter_*")), report_to=settings.report_to,
+        curves=str(run_dir / CURVES_PNG), swanlog=str(swanlog_dir(run_dir)) if settings.report_to == "swanlab" else None)
 
 
 def read_run_info(adapter_dir: Path | None) -> dict[str, Any]:

@@ -5,6 +5,10 @@
   selfllm lora infer --prompt TEXT [--adapter DIR] [--model DIR]
   selfllm lora merge --adapter DIR [--out DIR] [--model DIR]
   selfllm lora sample-data OUT.json      write a small synthetic data set (both formats)
+  selfllm lora dashboard [RUN_DIR]       SwanLab's local dashboard of a run on HOST:PORT (default: the newest)
+
+Every run draws its curves into <run>/curves.png and, with REPORT_TO=swanlab (the default, offline), logs
+to <run>/swanlog.
 
 The base model is --model, else MODEL_PATH, else MODEL_ID downloaded like `selfllm start`. Settings
 (settings.LoraSettings): flag, else environment variable, else the recipe's `env:`, else model.yaml's
@@ -22,7 +26,7 @@ from ..context import RecipeContext, load_context
 from ..finetune.data import DataError, write_sample_data
 from ..finetune.lora import infer, merge, train
 from ..model_source import ModelNotFound, model_request, resolve_model
-from ..settings import AdapterSettings, LoraSettings, ModelSettings, add_flags, parse_bool
+from ..settings import AccessSettings, AdapterSettings, LoraSettings, ModelSettings, add_flags, parse_bool
 
 
 def torchrun_argv(processes: int, python: str = sys.executable) -> list[str]:
@@ -80,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample-data", help="write a small synthetic data set mixing both formats")
     p.add_argument("out")
     p.add_argument("--count", type=int, default=36)
+    p = sub.add_parser("dashboard", help="serve SwanLab's local dashboard of a run (swanlab watch) on HOST:PORT")
+    p.add_argument("run_dir", nargs="?", type=Path, help="a run folder (default: the newest under OUTPUT_DIR)")
+    p.add_argument("--host", default=None, help="the address it binds (env HOST)")
+    p.add_argument("--port", default=None, help="its port (env PORT; default: the recipe's)")
+    p.add_argument("--output-dir", dest="output_root", default=None, help="where the runs are (env OUTPUT_DIR)")
     return parser
 
 
@@ -90,6 +99,13 @@ def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
         return 0
     context = load_context(args.recipe or recipe)
     try:
+        if args.action == "dashboard":
+            from ..finetune import dashboard
+
+            access = context.settings(AccessSettings, cli={"host": args.host, "port": args.port})
+            runs = context.settings(LoraSettings, cli={"output_root": args.output_root})
+            dashboard.serve(args.run_dir, runs.output_root, access.host, access.port_for(context.recipe))
+            return 0
         if args.action == "train":
             settings = context.settings(LoraSettings, cli=vars(args))  # checked before the model is fetched
             train(context, _model_dir(context, settings), settings)
