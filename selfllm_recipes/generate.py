@@ -16,6 +16,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from selfllm_runtime.metadata import PROJECT_CREDIT, QUANTIZATIONS, MetadataError, ModelFamily, Recipe, TaskKind
 from selfllm_runtime.settings import settings_table
 from selfllm_runtime.model_source import upstream_names
+from selfllm_runtime.tasks.vllm_server import mm_limits
 
 from .layout import DOCKERFILE_TEMPLATE, LOCK_FILE, LOCK_INPUT, README_TEMPLATE, REPO_ROOT, image_name
 from .locks import parse_lock
@@ -100,6 +101,8 @@ def template_context(recipe: Recipe, family: ModelFamily, tasks_dir: Path = REPO
         "versions": pinned_versions(tasks_dir / recipe.task.value, recipe),
         # the names vLLM serves the default checkpoint under (the model id MODEL_SOURCE picks by default first)
         "served_names": upstream_names(recipe.default_model.modelscope, recipe, family),
+        # vLLM's --limit-mm-per-prompt of a family that takes images / video ({} for text only)
+        "mm_limits": mm_limits(family.modalities),
     }
 
 

@@ -210,23 +210,27 @@ def test_results_keep_outcomes_not_times(tmp_path: Path):
 
 
 def test_a_gpu_only_smoke_test_is_reported_with_its_reason_and_clears_a_cpu_result(tmp_path):
-    """gemma3/vllm's smoke test can't run on the CPU variant here (torchvision): recipe.yaml says why, its task's
-    smoke settings still hold (timeout), the matrix reports SKIP with the reason, the README catalogue says
-    GPU only, and a CPU result recorded before is dropped."""
+    """A recipe whose smoke test can't run on its CPU variant (recipe.yaml smoke.needs_gpu; gemma3/vllm was one until
+    the CPU stack built torchvision) keeps its task's smoke settings (timeout), its README says why, the matrix
+    reports SKIP, the README catalogue says GPU only, and a CPU result recorded before is dropped."""
+    import dataclasses
+
     from selfllm_recipes import catalogue
+    from selfllm_recipes.generate import _environment, template_context
     from selfllm_recipes.report import RecipeReport
 
-    recipe = load_recipe(RECIPES_DIR / "gemma3" / "vllm")
-    assert "torchvision" in recipe.smoke.needs_gpu and recipe.smoke.timeout_s == 900  # tasks/vllm/task.yaml's
-    assert load_recipe(RECIPES_DIR / "qwen3" / "vllm").smoke.needs_gpu is None
-    readme = (RECIPES_DIR / "gemma3" / "vllm" / "README.md").read_text(encoding="utf-8")
-    assert "not smoke-tested" in readme and "只构建、不做冒烟测试" in readme
+    spec = load_spec(RECIPES_DIR / "qwen3" / "vllm")
+    assert spec.recipe.smoke.needs_gpu is None and load_recipe(RECIPES_DIR / "gemma3" / "vllm").smoke.needs_gpu is None
+    reason = "its vision module needs a package the CPU variant lacks"
+    recipe = spec.recipe.model_copy(update={"smoke": spec.recipe.smoke.model_copy(update={"needs_gpu": reason})})
+    assert recipe.smoke.timeout_s == 900  # tasks/vllm/task.yaml's
+    readme = _environment(TASKS_DIR).get_template("vllm/README.md.j2").render(**template_context(recipe, spec.family))
+    assert "not smoke-tested" in readme and "只构建、不做冒烟测试" in readme and reason in readme
     results = tmp_path / "last.json"
-    catalogue.record_results([RecipeReport("gemma3/vllm", "fail", 3.0, "img", level="cpu")], results)
-    catalogue.record_results([RecipeReport("gemma3/vllm", "skip", 1.0, "img", level="cpu", needs_gpu=True)], results)
-    assert "gemma3/vllm" not in results.read_text()
-    good, _ = discover()
-    table = catalogue.render_table([s for s in good if s.key == "gemma3/vllm"], {})
+    catalogue.record_results([RecipeReport("qwen3/vllm", "fail", 3.0, "img", level="cpu")], results)
+    catalogue.record_results([RecipeReport("qwen3/vllm", "skip", 1.0, "img", level="cpu", needs_gpu=True)], results)
+    assert "qwen3/vllm" not in results.read_text()
+    table = catalogue.render_table([dataclasses.replace(spec, recipe=recipe)], {})
     assert "GPU only" in table
 
 

@@ -359,6 +359,39 @@ def test_a_composite_config_gets_the_flat_shape_in_its_text_config_and_a_small_v
         tiny_config(family.architecture, shape, 1024)
 
 
+def test_the_tiny_vision_language_model_ships_its_processor_and_takes_images(tiny_recipe):
+    """The tiny Gemma-3 (model.yaml smoke.vision) is what vLLM serves images with: its processor loads from the
+    folder, the image tokens are in the small vocabulary (config ids match the tokenizer's), '\\n' to '\\n\\n\\n\\n'
+    are one token each, the weights carry the hub checkpoints' names (vision_tower.vision_model.*), transformers
+    loads them all, and an image becomes the processor's image tokens."""
+    import json
+
+    from PIL import Image
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoProcessor, Gemma3ForConditionalGeneration
+
+    context, folder = tiny_recipe("gemma3/vllm")
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(processor).__name__ == context.family.modalities.processor
+    tokenizer, config = processor.tokenizer, AutoConfig.from_pretrained(folder)
+    vocab = tokenizer.get_vocab()
+    assert all(text in vocab for text in ["\n", "\n\n", "\n\n\n", "\n\n\n\n"])
+    assert (config.image_token_index, config.boi_token_index, config.eoi_token_index) == (
+        vocab[tokenizer.image_token], vocab[tokenizer.boi_token], vocab[tokenizer.eoi_token])
+    assert max(config.image_token_index, config.boi_token_index) < config.text_config.vocab_size
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        names = list(weights.keys())
+    assert any(n.startswith("vision_tower.vision_model.") for n in names)
+    assert not any(n.startswith("vision_tower.") and not n.startswith("vision_tower.vision_model.") for n in names)
+    model = Gemma3ForConditionalGeneration.from_pretrained(folder)
+    parameters = sum(p.numel() for p in model.parameters())
+    assert parameters == json.loads((folder / "SMOKE_MODEL.json").read_text())["parameters"] < 1_000_000
+    # no weight matrix is left all zero (Gemma-3's image projection is, fresh): every image would look the same
+    assert all(p.any() for p in model.parameters() if p.dim() >= 2)
+    inputs = processor(text=tokenizer.boi_token, images=Image.new("RGB", (96, 96), (200, 30, 30)), return_tensors="pt")
+    assert (inputs["input_ids"] == config.image_token_index).sum().item() == config.mm_tokens_per_image
+
+
 def test_lora_targets_of_a_vision_language_model_are_under_its_language_model():
     import re
 

