@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    default="matrix")
     p.add_argument("family", nargs="?", metavar="MODEL", help="new: the family folder under recipes/ (model.yaml written)")
     p.add_argument("--tasks", nargs="+", choices=[t.value for t in TaskKind], default=[t.value for t in TaskKind],
-                   help="new: the task kinds to scaffold (default: all five)")
+                   help="new: the task kinds to scaffold (default: every folder of tasks/)")
     p.add_argument("--only", action="append", default=[], metavar="MODEL[/TASK]", help="select recipes (repeatable)")
     p.add_argument("--changed-since", metavar="GIT_REF", help="only recipes whose inputs changed since GIT_REF")
     p.add_argument("--base", choices=["auto", "official", "local"], default="auto",

@@ -26,7 +26,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from .metadata import LoraDefaults, ModelFamily, ModelSource, Quantization, Recipe, TaskKind
+from .metadata import (TASK_FILE, LoraDefaults, MetadataError, ModelFamily, ModelSource, Quantization, Recipe, TaskKind,
+                       kind_info, tasks_root)
 
 DEFAULT_CACHE = Path("/root/autodl-tmp")  # AutoDL's data disk: a saved instance keeps what is there
 SAMPLE_DOCS_DIR = Path(__file__).resolve().parent / "lc" / "sample_docs"
@@ -503,13 +504,16 @@ class LoraSettings(AdapterSettings):
         return bool(self.data or self.data_url)
 
 
-TASK_SETTINGS: dict[TaskKind, type[TaskSettings]] = {
-    TaskKind.fastapi: FastapiSettings,
-    TaskKind.webdemo: WebdemoSettings,
-    TaskKind.vllm: VllmSettings,
-    TaskKind.langchain: LangchainSettings,
-    TaskKind.lora: LoraSettings,
-}
+def task_settings(task: TaskKind) -> type[TaskSettings]:
+    """The settings model of task kind `task`: the class of this module its task.yaml names (`kind.settings`)."""
+    info = kind_info(task)
+    model = globals().get(info.settings)
+    if not (isinstance(model, type) and issubclass(model, TaskSettings)):
+        raise MetadataError(tasks_root() / getattr(task, "value", task) / TASK_FILE, "kind.settings",
+                            f"{info.settings!r} is no settings model of selfllm_runtime/settings.py")
+    return model
+
+
 # The recipe's SYSTEM_PROMPT belongs to its default data (upstream's huanhuan.json): it applies only when
 # the user gives no data of their own.
 DATA_BOUND = {"system_prompt"}
@@ -671,7 +675,7 @@ def default_text(info: SettingInfo, recipe: Recipe, family: ModelFamily, lang: s
 
 def settings_table(recipe: Recipe, family: ModelFamily, lang: str) -> str:
     """The markdown table of every setting of the recipe's task, from its one definition."""
-    model = TASK_SETTINGS[recipe.task]
+    model = task_settings(recipe.task)
     flags = any(i.flag for i in model.infos())
     if lang == "zh":
         head = ("| 命令行 | 环境变量 | 默认 | 说明 |" if flags else "| 环境变量 | 默认 | 说明 |")
