@@ -463,14 +463,14 @@ def test_cli_sample_data_and_bad_data(context, tiny_model, tmp_path, capsys):
 def test_report_to_imports_only_what_is_chosen(tmp_path, monkeypatch):
     import importlib.util
 
-    from selfllm_runtime.finetune import lora as lora_module
+    from selfllm_runtime.finetune.tracking import tracking
 
     base = {"target_modules": ["q_proj"]}
-    assert lora_module._report_to(LoraSettings(**base), tmp_path) == []
+    assert tracking(LoraSettings(**base), tmp_path).report_to == []
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "swanlab" else real_find_spec(name))
     with pytest.raises(ValueError, match="pip install swanlab"):
-        lora_module._report_to(LoraSettings(**base, report_to="swanlab"), tmp_path)
+        tracking(LoraSettings(**base, report_to="swanlab"), tmp_path)
 
 
 def test_moe_lora_trains_the_fused_experts_and_merges(tiny_recipe, tmp_path):
@@ -579,7 +579,7 @@ def test_two_processes_train_one_adapter_through_torchrun(tiny_model, tmp_path):
 def test_nproc_is_checked_and_launches_torchrun():
     from selfllm_runtime.context import load_context
     from selfllm_runtime.settings import SettingsError
-    from selfllm_runtime.tasks.lora import torchrun_argv
+    from selfllm_runtime.finetune.commands import torchrun_argv
 
     from selfllm_recipes.layout import RECIPES_DIR
 

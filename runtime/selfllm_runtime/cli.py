@@ -42,10 +42,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     settings = context.settings()  # every task setting is checked before anything is downloaded
     if isinstance(settings, AccessSettings):  # a server: its port must be free (PORT), before any download
         check_port_free(*settings.address(context.recipe))
+    module = task_module(context)
+    if hasattr(module, "before_download"):  # a task's own checks of what it reads besides the model (its data)
+        module.before_download(context, settings)
     model_dir = resolve_model(model_request(context.recipe, settings))
     if isinstance(settings, TemplateSettings):  # CHAT_TEMPLATE=checkpoint on one without: refused before loading
         choose_chat_template(context, model_dir, settings.chat_template)
-    task_module(context).run(context, model_dir, settings)
+    module.run(context, model_dir, settings)
     return 0
 
 

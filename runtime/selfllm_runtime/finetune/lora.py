@@ -1,7 +1,6 @@
 """LoRA training (transformers Trainer + PEFT), inference with an adapter, and merging."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import http.client
@@ -19,6 +18,7 @@ from ..chat_template import use_chat_template
 from ..context import RecipeContext
 from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, encode_files
 from . import resume
+from .tracking import tracking
 from ..loading import apply_torch_threads, load_causal_lm
 from ..metadata import Quantization
 from ..settings import EngineSettings, LoraSettings
@@ -101,29 +101,14 @@ def prepare_data(context: RecipeContext, tokenizer, settings: LoraSettings) -> t
     return paths, encode_files(paths, chat, settings.system_prompt, settings.max_samples)
 
 
-def _report_to(settings: LoraSettings, run_dir: Path) -> list[str]:
-    if settings.report_to == "none":
-        return []
-    if settings.report_to == "tensorboard":
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise ValueError("REPORT_TO=tensorboard needs the tensorboard package: pip install tensorboard")
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "runs"))
-        return ["tensorboard"]
-    if importlib.util.find_spec("swanlab") is None:
-        raise ValueError("REPORT_TO=swanlab needs the swanlab package (not in the image): pip install swanlab")
-    os.environ.setdefault("SWANLAB_MODE", "local")  # offline; SWANLAB_MODE=cloud with SWANLAB_API_KEY to upload
-    os.environ.setdefault("SWANLAB_LOG_DIR", str(run_dir / "swanlog"))
-    os.environ.setdefault("SWANLAB_PROJECT", "selfllm-lora")
-    return ["swanlab"]
-
-
 # The settings a checkpoint is tied to (RESUME=auto continues only when all of them match), by variable name.
 RESUME_FIELDS = ("quantization", "r", "alpha", "dropout", "target_modules", "target_parameters", "seed", "batch_size",
                  "grad_accum", "learning_rate", "epochs", "max_steps", "max_length", "max_samples", "system_prompt",
                  "enable_thinking", "fsdp")
 
 
-def training_identity(settings: LoraSettings, model_dir: Path, data: list[Path], processes: int) -> dict[str, str]:
+def training_identity(settings: LoraSettings, model_dir: Path, data: list[Path], processes: int,
+                      fields: tuple[str, ...] = RESUME_FIELDS) -> dict[str, str]:
     """What shaped this run's checkpoints: the base (its name and config.json), the data (by content), the
     process count and the RESUME_FIELDS settings, each under the variable that sets it."""
     from ..model_source import checkpoint_name, file_sha256
@@ -133,8 +118,8 @@ def training_identity(settings: LoraSettings, model_dir: Path, data: list[Path],
                                           if config.is_file() else "")
     identity = {"MODEL": model, "DATA": ", ".join(f"{p.name} (sha256 {file_sha256(p)[:12]})" for p in data),
                 "NPROC": str(processes)}
-    envs = {info.field: info.env for info in LoraSettings.infos()}
-    for field in RESUME_FIELDS:
+    envs = {info.field: info.env for info in type(settings).infos()}
+    for field in fields:
         identity[envs[field]] = json.dumps(getattr(settings, field), ensure_ascii=False, default=str)
     return identity
 
@@ -151,28 +136,13 @@ def adapter_digest(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> dict[str, Any]:
-    """Fine-tune a LoRA adapter; returns (and prints as SELFLLM_RESULT) a summary with the losses."""
-    import torch
+def adapter_model(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> tuple[Any, Any]:
+    """The base model (QUANTIZATION: QLoRA's k-bit preparation) with a fresh LoRA adapter of the settings'
+    r/alpha/dropout/targets, ready to train: (the LoadedModel, the PeftModel)."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    model_dir = Path(model_dir)
-    context = context.for_checkpoint(model_dir)  # a text-only size of a vision-language family: its own LoRA modules
-    run_dir = settings.run_dir(model_dir)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if rank != 0:  # torchrun's other processes: only rank 0 logs, writes the adapter and the result line
-        log.setLevel(logging.WARNING)
-    torch.manual_seed(settings.seed)
-    log.info("%s", apply_torch_threads(settings.torch_threads))
-    tokenizer = load_tokenizer(context, model_dir, settings.chat_template)
-    paths, data = prepare_data(context, tokenizer, settings)
-    log.info("%d examples from %d records in %s (%d tokens, %d skipped as too long)", len(data.examples),
-             data.records, ", ".join(map(str, paths)), data.tokens, data.skipped)
-    identity = training_identity(settings, model_dir, paths, world)
-    start = resume.plan(run_dir, identity, settings.resume)  # refuses before the model is loaded
     loaded = load_causal_lm(context, model_dir, settings.quantization, training=True)
-    model, device, dtype = loaded.model, loaded.device, loaded.dtype
+    model = loaded.model
     model.config.use_cache = False
     if settings.quantization != "none":  # QLoRA: freezes the base, upcasts the unquantized layers to fp32
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
@@ -204,6 +174,49 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
              "LoRA" if settings.quantization == "none" else f"LoRA on a {settings.quantization} base", settings.r,
              settings.alpha, ",".join(settings.target_modules + settings.target_parameters), under, trainable, total,
              100 * trainable / total)
+    return loaded, model
+
+
+def stage_adapter(trainer: Any, run_dir: Path) -> Path:
+    """Save the trained adapter aside (run_dir/.final-adapter.partial; every rank calls it): publish_adapter
+    moves it into the run folder, so a stop never leaves a half-written adapter where the finished one goes."""
+    staged = run_dir / ".final-adapter.partial"
+    if trainer.is_world_process_zero() and staged.exists():
+        shutil.rmtree(staged)
+    trainer.save_model(str(staged))  # the adapter only: adapter_config.json + adapter_model.safetensors
+    return staged
+
+
+def publish_adapter(staged: Path, tokenizer: Any, run_dir: Path, info: dict[str, Any]) -> None:
+    """Rank 0: the tokenizer and RUN_INFO (how it was trained: infer/merge read it) beside the staged adapter,
+    then all of it into run_dir (RUN_INFO last)."""
+    tokenizer.save_pretrained(str(staged))
+    (staged / RUN_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    resume.publish(staged, run_dir, last=RUN_INFO)
+    print(f"LoRA adapter saved to {run_dir}", flush=True)
+
+
+def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter; returns (and prints as SELFLLM_RESULT) a summary with the losses."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    model_dir = Path(model_dir)
+    context = context.for_checkpoint(model_dir)  # a text-only size of a vision-language family: its own LoRA modules
+    run_dir = settings.run_dir(model_dir)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if rank != 0:  # torchrun's other processes: only rank 0 logs, writes the adapter and the result line
+        log.setLevel(logging.WARNING)
+    torch.manual_seed(settings.seed)
+    log.info("%s", apply_torch_threads(settings.torch_threads))
+    tokenizer = load_tokenizer(context, model_dir, settings.chat_template)
+    paths, data = prepare_data(context, tokenizer, settings)
+    log.info("%d examples from %d records in %s (%d tokens, %d skipped as too long)", len(data.examples),
+             data.records, ", ".join(map(str, paths)), data.tokens, data.skipped)
+    identity = training_identity(settings, model_dir, paths, world)
+    start = resume.plan(run_dir, identity, settings.resume)  # refuses before the model is loaded
+    loaded, model = adapter_model(context, model_dir, settings)
+    device, dtype = loaded.device, loaded.dtype
 
     losses: list[float] = []
 
@@ -225,6 +238,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
             raise ValueError(f"FSDP={settings.fsdp} shards the model across GPUs: it needs NPROC > 1 on CUDA "
                              f"(here {world} process(es) on {device})")
         distributed |= {"fsdp": f"{settings.fsdp} auto_wrap", "fsdp_config": {"use_orig_params": True}}
+    tracked = tracking(settings, run_dir)
     args = TrainingArguments(
         **distributed,
         output_dir=str(run_dir),
@@ -241,7 +255,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
-        report_to=_report_to(settings, run_dir),
+        report_to=tracked.report_to,
         run_name=run_dir.name,
         seed=settings.seed,
         remove_unused_columns=False,
@@ -250,7 +264,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     )
     trainer = Trainer(model=model, args=args, train_dataset=data.examples, processing_class=tokenizer,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[LossRecorder(), resume.record_callback(identity)])
+                      callbacks=[LossRecorder(), resume.record_callback(identity), *tracked.callbacks])
     start = resume.shared_plan(start)  # under torchrun rank 0 decides, every rank loads that checkpoint
     for line in start.skipped:
         log.warning("%s", line)
@@ -260,24 +274,18 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     seconds = time.monotonic() - started
     # The final adapter is written aside, then moved into the run folder (RUN_INFO last): a stop never leaves a
     # half-written adapter where the finished one goes.
-    staged = run_dir / ".final-adapter.partial"
-    if trainer.is_world_process_zero() and staged.exists():
-        shutil.rmtree(staged)
-    trainer.save_model(str(staged))  # the adapter only: adapter_config.json + adapter_model.safetensors
+    staged = stage_adapter(trainer, run_dir)
     if world > 1:  # every rank says what it trained: the ranks of one data-parallel run hold the same adapter
         print(f"selfllm: rank {rank}/{world} adapter sha256 {adapter_digest(model)} last loss "
               f"{losses[-1] if losses else float('nan'):.4f}", file=sys.stderr, flush=True)
     if not trainer.is_world_process_zero():
         return {}
-    tokenizer.save_pretrained(str(staged))
     peak_gb = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     info = {"base_model": str(model_dir), "family": context.recipe.model, "data": [str(p) for p in paths],
             "system_prompt": settings.system_prompt, "enable_thinking": settings.enable_thinking,
             "settings": json.loads(settings.model_dump_json())}
-    (staged / RUN_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
-    resume.publish(staged, run_dir, last=RUN_INFO)
-    print(f"LoRA adapter saved to {run_dir}", flush=True)
+    publish_adapter(staged, tokenizer, run_dir, info)
     return emit_result(
         "train", adapter_dir=str(run_dir), architecture=context.family.architecture, device=device,
         quantization=settings.quantization,
