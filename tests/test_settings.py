@@ -164,7 +164,7 @@ def test_a_bad_recipe_value_names_where_it_came_from():
 # ----------------------------------------------------------------------------- selfllm start
 
 BAD_VALUE = {"fastapi": ("MAX_BATCH", "abc"), "webdemo": ("BATCHING", "dynamic"), "vllm": ("VLLM_ARGS", "--x 'open"),
-             "langchain": ("TOP_K", "three"), "lora": ("NUM_EPOCHS", "many")}
+             "langchain": ("TOP_K", "three"), "lora": ("NUM_EPOCHS", "many"), "grpo": ("NUM_GENERATIONS", "1")}
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -184,9 +184,10 @@ def test_selfllm_start_names_a_bad_setting_in_one_line_before_any_download(task,
 
 
 def test_selfllm_lora_train_names_a_bad_flag(monkeypatch, capsys):
+    from selfllm_runtime.finetune import commands
     from selfllm_runtime.tasks import lora
 
-    monkeypatch.setattr(lora, "resolve_model", lambda request: pytest.fail("fetched before checking the flags"))
+    monkeypatch.setattr(commands, "resolve_model", lambda request: pytest.fail("fetched before checking the flags"))
     code = lora.main(["train", "--enable-thinking", "maybe"], recipe=str(RECIPES_DIR / "qwen3" / "lora"))
     assert code == 2
     assert capsys.readouterr().err.strip() == (

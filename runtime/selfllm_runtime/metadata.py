@@ -57,6 +57,8 @@ class TaskKindInfo(Strict):
         "rest); shipped (an engine that loads the checkpoint's own format, e.g. gpt-oss's MXFP4)")
     command: str | None = Field(None, description="help of a `selfllm <kind> ...` command its module's main(argv) "
                                 "runs (train | infer | merge ...); none: no such command")
+    every_family: bool = Field(True, description="every family has a recipe of this kind (`build_matrix.py new` "
+                               "writes it); false: only the families whose model.yaml credits an upstream tutorial of it")
 
 
 def task_kind_names(root: Path) -> list[str]:
