@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from ..system_role import render_chat
 from . import resume
 from .grpo_data import Problem, problem_files, read_problems
 from .lora import (RESUME_FIELDS, adapter_model, emit_result, load_tokenizer, publish_adapter, stage_adapter,
-                   thinking_kwargs, training_identity)
+                   thinking_kwargs, trainer_arguments, training_identity)
 from .rewards import Markers, RewardFunction, for_trainer, load_rewards
 from .tracking import tracking
 
@@ -106,7 +105,7 @@ def train(context: RecipeContext, model_dir: Path, settings: GrpoSettings, input
     identity = training_identity(settings, model_dir, inputs.paths, world, GRPO_RESUME_FIELDS)
     start = resume.plan(run_dir, identity, settings.resume)  # refuses before the model is loaded
     loaded, model = adapter_model(context, model_dir, settings)
-    device, dtype = loaded.device, loaded.dtype
+    device = loaded.device
 
     logged: list[dict[str, float]] = []
 
@@ -119,22 +118,7 @@ def train(context: RecipeContext, model_dir: Path, settings: GrpoSettings, input
     stop_ids = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(context.family.special_tokens.eos)}
                 if isinstance(i, int) and i >= 0]
     args = GRPOConfig(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate,
-        logging_steps=settings.logging_steps,
-        save_steps=settings.save_steps,
-        save_total_limit=3,
-        gradient_checkpointing=False,  # enabled on the base model by adapter_model, before PEFT wraps it
-        bf16=device == "cuda" and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
-        use_cpu=device == "cpu",
-        report_to=tracked.report_to,
-        run_name=run_dir.name,
-        seed=settings.seed,
+        **trainer_arguments(settings, run_dir, loaded, tracked, world),
         disable_tqdm=True,
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
@@ -146,13 +130,7 @@ def train(context: RecipeContext, model_dir: Path, settings: GrpoSettings, input
     trainer = GRPOTrainer(model=model, reward_funcs=for_trainer(inputs.rewards, markers(context)), args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           callbacks=[RewardRecorder(), resume.record_callback(identity), *tracked.callbacks])
-    start = resume.shared_plan(start)
-    for line in start.skipped:
-        log.warning("%s", line)
-    log.info("%s", start.line)
-    started = time.monotonic()
-    output = trainer.train(resume_from_checkpoint=start.resume_from)
-    seconds = time.monotonic() - started
+    output, start, seconds = resume.train_from(trainer, start, log)
     staged = stage_adapter(trainer, run_dir)
     if not trainer.is_world_process_zero():
         return {}

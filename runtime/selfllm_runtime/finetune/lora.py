@@ -7,7 +7,6 @@ import http.client
 import os
 import shutil
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -177,6 +176,43 @@ def adapter_model(context: RecipeContext, model_dir: Path, settings: LoraSetting
     return loaded, model
 
 
+def trainer_arguments(settings: LoraSettings, run_dir: Path, loaded: Any, tracked: Any, world: int) -> dict[str, Any]:
+    """The TrainingArguments every adapter-training task sets the same way from its settings (a Trainer
+    subclass's config, TRL's GRPOConfig, takes them too): run folder, batch and schedule, checkpoints, precision
+    of the loaded model's device, tracking, and data parallelism (NPROC: gloo on CPU; FSDP)."""
+    import torch
+
+    device, dtype = loaded.device, loaded.dtype
+    distributed: dict[str, Any] = {}
+    if world > 1 and device == "cpu":
+        distributed["ddp_backend"] = "gloo"
+    if settings.fsdp != "off":
+        if world < 2 or device != "cuda":
+            raise ValueError(f"FSDP={settings.fsdp} shards the model across GPUs: it needs NPROC > 1 on CUDA "
+                             f"(here {world} process(es) on {device})")
+        distributed |= {"fsdp": f"{settings.fsdp} auto_wrap", "fsdp_config": {"use_orig_params": True}}
+    return dict(
+        **distributed,
+        output_dir=str(run_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        logging_steps=settings.logging_steps,
+        save_steps=settings.save_steps,
+        save_total_limit=3,
+        save_on_each_node=True,
+        gradient_checkpointing=False,  # enabled on the base model by adapter_model, before PEFT wraps it
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu",
+        report_to=tracked.report_to,
+        run_name=run_dir.name,
+        seed=settings.seed,
+    )
+
+
 def stage_adapter(trainer: Any, run_dir: Path) -> Path:
     """Save the trained adapter aside (run_dir/.final-adapter.partial; every rank calls it): publish_adapter
     moves it into the run folder, so a stop never leaves a half-written adapter where the finished one goes."""
@@ -230,34 +266,9 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
              "learning rate %g, not scaled with the process count (scale LEARNING_RATE yourself for a larger "
              "effective batch)%s", world, settings.batch_size, settings.grad_accum, world, effective,
              settings.learning_rate, ", FSDP full_shard" if settings.fsdp != "off" else "")
-    distributed: dict[str, Any] = {}
-    if world > 1 and device == "cpu":
-        distributed["ddp_backend"] = "gloo"
-    if settings.fsdp != "off":
-        if world < 2 or device != "cuda":
-            raise ValueError(f"FSDP={settings.fsdp} shards the model across GPUs: it needs NPROC > 1 on CUDA "
-                             f"(here {world} process(es) on {device})")
-        distributed |= {"fsdp": f"{settings.fsdp} auto_wrap", "fsdp_config": {"use_orig_params": True}}
     tracked = tracking(settings, run_dir)
     args = TrainingArguments(
-        **distributed,
-        output_dir=str(run_dir),
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate,
-        logging_steps=settings.logging_steps,
-        save_steps=settings.save_steps,
-        save_total_limit=3,
-        save_on_each_node=True,
-        gradient_checkpointing=False,  # enabled on the base model above, before PEFT wraps it
-        bf16=device == "cuda" and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
-        use_cpu=device == "cpu",
-        report_to=tracked.report_to,
-        run_name=run_dir.name,
-        seed=settings.seed,
+        **trainer_arguments(settings, run_dir, loaded, tracked, world),
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
@@ -265,13 +276,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     trainer = Trainer(model=model, args=args, train_dataset=data.examples, processing_class=tokenizer,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
                       callbacks=[LossRecorder(), resume.record_callback(identity), *tracked.callbacks])
-    start = resume.shared_plan(start)  # under torchrun rank 0 decides, every rank loads that checkpoint
-    for line in start.skipped:
-        log.warning("%s", line)
-    log.info("%s", start.line)
-    started = time.monotonic()
-    output = trainer.train(resume_from_checkpoint=start.resume_from)
-    seconds = time.monotonic() - started
+    output, start, seconds = resume.train_from(trainer, start, log)
     # The final adapter is written aside, then moved into the run folder (RUN_INFO last): a stop never leaves a
     # half-written adapter where the finished one goes.
     staged = stage_adapter(trainer, run_dir)
