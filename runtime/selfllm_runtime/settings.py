@@ -1,7 +1,7 @@
 """Every task setting, defined once: the one way a task reads its configuration.
 
-A task kind's settings are one pydantic model (TASK_SETTINGS); each field names its environment
-variable (and, where the command line has one, its flag). A field's value is the first of:
+A task kind's settings are one pydantic model (named by task.yaml `kind.settings`: task_settings()); each field
+names its environment variable (and, where the command line has one, its flag). A field's value is the first of:
 
     command-line flag > environment variable > the recipe's `env:` (task.yaml, then recipe.yaml)
     > the model family (recipes/<model>/model.yaml) > the field's default
