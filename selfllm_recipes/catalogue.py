@@ -67,7 +67,7 @@ def render_table(specs: list[RecipeSpec], results: dict[str, dict[str, str]]) ->
         recipe, family = spec.recipe, spec.family
         ids = recipe.default_model
         checkpoint = f"`{ids.modelscope}`" + ("" if ids.modelscope == ids.huggingface else f" / `{ids.huggingface}`")
-        port = str(recipe.port) if recipe.task.value in ("fastapi", "webdemo", "vllm") else "—"
+        port = str(recipe.port) if kind_info(recipe.task).health_path else "—"  # a server: it has a health path
         lines.append(f"| {family.display_name} | {kind_info(recipe.task).label} | [`{spec.key}`](recipes/{spec.key}) | "
                      f"{checkpoint} | {_vram(recipe.gpu)} | {port} | {_cell(results.get(spec.key), recipe.smoke.needs_gpu)} |")
     return "\n".join(lines)

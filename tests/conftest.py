@@ -104,6 +104,16 @@ def uvicorn_on_loopback(app) -> Iterator[str]:
         sock.close()
 
 
+@contextmanager
+def fastapi_client(engine) -> Iterator:
+    """A TestClient of task fastapi's app (legacy route + /v1) serving engine."""
+    from fastapi.testclient import TestClient
+    from selfllm_runtime.tasks.fastapi_server import create_app
+
+    with TestClient(create_app(engine)) as client:
+        yield client
+
+
 def script_model(engine, monkeypatch, answer) -> None:
     """Make engine.model.generate 'write' answer(prompt) (a str, or a function of the decoded prompt),
     then EOS, through the engine's real decode / reasoning split / stream code."""

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from conftest import script_model, uvicorn_on_loopback
+from conftest import fastapi_client, script_model, uvicorn_on_loopback
 
 from fastapi.testclient import TestClient
 
@@ -18,9 +18,7 @@ HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 
 @pytest.fixture(scope="session")
 def client(engine) -> Iterator[TestClient]:
-    from selfllm_runtime.tasks.fastapi_server import create_app
-
-    with TestClient(create_app(engine)) as test_client:
+    with fastapi_client(engine) as test_client:
         yield test_client
 
 

@@ -363,3 +363,16 @@ def test_streamlit_health_answers_fast_with_64_chats_queued(context, tiny_model,
     assert max(probes) < 0.1, f"/_stcore/health took {probes} s with 64 chats queued"
     start = (tmp_path / "streamlit.log").read_text(encoding="utf-8", errors="replace")  # the engine's start line
     assert "torch threads (TORCH_THREADS=" in start and "chat template: checkpoint (" in start, start[-2000:]
+
+
+def test_browser_attaches_an_image_for_a_family_that_takes_images(tiny_recipe, tmp_path):
+    """Gemma-3's page: the chat input takes files; the smoke check's browser attaches a generated PNG, which
+    the user's turn shows and the tiny vision model answers."""
+    from selfllm_recipes.smoke.checks import SmokeSession
+    from selfllm_recipes.smoke.task_webdemo import chat_in_browser
+
+    need_chromium()
+    gemma_context, gemma_model = tiny_recipe("gemma3/webdemo")
+    with streamlit_on_loopback(gemma_context, gemma_model, tmp_path) as url:
+        detail = chat_in_browser(SmokeSession(url, "gemma3/webdemo", lambda: "", lambda: None, tmp_path), timeout_s=120)
+    assert "an attached PNG shown and answered" in detail, detail

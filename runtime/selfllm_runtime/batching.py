@@ -5,6 +5,10 @@ token budget, streaming and cancellation.
 - Rows share one call only when their sampling can: greedy rows together, sampled rows with the
   same temperature/top_p together. A seeded sampled request runs alone under a forked RNG, so it
   gives the same text alone or under load and never reseeds the generator other requests use.
+- Rows with images (a processor's model inputs besides the token ids: pixel_values, token_type_ids...) share a
+  call with rows whose inputs have the same names and per-image shapes: per-token inputs are left-padded like
+  the ids, per-image ones concatenated in row order (the model fills each row's image tokens in that order).
+  Measured on CPU: benchmarks/image_batching.py.
 - The queue is bounded (`max_queue` waiting requests): past it `submit` raises `EngineBusy`.
 - A cancelled job (client gone, stop string found) is dropped from the queue, or its row is
   finished at the next step; the rest of the batch goes on.
@@ -49,19 +53,30 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     produced: int = 0  # tokens handed out (worker side)
     closed: bool = False  # the row takes no more tokens (worker side)
+    inputs: dict[str, Any] = field(default_factory=dict)  # model inputs besides the ids (images' pixel_values...)
 
     def __post_init__(self) -> None:
         if self.temperature < SAMPLING_EPS:
             self.temperature = 0.0
 
+    def per_token(self, value: Any) -> bool:
+        """Whether a model input runs along the prompt's tokens (token_type_ids), not one entry per image."""
+        return tuple(value.shape) == (1, len(self.prompt_ids))
+
+    @property
+    def media(self) -> tuple[Any, ...]:
+        """What its extra inputs look like: rows share a call only with rows whose inputs stack with theirs."""
+        return tuple(sorted((name, "token" if self.per_token(value) else tuple(value.shape[1:]), str(value.dtype))
+                            for name, value in self.inputs.items()))
+
     @property
     def group(self) -> tuple[Any, ...]:
         """Jobs of one group can share a generate call."""
         if self.temperature <= 0:
-            return ("greedy",)
+            return ("greedy", self.media)
         if self.seed is not None:
             return ("seeded", id(self))
-        return ("sample", self.temperature, self.top_p)
+        return ("sample", self.temperature, self.top_p, self.media)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -84,6 +99,10 @@ class SchedulerBase:
 
 class Scheduler(SchedulerBase):
     kind = "static"
+
+    def input_dtype(self, value: Any) -> Any:
+        """Floating inputs (pixel values) in the model's dtype (bf16 on a GPU); others as they are."""
+        return getattr(self.model, "dtype", value.dtype) if value.is_floating_point() else value.dtype
 
     def __init__(self, model: Any, stop_token_ids: list[int], pad_token_id: int, **bounds: int):
         super().__init__(model, stop_token_ids, pad_token_id, **bounds)
@@ -197,7 +216,14 @@ class Scheduler(SchedulerBase):
                 return torch.tensor([job.closed for job in batch], dtype=torch.bool, device=input_ids.device)
 
         first = batch[0]
-        kwargs: dict[str, Any] = dict(
+        extra: dict[str, Any] = {}
+        for name, value in first.inputs.items():  # one group: every row has the same names and shapes
+            if first.per_token(value):
+                extra[name] = torch.cat([torch.cat([value.new_zeros((1, width - len(job.prompt_ids))), job.inputs[name]],
+                                                   dim=1) for job in batch]).to(device)
+            else:
+                extra[name] = torch.cat([job.inputs[name] for job in batch]).to(device, self.input_dtype(value))
+        kwargs: dict[str, Any] = dict(**extra,
             input_ids=torch.tensor(ids, device=device), attention_mask=torch.tensor(mask, device=device),
             max_new_tokens=max(job.max_new_tokens for job in batch), eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad_token_id, streamer=RowStreamer(), stopping_criteria=StoppingCriteriaList([RowStops()]),

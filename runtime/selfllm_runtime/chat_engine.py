@@ -27,6 +27,30 @@ from .tool_calls import template_inputs
 
 log = logging.getLogger("selfllm.chat")
 Message = dict[str, Any]  # {"role", "content"}, and OpenAI's "tool_calls" / "tool_call_id" where given
+# A message with images has a list content: {"type": "text", "text"} and {"type": "image", "image": PIL image}
+# parts in order (what a vision family's chat template loops over); every other message has a string.
+
+
+def message_images(messages: list[Message]) -> list[Any]:
+    """The images of a conversation, in the order its chat template places them."""
+    return [part["image"] for message in messages if isinstance(message.get("content"), list)
+            for part in message["content"] if isinstance(part, dict) and part.get("type") == "image"]
+
+
+class PromptImagesError(ValueError):
+    """The processor could not match the request's images to the rendered prompt (the chat template left an
+    image out); the text says so."""
+
+
+@dataclass
+class EncodedPrompt:
+    """A rendered prompt as the model reads it: its token ids (image placeholders expanded to the image's
+    tokens) and the model inputs besides them (a processor's pixel_values, token_type_ids...; empty for text)."""
+
+    text: str
+    ids: list[int]
+    inputs: dict[str, Any] = field(default_factory=dict)
+    images: int = 0
 
 
 @dataclass
@@ -189,6 +213,7 @@ class ChatEngine:
         self.device, self.quantization = self.loaded.device, self.loaded.quantization
         self.model = self.loaded.model
         self.model.eval()
+        self.processor = self._load_processor()
         self.torch = torch
         self.stop_token_ids = self._stop_token_ids()
         self._hidden_ids = hidden_special_ids(self.tokenizer, self.family.reasoning)
@@ -204,6 +229,23 @@ class ChatEngine:
         # ~0.3 s pause of every thread (measured: /health stalled so with 64 requests queued).
         gc.collect()
         gc.freeze()
+
+    def _load_processor(self) -> Any:
+        """The checkpoint's processor (AutoProcessor) where the family takes images (model.yaml modalities) and the
+        loaded model has a vision tower (not Gemma-3 1b's text-only class); None otherwise."""
+        modalities = self.family.modalities
+        config = getattr(self.model, "config", None)
+        if not modalities.takes("image") or getattr(config, "vision_config", None) is None:
+            return None
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=self.family.trust_remote_code)
+        log.info("image input: %s (%s)", type(processor).__name__, modalities.processor)
+        return processor
+
+    @property
+    def takes_images(self) -> bool:
+        return self.processor is not None
 
     @property
     def model(self) -> Any:
@@ -256,6 +298,26 @@ class ChatEngine:
         return render_chat(self.tokenizer, messages, self.family.system_role, add_generation_prompt=True,
                            **kwargs, **tool_kwargs)
 
+    def encode(self, messages: list[Message], template_kwargs: dict[str, Any] | None = None,
+               tools: list[dict[str, Any]] | None = None) -> EncodedPrompt:
+        """The prompt of messages as the model reads it: rendered (format_prompt), then tokenized; with images,
+        through the family's processor, which expands each image's placeholder to its tokens and makes the
+        pixel values. ValueError for images where the loaded model takes none."""
+        text = self.format_prompt(messages, template_kwargs, tools)
+        images = message_images(messages)
+        if not images:
+            return EncodedPrompt(text, self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.processor is None:
+            raise ValueError(f"the loaded {type(self.model).__name__} reads no images")
+        try:
+            encoded = self.processor(text=text, images=images, add_special_tokens=False, return_tensors="pt")
+        except ValueError as exc:  # e.g. "Prompt contained 1 image tokens but received 2 images"
+            raise PromptImagesError(f"the chat template placed the images where the model can't read them all "
+                                    f"({exc}); images go in user messages") from None
+        ids = encoded["input_ids"][0].tolist()
+        inputs = {key: value for key, value in encoded.items() if key not in ("input_ids", "attention_mask")}
+        return EncodedPrompt(text, ids, inputs, len(images))
+
     def opens_reasoning(self, prompt: str) -> bool:
         """Whether the chat template already opened the reasoning block in the prompt."""
         markers = self.family.reasoning
@@ -282,10 +344,10 @@ class ChatEngine:
 
     def _submit(self, messages: list[Message], params: GenerationParams, streaming: bool) -> tuple[Job, int, bool]:
         """(queued job, prompt tokens, whether the prompt opened the reasoning block); EngineBusy when full."""
-        prompt = self.format_prompt(messages, params.template_kwargs, params.tools)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        job = Job(prompt_ids, params.max_new_tokens, params.temperature, params.top_p, params.seed, streaming=streaming)
-        return self.scheduler.submit(job), len(prompt_ids), self.opens_reasoning(prompt)
+        prompt = self.encode(messages, params.template_kwargs, params.tools)
+        job = Job(prompt.ids, params.max_new_tokens, params.temperature, params.top_p, params.seed, streaming=streaming,
+                  inputs=prompt.inputs)
+        return self.scheduler.submit(job), len(prompt.ids), self.opens_reasoning(prompt.text)
 
     def generate(self, messages: list[Message], params: GenerationParams) -> Completion:
         if params.stop:  # stop strings are found token by token, as in a stream

@@ -21,6 +21,15 @@ def recipes_root() -> Path:
     return Path(os.environ.get("SELFLLM_RECIPES_ROOT", RUNTIME_ROOT.parent / "recipes"))
 
 
+def checkpoint_architecture(model_dir: Path) -> str | None:
+    """The class a checkpoint's config.json names (its first `architectures` entry), or None."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return (config.get("architectures") or [None])[0]
+
+
 @dataclass(frozen=True)
 class RecipeContext:
     recipe_dir: Path
@@ -41,11 +50,7 @@ class RecipeContext:
         """This context with the family as it applies to the checkpoint in model_dir, picked by the class its
         config.json names (model.yaml `variants:`); a class the family doesn't know: one warning line saying what
         it expects, and the family's defaults."""
-        config = Path(model_dir) / "config.json"
-        try:
-            architecture = (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
-        except (OSError, ValueError):
-            return self
+        architecture = checkpoint_architecture(model_dir)
         if architecture is None:
             return self
         family = self.family.for_architecture(architecture)

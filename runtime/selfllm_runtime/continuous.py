@@ -25,12 +25,30 @@ from .batching import DONE, EngineBusy, Job, SchedulerBase
 log = logging.getLogger("selfllm.continuous")
 
 
-class SeedUnsupported(ValueError):
+class ContinuousUnsupported(ValueError):
+    """A request continuous batching can't serve: the client's 400, naming its field (`param`)."""
+
+    param = ""
+
+
+class SeedUnsupported(ContinuousUnsupported):
     """A seeded sampled request while continuous batching is on."""
+
+    param = "seed"
 
     def __init__(self) -> None:
         super().__init__("`seed` needs BATCHING=static: with continuous batching every row samples from one "
                          "generator, so a seeded answer could not be reproduced")
+
+
+class ImagesUnsupported(ContinuousUnsupported):
+    """Images while continuous batching is on: its manager takes token ids only, no pixel values."""
+
+    param = "messages"
+
+    def __init__(self) -> None:
+        super().__init__("image input needs BATCHING=static: transformers' continuous batching takes token ids "
+                         "only, not an image's pixel values")
 
 
 class ContinuousScheduler(SchedulerBase):
@@ -62,6 +80,8 @@ class ContinuousScheduler(SchedulerBase):
     def submit(self, job: Job) -> Job:
         if job.seed is not None and job.temperature > 0:
             raise SeedUnsupported()
+        if job.inputs:
+            raise ImagesUnsupported()
         with self.lock:
             depth = self._waiting()
             if depth >= self.max_queue:

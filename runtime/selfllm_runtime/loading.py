@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .context import checkpoint_architecture
 from .metadata import ParameterCount, Quantization
 
 if TYPE_CHECKING:
@@ -178,14 +179,26 @@ def generation_placement(gpus: list[int] | None) -> tuple[dict[str, Any], str]:
             f"layers spread over {len(chosen)} cards (device_map=auto): {names}")
 
 
+def model_class(context: RecipeContext, model_dir: Path) -> Any:
+    """The class to load the checkpoint in model_dir with: the transformers class its config.json names where the
+    family knows that class (model.yaml architecture or variants), else AutoModelForCausalLM. AutoModelForCausalLM
+    has no mapping for vision-language configs such as Qwen2-VL's, Qwen3-VL's or GLM-4.1V's, and maps Qwen3.5's to
+    the text-only Qwen3_5ForCausalLM (no vision tower), so a vision family is loaded by its own class."""
+    import transformers
+
+    named = checkpoint_architecture(model_dir)
+    known = named is not None and context.family.for_architecture(named) is not None
+    if known and not context.family.trust_remote_code and hasattr(transformers, named):
+        return getattr(transformers, named)
+    return transformers.AutoModelForCausalLM
+
+
 def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quantization = "none",
                    training: bool = False, gpus: list[int] | None = None) -> LoadedModel:
     """The checkpoint in model_dir, on the GPU when there is one. Generation spreads it over the visible
     GPUs (device_map=auto), or the cards `gpus` lists (GPUS); training leaves placement to the Trainer
     (one process per card under torchrun), except that a quantized model can't be moved after loading: it
     is loaded onto this process's GPU."""
-    from transformers import AutoModelForCausalLM
-
     device, dtype = pick_device()
     shipped = shipped_quantization(model_dir)
     kwargs: dict[str, Any] = prequantized_kwargs(shipped, quantization, training)
@@ -205,7 +218,7 @@ def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quanti
         kwargs["device_map"] = {"": PartialState().local_process_index}
     log.info("loading %s on %s (%s%s)", model_dir, device, str(dtype).removeprefix("torch."),
              "" if config is None else f", {quantization}")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+    model = model_class(context, model_dir).from_pretrained(model_dir, dtype=dtype,
                                                  trust_remote_code=context.family.trust_remote_code, **kwargs)
     loaded = LoadedModel(model, device, dtype, quantization)
     log.info("weights: %.3f GB", loaded.weights_gb)

@@ -219,6 +219,13 @@ class Modalities(Strict):
         "Gemma3Processor): it turns images/video and text into the model's inputs")
     image: ImageLimits | None = None
     video: VideoLimits | None = None
+    tokens: dict[str, str] = Field(
+        {}, description="the processor's named tokens as the checkpoint's tokenizer declares them (its "
+        "extra_special_tokens), e.g. image_token: <image_soft_token>; a smoke model gets them, and its config their ids "
+        "(`<name>_id`, e.g. image_token_id)")
+    smoke_processor: dict[str, Any] = Field(
+        {}, description="arguments of the smoke model's processor that follow the tiny config (Gemma-3: "
+        "image_seq_length = smoke.extra.mm_tokens_per_image)")
     lora_vision: Literal["frozen", "projector"] = Field(
         "frozen", description="what LoRA training may touch besides the language model: frozen = nothing; "
         "projector = the vision-to-text projector/merger is trained too")

@@ -27,8 +27,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
                       model_validator)
 
-from .metadata import (TASK_FILE, LoraDefaults, MetadataError, ModelFamily, ModelSource, Quantization, Recipe, TaskKind,
-                       kind_info, tasks_root)
+from .metadata import (TASK_FILE, ImageLimits, LoraDefaults, MetadataError, ModelFamily, ModelSource, Quantization,
+                       Recipe, TaskKind, kind_info, tasks_root)
 
 DEFAULT_CACHE = Path("/root/autodl-tmp")  # AutoDL's data disk: a saved instance keeps what is there
 SAMPLE_DOCS_DIR = Path(__file__).resolve().parent / "lc" / "sample_docs"
@@ -293,13 +293,42 @@ class EngineSettings(TorchSettings, TemplateSettings):
         return "static" if self.batching == "auto" else self.batching
 
 
+IMAGE_LIMITS = ImageLimits.model_fields
+
+
+class MediaSettings(TaskSettings):
+    """What a request may carry of images (media.py); they exist for families that take images (model.yaml
+    `modalities.image`), whose values are the defaults."""
+
+    media_max_images: int = setting(
+        IMAGE_LIMITS["max_per_request"].default, "MEDIA_MAX_IMAGES", "一个请求（所有消息合计）最多几张图片",
+        "images in one request at most, all messages together", family="modalities.image.max_per_request",
+        when="modalities.image", ge=1)
+    media_max_image_pixels: int = setting(
+        IMAGE_LIMITS["max_pixels"].default, "MEDIA_MAX_IMAGE_PIXELS", "图片像素（宽×高）超过它时按比例缩小",
+        "an image of more pixels (width × height) is scaled down to it, keeping its aspect ratio",
+        family="modalities.image.max_pixels", when="modalities.image", ge=1)
+    media_max_image_bytes: int = setting(
+        IMAGE_LIMITS["max_bytes"].default, "MEDIA_MAX_IMAGE_BYTES", "一张图片编码后的大小上限（data: URL 或下载），字节",
+        "the encoded size of one image at most (data: URL or download), bytes", family="modalities.image.max_bytes",
+        when="modalities.image", ge=1)
+    media_fetch_timeout: float = setting(
+        10.0, "MEDIA_FETCH_TIMEOUT", "下载一张 http(s) 图片最多用几秒", "seconds one http(s) image download may take",
+        when="modalities.image", gt=0)
+    media_allow_private_urls: bool = setting(
+        False, "MEDIA_ALLOW_PRIVATE_URLS",
+        "`1`：也下载指向本机、内网、链路本地地址的图片 URL（默认拒绝，免得服务成为进入内网的跳板）；本地路径与 file: 始终不读",
+        "`1`: image URLs on loopback, private and link-local addresses are fetched too (refused by default, so the "
+        "server is no way into its network); local paths and file: are never read", when="modalities.image")
+
+
 # ----------------------------------------------------------------------------- one model per task kind
 
-class FastapiSettings(ServedNameSettings, EngineSettings, AccessSettings, ModelSettings):
+class FastapiSettings(MediaSettings, ServedNameSettings, EngineSettings, AccessSettings, ModelSettings):
     pass
 
 
-class WebdemoSettings(EngineSettings, AccessSettings, ModelSettings):
+class WebdemoSettings(MediaSettings, EngineSettings, AccessSettings, ModelSettings):
     pass
 
 
@@ -338,7 +367,7 @@ class VllmSettings(ServedNameSettings, TemplateSettings, AccessSettings, ModelSe
         return (hosts[-1] if hosts else host), (int(ports[-1]) if ports and ports[-1].isdigit() else port)
 
 
-class LangchainSettings(EngineSettings, ModelSettings):
+class LangchainSettings(MediaSettings, EngineSettings, ModelSettings):
     docs_dir: Path = setting(SAMPLE_DOCS_DIR, "DOCS_DIR", "要检索的 `.txt` / `.md` 所在目录（递归）",
                              "folder of the `.txt` / `.md` files to search (recursive)",
                              shown=("自带的三篇示例文档", "three bundled sample documents"))
@@ -598,7 +627,7 @@ def family_value(family: ModelFamily | None, path: str | None) -> Any:
 
 
 def _exists(info: SettingInfo, family: ModelFamily | None) -> bool:
-    return info.when is None or family is None or getattr(family, info.when, None) is not None
+    return info.when is None or family is None or family_value(family, info.when) is not None
 
 
 def _given(text: str | None, info: SettingInfo) -> bool:

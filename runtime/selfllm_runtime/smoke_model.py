@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .context import RecipeContext
 from .metadata import ModelFamily, SmokeModelShape
@@ -38,7 +39,10 @@ def parameter_line(out_dir: Path) -> str:
         for path in Path(out_dir).glob("*.safetensors"):
             with safe_open(str(path), framework="pt") as weights:
                 parameters += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
-    return PARAMETERS_LINE.format(architecture=data["architecture"], parameters=parameters)
+    line = PARAMETERS_LINE.format(architecture=data["architecture"], parameters=parameters)
+    if data.get("vision_parameters"):
+        line += f"; vision tower: {data['vision_parameters']} parameters, {data.get('image_tokens')} tokens an image"
+    return line
 
 
 CORPUS = [
@@ -76,10 +80,14 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
     # by decode, as in the real checkpoints; they keep their ids (the random model's outputs with them).
     markers = [m for m in (family.tool_calls.start, family.tool_calls.end) if m] if family.tool_calls else []
     core.add_tokens([AddedToken(m, special=False, normalized=False) for m in markers if m in special])
+    # A vision family's processor finds its image tokens by name on the tokenizer (Gemma-3: boi_token...).
+    named = family.modalities.tokens if family.modalities.vision else {}
+    media = [t for t in named.values() if t not in special]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, eos_token=tokens.eos, pad_token=tokens.pad, bos_token=tokens.bos,
         additional_special_tokens=[t for t in special if t not in visible and t not in markers
-                                   and t not in (tokens.eos, tokens.pad, tokens.bos)],
+                                   and t not in (tokens.eos, tokens.pad, tokens.bos)] + media,
+        **({"extra_special_tokens": dict(named)} if named else {}),
     )
     if visible:
         tokenizer.add_tokens(sorted(visible))
@@ -112,6 +120,47 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
         raise ValueError(f"{type(config).__name__} ignored the smoke shape fields {ignored} (model.yaml `smoke:`): "
                          "put them where this config reads them (smoke.extra)")
     return model_class, config
+
+
+def tiny_processor(family: ModelFamily, config: Any, tokenizer: Any) -> Any:
+    """The family's processor class (model.yaml modalities.processor) over the tiny tokenizer, with the image
+    processor of the config's model type (its PIL backend: no torchvision needed) sized to the tiny vision tower."""
+    import transformers
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type) or {}
+    name = names.get("pil") if isinstance(names, dict) else names
+    image_processor_class = getattr(transformers, str(name), None)
+    processor_class = getattr(transformers, str(family.modalities.processor), None)
+    if image_processor_class is None or processor_class is None:
+        raise ValueError(f"transformers {transformers.__version__} has no image processor for {config.model_type!r} "
+                         f"or no class {family.modalities.processor!r} (model.yaml modalities.processor)")
+    side = config.vision_config.image_size
+    image_processor = image_processor_class(size={"height": side, "width": side})
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+                           **family.modalities.smoke_processor)
+
+
+def vision_record(model: Any, family: ModelFamily) -> dict[str, Any]:
+    """A vision family's smoke model: its vision tower's parameters and the tokens an image takes (SMOKE_MODEL.json)."""
+    tower = getattr(getattr(model, "model", model), "vision_tower", None)
+    if not family.modalities.vision or tower is None:
+        return {}
+    return {"vision_parameters": sum(p.numel() for p in tower.parameters()),
+            "image_tokens": family.modalities.smoke_processor.get("image_seq_length")}
+
+
+def carry_images(model: Any) -> list[str]:
+    """Give random values to the weight matrices transformers initialises at zero (Gemma-3's image projection
+    `mm_input_projection_weight`): at zero every image reaches the language model as the same zero vectors, so a
+    tiny random model would answer alike whatever the image. Returns their names."""
+    import torch
+
+    zeroed = [name for name, p in model.named_parameters() if p.dim() >= 2 and not p.detach().any()]
+    with torch.no_grad():
+        for name in zeroed:
+            model.get_parameter(name).normal_(0.0, 0.02)
+    return zeroed
 
 
 def module_names(family: ModelFamily) -> set[str]:
@@ -181,7 +230,12 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
         family.architecture, shape, len(tokenizer),
         eos_token_id=tokenizer.convert_tokens_to_ids(family.special_tokens.eos),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    for name, token in (family.modalities.tokens if family.modalities.vision else {}).items():
+        if hasattr(config, f"{name}_id"):  # the model finds the image positions by these ids
+            setattr(config, f"{name}_id", tokenizer.convert_tokens_to_ids(token))
     model = model_class(config)
+    if family.modalities.vision:
+        carry_images(model)
     parameters = sum(p.numel() for p in model.parameters())
     if parameters > MAX_SMOKE_PARAMETERS:
         raise SmokeModelTooLarge(
@@ -195,7 +249,9 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if family.modalities.vision and family.modalities.processor:
+        tiny_processor(family, config, tokenizer).save_pretrained(out_dir)
     (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
         {"architecture": family.architecture, "random": True, "parameters": parameters,
-         "note": "tiny random model for smoke tests"}))
+         **vision_record(model, family), "note": "tiny random model for smoke tests"}))
     return out_dir

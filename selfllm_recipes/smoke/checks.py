@@ -160,3 +160,18 @@ def check_for(spec: RecipeSpec) -> SmokeCheck:
         raise SmokeFailure(f"no smoke check for task {task.value!r} (selfllm_recipes/smoke/task_{task.value}.py)") from exc
     recipe_check = getattr(module, "recipe_check", None)
     return recipe_check(spec) if recipe_check is not None else module.CHECK
+
+
+def generated_png(width: int, height: int, pixel: Callable[[int, int], tuple[int, int, int]]) -> bytes:
+    """An RGB PNG made with the standard library (the host needs no imaging library): pixel(x, y) → (r, g, b)."""
+    import struct
+    import zlib
+
+    rows = b"".join(b"\0" + bytes(c for x in range(width) for c in pixel(x, y)) for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+

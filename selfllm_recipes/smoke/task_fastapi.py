@@ -1,9 +1,12 @@
 """Smoke check of task `fastapi`: upstream's legacy API and the OpenAI-compatible /v1 API over HTTP."""
 from __future__ import annotations
 
+import base64
+from collections.abc import Callable
+
 import requests
 
-from .checks import SYSTEM, SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .checks import SYSTEM, SmokeCheck, SmokeSession, expect, generated_png, start_on_smoke_model
 
 
 
@@ -59,8 +62,55 @@ def verify_openai(session: SmokeSession) -> str:
             "then system + user answered")
 
 
+def png_data_url(width: int, height: int, pixel: Callable[[int, int], tuple[int, int, int]]) -> str:
+    """A generated RGB PNG as a data: URL."""
+    return "data:image/png;base64," + base64.b64encode(generated_png(width, height, pixel)).decode()
+
+
+def verify_images(session: SmokeSession) -> str:
+    """A family that takes images (model.yaml modalities): a generated PNG as a data: URL answers 200 and adds
+    the image's tokens to the prompt count; a seeded sampled reply fingerprints the image (the same image twice:
+    the same reply; another image: another). A text-only family: 400 in plain words."""
+    from selfllm_runtime.context import load_context
+
+    from ..layout import RECIPES_DIR
+
+    family = load_context(RECIPES_DIR / session.recipe_key).family
+    url = session.base_url + "/v1/chat/completions"
+    gradient = png_data_url(48, 32, lambda x, y: (x * 5, y * 7, 128))
+    stripes = png_data_url(48, 32, lambda x, y: (255, 255, 255) if (x // 6) % 2 else (0, 0, 0))
+
+    def ask(*images: str) -> requests.Response:
+        content = [*({"type": "image_url", "image_url": {"url": image}} for image in images),
+                   {"type": "text", "text": "What is in the picture?"}]
+        return requests.post(url, json={"messages": [{"role": "user", "content": content}], "max_tokens": 16,
+                                        "temperature": 1.0, "top_p": 1.0, "seed": 7}, timeout=120)
+
+    if not family.modalities.takes("image"):
+        refused = ask(gradient)
+        message = refused.json().get("error", {}).get("message", "") if refused.status_code == 400 else refused.text
+        expect(refused.status_code == 400 and "takes text only" in message,
+               f"an image for text-only {family.display_name} answered HTTP {refused.status_code}: {message[:200]}")
+        return f"image → 400 ({message.split(': ', 1)[-1]})"
+    answers = [ask(), ask(gradient), ask(gradient), ask(stripes), ask(gradient, stripes)]
+    for answer in answers:
+        expect(answer.status_code == 200, f"an image request answered HTTP {answer.status_code}: {answer.text[:300]}")
+    text, one, again, other, two = (a.json() for a in answers)
+    tokens = [a["usage"]["prompt_tokens"] for a in (text, one, two)]
+    per_image = tokens[1] - tokens[0]
+    expect(per_image > 0 and tokens[2] - tokens[0] == 2 * per_image, f"prompt tokens text/1/2 images: {tokens}")
+    replies = [a["choices"][0]["message"]["content"] for a in (one, again, other)]
+    expect(replies[0] == replies[1], f"the same image twice gave two replies: {replies[:2]}")
+    expect(replies[0] != replies[2], f"two different images gave the same reply: {replies[0]!r}")
+    bad = ask("data:image/png;base64,AAAA")
+    expect(bad.status_code == 400 and "not an image" in bad.json()["error"]["message"],
+           f"an undecodable image answered HTTP {bad.status_code}: {bad.text[:200]}")
+    return (f"images: prompt tokens {tokens[0]} → {tokens[1]} (1 image) → {tokens[2]} (2), +{per_image} an image; "
+            f"seeded replies: same image equal, other image different; undecodable → 400")
+
+
 def verify_fastapi(session: SmokeSession) -> str:
-    return f"{verify_legacy(session)}; {verify_openai(session)}"
+    return f"{verify_legacy(session)}; {verify_openai(session)}; {verify_images(session)}"
 
 
 CHECK = SmokeCheck(command=start_on_smoke_model(), verify=verify_fastapi)

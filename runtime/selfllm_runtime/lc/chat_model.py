@@ -34,6 +34,8 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
+from ..media import MediaError, check_media, load_image
+from ..settings import MediaSettings
 from ..tool_calls import ToolCall, ToolCallStream, parse_tool_calls, tool_names, tool_parameters
 
 ROLES: dict[type[BaseMessage], str] = {
@@ -54,9 +56,31 @@ def message_text(message: BaseMessage) -> str:
     return "".join(parts)
 
 
-def to_engine_messages(messages: list[BaseMessage]) -> list[Message]:
-    """LangChain messages → the role/content dicts the chat template takes."""
+ImageReader = Callable[[str, dict[str, Any], int], Any]  # (role, content block, number from 1) → a PIL image
+
+
+def image_url(block: dict[str, Any]) -> str | None:
+    """The URL (a data: URL or http(s)) of an image content block in any of LangChain's shapes: OpenAI's
+    `image_url` (a dict or a string), the standard `image` block with `url`, or with `base64` / `data` + `mime_type`;
+    None for a block that is no image."""
+    kind = block.get("type")
+    if kind == "image_url":
+        value = block.get("image_url")
+        return str(value.get("url", "")) if isinstance(value, dict) else str(value or "")
+    if kind != "image":
+        return None
+    if block.get("url"):
+        return str(block["url"])
+    data = block.get("base64") or (block.get("data") if block.get("source_type", "base64") == "base64" else None)
+    return f"data:{block.get('mime_type') or 'image/png'};base64,{data or ''}"
+
+
+def to_engine_messages(messages: list[BaseMessage], read_image: ImageReader | None = None) -> list[Message]:
+    """LangChain messages → the role/content dicts the chat template takes. Image blocks go through read_image
+    (ChatSelfLLM's: checked and decoded by media.py) into a list content of text and image parts; without a
+    reader, or in text-only content, only the text is kept."""
     out: list[Message] = []
+    images = 0
     for message in messages:
         if isinstance(message, ChatMessage):
             role = message.role
@@ -65,6 +89,16 @@ def to_engine_messages(messages: list[BaseMessage]) -> list[Message]:
             if role is None:
                 raise ValueError(f"unsupported message type {type(message).__name__}")
         item: Message = {"role": role, "content": message_text(message)}
+        blocks = [] if isinstance(message.content, str) else [b for b in message.content if isinstance(b, dict)]
+        if read_image is not None and any(image_url(b) is not None for b in blocks):
+            parts: list[dict[str, Any]] = []
+            for block in message.content:
+                if isinstance(block, str) or block.get("type") == "text":
+                    parts.append({"type": "text", "text": block if isinstance(block, str) else str(block.get("text", ""))})
+                elif image_url(block) is not None:
+                    images += 1
+                    parts.append({"type": "image", "image": read_image(role, block, images)})
+            item["content"] = parts
         if isinstance(message, AIMessage) and message.tool_calls:
             item["tool_calls"] = [{"id": call.get("id") or "", "type": "function", "function": {
                 "name": call["name"], "arguments": json.dumps(call["args"], ensure_ascii=False)}}
@@ -150,13 +184,24 @@ class ChatSelfLLM(BaseChatModel):
             tools=overrides.get("tools") or None,
         )
 
+    def _read_image(self, role: str, block: dict[str, Any], number: int) -> Any:
+        """An image block, held to the family's limits (MEDIA_* settings); ValueError in plain words (a text-only
+        family, a checkpoint without a vision tower, too many, undecodable, too large)."""
+        media = self.engine.context.settings(MediaSettings)
+        try:
+            check_media(self.engine.family, self.engine.takes_images, type(self.engine.model).__name__, "image", role,
+                        number, media.media_max_images)
+            return load_image(image_url(block) or "", media)
+        except MediaError as exc:
+            raise ValueError(f"image {number} ({role} message): {exc}") from None
+
     def _response_metadata(self, completion: Completion) -> dict[str, Any]:
         return {"model_name": self.engine.model_name, "finish_reason": completion.finish_reason}
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         params = self._params(stop, kwargs)
-        completion = self.engine.generate(to_engine_messages(messages), params)
+        completion = self.engine.generate(to_engine_messages(messages, self._read_image), params)
         extra = {"reasoning_content": completion.reasoning} if completion.reasoning else {}
         content, calls = completion.text, []
         spec = self.engine.family.tool_calls
@@ -175,7 +220,7 @@ class ChatSelfLLM(BaseChatModel):
         spec = self.engine.family.tool_calls
         calls_stream = (ToolCallStream(spec, tool_names(params.tools), tool_parameters(params.tools))
                         if params.tools and spec is not None else None)
-        for piece in self.engine.stream(to_engine_messages(messages), params):
+        for piece in self.engine.stream(to_engine_messages(messages, self._read_image), params):
             if isinstance(piece, Completion):
                 if calls_stream is not None:
                     rest, calls = calls_stream.finish()

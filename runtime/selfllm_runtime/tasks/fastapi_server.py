@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..access import warn_if_exposed
@@ -75,7 +76,7 @@ def history_to_messages(history: list[tuple[Any, Any] | HistoryMessage]) -> list
 
 def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
     """settings: default resolved from the environment and the recipe (settings.py)."""
-    from fastapi import FastAPI
+    from fastapi import FastAPI, HTTPException
     from fastapi.concurrency import run_in_threadpool
 
     recipe = engine.context.recipe
@@ -89,12 +90,17 @@ def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
     @app.post("/", response_model=LegacyResponse, response_model_exclude_none=True, responses={
         400: {"model": LegacyError, "description": "The body is not parseable"},
         401: {"model": ErrorResponse, "description": "Missing or wrong API key (when the server has one)"},
+        500: {"model": LegacyError, "description": "The chat template could not render the messages"},
         503: {"model": LegacyError, "description": "The engine's queue is full (see Retry-After)"}})
     async def legacy_chat(body: LegacyRequest) -> LegacyResponse:
         messages = history_to_messages(body.history)
         messages.append({"role": "user", "content": body.prompt})
         params = engine.params(max_new_tokens=body.max_length, temperature=body.temperature, top_p=body.top_p)
-        completion = await run_in_threadpool(engine.generate, messages, params)
+        try:
+            completion = await run_in_threadpool(engine.generate, messages, params)
+        except TemplateError as exc:  # as /v1 answers it: the server's template, named, not a traceback
+            raise HTTPException(500, f"this server's chat template ({engine.chat_template.source}) could not "
+                                f"render the messages: {exc}") from None
         pairs_style = not body.history or isinstance(body.history[0], tuple)
         turn: list[Any] = ([[body.prompt, completion.text]] if pairs_style else
                            [{"role": "user", "content": body.prompt}, {"role": "assistant", "content": completion.text}])

@@ -16,6 +16,13 @@
   `tool_choice`: "auto" (default), "none" (tools are neither shown nor parsed), "required" or a named
   function (only that function is shown). Decoding is not constrained: when the model writes no
   call, its answer is returned as it is. Families without tool support answer 400 (param `tools`);
+- images for a family that takes them (model.yaml `modalities`, a checkpoint with a vision tower): `image_url`
+  parts in user messages and in assistant history, several a turn, read by media.py (data: URLs, http(s) within
+  limits, MEDIA_* settings) and turned into the model's inputs by the family's processor (ChatEngine.encode);
+  `usage.prompt_tokens` counts the image tokens. Media a family doesn't take (`video_url` is never read here), an
+  image that can't be read or decoded, one too large or too many: 400 naming the message and part
+  (`messages[1].content[2]: ...`). The OpenAPI document shows image parts and `reasoning_effort` only where the
+  family takes them (family_openapi); the request schema itself lives in openai_schema.py;
 - errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` under /v1 (bad JSON,
   wrong types, empty `messages`, out-of-range `max_tokens`, unknown model), other routes keep
   FastAPI's default answers;
@@ -39,336 +46,29 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from ..access import bearer_token, keys_match
 from ..batching import EngineBusy
-from ..continuous import SeedUnsupported
-from ..chat_engine import ChatEngine, Completion, GenerationParams, Message
+from ..chat_engine import ChatEngine, Completion, GenerationParams, Message, PromptImagesError
+from ..continuous import ContinuousUnsupported
+from ..media import MediaError, check_media, load_image
+from ..metadata import ModelFamily
 from ..model_source import served_names
 from ..settings import FastapiSettings
 from ..tool_calls import ToolCallStream, parse_tool_calls, tool_names, tool_parameters
+from .openai_schema import (  # noqa: F401 - whole_number, ErrorResponse: imported from here by fastapi_server
+    SSE_EVENT, ChatCompletion, ChatCompletionRequest, ErrorResponse, ImagePart, ModelCard, ModelList,
+    NamedToolChoice, OpenAIError, TextPart, error_body, error_responses, internal_error_message, new_request_id,
+    whole_number, describe_validation_errors,
+)
 
 log = logging.getLogger("selfllm.openai")
 
 DEFAULT_MAX_TOKENS = 4096  # when a request gives none (capped by what the context has left)
-MAX_STOP_STRINGS = 16
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-# apply_chat_template's own arguments: a chat_template_kwargs entry may not collide with them
-RESERVED_TEMPLATE_KWARGS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-})
-
-
-# ----------------------------------------------------------------------------- errors
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def new_request_id() -> str:
-    return f"req-{uuid.uuid4().hex[:16]}"
-
-
-def internal_error_message(request_id: str) -> str:
-    """What a client sees of a crash: no exception text (it may hold paths, prompts or settings)."""
-    return f"internal server error (request id {request_id}; the server's log has the details)"
-
-
-def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
-    """('field: problem; ...', first param) from pydantic/FastAPI validation errors."""
-    parts: list[str] = []
-    param: str | None = None
-    for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        if err.get("type") == "json_invalid":
-            ctx = err.get("ctx") or {}
-            parts.append(f"the body is not valid JSON ({ctx.get('error', 'parse error')})")
-            continue
-        if err.get("type") == "missing" and not loc:
-            parts.append("the request needs a JSON body")
-            continue
-        if not loc and err.get("type") in {"model_attributes_type", "dict_type"}:
-            parts.append("the body must be a JSON object sent with Content-Type: application/json")
-            continue
-        where = ".".join(loc)
-        param = param or (loc[0] if loc else None)
-        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
-    return "; ".join(parts) or "invalid request", param
-
-
-# ----------------------------------------------------------------------------- request schema
-
-def whole_number(value: Any) -> Any:
-    """78.0 → 78 before a strict int field: a whole float is a JSON Schema integer (and "78" or true,
-    which pydantic's lax int would convert, are not)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-class RequestPart(BaseModel):
-    """A part of a request body: keys this server does not know are ignored, as OpenAI's API does."""
-
-    model_config = ConfigDict(extra="ignore")
-
-
-class TextPart(RequestPart):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(RequestPart):
-    """A system, developer, user or tool message: content is required."""
-
-    role: Literal["system", "developer", "user", "tool"]
-    content: str | list[TextPart]
-    name: str | None = None
-    tool_call_id: str | None = Field(None, description="a tool message: the id of the call it answers")
-
-    def to_engine(self) -> Message:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        message: Message = {"role": "system" if self.role == "developer" else self.role, "content": text}
-        if self.role == "tool" and self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        return message
-
-
-class FunctionCallIn(RequestPart):
-    name: str = Field(min_length=1)
-    arguments: str = Field(description="the arguments as a JSON object, in text (as OpenAI returns them)")
-
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, value: str) -> str:
-        try:
-            decoded = json.loads(value)
-        except ValueError:
-            decoded = None
-        if not isinstance(decoded, dict):
-            raise ValueError("must be a JSON object in a string, e.g. '{\"city\": \"Paris\"}'")
-        return value
-
-
-class ToolCallIn(RequestPart):
-    """A call of an earlier assistant turn."""
-
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: FunctionCallIn
-
-
-class AssistantMessage(ChatMessage):
-    """An assistant turn may come without content (as OpenAI's tool-call turns)."""
-
-    role: Literal["assistant"]
-    content: str | list[TextPart] | None = None
-    tool_calls: list[ToolCallIn] | None = None
-
-    def to_engine(self) -> Message:
-        message = super().to_engine()
-        if self.tool_calls:  # only then: Llama's template tests `'tool_calls' in message`
-            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
-        return message
-
-
-def message_kind(value: Any) -> str:
-    role = value.get("role") if isinstance(value, dict) else getattr(value, "role", None)
-    return "assistant" if role == "assistant" else "other"
-
-
-# A callable discriminator: the schema's oneOf carries no role mapping (schemathesis would pin the
-# many roles of ChatMessage to one), and errors still name one branch ("messages.0.other.content").
-AnyMessage = Annotated[Annotated[ChatMessage, Tag("other")] | Annotated[AssistantMessage, Tag("assistant")],
-                       Discriminator(message_kind)]
-
-
-class FunctionSpec(RequestPart):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments")
-    strict: bool | None = Field(None, strict=True)
-
-
-class ToolSpec(RequestPart):
-    type: Literal["function"]
-    function: FunctionSpec
-
-
-class FunctionName(RequestPart):
-    name: str
-
-
-class NamedToolChoice(RequestPart):
-    type: Literal["function"]
-    function: FunctionName
-
-
-class StreamOptions(RequestPart):
-    include_usage: bool = Field(False, strict=True)
-
-
-class ChatCompletionRequest(RequestPart):
-    """The subset of OpenAI's chat-completions body this server honours; unknown fields are ignored.
-    Numbers and booleans are strict, as OpenAI's: "0.5", true or "yes" where a number or a boolean
-    belongs is a 400, not silently converted."""
-
-    model: str | None = None
-    messages: list[AnyMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, strict=True)
-    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
-    temperature: float | None = Field(None, ge=0, le=2, strict=True)
-    top_p: float | None = Field(None, gt=0, le=1, strict=True)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64, strict=True)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    stream: bool = Field(False, strict=True)
-    stream_options: StreamOptions | None = None
-    # what this server supports, documented; the validator below rejects the rest with its reason
-    n: int = Field(1, ge=1, strict=True, json_schema_extra={"maximum": 1})
-    logprobs: bool | None = Field(None, strict=True, json_schema_extra={"enum": [False, None]})
-    tools: Annotated[list[ToolSpec], Field(max_length=128)] | None = Field(
-        None, description="functions the model may call; 400 (param `tools`) for a family without tool calling")
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    enable_thinking: bool | None = Field(None, strict=True)
-    reasoning_effort: str | None = Field(
-        None, min_length=1, max_length=32, description="OpenAI's reasoning effort (gpt-oss: low / medium / high); "
-        "400 (param `reasoning_effort`) for a family without it or a level it does not know")
-    chat_template_kwargs: dict[str, Any] | None = None
-
-    _whole_numbers = field_validator("max_tokens", "max_completion_tokens", "seed", "n", mode="before")(whole_number)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        return [s for s in stops if s]
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _safe_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        clash = sorted(set(value or {}) & RESERVED_TEMPLATE_KWARGS)
-        if clash:
-            raise ValueError(f"keys {clash} are reserved by the chat template call")
-        return value
-
-    @model_validator(mode="after")
-    def _supported(self) -> ChatCompletionRequest:
-        if self.n != 1:
-            raise ValueError("n > 1 is not supported by this server")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by this server")
-        return self
-
-    def template_kwargs(self, thinking_kwarg: str | None) -> dict[str, Any]:
-        kwargs = dict(self.chat_template_kwargs or {})
-        if self.enable_thinking is not None:  # vLLM-style top-level switch; wins over chat_template_kwargs
-            kwargs[thinking_kwarg or "enable_thinking"] = self.enable_thinking
-        return kwargs
-
-
-# ----------------------------------------------------------------------------- response schema (OpenAPI docs)
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every error under /v1 (and the API key's 401 on any route), as OpenAI answers them."""
-
-    error: ErrorDetail
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    root: str
-    parent: str | None
-    max_model_len: int
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class FunctionCallOut(BaseModel):
-    name: str
-    arguments: str
-
-
-class ToolCallOut(BaseModel):
-    id: str
-    type: Literal["function"]
-    function: FunctionCallOut
-
-
-class AnswerMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str | None = Field(description="null when the answer is tool calls only")
-    reasoning_content: str | None
-    tool_calls: list[ToolCallOut]
-
-
-class Choice(BaseModel):
-    index: int
-    logprobs: None
-    finish_reason: Literal["stop", "length", "tool_calls"]
-    message: AnswerMessage
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    system_fingerprint: str | None
-    choices: list[Choice]
-    usage: Usage
-
-
-# One server-sent event of a stream (OpenAPI 3.1: a text/event-stream schema describes each event).
-SSE_EVENT: dict[str, Any] = {
-    "type": "object", "required": ["data"],
-    "properties": {"data": {"type": "string", "contentMediaType": "application/json",
-                            "description": "a chat.completion.chunk, an in-band error object, or [DONE] last"},
-                   "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}},
-}
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` of a /v1 route: the given statuses, and any other 4xx (405...), in OpenAI's error
-    shape (a "4XX" entry also keeps FastAPI from documenting a 422 that /v1 never answers)."""
-    meaning = {400: "Invalid request (wrong types, out-of-range values, context length exceeded)",
-               401: "Missing or wrong API key (when the server has one)", 404: "Unknown model",
-               503: "The engine's queue is full (see Retry-After)",
-               500: "The server failed (e.g. its chat template could not render the messages)"}
-    return {**{status: {"model": ErrorResponse, "description": meaning[status]} for status in statuses},
-            "4XX": {"model": ErrorResponse, "description": "Other client errors"}}
 
 
 # ----------------------------------------------------------------------------- the API
@@ -377,7 +77,7 @@ class OpenAIChat:
     """Request → engine parameters → OpenAI-shaped answers, for one engine."""
 
     def __init__(self, engine: ChatEngine, settings: FastapiSettings):
-        self.engine = engine
+        self.engine, self.settings = engine, settings
         context = engine.context
         names = served_names(context.recipe, context.family, settings, settings.served_model_name)
         self.served_name = names[0]
@@ -419,9 +119,45 @@ class OpenAIChat:
                                   param="tool_choice")
         return tools
 
+    def engine_messages(self, body: ChatCompletionRequest) -> list[Message]:
+        """The messages as the engine takes them: text joined; a message with images gets a list content of text
+        and image parts in order. 400 naming the message and part for media the family doesn't take, one in a
+        role whose turn shows none, one that can't be read or decoded, or more images than MEDIA_MAX_IMAGES."""
+        family, images = self.engine.family, 0
+        messages = []
+        for number, message in enumerate(body.messages):
+            engine_message = message.to_engine()
+            media = message.media_parts()
+            for index, part in media:
+                images += 1
+                try:
+                    check_media(family, self.engine.takes_images, type(self.engine.model).__name__,
+                                "image" if isinstance(part, ImagePart) else "video", message.role, images,
+                                self.settings.media_max_images)
+                except MediaError as exc:
+                    raise self.media_error(f"messages[{number}].content[{index}]", str(exc)) from None
+            if media:
+                engine_message["content"] = [self.content_part(number, index, part)
+                                             for index, part in enumerate(message.content or [])]
+            messages.append(engine_message)
+        return messages
+
+    def content_part(self, number: int, index: int, part: Any) -> dict[str, Any]:
+        if isinstance(part, TextPart):
+            return {"type": "text", "text": part.text}
+        try:
+            return {"type": "image", "image": load_image(part.image_url.url, self.settings)}
+        except MediaError as exc:
+            raise self.media_error(f"messages[{number}].content[{index}]", str(exc)) from None
+
+    @staticmethod
+    def media_error(where: str, reason: str) -> OpenAIError:
+        return OpenAIError(400, f"{where}: {reason}", param=where.replace("[", ".").replace("]", ""),
+                           code="invalid_media")
+
     def prepare(self, body: ChatCompletionRequest) -> tuple[list[Message], GenerationParams, int]:
         """Engine messages and parameters; 400 when the template fails or the context is too short."""
-        messages = [m.to_engine() for m in body.messages]
+        messages = self.engine_messages(body)
         template_kwargs = body.template_kwargs(self.thinking_kwarg)
         try:  # OpenAI's field; wins over chat_template_kwargs
             template_kwargs.update(self.engine.family.effort_kwargs(body.reasoning_effort))
@@ -429,12 +165,14 @@ class OpenAIChat:
             raise OpenAIError(400, str(exc), param="reasoning_effort") from None
         tools = self.tools(body)
         try:
-            prompt = self.engine.format_prompt(messages, template_kwargs, tools)
+            prompt = self.engine.encode(messages, template_kwargs, tools)
+        except PromptImagesError as exc:
+            raise OpenAIError(400, str(exc), param="messages", code="invalid_media") from None
         except TemplateError as exc:  # raise_exception in the template, or a template that does not parse
             log.warning("the chat template (%s) failed: %s", self.engine.chat_template.describe(), exc)
             raise OpenAIError(500, f"this server's chat template ({self.engine.chat_template.source}) could not "
                               f"render the messages: {exc}", "server_error", code="chat_template_error") from None
-        prompt_tokens = len(self.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        prompt_tokens = len(prompt.ids)
         room = self.max_model_len - prompt_tokens
         asked = body.max_completion_tokens or body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
@@ -518,6 +256,36 @@ class OpenAIChat:
             if close is not None:
                 close()
         yield "data: [DONE]\n\n"
+
+
+def family_openapi(document: dict[str, Any], family: ModelFamily, takes_images: bool) -> dict[str, Any]:
+    """The OpenAPI document as this family's server answers it: image parts only where the loaded model reads
+    images, video parts nowhere (this server reads none: 400 naming the part), `reasoning_effort` only for a
+    family with levels, as the enum of its levels. The request model itself takes them all, so what is not
+    advertised gets a plain 400 rather than a schema error."""
+    schemas = document.get("components", {}).get("schemas", {})
+    shown = {"TextPart", *(["ImagePart"] if takes_images else [])}
+    for name in ("ChatMessage", "AssistantMessage"):
+        for branch in schemas.get(name, {}).get("properties", {}).get("content", {}).get("anyOf", []):
+            items = branch.get("items") if isinstance(branch, dict) else None
+            if not isinstance(items, dict) or "oneOf" not in items:
+                continue
+            refs = [ref for ref in items["oneOf"] if ref.get("$ref", "").rsplit("/", 1)[-1] in shown]
+            mapping = {tag: ref for tag, ref in items.get("discriminator", {}).get("mapping", {}).items()
+                       if ref.rsplit("/", 1)[-1] in shown}
+            branch["items"] = refs[0] if len(refs) == 1 else {**items, "oneOf": refs,
+                                                              "discriminator": {"propertyName": "type", "mapping": mapping}}
+    for name in ("VideoPart", "VideoUrl", *([] if takes_images else ["ImagePart", "ImageUrl"])):
+        schemas.pop(name, None)
+    request = schemas.get("ChatCompletionRequest", {}).get("properties", {})
+    effort = family.reasoning_effort
+    if effort is None:
+        request.pop("reasoning_effort", None)
+    elif "reasoning_effort" in request:
+        request["reasoning_effort"] = {"anyOf": [{"type": "string", "enum": list(effort.choices)}, {"type": "null"}],
+                                       "title": "Reasoning Effort",
+                                       "description": f"OpenAI's reasoning effort: {', '.join(effort.choices)}"}
+    return document
 
 
 class ApiKeyMiddleware:
@@ -605,6 +373,14 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
         return chat.response(model, completion, params.tools)
 
     app.include_router(router)
+    full_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = family_openapi(full_openapi(), engine.family, engine.takes_images)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     def is_v1(request: Request) -> bool:
         return request.url.path == "/v1" or request.url.path.startswith("/v1/")
@@ -635,9 +411,10 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
         body = error_body(str(exc), "server_error", code="server_busy") if is_v1(request) else {"detail": str(exc)}
         return JSONResponse(body, status_code=503, headers=headers)
 
-    async def on_no_seed(request: Request, exc: Exception) -> Any:
-        """A seed while continuous batching is on (continuous.py): the client's request, not a crash."""
-        return JSONResponse(error_body(str(exc), param="seed"), status_code=400)
+    async def on_continuous_unsupported(request: Request, exc: Exception) -> Any:
+        """A seed or images while continuous batching is on (continuous.py): the client's request, not a crash."""
+        assert isinstance(exc, ContinuousUnsupported)
+        return JSONResponse(error_body(str(exc), param=exc.param), status_code=400)
 
     async def on_crash(request: Request, exc: Exception) -> Any:
         request_id = new_request_id()
@@ -649,7 +426,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
 
     app.add_exception_handler(OpenAIError, on_openai_error)
     app.add_exception_handler(EngineBusy, on_busy)
-    app.add_exception_handler(SeedUnsupported, on_no_seed)
+    app.add_exception_handler(ContinuousUnsupported, on_continuous_unsupported)
     app.add_exception_handler(Exception, on_crash)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -15,7 +15,8 @@ import streamlit as st
 from selfllm_runtime.access import keys_match
 from selfllm_runtime.chat_engine import ChatEngine, Completion, Message
 from selfllm_runtime.context import RecipeContext, load_context
-from selfllm_runtime.settings import WebdemoSettings
+from selfllm_runtime.media import MediaError, check_media, decode_image, mebibytes
+from selfllm_runtime.settings import MediaSettings, WebdemoSettings
 from selfllm_runtime.tasks.webdemo import MAX_LENGTH, TEMPERATURE, TOP_P, Slider, generation_params, page_inputs
 
 THINKING_LABEL = "思考过程 / Thinking"
@@ -68,8 +69,40 @@ def login_gate(expected: str) -> None:
     st.stop()
 
 
+IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "gif", "bmp"]
+
+
+def read_uploads(files: list, role: str, earlier: int) -> list:
+    """The chat input's uploaded images, checked as the API checks them (media.py: the family's limits, MEDIA_*);
+    MediaError in plain words."""
+    media = context.settings(MediaSettings)
+    images = []
+    for number, upload in enumerate(files, start=earlier + 1):
+        check_media(context.family, engine.takes_images, type(engine.model).__name__, "image", role, number,
+                    media.media_max_images)
+        data = upload.getvalue()
+        if len(data) > media.media_max_image_bytes:
+            raise MediaError(f"{upload.name} is {mebibytes(len(data))}, above the limit of "
+                             f"{mebibytes(media.media_max_image_bytes)} (MEDIA_MAX_IMAGE_BYTES)")
+        try:
+            images.append(decode_image(data, media.media_max_image_pixels))
+        except MediaError as exc:
+            raise MediaError(f"{upload.name}: {exc}") from None
+    return images
+
+
+def engine_message(message: dict) -> Message:
+    """A page message as the engine takes it: with images, a list content of the images, then the text."""
+    if not message.get("images"):
+        return {"role": message["role"], "content": message["content"]}
+    return {"role": message["role"], "content": [*({"type": "image", "image": image} for image in message["images"]),
+                                                 {"type": "text", "text": message["content"]}]}
+
+
 def show_message(message: dict) -> None:
     with st.chat_message(message["role"]):
+        for image in message.get("images") or []:
+            st.image(image, width=240)
         if message.get("reasoning"):
             with st.expander(THINKING_LABEL):
                 st.markdown(message["reasoning"])
@@ -112,10 +145,23 @@ with st.sidebar:
 for past in st.session_state.messages:
     show_message(past)
 
-if prompt := st.chat_input("输入消息… / Type a message…"):
-    history: list[Message] = [{"role": m["role"], "content": m["content"]} for m in st.session_state.messages]
-    history.append({"role": "user", "content": prompt})
-    st.session_state.messages.append({"role": "user", "content": prompt})
+# A model that reads images (model.yaml modalities; a checkpoint with a vision tower): the chat input takes them too.
+submitted = st.chat_input("输入消息，可附图片… / Type a message, attach images…" if engine.takes_images else
+                          "输入消息… / Type a message…", accept_file="multiple" if engine.takes_images else False,
+                          file_type=IMAGE_TYPES if engine.takes_images else None)
+prompt, uploads = (submitted, []) if isinstance(submitted, str) or submitted is None else (submitted.text, submitted.files)
+pictures: list = []
+if uploads:
+    earlier = sum(len(m.get("images") or []) for m in st.session_state.messages)
+    try:
+        pictures = read_uploads(list(uploads), "user", earlier)
+    except MediaError as exc:
+        st.error(f"图片未发送 / Images not sent: {exc}")
+        prompt = None
+if prompt or pictures:
+    turn = {"role": "user", "content": prompt or "", "images": pictures}
+    history: list[Message] = [engine_message(m) for m in [*st.session_state.messages, turn]]
+    st.session_state.messages.append(turn)
     show_message(st.session_state.messages[-1])
     params = generation_params(context, max_length, temperature, top_p, thinking)
     with st.chat_message("assistant"):
