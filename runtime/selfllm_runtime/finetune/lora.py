@@ -27,6 +27,8 @@ RESULT_PREFIX = "SELFLLM_RESULT "  # one JSON line per action, parsed by smoke c
 RUN_INFO = "selfllm_lora.json"  # beside the adapter: how it was trained (infer/merge reuse it)
 MAX_DATA_URL_BYTES = 256 * 2**20  # a DATA_URL larger than this is refused (mount bigger data: DATA_PATH)
 DATA_URL_SCHEMES = ("http", "https")
+# A checkpoint's processor files besides the tokenizer's, which merge copies from the base into the merged folder.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def emit_result(action: str, **fields: Any) -> dict[str, Any]:
@@ -375,6 +377,9 @@ def merge(context: RecipeContext, model_dir: Path, adapter_dir: Path, out_dir: P
     merged.save_pretrained(str(out_dir))
     load_tokenizer(context, Path(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file()
                    else model_dir).save_pretrained(str(out_dir))
+    for name in PROCESSOR_FILES:  # an image family's processor (the engine loads it from the model folder)
+        if (Path(model_dir) / name).is_file():
+            shutil.copyfile(Path(model_dir) / name, out_dir / name)
     if (Path(adapter_dir) / RUN_INFO).is_file():
         (out_dir / RUN_INFO).write_bytes((Path(adapter_dir) / RUN_INFO).read_bytes())
     print(f"merged model saved to {out_dir}", flush=True)
