@@ -89,7 +89,7 @@ def recipe_credits(recipes_root: Path) -> list[Credit]:
     skipped with a warning naming the file and field, and the others still count. Recipes credited
     to the project itself (no upstream tutorial) give nobody points.
     """
-    from selfllm_runtime.metadata import PROJECT_CREDIT, MetadataError, TaskKind, load_recipe
+    from selfllm_runtime.metadata import PROJECT_CREDIT, MetadataError, kind_info, load_recipe
 
     credits: list[Credit] = []
     for path in sorted(recipes_root.glob("*/*/recipe.yaml")) if recipes_root.is_dir() else []:
@@ -98,7 +98,7 @@ def recipe_credits(recipes_root: Path) -> list[Credit]:
         except MetadataError as exc:
             warn(f"skipping {_one_line(exc)}")
             continue
-        points = task_points(recipe.task is TaskKind.lora)
+        points = task_points(kind_info(recipe.task).weights == "fp32")  # a fine-tuning kind (lora)
         credits.extend((name, points, str(path)) for name in recipe.contributors if name != PROJECT_CREDIT)
     return credits
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from selfllm_runtime.metadata import MetadataError, TaskKind
+from selfllm_runtime.metadata import MetadataError, TaskKind, kind_info
 
 from . import catalogue
 from .build import BuildError, BuildResult, build_node
@@ -67,8 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("command", nargs="?", choices=["matrix", "lock", "list", "generate", "new", "catalogue", "publish"],
                    default="matrix")
     p.add_argument("family", nargs="?", metavar="MODEL", help="new: the family folder under recipes/ (model.yaml written)")
-    p.add_argument("--tasks", nargs="+", choices=[t.value for t in TaskKind], default=[t.value for t in TaskKind],
-                   help="new: the task kinds to scaffold (default: all five)")
+    p.add_argument("--tasks", nargs="+", choices=[t.value for t in TaskKind],
+                   default=[t.value for t in TaskKind if kind_info(t).every_family],
+                   help="new: the task kinds to scaffold (default: the kinds every family has, task.yaml kind.every_family)")
     p.add_argument("--only", action="append", default=[], metavar="MODEL[/TASK]", help="select recipes (repeatable)")
     p.add_argument("--changed-since", metavar="GIT_REF", help="only recipes whose inputs changed since GIT_REF")
     p.add_argument("--base", choices=["auto", "official", "local"], default="auto",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from selfllm_runtime.metadata import (
     MODEL_FILE,
+    task_kind_names,
     RECIPE_FILE,
     MetadataError,
     ModelFamily,
@@ -83,7 +84,12 @@ def load_metadata(task_dir: Path, tasks_dir: Path = TASKS_DIR) -> tuple[Recipe, 
         raise MetadataError(task_dir / RECIPE_FILE, "model", f"{recipe.model!r} must equal its folder {model_dir.name!r}")
     if recipe.task.value != task_dir.name:
         raise MetadataError(task_dir / RECIPE_FILE, "task", f"{recipe.task.value!r} must equal its folder {task_dir.name!r}")
-    return recipe, load_family(model_dir)
+    family = load_family(model_dir)
+    unknown = sorted(family.task_names() - set(task_kind_names(tasks_dir)))
+    if unknown:
+        raise MetadataError(model_dir / MODEL_FILE, "vram_gb / contributors",
+                            f"{', '.join(map(repr, unknown))}: no such task kind (the folders of {tasks_dir})")
+    return recipe, family
 
 
 def load_spec(task_dir: Path, tasks_dir: Path = TASKS_DIR) -> RecipeSpec:

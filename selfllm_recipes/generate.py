@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from selfllm_runtime.metadata import PROJECT_CREDIT, QUANTIZATIONS, MetadataError, ModelFamily, Recipe, TaskKind
+from selfllm_runtime.metadata import (PROJECT_CREDIT, QUANTIZATIONS, MetadataError, ModelFamily, Recipe, TaskKind,
+                                      kind_info)
 from selfllm_runtime.settings import settings_table
 from selfllm_runtime.model_source import upstream_names
 from selfllm_runtime.tasks.vllm_server import mm_limits
@@ -56,14 +57,10 @@ def lock_names(recipe: Recipe) -> list[str]:
     return [LOCK_FILE] + ([recipe.cpu_variant.lock] if recipe.cpu_variant else [])
 
 
-TASK_HEADINGS = {TaskKind.fastapi: "FastAPI", TaskKind.webdemo: "WebDemo", TaskKind.langchain: "LangChain",
-                 TaskKind.lora: "LoRA", TaskKind.vllm: "vLLM"}
-
-
 def vram_table(family: ModelFamily, task: TaskKind, lang: str) -> str:
     """The family's VRAM table (GB): a row per QUANTIZATION, a column per task kind, this recipe's in bold."""
     bf16 = "（bf16）" if lang == "zh" else " (bf16)"
-    head = ["`QUANTIZATION`"] + [f"**{TASK_HEADINGS[t]}**" if t is task else TASK_HEADINGS[t] for t in TaskKind]
+    head = ["`QUANTIZATION`"] + [f"**{kind_info(t).heading}**" if t is task else kind_info(t).heading for t in TaskKind]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for quantization in QUANTIZATIONS:
         cells = [f"`{quantization}`" + (bf16 if quantization == "none" else "")]

@@ -5,15 +5,14 @@ changes: an edit of `finetune/lora.py` re-tests the lora recipes, an edit of `se
 `import` counts, also one inside a function (it runs when that path runs); besides imports, a module that names
 a sibling file in a string (`webdemo.py` starts `streamlit run webdemo_app.py`) needs that file, and a package's
 data folders (finetune/data/, lc/sample_docs/) go with the modules beside them. `selfllm` finds a task's module
-by name (cli.TASK_MODULES, importlib), so no task module imports another's."""
+by name (task.yaml `kind.module`, importlib), so no task module imports another's."""
 from __future__ import annotations
 
 import ast
 from functools import cache
 from pathlib import Path
 
-from selfllm_runtime.cli import TASK_MODULES
-from selfllm_runtime.metadata import TaskKind
+from selfllm_runtime.metadata import TaskKind, kind_info
 
 from .layout import RUNTIME_DIR
 
@@ -89,7 +88,7 @@ def _data_files(folder: Path) -> set[Path]:
 @cache
 def task_files(task: TaskKind) -> frozenset[Path]:
     """Every runtime file task kind `task` may run or read, from its entry points."""
-    entries = [PACKAGE_DIR / e for e in COMMON_ENTRIES] + [PACKAGE_DIR / "tasks" / f"{TASK_MODULES[task]}.py"]
+    entries = [PACKAGE_DIR / e for e in COMMON_ENTRIES] + [PACKAGE_DIR / "tasks" / f"{kind_info(task).module}.py"]
     seen: set[Path] = set()
     todo = list(entries)
     while todo:

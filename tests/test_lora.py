@@ -622,7 +622,7 @@ def test_two_processes_train_one_adapter_through_torchrun(tiny_model, tmp_path):
 def test_nproc_is_checked_and_launches_torchrun():
     from selfllm_runtime.context import load_context
     from selfllm_runtime.settings import SettingsError
-    from selfllm_runtime.tasks.lora import torchrun_argv
+    from selfllm_runtime.finetune.commands import torchrun_argv
 
     from selfllm_recipes.layout import RECIPES_DIR
 

@@ -12,8 +12,8 @@ import pytest
 from selfllm_recipes.layout import RECIPES_DIR, REPO_ROOT
 from selfllm_runtime import cli, settings
 from selfllm_runtime.context import load_context
-from selfllm_runtime.metadata import QUANTIZED_TASKS, TaskKind
-from selfllm_runtime.settings import (TASK_SETTINGS, AdapterSettings, EngineSettings, FastapiSettings, LoraSettings, ModelSettings,
+from selfllm_runtime.metadata import TaskKind, reads_quantization
+from selfllm_runtime.settings import (task_settings, AdapterSettings, EngineSettings, FastapiSettings, LoraSettings, ModelSettings,
                                       SettingsError, resolve)
 
 RUNTIME = REPO_ROOT / "runtime" / "selfllm_runtime"
@@ -26,7 +26,7 @@ def qwen3(task: str):
 
 def having(task: str, variable: str):
     """Qwen3's recipe of the task, or Gemma-3's where the setting exists only for a family that takes images."""
-    info = next(i for i in TASK_SETTINGS[TaskKind(task)].infos() if i.env == variable)
+    info = next(i for i in task_settings(TaskKind(task)).infos() if i.env == variable)
     context = qwen3(task)
     return load_context(RECIPES_DIR / "gemma3" / task) if settings.family_value(context.family, info.when) is None \
         and info.when else context
@@ -40,7 +40,7 @@ def with_recipe_env(context, **env: str):
 
 def infos_of(kind: str, type_: type) -> list[tuple[str, str]]:
     """(task, variable) of the task's settings of type_ (or type_ | None)."""
-    model = TASK_SETTINGS[TaskKind(kind)]
+    model = task_settings(TaskKind(kind))
     return [(kind, i.env) for i in model.infos()
             if type_ in (model.model_fields[i.field].annotation, *get_args(model.model_fields[i.field].annotation))]
 
@@ -111,7 +111,7 @@ def test_a_boolean_is_never_guessed(task, variable, text):
 
 @pytest.mark.parametrize("task,variable", BOOLEANS)
 def test_booleans_take_the_usual_words(task, variable):
-    field = next(i.field for i in TASK_SETTINGS[TaskKind(task)].infos() if i.env == variable)
+    field = next(i.field for i in task_settings(TaskKind(task)).infos() if i.env == variable)
     for text, value in (("1", True), ("YES", True), ("on", True), ("0", False), ("False", False), ("off", False)):
         assert getattr(having(task, variable).settings(env={variable: text}), field) is value
 
@@ -134,9 +134,9 @@ def test_out_of_range_values_are_refused(variable, text):
 def test_quantization_is_a_setting_of_exactly_the_tasks_that_load_through_bitsandbytes(task, monkeypatch):
     """QUANTIZATION exists where metadata says the task is quantized (the README's VRAM table reads that), takes
     none/4bit/8bit in any case, and refuses anything else by name."""
-    variables = {i.env for i in TASK_SETTINGS[TaskKind(task)].infos()}
-    assert ("QUANTIZATION" in variables) == (TaskKind(task) in QUANTIZED_TASKS)
-    if TaskKind(task) not in QUANTIZED_TASKS:
+    variables = {i.env for i in task_settings(TaskKind(task)).infos()}
+    assert ("QUANTIZATION" in variables) == reads_quantization(task)
+    if not reads_quantization(task):
         return
     assert qwen3(task).settings(env={}).quantization == "none"
     with pytest.raises(SettingsError, match="^QUANTIZATION='int4': Input should be 'none', '8bit' or '4bit'"):
@@ -172,7 +172,7 @@ def test_a_bad_recipe_value_names_where_it_came_from():
 # ----------------------------------------------------------------------------- selfllm start
 
 BAD_VALUE = {"fastapi": ("MAX_BATCH", "abc"), "webdemo": ("BATCHING", "dynamic"), "vllm": ("VLLM_ARGS", "--x 'open"),
-             "langchain": ("TOP_K", "three"), "lora": ("NUM_EPOCHS", "many")}
+             "langchain": ("TOP_K", "three"), "lora": ("NUM_EPOCHS", "many"), "grpo": ("NUM_GENERATIONS", "1")}
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -192,9 +192,10 @@ def test_selfllm_start_names_a_bad_setting_in_one_line_before_any_download(task,
 
 
 def test_selfllm_lora_train_names_a_bad_flag(monkeypatch, capsys):
+    from selfllm_runtime.finetune import commands
     from selfllm_runtime.tasks import lora
 
-    monkeypatch.setattr(lora, "resolve_model", lambda request: pytest.fail("fetched before checking the flags"))
+    monkeypatch.setattr(commands, "resolve_model", lambda request: pytest.fail("fetched before checking the flags"))
     code = lora.main(["train", "--enable-thinking", "maybe"], recipe=str(RECIPES_DIR / "qwen3" / "lora"))
     assert code == 2
     assert capsys.readouterr().err.strip() == (
@@ -206,7 +207,7 @@ def test_selfllm_lora_train_names_a_bad_flag(monkeypatch, capsys):
 def settings_read_outside_settings_py() -> list[str]:
     """Every `os.environ[...]`, `os.environ.get(...)`, `os.getenv(...)` or `env.get(...)` of a setting's
     variable in the runtime, except in settings.py."""
-    names = {name for model in TASK_SETTINGS.values() for i in model.infos() for name in (i.env, *i.aliases)}
+    names = {name for model in map(task_settings, TaskKind) for i in model.infos() for name in (i.env, *i.aliases)}
     found = []
     for path in RUNTIME.rglob("*.py"):
         if path.name == "settings.py":
@@ -234,7 +235,7 @@ def test_every_setting_is_in_the_recipe_readme_in_both_languages(recipe_dir):
     context = load_context(recipe_dir)
     readme = (recipe_dir / "README.md").read_text(encoding="utf-8")
     english = readme.index("# English")
-    for info in TASK_SETTINGS[context.recipe.task].infos():
+    for info in task_settings(context.recipe.task).infos():
         if info.when and settings.family_value(context.family, info.when) is None:
             assert f"| `{info.env}` |" not in readme
             continue
@@ -254,10 +255,24 @@ def test_the_tables_show_the_recipe_and_family_defaults():
         assert f"| `MODEL_ID` | `{context.recipe.default_model.modelscope}`" in readme
 
 
-def test_every_task_has_one_settings_model():
-    assert set(TASK_SETTINGS) == set(TaskKind)
-    assert all(issubclass(model, ModelSettings) for model in TASK_SETTINGS.values())
+def test_every_task_has_one_settings_model(tmp_path, monkeypatch):
+    assert len({task_settings(t) for t in TaskKind}) == len(TaskKind)
+    assert all(issubclass(model, ModelSettings) for model in map(task_settings, TaskKind))
     assert issubclass(FastapiSettings, EngineSettings)
+    # a task.yaml naming a class that is no settings model: one line naming the file and the field
+    import shutil
+
+    from selfllm_runtime import metadata
+    shutil.copytree(REPO_ROOT / "tasks" / "fastapi", tmp_path / "fastapi")
+    text = (tmp_path / "fastapi" / "task.yaml").read_text(encoding="utf-8")
+    (tmp_path / "fastapi" / "task.yaml").write_text(text.replace("settings: FastapiSettings", "settings: NoSuchSettings"))
+    monkeypatch.setenv("SELFLLM_TASKS_ROOT", str(tmp_path))
+    metadata.kind_info.cache_clear()
+    try:
+        with pytest.raises(metadata.MetadataError, match=r"fastapi/task.yaml: kind.settings: .NoSuchSettings. is no"):
+            task_settings(TaskKind.fastapi)
+    finally:
+        metadata.kind_info.cache_clear()
 
 
 def test_selfllm_settings_shows_each_value_and_its_layer(monkeypatch, capsys):

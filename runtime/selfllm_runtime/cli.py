@@ -6,7 +6,8 @@
   selfllm fetch-model                download the model into the cache and print its folder
   selfllm settings                   every setting of the task: its value and where it came from
   selfllm link RECIPE_DIR            native install's last step (runtime/bin/selfllm-install)
-  selfllm lora train|infer|merge     LoRA fine-tuning (selfllm lora -h)
+  selfllm lora train|infer|merge     LoRA fine-tuning (selfllm lora -h): a task kind's own command (task.yaml
+                                     `kind.command`), in that kind's images
   selfllm convert-gguf IN.gguf OUT   a GGUF file as a checkpoint folder (safetensors + tokenizer), for MODEL_PATH
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 import sysconfig
 import urllib.request
@@ -22,23 +24,17 @@ from pathlib import Path
 from .access import check_port_free
 from .chat_template import choose_chat_template
 from .context import RUNTIME_ROOT, RecipeContext, load_context
-from .metadata import MetadataError, TaskKind
+from .metadata import TASK_FILE, TASK_NAME, MetadataError, kind_info, tasks_root
 from .model_source import ModelNotFound, model_request, request_from_env, resolve_model
-from .settings import TASK_SETTINGS, AccessSettings, SettingsError, TemplateSettings, explain
+from .settings import AccessSettings, SettingsError, TemplateSettings, explain, task_settings
 
-TASK_MODULES = {
-    TaskKind.fastapi: "fastapi_server",
-    TaskKind.webdemo: "webdemo",
-    TaskKind.langchain: "langchain_app",
-    TaskKind.lora: "lora",
-    TaskKind.vllm: "vllm_server",
-}
-# Path probed by `selfllm health`; tasks without a server are healthy when the process runs.
-HEALTH_PATHS = {TaskKind.fastapi: "/health", TaskKind.vllm: "/health", TaskKind.webdemo: "/_stcore/health"}
+def task_module_name(task: str) -> str:
+    """selfllm_runtime.tasks.<module> of task kind `task` (its task.yaml `kind.module`)."""
+    return f"selfllm_runtime.tasks.{kind_info(task).module}"
 
 
 def task_module(context: RecipeContext):
-    return importlib.import_module(f"selfllm_runtime.tasks.{TASK_MODULES[context.recipe.task]}")
+    return importlib.import_module(task_module_name(context.recipe.task))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -46,16 +42,19 @@ def cmd_start(args: argparse.Namespace) -> int:
     settings = context.settings()  # every task setting is checked before anything is downloaded
     if isinstance(settings, AccessSettings):  # a server: its port must be free (PORT), before any download
         check_port_free(*settings.address(context.recipe))
+    module = task_module(context)
+    if hasattr(module, "before_download"):  # a task's own checks of what it reads besides the model (its data)
+        module.before_download(context, settings)
     model_dir = resolve_model(model_request(context.recipe, settings))
     if isinstance(settings, TemplateSettings):  # CHAT_TEMPLATE=checkpoint on one without: refused before loading
         choose_chat_template(context, model_dir, settings.chat_template)
-    task_module(context).run(context, model_dir, settings)
+    module.run(context, model_dir, settings)
     return 0
 
 
 def cmd_health(args: argparse.Namespace) -> int:
     context = load_context(args.recipe)
-    path = HEALTH_PATHS.get(context.recipe.task)
+    path = kind_info(context.recipe.task).health_path  # none: no server, healthy while the process runs
     if path is None:
         return 0
     host, port = context.settings().address(context.recipe)  # HOST, PORT as `selfllm start` read them
@@ -86,7 +85,7 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 def cmd_settings(args: argparse.Namespace) -> int:
     """The recipe's task settings as they would be used now (checked as `selfllm start` checks them)."""
     context = load_context(args.recipe)
-    rows = explain(TASK_SETTINGS[context.recipe.task], context.recipe, context.family)
+    rows = explain(task_settings(context.recipe.task), context.recipe, context.family)
     width = max(len(name) for name, _, _ in rows)
     print(f"# {context.recipe.model}/{context.recipe.task.value}: value (from flag > environment > recipe env: > "
           "model.yaml > default)")
@@ -123,16 +122,21 @@ def cmd_convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_lora(args: argparse.Namespace) -> int:
+def cmd_task(task: str, argv: list[str]) -> int:
+    """`selfllm <kind> ...`: the command of a task kind (task.yaml `kind.command`), its module's main(argv)."""
+    here = (tasks_root() / task / TASK_FILE).is_file() and kind_info(task).command is not None
+    name = task_module_name(task) if here else ""
     try:  # by name, as task_module: an image carries only its own task's runtime (selfllm_recipes/runtime_closure.py)
-        lora = importlib.import_module(f"selfllm_runtime.tasks.{TASK_MODULES[TaskKind.lora]}")
+        if not here:
+            raise ModuleNotFoundError(name=name)
+        module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        if exc.name != f"selfllm_runtime.tasks.{TASK_MODULES[TaskKind.lora]}":
+        if exc.name != name:
             raise
-        print(f"selfllm: error: `selfllm lora` is not in this image: it carries the runtime of its own task "
-              f"({image_task()}) only; use a lora recipe image (e.g. selfllm/qwen3-lora)", file=sys.stderr)
+        print(f"selfllm: error: `selfllm {task}` is not in this image: it carries the runtime of its own task "
+              f"({image_task()}) only; use a {task} recipe image (e.g. selfllm/qwen3-{task})", file=sys.stderr)
         return 2
-    return lora.main(args.args)
+    return module.main(argv)
 
 
 def image_task() -> str:
@@ -165,12 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("link", help="native install's last step (see runtime/bin/selfllm-install)")
     p.add_argument("recipe_dir")
     p.set_defaults(func=cmd_link)
-    p = sub.add_parser("lora", add_help=False, help="LoRA fine-tuning: train | infer | merge | sample-data")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_lora)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["lora"]:  # lora parses its own flags, so that `selfllm lora -h` shows them
-        return cmd_lora(argparse.Namespace(args=argv[1:]))
+    if argv and argv[0] not in sub.choices and re.match(TASK_NAME, argv[0]):
+        try:  # a task kind's own command (`selfllm lora train`): it parses its own flags, so `-h` shows them
+            return cmd_task(argv[0], argv[1:])
+        except MetadataError as exc:
+            print(f"selfllm: error: {exc}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     try:
         return args.func(args)

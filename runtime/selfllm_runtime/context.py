@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .metadata import ModelFamily, Recipe, chat_template_text, load_family, load_recipe
-from .settings import TASK_SETTINGS, TaskSettings, resolve
+from .metadata import ModelFamily, Recipe, chat_template_text, load_family, load_recipe, tasks_root
+from .settings import TaskSettings, resolve, task_settings
 
 RUNTIME_ROOT = Path(__file__).resolve().parent.parent  # runtime/ in the repo, /opt/selfllm/runtime in images
 DEFAULT_RECIPE_DIR = Path("/opt/recipe")
@@ -19,11 +19,6 @@ DEFAULT_RECIPE_DIR = Path("/opt/recipe")
 def recipes_root() -> Path:
     """recipes/ beside runtime/ (the repo checkout natively, /opt/selfllm/recipes in images)."""
     return Path(os.environ.get("SELFLLM_RECIPES_ROOT", RUNTIME_ROOT.parent / "recipes"))
-
-
-def tasks_root() -> Path:
-    """tasks/ beside runtime/: every task kind's defaults (/opt/selfllm/tasks in images)."""
-    return Path(os.environ.get("SELFLLM_TASKS_ROOT", RUNTIME_ROOT.parent / "tasks"))
 
 
 def checkpoint_architecture(model_dir: Path) -> str | None:
@@ -49,7 +44,7 @@ class RecipeContext:
     def settings(self, model: type[TaskSettings] | None = None, cli: Mapping[str, Any] | None = None,
                  env: Mapping[str, str] | None = None) -> Any:
         """This recipe's task settings (or another settings model's), resolved by settings.resolve."""
-        return resolve(model or TASK_SETTINGS[self.recipe.task], self.recipe, self.family, cli, env)
+        return resolve(model or task_settings(self.recipe.task), self.recipe, self.family, cli, env)
 
     def for_checkpoint(self, model_dir: Path) -> "RecipeContext":
         """This context with the family as it applies to the checkpoint in model_dir, picked by the class its

@@ -13,13 +13,15 @@ Only pydantic and PyYAML are imported here, so the host toolkit can validate wit
 from __future__ import annotations
 
 import math
+import os
 import re
 from enum import Enum
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
 
 MODEL_FILE = "model.yaml"
 RECIPE_FILE = "recipe.yaml"
@@ -32,16 +34,55 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TaskKind(str, Enum):
-    fastapi = "fastapi"
-    webdemo = "webdemo"
-    langchain = "langchain"
-    lora = "lora"
-    vllm = "vllm"
+def tasks_root() -> Path:
+    """tasks/ beside runtime/: every task kind's folder (/opt/selfllm/tasks in images, which hold their own kind's)."""
+    return Path(os.environ.get("SELFLLM_TASKS_ROOT", Path(__file__).resolve().parent.parent.parent / "tasks"))
 
 
-# Task kinds that read QUANTIZATION (settings.py; vLLM has its own `--quantization`, through VLLM_ARGS).
-QUANTIZED_TASKS = frozenset({TaskKind.fastapi, TaskKind.webdemo, TaskKind.langchain, TaskKind.lora})
+TASK_NAME = r"^[a-z][a-z0-9_]*$"
+
+
+class TaskKindInfo(Strict):
+    """task.yaml `kind:`: what the runtime and the toolkit need to know of a task kind, so that a new kind costs
+    one tasks/<kind>/ folder and one runtime module (plus its settings model and smoke check, found by name)."""
+
+    module: str = Field(pattern=r"^\w+$", description="runtime/selfllm_runtime/tasks/<module>.py: its start(context)")
+    settings: str = Field(pattern=r"^[A-Z]\w+Settings$", description="its settings model in settings.py, by name")
+    heading: str = Field(description="its column in the READMEs' VRAM table, e.g. LoRA")
+    label: str = Field(description="its name in the README's recipe table, e.g. LoRA 微调")
+    health_path: str | None = Field(None, pattern=r"^/", description="HTTP path `selfllm health` probes; none: no server")
+    quantization: bool = Field(False, description="reads QUANTIZATION (bitsandbytes 8bit/4bit)")
+    weights: Literal["bf16", "fp32", "shipped"] = Field(
+        "bf16", description="how it holds the weights it doesn't quantize: bf16; fp32 (training: QLoRA upcasts the "
+        "rest); shipped (an engine that loads the checkpoint's own format, e.g. gpt-oss's MXFP4)")
+    command: str | None = Field(None, description="help of a `selfllm <kind> ...` command its module's main(argv) "
+                                "runs (train | infer | merge ...); none: no such command")
+    every_family: bool = Field(True, description="every family has a recipe of this kind (`build_matrix.py new` "
+                               "writes it); false: only the families whose model.yaml credits an upstream tutorial of it")
+
+
+def task_kind_names(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / TASK_FILE).is_file() and re.match(TASK_NAME, p.name))
+
+
+# The task kinds: the folders of tasks/ (an image's tasks/ holds its own kind's only).
+TaskKind = Enum("TaskKind", [(name, name) for name in task_kind_names(tasks_root())], type=str, module=__name__)
+
+
+@cache
+def kind_info(task: str) -> TaskKindInfo:
+    """task.yaml `kind:` of task kind `task` (under tasks_root())."""
+    path = tasks_root() / getattr(task, "value", task) / TASK_FILE
+    defaults: TaskDefaults = _validate(TaskDefaults, path)
+    return defaults.kind
+
+
+def reads_quantization(task: str) -> bool:
+    """Task kinds that read QUANTIZATION (settings.py; vLLM has its own `--quantization`, through VLLM_ARGS)."""
+    return kind_info(task).quantization
+
 
 class ModelSource(str, Enum):
     modelscope = "modelscope"
@@ -291,18 +332,32 @@ class ParameterCount(Strict):
         return (self.total - self.unquantized) * WEIGHT_BYTES[quantization] + self.unquantized * full_bytes
 
 
-class VramNeeds(Strict):
-    """GPU memory a recipe needs in bf16, in GB: one number for every task, or per-task overrides."""
+class VramNeeds(RootModel[dict[str, float]]):
+    """GPU memory a recipe needs in bf16, in GB: `default` for every task, and per-task overrides by kind name."""
 
-    default: float = Field(gt=0)
-    fastapi: float | None = Field(None, gt=0)
-    webdemo: float | None = Field(None, gt=0)
-    langchain: float | None = Field(None, gt=0)
-    lora: float | None = Field(None, gt=0)
-    vllm: float | None = Field(None, gt=0)
+    model_config = ConfigDict(frozen=True)
+
+    @field_validator("root")
+    @classmethod
+    def _default_and_kinds(cls, value: dict[str, float]) -> dict[str, float]:
+        if "default" not in value:
+            raise ValueError("needs `default` (GB for every task kind without its own figure)")
+        for name, gb in value.items():
+            if not re.match(TASK_NAME, name):
+                raise ValueError(f"{name!r} is not a task kind's name")
+            if gb <= 0:
+                raise ValueError(f"{name}: must be greater than 0")
+        return value
+
+    @property
+    def default(self) -> float:
+        return self.root["default"]
+
+    def kinds(self) -> set[str]:
+        return set(self.root) - {"default"}
 
     def for_task(self, task: "TaskKind") -> float:
-        return getattr(self, task.value) or self.default
+        return self.root.get(getattr(task, "value", task)) or self.default
 
 
 def _ceil_half(value: float) -> float:
@@ -326,7 +381,7 @@ class ModelFamily(Strict):
         "last part of each checkpoint id, which is always served too (e.g. glm-4-9b-chat for glm-4-9b-chat-hf)")
     vram_gb: VramNeeds
     parameters_b: ParameterCount = Field(description="of the default checkpoint: the quantized VRAM estimates use it")
-    contributors: dict[TaskKind, list[str]] = Field(
+    contributors: dict[str, list[str]] = Field(
         {}, description="authors of upstream's tutorial per task; a task missing here is credited to the project")
     notes: Notes | None = None
     architecture: str = Field(pattern=r"^[A-Z]\w+For\w+$", description="HF class, e.g. Qwen3ForCausalLM")
@@ -416,7 +471,11 @@ class ModelFamily(Strict):
         return self.checkpoints.huggingface.split("/")[-1]
 
     def credits(self, task: "TaskKind") -> list[str]:
-        return [n.strip() for n in self.contributors.get(task, []) if n.strip()] or [PROJECT_CREDIT]
+        return [n.strip() for n in self.contributors.get(getattr(task, "value", task), []) if n.strip()] or [PROJECT_CREDIT]
+
+    def task_names(self) -> set[str]:
+        """The task kinds this file names (vram_gb, contributors): the host toolkit holds them to tasks/."""
+        return self.vram_gb.kinds() | set(self.contributors)
 
     def vram_estimate(self, task: "TaskKind", quantization: Quantization) -> float | None:
         """GB of VRAM `task` needs with QUANTIZATION (None: the task has no such setting). bf16 is
@@ -426,10 +485,11 @@ class ModelFamily(Strict):
         bf16 = self.vram_gb.for_task(task)
         if quantization == "none":
             return bf16
-        if task not in QUANTIZED_TASKS or not self.parameters_b.quantizable:
+        info = kind_info(task)
+        if not info.quantization or not self.parameters_b.quantizable:
             return None  # no such setting, or weights shipped quantized (gpt-oss: bitsandbytes is refused)
         room = bf16 - self.parameters_b.weights_gb("none")
-        full_bytes = 4.0 if task is TaskKind.lora else 2.0
+        full_bytes = 4.0 if info.weights == "fp32" else 2.0
         return _ceil_half(self.parameters_b.weights_gb(quantization, full_bytes) + room)
 
 
@@ -474,6 +534,7 @@ class CpuVariant(Strict):
 class TaskDefaults(Strict):
     """tasks/<task>/task.yaml: the defaults of every recipe of one task kind."""
 
+    kind: TaskKindInfo = Field(description="what the runtime and the toolkit need to know of this task kind")
     title: str = Field(description="recipe name after the checkpoint's, e.g. 'FastAPI 部署调用'")
     stack: str
     cuda: CudaNeeds = Field(description="what the stack's CUDA wheels need (recipe metadata gpu.cuda)")
@@ -571,14 +632,15 @@ def load_family(model_dir: Path) -> ModelFamily:
         raise MetadataError(path, "chat_template", f"file {family.chat_template!r} not found beside it")
     weights = family.parameters_b.weights_gb("none")
     shipped = family.parameters_b.shipped_gb
-    for field in ("default", *(t.value for t in TaskKind)):
-        gb = getattr(family.vram_gb, field)
-        if field == "vllm" and shipped is not None:
-            if gb is not None and gb < shipped:
-                raise MetadataError(path, "vram_gb.vllm", f"{gb:g} GB is less than the shipped weights "
+    for field, gb in family.vram_gb.root.items():
+        if field != "default" and not (tasks_root() / field / TASK_FILE).is_file():
+            continue  # another kind than an image's own (the host toolkit holds the names to tasks/)
+        if field != "default" and kind_info(field).weights == "shipped" and shipped is not None:
+            if gb < shipped:
+                raise MetadataError(path, f"vram_gb.{field}", f"{gb:g} GB is less than the shipped weights "
                                     f"({shipped:g} GB from parameters_b.shipped_gb)")
             continue
-        if gb is not None and gb < weights:  # the quantized estimates start from the room beside the weights
+        if gb < weights:  # the quantized estimates start from the room beside the weights
             raise MetadataError(path, f"vram_gb.{field}",
                                 f"{gb:g} GB is less than the bf16 weights ({weights:.1f} GB from parameters_b.total)")
     return family
@@ -597,7 +659,7 @@ def load_overrides(recipe_dir: Path) -> RecipeOverrides:
 
 def merge_recipe(path: Path, task: TaskDefaults, family: ModelFamily, own: RecipeOverrides) -> Recipe:
     """The effective recipe: task defaults, then what the family says, then recipe.yaml (path)."""
-    fields: dict[str, Any] = task.model_dump(exclude={"title", "cuda"}, exclude_none=True)
+    fields: dict[str, Any] = task.model_dump(exclude={"kind", "title", "cuda"}, exclude_none=True)
     fields |= {
         "name": f"{family.short_name} {task.title}",
         "default_model": family.checkpoints.model_dump(),

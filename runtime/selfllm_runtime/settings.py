@@ -1,7 +1,7 @@
 """Every task setting, defined once: the one way a task reads its configuration.
 
-A task kind's settings are one pydantic model (TASK_SETTINGS); each field names its environment
-variable (and, where the command line has one, its flag). A field's value is the first of:
+A task kind's settings are one pydantic model (named by task.yaml `kind.settings`: task_settings()); each field
+names its environment variable (and, where the command line has one, its flag). A field's value is the first of:
 
     command-line flag > environment variable > the recipe's `env:` (task.yaml, then recipe.yaml)
     > the model family (recipes/<model>/model.yaml) > the field's default
@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
-from .metadata import ImageLimits, LoraDefaults, ModelFamily, ModelSource, Quantization, Recipe, TaskKind
+from .metadata import (TASK_FILE, ImageLimits, LoraDefaults, MetadataError, ModelFamily, ModelSource, Quantization,
+                       Recipe, TaskKind, kind_info, tasks_root)
 
 DEFAULT_CACHE = Path("/root/autodl-tmp")  # AutoDL's data disk: a saved instance keeps what is there
 SAMPLE_DOCS_DIR = Path(__file__).resolve().parent / "lc" / "sample_docs"
@@ -34,6 +36,10 @@ SAMPLE_DOCS_DIR = Path(__file__).resolve().parent / "lc" / "sample_docs"
 DEFAULT_DATA = Path(__file__).resolve().parent / "finetune" / "data" / "huanhuan.json"
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_LORA_OUTPUT = DEFAULT_CACHE / "lora"
+DEFAULT_GRPO_OUTPUT = DEFAULT_CACHE / "grpo"
+# GRPO's data when no DATA_PATH / DATA_URL and GSM8K can't be fetched: generated arithmetic word problems shipped
+# with the runtime (scripts/make_arithmetic_data.py writes it; finetune/grpo_data.py checks its sha256).
+DEFAULT_GRPO_DATA = Path(__file__).resolve().parent / "finetune" / "data" / "arithmetic.jsonl"
 DEFAULT_DATA_DIR = DEFAULT_CACHE / "data"
 DEFAULT_MAX_MODEL_LEN = 8192
 LORA_DEFAULTS = LoraDefaults.model_fields  # model.yaml's `lora:` defaults, used when no family is given
@@ -543,9 +549,9 @@ class LoraSettings(TrackingSettings, AdapterSettings):
 
         return max(torch.cuda.device_count(), 1)
 
-    def run_dir(self, model_dir: Path) -> Path:
+    def run_dir(self, model_dir: Path, default_source: str = DEFAULT_DATA.stem) -> Path:
         source = (self.data[0].stem if self.data else Path(self.data_url).stem if self.data_url
-                  else DEFAULT_DATA.stem)
+                  else default_source)
         from .model_source import checkpoint_name  # model_source builds on this module
 
         name = self.run_name or re.sub(r"[^\w.-]+", "-", f"{checkpoint_name(model_dir)}-{source}").strip("-")
@@ -556,13 +562,76 @@ class LoraSettings(TrackingSettings, AdapterSettings):
         return bool(self.data or self.data_url)
 
 
-TASK_SETTINGS: dict[TaskKind, type[TaskSettings]] = {
-    TaskKind.fastapi: FastapiSettings,
-    TaskKind.webdemo: WebdemoSettings,
-    TaskKind.vllm: VllmSettings,
-    TaskKind.langchain: LangchainSettings,
-    TaskKind.lora: LoraSettings,
-}
+class GrpoSettings(LoraSettings):
+    """GRPO (TRL's GRPOTrainer) on a LoRA adapter: LoRA's settings (adapter, quantization, batch, learning rate,
+    run folder, RESUME, NPROC) with GRPO's own defaults, and the group sampling and rewards."""
+
+    data: PathList = setting(
+        [], "DATA_PATH", "题目文件（JSON / JSONL，逗号分隔可多个），每条含 `question` 与 `answer`（GSM8K 格式：答案末尾 `#### 72`，"
+        "或只有最终答案）；未设置则用 `DATA_URL`，再没有则从模型源下载 GSM8K，下载不了时用运行时自带的算术应用题（校验 sha256）",
+        "problem files (JSON / JSONL, comma-separated), each record with `question` and `answer` (GSM8K style: the "
+        "answer ends `#### 72`, or is the final answer alone); unset: `DATA_URL`, else GSM8K from the model hubs, "
+        "else the arithmetic word problems shipped with the runtime (sha256-checked)", flag="--data")
+    data_hub: bool = setting(True, "DATA_HUB", "没有 `DATA_PATH` / `DATA_URL` 时先从模型源（按 `MODEL_SOURCE` 的顺序）取 GSM8K；"
+                             "`false`：直接用自带的算术题", "no `DATA_PATH` / `DATA_URL`: try GSM8K on the model hubs "
+                             "first (in `MODEL_SOURCE`'s order); `false`: the shipped arithmetic set straight away",
+                             flag="--data-hub")
+    output_root: Path = setting(DEFAULT_GRPO_OUTPUT, "OUTPUT_DIR", "适配器保存在 `<OUTPUT_DIR>/<RUN_NAME>`",
+                                "the adapter goes to `<OUTPUT_DIR>/<RUN_NAME>`", flag="--output-dir")
+    epochs: float = setting(1, "NUM_EPOCHS", "训练轮数", "epochs", flag="--epochs", gt=0)
+    max_steps: int = setting(250, "MAX_STEPS", "`>0` 时优先于轮数（上游教程：250 步）", "`>0`: wins over the epochs "
+                             "(upstream's tutorials: 250 steps)", flag="--max-steps")
+    learning_rate: float = setting(5e-6, "LEARNING_RATE", "学习率（上游教程的 GRPO 取值）", "learning rate (upstream's "
+                                   "GRPO value)", flag="--learning-rate", gt=0)
+    batch_size: int = setting(8, "BATCH_SIZE", "每卡每步的回答数（= 题目数 × `NUM_GENERATIONS`）",
+                              "completions per device and step (= prompts × `NUM_GENERATIONS`)", flag="--batch-size", gt=0)
+    grad_accum: int = setting(1, "GRAD_ACCUM", "梯度累积步数", "gradient accumulation steps", flag="--grad-accum", gt=0)
+    logging_steps: int = setting(1, "LOGGING_STEPS", "每多少步记录一次奖励与损失", "steps between reward and loss logs",
+                                 flag="--logging-steps", gt=0)
+    max_length: int = setting(512, "MAX_LENGTH", "题目（提示）最多 token 数，超出的题目跳过", "prompt tokens at most "
+                              "(longer problems are skipped)", flag="--max-length", gt=8)
+    num_generations: int = setting(4, "NUM_GENERATIONS", "每道题采样的回答数（组）；显存随它 × `MAX_COMPLETION_LENGTH` 增长",
+                                   "completions sampled per problem (the group); VRAM grows with it × "
+                                   "`MAX_COMPLETION_LENGTH`", flag="--num-generations", ge=2)
+    max_completion_length: int = setting(256, "MAX_COMPLETION_LENGTH", "每个回答最多生成的 token 数",
+                                         "tokens generated per completion at most", flag="--max-completion-length", gt=0)
+    temperature: float = setting(1.0, "TEMPERATURE", "采样温度（组内回答要有差异）", "sampling temperature (a group's "
+                                 "completions must differ)", flag="--temperature", gt=0)
+    beta: float = setting(0.0, "BETA", "KL 惩罚系数；`0` 不加载参考模型（省显存，TRL 的默认）", "KL penalty coefficient; `0` "
+                          "loads no reference model (less memory; TRL's default)", flag="--beta", ge=0)
+    reward_module: Path | None = setting(
+        None, "REWARD_MODULE", "自己的奖励函数文件（`.py`，定义 `REWARDS = [函数, ...]`，每个函数 `(completions, answer, "
+        "**kwargs) -> list[float]`）；未设置则用内置的格式奖励 + 数学正确性奖励",
+        "your own reward functions (a `.py` defining `REWARDS = [function, ...]`, each `(completions, answer, **kwargs) "
+        "-> list[float]`); unset: the built-in format reward + math correctness reward", flag="--reward-module",
+        clearable=True)
+    system_prompt: str | None = setting(
+        None, "SYSTEM_PROMPT", "要求回答格式的 system 提示；空：不加", "the system prompt that asks for the answer format; "
+        "empty: none", flag="--system", clearable=True, shown=("按模型族的推理标记生成", "made from the family's reasoning markers"))
+    enable_thinking: bool = setting(True, "ENABLE_THINKING", "用思考模式的模板生成回答", "generate with the thinking-mode "
+                                    "template", flag="--enable-thinking", when="thinking")
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> "GrpoSettings":
+        if (self.batch_size * self.grad_accum) % self.num_generations:
+            raise ValueError(f"BATCH_SIZE × GRAD_ACCUM ({self.batch_size} × {self.grad_accum}) must be a multiple of "
+                             f"NUM_GENERATIONS ({self.num_generations}): each step takes whole groups")
+        return self
+
+    def run_dir(self, model_dir: Path, default_source: str = "gsm8k") -> Path:
+        return super().run_dir(model_dir, default_source)
+
+
+def task_settings(task: TaskKind) -> type[TaskSettings]:
+    """The settings model of task kind `task`: the class of this module its task.yaml names (`kind.settings`)."""
+    info = kind_info(task)
+    model = globals().get(info.settings)
+    if not (isinstance(model, type) and issubclass(model, TaskSettings)):
+        raise MetadataError(tasks_root() / getattr(task, "value", task) / TASK_FILE, "kind.settings",
+                            f"{info.settings!r} is no settings model of selfllm_runtime/settings.py")
+    return model
+
+
 # The recipe's SYSTEM_PROMPT belongs to its default data (upstream's huanhuan.json): it applies only when
 # the user gives no data of their own.
 DATA_BOUND = {"system_prompt"}
@@ -724,7 +793,7 @@ def default_text(info: SettingInfo, recipe: Recipe, family: ModelFamily, lang: s
 
 def settings_table(recipe: Recipe, family: ModelFamily, lang: str) -> str:
     """The markdown table of every setting of the recipe's task, from its one definition."""
-    model = TASK_SETTINGS[recipe.task]
+    model = task_settings(recipe.task)
     flags = any(i.flag for i in model.infos())
     if lang == "zh":
         head = ("| 命令行 | 环境变量 | 默认 | 说明 |" if flags else "| 环境变量 | 默认 | 说明 |")

@@ -3,6 +3,8 @@
 Each task kind has one module `task_<kind>.py` here defining `CHECK: SmokeCheck`."""
 from __future__ import annotations
 
+import json
+
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,6 +121,27 @@ def wait_until_exited(session: SmokeSession, timeout_s: float) -> int:
             return code
         time.sleep(1)
     raise SmokeFailure(f"still running after {timeout_s:.0f} s")
+
+
+RESULT_PREFIX = "SELFLLM_RESULT "  # the one JSON line each action of a run-to-completion task prints
+
+
+def results(logs: str) -> list[dict]:
+    """The SELFLLM_RESULT lines of a run-to-completion task (lora, grpo), in order."""
+    found = []
+    for line in logs.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            try:
+                found.append(json.loads(line[len(RESULT_PREFIX):]))
+            except json.JSONDecodeError as exc:
+                raise SmokeFailure(f"unreadable result line {line[:120]!r}: {exc}") from None
+    return found
+
+
+# |adapter - base| of the prompt's mean log-prob that counts as moved (20 LoRA steps move it by ~0.1), and
+# |merged - adapter| that counts as the same (fp32 rounding of the merged weights: ~1e-6)
+LOGPROB_MOVED = 1e-4
+LOGPROB_SAME = 1e-3
 
 
 def expect(condition: bool, message: str) -> None:

@@ -17,9 +17,8 @@ import io
 import json
 from pathlib import Path
 
-from .checks import SMOKE_MODEL_DIR, SmokeCheck, SmokeFailure, SmokeSession, expect
+from .checks import LOGPROB_MOVED, LOGPROB_SAME, RESULT_PREFIX, SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect, results  # noqa: F401
 
-RESULT_PREFIX = "SELFLLM_RESULT "
 DATA = "/root/autodl-tmp/data/lora-sample.json"
 ADAPTER = "/root/autodl-tmp/lora/smoke"
 MERGED = ADAPTER + "-merged"
@@ -89,23 +88,6 @@ ACTIONS = LORA_ACTIONS + ["train", "infer", "infer", "merge"]
 ENV = {"DATA_PATH": DATA, "RUN_NAME": "smoke", "MAX_STEPS": "20",
        "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1",
        "SYSTEM_PROMPT": SYSTEM_PROMPT}
-
-
-def results(logs: str) -> list[dict]:
-    found = []
-    for line in logs.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            try:
-                found.append(json.loads(line[len(RESULT_PREFIX):]))
-            except json.JSONDecodeError as exc:
-                raise SmokeFailure(f"unreadable result line {line[:120]!r}: {exc}") from None
-    return found
-
-
-# |adapter - base| of the prompt's mean log-prob that counts as moved (20 steps move it by ~0.1), and
-# |merged - adapter| that counts as the same (fp32 rounding of the merged weights: ~1e-6)
-LOGPROB_MOVED = 1e-4
-LOGPROB_SAME = 1e-3
 
 
 def _visible(output: str) -> str:

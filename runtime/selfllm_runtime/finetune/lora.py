@@ -7,7 +7,6 @@ import http.client
 import os
 import shutil
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ RESULT_PREFIX = "SELFLLM_RESULT "  # one JSON line per action, parsed by smoke c
 RUN_INFO = "selfllm_lora.json"  # beside the adapter: how it was trained (infer/merge reuse it)
 MAX_DATA_URL_BYTES = 256 * 2**20  # a DATA_URL larger than this is refused (mount bigger data: DATA_PATH)
 DATA_URL_SCHEMES = ("http", "https")
+# A checkpoint's processor files besides the tokenizer's, which merge copies from the base into the merged folder.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def emit_result(action: str, **fields: Any) -> dict[str, Any]:
@@ -107,7 +108,8 @@ RESUME_FIELDS = ("quantization", "r", "alpha", "dropout", "target_modules", "tar
                  "enable_thinking", "fsdp")
 
 
-def training_identity(settings: LoraSettings, model_dir: Path, data: list[Path], processes: int) -> dict[str, str]:
+def training_identity(settings: LoraSettings, model_dir: Path, data: list[Path], processes: int,
+                      fields: tuple[str, ...] = RESUME_FIELDS) -> dict[str, str]:
     """What shaped this run's checkpoints: the base (its name and config.json), the data (by content), the
     process count and the RESUME_FIELDS settings, each under the variable that sets it."""
     from ..model_source import checkpoint_name, file_sha256
@@ -117,8 +119,8 @@ def training_identity(settings: LoraSettings, model_dir: Path, data: list[Path],
                                           if config.is_file() else "")
     identity = {"MODEL": model, "DATA": ", ".join(f"{p.name} (sha256 {file_sha256(p)[:12]})" for p in data),
                 "NPROC": str(processes)}
-    envs = {info.field: info.env for info in LoraSettings.infos()}
-    for field in RESUME_FIELDS:
+    envs = {info.field: info.env for info in type(settings).infos()}
+    for field in fields:
         identity[envs[field]] = json.dumps(getattr(settings, field), ensure_ascii=False, default=str)
     return identity
 
@@ -135,30 +137,13 @@ def adapter_digest(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> dict[str, Any]:
-    """Fine-tune a LoRA adapter; returns (and prints as SELFLLM_RESULT) a summary with the losses."""
-    import torch
+def adapter_model(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> tuple[Any, Any]:
+    """The base model (QUANTIZATION: QLoRA's k-bit preparation) with a fresh LoRA adapter of the settings'
+    r/alpha/dropout/targets, ready to train: (the LoadedModel, the PeftModel)."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from .curves import CURVES_PNG
-
-    model_dir = Path(model_dir)
-    context = context.for_checkpoint(model_dir)  # a text-only size of a vision-language family: its own LoRA modules
-    run_dir = settings.run_dir(model_dir)
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if rank != 0:  # torchrun's other processes: only rank 0 logs, writes the adapter and the result line
-        log.setLevel(logging.WARNING)
-    torch.manual_seed(settings.seed)
-    log.info("%s", apply_torch_threads(settings.torch_threads))
-    tokenizer = load_tokenizer(context, model_dir, settings.chat_template)
-    paths, data = prepare_data(context, tokenizer, settings)
-    log.info("%d examples from %d records in %s (%d tokens, %d skipped as too long)", len(data.examples),
-             data.records, ", ".join(map(str, paths)), data.tokens, data.skipped)
-    identity = training_identity(settings, model_dir, paths, world)
-    start = resume.plan(run_dir, identity, settings.resume)  # refuses before the model is loaded
     loaded = load_causal_lm(context, model_dir, settings.quantization, training=True)
-    model, device, dtype = loaded.model, loaded.device, loaded.dtype
+    model = loaded.model
     model.config.use_cache = False
     if settings.quantization != "none":  # QLoRA: freezes the base, upcasts the unquantized layers to fp32
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
@@ -190,20 +175,16 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
              "LoRA" if settings.quantization == "none" else f"LoRA on a {settings.quantization} base", settings.r,
              settings.alpha, ",".join(settings.target_modules + settings.target_parameters), under, trainable, total,
              100 * trainable / total)
+    return loaded, model
 
-    losses: list[float] = []
-    report_to, tracking_callbacks = tracking_for(settings, run_dir, project="selfllm-lora")
 
-    class LossRecorder(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+def trainer_arguments(settings: LoraSettings, run_dir: Path, loaded: Any, tracked: Any, world: int) -> dict[str, Any]:
+    """The TrainingArguments every adapter-training task sets the same way from its settings (a Trainer
+    subclass's config, TRL's GRPOConfig, takes them too): run folder, batch and schedule, checkpoints, precision
+    of the loaded model's device, tracking, and data parallelism (NPROC: gloo on CPU; FSDP)."""
+    import torch
 
-    effective = settings.batch_size * settings.grad_accum * world
-    log.info("%d process(es): batch %d per device × %d accumulation steps × %d = %d examples per optimizer step; "
-             "learning rate %g, not scaled with the process count (scale LEARNING_RATE yourself for a larger "
-             "effective batch)%s", world, settings.batch_size, settings.grad_accum, world, effective,
-             settings.learning_rate, ", FSDP full_shard" if settings.fsdp != "off" else "")
+    device, dtype = loaded.device, loaded.dtype
     distributed: dict[str, Any] = {}
     if world > 1 and device == "cpu":
         distributed["ddp_backend"] = "gloo"
@@ -212,7 +193,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
             raise ValueError(f"FSDP={settings.fsdp} shards the model across GPUs: it needs NPROC > 1 on CUDA "
                              f"(here {world} process(es) on {device})")
         distributed |= {"fsdp": f"{settings.fsdp} auto_wrap", "fsdp_config": {"use_orig_params": True}}
-    args = TrainingArguments(
+    return dict(
         **distributed,
         output_dir=str(run_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -224,47 +205,96 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
         save_steps=settings.save_steps,
         save_total_limit=3,
         save_on_each_node=True,
-        gradient_checkpointing=False,  # enabled on the base model above, before PEFT wraps it
+        gradient_checkpointing=False,  # enabled on the base model by adapter_model, before PEFT wraps it
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
-        report_to=report_to,
+        report_to=tracked.report_to,
         run_name=run_dir.name,
         seed=settings.seed,
+    )
+
+
+def stage_adapter(trainer: Any, run_dir: Path) -> Path:
+    """Save the trained adapter aside (run_dir/.final-adapter.partial; every rank calls it): publish_adapter
+    moves it into the run folder, so a stop never leaves a half-written adapter where the finished one goes."""
+    staged = run_dir / ".final-adapter.partial"
+    if trainer.is_world_process_zero() and staged.exists():
+        shutil.rmtree(staged)
+    trainer.save_model(str(staged))  # the adapter only: adapter_config.json + adapter_model.safetensors
+    return staged
+
+
+def publish_adapter(staged: Path, tokenizer: Any, run_dir: Path, info: dict[str, Any]) -> None:
+    """Rank 0: the tokenizer and RUN_INFO (how it was trained: infer/merge read it) beside the staged adapter,
+    then all of it into run_dir (RUN_INFO last)."""
+    tokenizer.save_pretrained(str(staged))
+    (staged / RUN_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    resume.publish(staged, run_dir, last=RUN_INFO)
+    print(f"LoRA adapter saved to {run_dir}", flush=True)
+
+
+def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter; returns (and prints as SELFLLM_RESULT) a summary with the losses."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from .curves import CURVES_PNG
+
+    model_dir = Path(model_dir)
+    context = context.for_checkpoint(model_dir)  # a text-only size of a vision-language family: its own LoRA modules
+    run_dir = settings.run_dir(model_dir)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if rank != 0:  # torchrun's other processes: only rank 0 logs, writes the adapter and the result line
+        log.setLevel(logging.WARNING)
+    torch.manual_seed(settings.seed)
+    log.info("%s", apply_torch_threads(settings.torch_threads))
+    tokenizer = load_tokenizer(context, model_dir, settings.chat_template)
+    paths, data = prepare_data(context, tokenizer, settings)
+    log.info("%d examples from %d records in %s (%d tokens, %d skipped as too long)", len(data.examples),
+             data.records, ", ".join(map(str, paths)), data.tokens, data.skipped)
+    identity = training_identity(settings, model_dir, paths, world)
+    start = resume.plan(run_dir, identity, settings.resume)  # refuses before the model is loaded
+    loaded, model = adapter_model(context, model_dir, settings)
+    device, dtype = loaded.device, loaded.dtype
+
+    losses: list[float] = []
+
+    class LossRecorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    effective = settings.batch_size * settings.grad_accum * world
+    log.info("%d process(es): batch %d per device × %d accumulation steps × %d = %d examples per optimizer step; "
+             "learning rate %g, not scaled with the process count (scale LEARNING_RATE yourself for a larger "
+             "effective batch)%s", world, settings.batch_size, settings.grad_accum, world, effective,
+             settings.learning_rate, ", FSDP full_shard" if settings.fsdp != "off" else "")
+    tracked = tracking_for(settings, run_dir, project="selfllm-lora")
+    args = TrainingArguments(
+        **trainer_arguments(settings, run_dir, loaded, tracked, world),
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data.examples, processing_class=tokenizer,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[LossRecorder(), resume.record_callback(identity), *tracking_callbacks])
-    start = resume.shared_plan(start)  # under torchrun rank 0 decides, every rank loads that checkpoint
-    for line in start.skipped:
-        log.warning("%s", line)
-    log.info("%s", start.line)
-    started = time.monotonic()
-    output = trainer.train(resume_from_checkpoint=start.resume_from)
-    seconds = time.monotonic() - started
+                      callbacks=[LossRecorder(), resume.record_callback(identity), *tracked.callbacks])
+    output, start, seconds = resume.train_from(trainer, start, log)
     # The final adapter is written aside, then moved into the run folder (RUN_INFO last): a stop never leaves a
     # half-written adapter where the finished one goes.
-    staged = run_dir / ".final-adapter.partial"
-    if trainer.is_world_process_zero() and staged.exists():
-        shutil.rmtree(staged)
-    trainer.save_model(str(staged))  # the adapter only: adapter_config.json + adapter_model.safetensors
+    staged = stage_adapter(trainer, run_dir)
     if world > 1:  # every rank says what it trained: the ranks of one data-parallel run hold the same adapter
         print(f"selfllm: rank {rank}/{world} adapter sha256 {adapter_digest(model)} last loss "
               f"{losses[-1] if losses else float('nan'):.4f}", file=sys.stderr, flush=True)
     if not trainer.is_world_process_zero():
         return {}
-    tokenizer.save_pretrained(str(staged))
     peak_gb = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     info = {"base_model": str(model_dir), "family": context.recipe.model, "data": [str(p) for p in paths],
             "system_prompt": settings.system_prompt, "enable_thinking": settings.enable_thinking,
             "settings": json.loads(settings.model_dump_json())}
-    (staged / RUN_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
-    resume.publish(staged, run_dir, last=RUN_INFO)
-    print(f"LoRA adapter saved to {run_dir}", flush=True)
+    publish_adapter(staged, tokenizer, run_dir, info)
     return emit_result(
         "train", adapter_dir=str(run_dir), architecture=context.family.architecture, device=device,
         quantization=settings.quantization,
@@ -350,6 +380,9 @@ def merge(context: RecipeContext, model_dir: Path, adapter_dir: Path, out_dir: P
     merged.save_pretrained(str(out_dir))
     load_tokenizer(context, Path(adapter_dir) if (Path(adapter_dir) / "tokenizer_config.json").is_file()
                    else model_dir).save_pretrained(str(out_dir))
+    for name in PROCESSOR_FILES:  # an image family's processor (the engine loads it from the model folder)
+        if (Path(model_dir) / name).is_file():
+            shutil.copyfile(Path(model_dir) / name, out_dir / name)
     if (Path(adapter_dir) / RUN_INFO).is_file():
         (out_dir / RUN_INFO).write_bytes((Path(adapter_dir) / RUN_INFO).read_bytes())
     print(f"merged model saved to {out_dir}", flush=True)

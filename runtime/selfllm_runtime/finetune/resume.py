@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import struct
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +188,15 @@ def publish(staged: Path, target: Path, last: str) -> None:
             shutil.rmtree(destination)
         os.replace(staged / name, destination)
     shutil.rmtree(staged, ignore_errors=True)
+
+
+def train_from(trainer: Any, decided: ResumePlan, log: Any) -> tuple[Any, ResumePlan, float]:
+    """trainer.train() from the checkpoint `decided` names (under torchrun rank 0's decision: shared_plan), after
+    logging what was skipped and where it starts: (its output, the plan followed, seconds)."""
+    start = shared_plan(decided)  # under torchrun rank 0 decides, every rank loads that checkpoint
+    for line in start.skipped:
+        log.warning("%s", line)
+    log.info("%s", start.line)
+    started = time.monotonic()
+    output = trainer.train(resume_from_checkpoint=start.resume_from)
+    return output, start, time.monotonic() - started

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..settings import TrackingSettings
 
@@ -33,7 +33,12 @@ def _need(report_to: str, package: str, *or_instead: str) -> None:
                          f"{package}, or set REPORT_TO=none")
 
 
-def tracking_for(settings: TrackingSettings, run_dir: Path, project: str) -> tuple[list[str], list[Any]]:
+class Tracking(NamedTuple):
+    report_to: list[str]  # TrainingArguments.report_to
+    callbacks: list[Any]  # TrainerCallbacks to add
+
+
+def tracking_for(settings: TrackingSettings, run_dir: Path, project: str) -> Tracking:
     """(report_to for TrainingArguments, callbacks for the Trainer) of a run writing into run_dir; project: the
     SwanLab project (e.g. selfllm-lora). SwanLab comes as callbacks (report_to stays empty for it)."""
     from .curves import CurvesCallback
@@ -43,9 +48,9 @@ def tracking_for(settings: TrackingSettings, run_dir: Path, project: str) -> tup
     if settings.report_to == "tensorboard":
         _need("tensorboard", "tensorboard", "tensorboardX")
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / TENSORBOARD_RUNS)
-        return ["tensorboard"], callbacks
+        return Tracking(["tensorboard"], callbacks)
     if settings.report_to == "none":
-        return [], callbacks
+        return Tracking([], callbacks)
     _need("swanlab", "swanlab")
     if settings.swanlab_mode == "local":
         _need("swanlab", "swanboard")  # SwanLab's local mode writes through swanboard's database
@@ -55,7 +60,7 @@ def tracking_for(settings: TrackingSettings, run_dir: Path, project: str) -> tup
 
     swanlab = SwanLabCallback(project=project, experiment_name=run_dir.name, log_dir=str(swanlog_dir(run_dir)),
                               mode=settings.swanlab_mode)  # swanlab reads cloud as online
-    return [], callbacks + [swanlab, _swanlab_finisher()]
+    return Tracking([], callbacks + [swanlab, _swanlab_finisher()])
 
 
 def _swanlab_finisher() -> Any:
