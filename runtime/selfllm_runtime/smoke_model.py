@@ -127,7 +127,7 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
 VISION_CONFIG_NAMES = {"merge_size": "spatial_merge_size"}
 
 
-def _auto_class(mapping: dict[str, Any], model_type: str, backend: str = "pil") -> Any:
+def auto_class(mapping: dict[str, Any], model_type: str, backend: str = "pil") -> Any:
     """The transformers class an auto mapping names for the model type (its PIL backend where it has one), or None
     where there is none or it can't be imported here (a video processor needs torchvision)."""
     import transformers
@@ -140,7 +140,7 @@ def _auto_class(mapping: dict[str, Any], model_type: str, backend: str = "pil") 
         return None
 
 
-def _matched(component_class: Any, vision_config: Any, overrides: dict[str, Any]) -> Any:
+def matched_to_vision(component_class: Any, vision_config: Any, overrides: dict[str, Any]) -> Any:
     """An image/video processor whose patch, merge and pooling arguments follow the tiny vision config, with
     model.yaml's `modalities.smoke_image_processor` over them (the pixel bounds of a fast CPU smoke test)."""
     defaults = component_class().to_dict()
@@ -165,7 +165,7 @@ def tiny_processor(family: ModelFamily, config: Any, tokenizer: Any) -> Any:
     from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 
     modalities = family.modalities
-    image_processor_class = _auto_class(IMAGE_PROCESSOR_MAPPING_NAMES, config.model_type)
+    image_processor_class = auto_class(IMAGE_PROCESSOR_MAPPING_NAMES, config.model_type)
     try:
         processor_class = getattr(transformers, str(modalities.processor))
     except (ImportError, ModuleNotFoundError, AttributeError) as exc:
@@ -174,11 +174,11 @@ def tiny_processor(family: ModelFamily, config: Any, tokenizer: Any) -> Any:
     if image_processor_class is None:
         raise ValueError(f"transformers {transformers.__version__} has no image processor for {config.model_type!r}")
     vision = config.vision_config
-    components = {"image_processor": _matched(image_processor_class, vision, modalities.smoke_image_processor)}
-    video_processor_class = _auto_class(VIDEO_PROCESSOR_MAPPING_NAMES, config.model_type, "torchvision")
+    components = {"image_processor": matched_to_vision(image_processor_class, vision, modalities.smoke_image_processor)}
+    video_processor_class = auto_class(VIDEO_PROCESSOR_MAPPING_NAMES, config.model_type, "torchvision")
     if video_processor_class is not None:  # Gemma-4's processor wants one though the recipes take no video
-        components["video_processor"] = _matched(video_processor_class, vision, modalities.smoke_image_processor)
-    feature_extractor_class = _auto_class(FEATURE_EXTRACTOR_MAPPING_NAMES, config.model_type)
+        components["video_processor"] = matched_to_vision(video_processor_class, vision, modalities.smoke_image_processor)
+    feature_extractor_class = auto_class(FEATURE_EXTRACTOR_MAPPING_NAMES, config.model_type)
     if feature_extractor_class is not None:
         components["feature_extractor"] = feature_extractor_class()
     accepted = inspect.signature(processor_class.__init__).parameters
