@@ -247,7 +247,12 @@ class ChatEngine:
             return None
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=self.family.trust_remote_code)
+        try:
+            processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=self.family.trust_remote_code)
+        except (ImportError, OSError) as exc:  # no torchvision (a text task's environment), no preprocessor_config
+            log.warning("image input off: %s can't be loaded here (%s)", modalities.processor,
+                        str(exc).splitlines()[0][:200])
+            return None
         log.info("image input: %s (%s)", type(processor).__name__, modalities.processor)
         return processor
 

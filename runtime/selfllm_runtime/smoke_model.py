@@ -28,6 +28,10 @@ class SmokeModelTooLarge(ValueError):
     pass
 
 
+class ProcessorUnavailable(ValueError):
+    """transformers can't import the family's processor here (Qwen-VL, GLM-4.1V, Gemma-4 need torchvision)."""
+
+
 def parameter_line(out_dir: Path) -> str:
     """The line `selfllm smoke-model` logs: the smoke test's report reads the count from it."""
     data = json.loads((Path(out_dir) / "SMOKE_MODEL.json").read_text(encoding="utf-8"))
@@ -169,8 +173,8 @@ def tiny_processor(family: ModelFamily, config: Any, tokenizer: Any) -> Any:
     try:
         processor_class = getattr(transformers, str(modalities.processor))
     except (ImportError, ModuleNotFoundError, AttributeError) as exc:
-        raise ValueError(f"transformers {transformers.__version__} can't load {modalities.processor!r} (model.yaml "
-                         f"modalities.processor): {str(exc).splitlines()[0]}") from None
+        raise ProcessorUnavailable(f"transformers {transformers.__version__} can't load {modalities.processor!r} "
+                                   f"(model.yaml modalities.processor): {str(exc).splitlines()[0]}") from None
     if image_processor_class is None:
         raise ValueError(f"transformers {transformers.__version__} has no image processor for {config.model_type!r}")
     vision = config.vision_config
@@ -182,6 +186,9 @@ def tiny_processor(family: ModelFamily, config: Any, tokenizer: Any) -> Any:
     if feature_extractor_class is not None:
         components["feature_extractor"] = feature_extractor_class()
     accepted = inspect.signature(processor_class.__init__).parameters
+    if "video_processor" in accepted and "video_processor" not in components:
+        raise ProcessorUnavailable(f"{modalities.processor} takes a video processor, and transformers' video "
+                                   "processors need torchvision, which is not installed here")
     components = {name: value for name, value in components.items() if name in accepted}
     return processor_class(tokenizer=tokenizer, chat_template=tokenizer.chat_template, **components,
                            **modalities.smoke_processor)
@@ -308,11 +315,15 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    processor = None
+    processor, no_processor = None, None
     if family.modalities.vision and family.modalities.processor:
-        processor = tiny_processor(family, config, tokenizer)
-        processor.save_pretrained(out_dir)
+        try:
+            processor = tiny_processor(family, config, tokenizer)
+            processor.save_pretrained(out_dir)
+        except ProcessorUnavailable as exc:  # a text task's environment (LoRA on the host): the model reads text
+            no_processor = f"no processor, the model takes text only here: {exc}"
+            print(f"selfllm: WARNING: smoke model {family.architecture}: {no_processor}", flush=True)
     (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
         {"architecture": family.architecture, "random": True, "parameters": parameters,
-         **vision_record(model, family, processor), "note": "tiny random model for smoke tests"}))
+         **vision_record(model, family, processor), **({"processor": no_processor} if no_processor else {}), "note": "tiny random model for smoke tests"}))
     return out_dir
