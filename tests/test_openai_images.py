@@ -309,6 +309,20 @@ def test_langchain_human_message_images(gemma, engine):
         ChatSelfLLM(engine=engine, max_new_tokens=4).invoke([HumanMessage(content=[image_part(RED)])])
 
 
+def test_langchain_selftest_carries_an_image(gemma, engine):
+    """LANGCHAIN_SELFTEST's image part (what the langchain smoke check reads): Gemma-3 counts the image's tokens and
+    its seeded reply follows the image, the same through both block shapes; Qwen3 refuses in plain words."""
+    pytest.importorskip("langchain_core")
+    from selfllm_runtime.lc.chat_model import ChatSelfLLM
+    from selfllm_runtime.tasks.langchain_app import image_selftest
+
+    seen = image_selftest(ChatSelfLLM(engine=gemma))
+    assert seen["ok"] and seen["takes_images"] and seen["input_tokens"][1] > seen["input_tokens"][0]
+    assert seen["same_image_same_reply"] and seen["other_image_other_reply"], seen["replies"]
+    refused = image_selftest(ChatSelfLLM(engine=engine))
+    assert refused["ok"] and not refused["takes_images"] and "Qwen3 takes text only" in refused["refused"]
+
+
 # ----------------------------------------------------------------------------- the vision families' language models
 
 def test_continuous_batching_refuses_qwen35_hybrid_layers_before_the_weights_load(tmp_path):
