@@ -175,7 +175,9 @@ def image_selftest(llm) -> dict[str, Any]:
     blocks = {"gradient": {"type": "image_url", "image_url": {"url": gradient}},
               "gradient (base64 block)": {"type": "image", "base64": gradient.split(",", 1)[1], "mime_type": "image/png"},
               "stripes": {"type": "image_url", "image_url": {"url": stripes}}}
-    sampled = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "seed": 7}
+    # 64 tokens: a tiny random model's image moves its logits little (Qwen3.5's: by ~0.04), so a short seeded
+    # reply may not yet tell two images apart.
+    sampled = {"max_new_tokens": 64, "temperature": 1.0, "top_p": 1.0, "seed": 7}
     if not llm.engine.takes_images:
         try:
             llm.invoke([HumanMessage(content=[blocks["gradient"], question])], **sampled)
