@@ -307,3 +307,68 @@ def test_langchain_human_message_images(gemma, engine):
         reply(image_part("data:image/png;base64,AAAA"))
     with pytest.raises(ValueError, match="Qwen3 takes text only; image input needs a vision-language recipe"):
         ChatSelfLLM(engine=engine, max_new_tokens=4).invoke([HumanMessage(content=[image_part(RED)])])
+
+
+def test_langchain_selftest_carries_an_image(gemma, engine):
+    """LANGCHAIN_SELFTEST's image part (what the langchain smoke check reads): Gemma-3 counts the image's tokens and
+    its seeded reply follows the image, the same through both block shapes; Qwen3 refuses in plain words."""
+    pytest.importorskip("langchain_core")
+    from selfllm_runtime.lc.chat_model import ChatSelfLLM
+    from selfllm_runtime.tasks.langchain_app import image_selftest
+
+    seen = image_selftest(ChatSelfLLM(engine=gemma))
+    assert seen["ok"] and seen["takes_images"] and seen["input_tokens"][1] > seen["input_tokens"][0]
+    assert seen["same_image_same_reply"] and seen["other_image_other_reply"], seen["replies"]
+    refused = image_selftest(ChatSelfLLM(engine=engine))
+    assert refused["ok"] and not refused["takes_images"] and "Qwen3 takes text only" in refused["refused"]
+
+
+# ----------------------------------------------------------------------------- the vision families' language models
+
+def test_continuous_batching_refuses_qwen35_hybrid_layers_before_the_weights_load(tmp_path):
+    """Qwen3.5's Gated-DeltaNet layers have no paged cache in transformers' continuous batching: BATCHING=continuous
+    stops at the start in one line naming the setting (it used to fail at the first request: "Invalid layer type");
+    Qwen2-VL's full-attention language model passes the same check."""
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_runtime.chat_engine import ChatEngine
+    from selfllm_runtime.context import load_context
+    from selfllm_runtime.continuous import check_continuous, unpaged_layer_types
+    from selfllm_runtime.settings import EngineSettings, SettingsError
+    from selfllm_runtime.smoke_model import tiny_config
+
+    def config_of(recipe: str) -> Any:
+        family = load_context(RECIPES_DIR / recipe).family
+        return tiny_config(family.architecture, family.smoke, family.smoke.vocab_size, pad_token_id=0,
+                           bos_token_id=None, eos_token_id=0)[1]
+
+    qwen35 = config_of("qwen3.5/fastapi")
+    assert unpaged_layer_types(qwen35) == ["linear_attention"]
+    assert unpaged_layer_types(config_of("qwen2-vl/fastapi")) == []
+    check_continuous(config_of("qwen2-vl/fastapi"))
+    qwen35.save_pretrained(tmp_path)  # a config alone: the check runs before any weight is read
+    with pytest.raises(SettingsError, match=r"BATCHING=continuous: .*linear_attention layers: use BATCHING=static"):
+        ChatEngine(load_context(RECIPES_DIR / "qwen3.5/fastapi"), tmp_path, EngineSettings(batching="continuous"))
+
+
+@pytest.mark.parametrize(("recipe", "patch", "tokens"), [("qwen2-vl/fastapi", 14, 6), ("qwen3.5/fastapi", 16, 6),
+                                                         ("glm4.1v/fastapi", 14, 6)])
+def test_the_tiny_image_processor_follows_the_vision_config_and_model_yaml(recipe, patch, tokens):
+    """The smoke model's image processor takes its patch and merge sizes from the tiny vision config and its pixel
+    bounds from model.yaml (modalities.smoke_image_processor): the smoke checks' 48 × 32 PNG is a few tokens."""
+    import transformers
+    from PIL import Image
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_runtime.context import load_context
+    from selfllm_runtime.smoke_model import auto_class, matched_to_vision, tiny_config
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    family = load_context(RECIPES_DIR / recipe).family
+    config = tiny_config(family.architecture, family.smoke, family.smoke.vocab_size, pad_token_id=0,
+                         bos_token_id=None, eos_token_id=0)[1]
+    processor_class = auto_class(IMAGE_PROCESSOR_MAPPING_NAMES, config.model_type)
+    processor = matched_to_vision(processor_class, config.vision_config, family.modalities.smoke_image_processor)
+    assert isinstance(processor, transformers.ImageProcessingMixin)
+    assert (processor.patch_size, processor.merge_size) == (patch, config.vision_config.spatial_merge_size) == (patch, 2)
+    assert dict(processor.size) == family.modalities.smoke_image_processor["size"]
+    grid = processor(images=[Image.new("RGB", (48, 32))], return_tensors="pt")["image_grid_thw"]
+    assert int(grid.prod()) // processor.merge_size ** 2 == tokens

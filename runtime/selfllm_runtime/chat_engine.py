@@ -17,11 +17,11 @@ from typing import Any
 from .batching import DONE, Job, Scheduler
 from .chat_template import use_chat_template
 from .context import RecipeContext
-from .continuous import ContinuousScheduler
+from .continuous import ContinuousScheduler, check_continuous
 from .loading import apply_torch_threads, load_causal_lm
 from .metadata import ModelFamily, Reasoning
 from .model_source import checkpoint_name
-from .settings import EngineSettings
+from .settings import EngineSettings, SettingsError
 from .system_role import render_chat
 from .tool_calls import template_inputs
 
@@ -206,6 +206,14 @@ class ChatEngine:
         self.context = context
         self.family = context.family
         self.model_dir = Path(model_dir)
+        if kind == "continuous":  # a model it can't page fails here, before the weights load
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=self.family.trust_remote_code)
+            try:
+                check_continuous(config)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=self.family.trust_remote_code)
         self.chat_template = use_chat_template(self.tokenizer, context, self.model_dir, engine.chat_template)
         self.threads = apply_torch_threads(engine.torch_threads)
@@ -239,7 +247,12 @@ class ChatEngine:
             return None
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=self.family.trust_remote_code)
+        try:
+            processor = AutoProcessor.from_pretrained(self.model_dir, trust_remote_code=self.family.trust_remote_code)
+        except (ImportError, OSError) as exc:  # no torchvision (a text task's environment), no preprocessor_config
+            log.warning("image input off: %s can't be loaded here (%s)", modalities.processor,
+                        str(exc).splitlines()[0][:200])
+            return None
         log.info("image input: %s (%s)", type(processor).__name__, modalities.processor)
         return processor
 

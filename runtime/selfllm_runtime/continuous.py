@@ -51,6 +51,26 @@ class ImagesUnsupported(ContinuousUnsupported):
                          "only, not an image's pixel values")
 
 
+def unpaged_layer_types(config: Any) -> list[str]:
+    """The layer types of a model config (its text config: a vision-language model's language model) that
+    transformers' continuous batching has no paged cache for (Qwen3.5's Gated-DeltaNet `linear_attention`);
+    empty where it pages them all (full and sliding attention)."""
+    from transformers.generation.continuous_batching.cache import ATTN_TYPE_TO_ALLOCATOR
+
+    layer_types = getattr(config.get_text_config(), "layer_types", None) or []
+    return sorted({kind for kind in layer_types if kind not in ATTN_TYPE_TO_ALLOCATOR})
+
+
+def check_continuous(config: Any) -> None:
+    """ValueError naming BATCHING where transformers' continuous batching can't run the model (before it loads:
+    otherwise the first request fails with transformers' "Invalid layer type")."""
+    unpaged = unpaged_layer_types(config)
+    if unpaged:
+        raise ValueError(f"BATCHING=continuous: transformers' continuous batching keeps a paged KV cache of full and "
+                         f"sliding attention layers only; {type(config).__name__} has {', '.join(unpaged)} layers: "
+                         "use BATCHING=static (or auto)")
+
+
 class ContinuousScheduler(SchedulerBase):
     kind = "continuous"
 

@@ -226,6 +226,10 @@ class Modalities(Strict):
     smoke_processor: dict[str, Any] = Field(
         {}, description="arguments of the smoke model's processor that follow the tiny config (Gemma-3: "
         "image_seq_length = smoke.extra.mm_tokens_per_image)")
+    smoke_image_processor: dict[str, Any] = Field(
+        {}, description="arguments of the smoke model's image (and video) processor besides the patch, merge and "
+        "pooling sizes it takes from the tiny vision config: bounds that keep an image to a few tokens on CPU "
+        "(Qwen/GLM: size {shortest_edge, longest_edge} in pixels; Gemma-4: max_soft_tokens)")
     lora_vision: Literal["frozen", "projector"] = Field(
         "frozen", description="what LoRA training may touch besides the language model: frozen = nothing; "
         "projector = the vision-to-text projector/merger is trained too")

@@ -28,6 +28,10 @@ class SmokeModelTooLarge(ValueError):
     pass
 
 
+class ProcessorUnavailable(ValueError):
+    """transformers can't import the family's processor here (Qwen-VL, GLM-4.1V, Gemma-4 need torchvision)."""
+
+
 def parameter_line(out_dir: Path) -> str:
     """The line `selfllm smoke-model` logs: the smoke test's report reads the count from it."""
     data = json.loads((Path(out_dir) / "SMOKE_MODEL.json").read_text(encoding="utf-8"))
@@ -41,7 +45,8 @@ def parameter_line(out_dir: Path) -> str:
                 parameters += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
     line = PARAMETERS_LINE.format(architecture=data["architecture"], parameters=parameters)
     if data.get("vision_parameters"):
-        line += f"; vision tower: {data['vision_parameters']} parameters, {data.get('image_tokens')} tokens an image"
+        line += (f"; vision tower: {data['vision_parameters']} parameters, {data.get('image_tokens')} tokens "
+                 "an image of 48 × 32")
     return line
 
 
@@ -127,32 +132,93 @@ def tiny_config(architecture: str, shape: SmokeModelShape, vocab_size: int, **to
     return model_class, config
 
 
-def tiny_processor(family: ModelFamily, config: Any, tokenizer: Any) -> Any:
-    """The family's processor class (model.yaml modalities.processor) over the tiny tokenizer, with the image
-    processor of the config's model type (its PIL backend: no torchvision needed) sized to the tiny vision tower."""
+# Image processor arguments named otherwise on the vision config (Qwen/GLM: merge_size = spatial_merge_size).
+VISION_CONFIG_NAMES = {"merge_size": "spatial_merge_size"}
+
+
+def auto_class(mapping: dict[str, Any], model_type: str, backend: str = "pil") -> Any:
+    """The transformers class an auto mapping names for the model type (its PIL backend where it has one), or None
+    where there is none or it can't be imported here (a video processor needs torchvision)."""
     import transformers
+
+    names = mapping.get(model_type)
+    name = (names.get(backend) or next((n for n in names.values() if n), None)) if isinstance(names, dict) else names
+    try:
+        return getattr(transformers, name) if name else None
+    except (ImportError, ModuleNotFoundError, AttributeError):
+        return None
+
+
+def matched_to_vision(component_class: Any, vision_config: Any, overrides: dict[str, Any]) -> Any:
+    """An image/video processor whose patch, merge and pooling arguments follow the tiny vision config, with
+    model.yaml's `modalities.smoke_image_processor` over them (the pixel bounds of a fast CPU smoke test)."""
+    defaults = component_class().to_dict()
+    kwargs = {name: getattr(vision_config, VISION_CONFIG_NAMES.get(name, name)) for name in defaults
+              if name not in ("size",) and hasattr(vision_config, VISION_CONFIG_NAMES.get(name, name))}
+    if "size" not in overrides and hasattr(vision_config, "image_size") and "height" in (defaults.get("size") or {}):
+        kwargs["size"] = {"height": vision_config.image_size, "width": vision_config.image_size}  # fixed (Gemma-3)
+    kwargs.update({name: value for name, value in overrides.items() if name in defaults})
+    return component_class(**kwargs)
+
+
+def tiny_processor(family: ModelFamily, config: Any, tokenizer: Any) -> Any:
+    """The family's processor class (model.yaml modalities.processor) over the tiny tokenizer, with the components
+    of the config's model type: the image processor (its PIL backend) and the video processor (where transformers
+    has one: it needs torchvision) matched to the tiny vision tower, and the feature extractor (Gemma-4's audio)
+    with its defaults; what the processor class doesn't take is left out."""
+    import inspect
+
+    import transformers
+    from transformers.models.auto.feature_extraction_auto import FEATURE_EXTRACTOR_MAPPING_NAMES
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
 
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type) or {}
-    name = names.get("pil") if isinstance(names, dict) else names
-    image_processor_class = getattr(transformers, str(name), None)
-    processor_class = getattr(transformers, str(family.modalities.processor), None)
-    if image_processor_class is None or processor_class is None:
-        raise ValueError(f"transformers {transformers.__version__} has no image processor for {config.model_type!r} "
-                         f"or no class {family.modalities.processor!r} (model.yaml modalities.processor)")
-    side = config.vision_config.image_size
-    image_processor = image_processor_class(size={"height": side, "width": side})
-    return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
-                           **family.modalities.smoke_processor)
+    modalities = family.modalities
+    image_processor_class = auto_class(IMAGE_PROCESSOR_MAPPING_NAMES, config.model_type)
+    try:
+        processor_class = getattr(transformers, str(modalities.processor))
+    except (ImportError, ModuleNotFoundError, AttributeError) as exc:
+        raise ProcessorUnavailable(f"transformers {transformers.__version__} can't load {modalities.processor!r} "
+                                   f"(model.yaml modalities.processor): {str(exc).splitlines()[0]}") from None
+    if image_processor_class is None:
+        raise ValueError(f"transformers {transformers.__version__} has no image processor for {config.model_type!r}")
+    vision = config.vision_config
+    components = {"image_processor": matched_to_vision(image_processor_class, vision, modalities.smoke_image_processor)}
+    video_processor_class = auto_class(VIDEO_PROCESSOR_MAPPING_NAMES, config.model_type, "torchvision")
+    if video_processor_class is not None:  # Gemma-4's processor wants one though the recipes take no video
+        components["video_processor"] = matched_to_vision(video_processor_class, vision, modalities.smoke_image_processor)
+    feature_extractor_class = auto_class(FEATURE_EXTRACTOR_MAPPING_NAMES, config.model_type)
+    if feature_extractor_class is not None:
+        components["feature_extractor"] = feature_extractor_class()
+    accepted = inspect.signature(processor_class.__init__).parameters
+    if "video_processor" in accepted and "video_processor" not in components:
+        raise ProcessorUnavailable(f"{modalities.processor} takes a video processor, and transformers' video "
+                                   "processors need torchvision, which is not installed here")
+    components = {name: value for name, value in components.items() if name in accepted}
+    return processor_class(tokenizer=tokenizer, chat_template=tokenizer.chat_template, **components,
+                           **modalities.smoke_processor)
 
 
-def vision_record(model: Any, family: ModelFamily) -> dict[str, Any]:
-    """A vision family's smoke model: its vision tower's parameters and the tokens an image takes (SMOKE_MODEL.json)."""
-    tower = getattr(getattr(model, "model", model), "vision_tower", None)
-    if not family.modalities.vision or tower is None:
+def image_tokens(processor: Any, family: ModelFamily, size: tuple[int, int] = (48, 32)) -> int:
+    """How many image tokens the processor puts in the prompt for one image of `size` (the smoke checks' PNGs)."""
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = processor(text=[text], images=[Image.new("RGB", size, (200, 30, 30))], return_tensors="pt")["input_ids"]
+    image_token = processor.tokenizer.convert_tokens_to_ids(family.modalities.tokens["image_token"])
+    return int((ids == image_token).sum())
+
+
+def vision_record(model: Any, family: ModelFamily, processor: Any) -> dict[str, Any]:
+    """A vision family's smoke model: its vision tower's parameters and the tokens an image of the smoke checks'
+    size takes (SMOKE_MODEL.json)."""
+    inner = getattr(model, "model", model)
+    tower = getattr(inner, "vision_tower", None) or getattr(inner, "visual", None)
+    if not family.modalities.vision or tower is None or processor is None:
         return {}
     return {"vision_parameters": sum(p.numel() for p in tower.parameters()),
-            "image_tokens": family.modalities.smoke_processor.get("image_seq_length")}
+            "image_tokens": image_tokens(processor, family)}
 
 
 def carry_images(model: Any) -> list[str]:
@@ -272,11 +338,17 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    processor, no_processor = None, None
     if family.modalities.vision and family.modalities.processor:
-        tiny_processor(family, config, tokenizer).save_pretrained(out_dir)
+        try:
+            processor = tiny_processor(family, config, tokenizer)
+            processor.save_pretrained(out_dir)
+        except ProcessorUnavailable as exc:  # a text task's environment (LoRA on the host): the model reads text
+            no_processor = f"no processor, the model takes text only here: {exc}"
+            print(f"selfllm: WARNING: smoke model {family.architecture}: {no_processor}", flush=True)
     if shape.vision:
         rename_weights(out_dir, shape.vision.weight_prefixes)
     (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
         {"architecture": family.architecture, "random": True, "parameters": parameters,
-         **vision_record(model, family), "note": "tiny random model for smoke tests"}))
+         **vision_record(model, family, processor), **({"processor": no_processor} if no_processor else {}), "note": "tiny random model for smoke tests"}))
     return out_dir

@@ -61,7 +61,30 @@ def verify_langchain(session: SmokeSession) -> str:
     expect(selftest["stream"]["chunks"] >= 2, f"stream gave {selftest['stream']['chunks']} chunks")
     expect(selftest["batch"]["n"] == 2, f"batch gave {selftest['batch']['n']} answers")
     return (f"retrieval {len(EXPECTED)}/{len(EXPECTED)} right, chain answered on {result['device']}; "
-            f"invoke/stream({selftest['stream']['chunks']} chunks)/batch ok")
+            f"invoke/stream({selftest['stream']['chunks']} chunks)/batch ok; {verify_images(session, selftest)}")
+
+
+def verify_images(session: SmokeSession, selftest: dict[str, Any]) -> str:
+    """The chat model's multimodal HumanMessage (the runtime's image_selftest): a family that reads images counts
+    the image's tokens and fingerprints the image in a seeded reply; a text-only family refuses in plain words."""
+    from selfllm_runtime.context import load_context
+
+    from ..layout import RECIPES_DIR
+
+    family = load_context(RECIPES_DIR / session.recipe_key).family
+    image = selftest.get("image") or {}
+    expect(image.get("ok") is True, f"the image selftest failed: {image}")
+    if not family.modalities.takes("image"):
+        refused = image.get("refused") or ""
+        expect(image.get("takes_images") is False and "takes text only" in refused,
+               f"an image for text-only {family.display_name}: {image}")
+        return f"image → ValueError ({refused.split(': ', 1)[-1][:80]})"
+    tokens = image["input_tokens"]
+    expect(image["takes_images"] is True and tokens[1] > tokens[0], f"input tokens text / with an image: {tokens}")
+    expect(image["same_image_same_reply"], f"the same image (image_url, base64 block) gave two replies: {image}")
+    expect(image["other_image_other_reply"], f"two different images gave the same reply: {image}")
+    return (f"HumanMessage with an image: input tokens {tokens[0]} → {tokens[1]}; seeded replies: same image "
+            f"(image_url / base64 block) equal, other image different")
 
 
 CHECK = SmokeCheck(

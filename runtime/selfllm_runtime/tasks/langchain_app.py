@@ -9,7 +9,8 @@ store, then:
 The last stdout line is `SELFLLM_RESULT {json}` (sources, answers, timings) for scripts and tests.
 
 Settings: settings.LangchainSettings (DOCS_DIR, QUESTION, EMBEDDING_MODEL, CHROMA_DIR, TOP_K, …;
-LANGCHAIN_SELFTEST=1 also exercises the chat model's invoke/stream/batch).
+LANGCHAIN_SELFTEST=1 also exercises the chat model's invoke/stream/batch, and a multimodal HumanMessage with
+generated images: image_selftest).
 """
 from __future__ import annotations
 
@@ -147,6 +148,53 @@ def selftest(llm) -> dict[str, Any]:
     }
 
 
+def png_data_url(pixel) -> str:
+    """A 48 × 32 PNG (pixel(x, y) → (r, g, b)) as a data: URL, made with PIL (the image input's own library)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    image = Image.new("RGB", (48, 32))
+    image.putdata([pixel(x, y) for y in range(32) for x in range(48)])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_selftest(llm) -> dict[str, Any]:
+    """The chat model with a multimodal HumanMessage: a family that reads images answers with the image's tokens in
+    its input count, and a seeded sampled reply fingerprints the image (the same image as an OpenAI image_url block and
+    as LangChain's standard base64 block: the same reply; another image: another); a text-only one refuses in plain
+    words (ValueError)."""
+    from langchain_core.messages import HumanMessage
+
+    gradient = png_data_url(lambda x, y: (x * 5, y * 7, 128))
+    stripes = png_data_url(lambda x, y: (255, 255, 255) if (x // 6) % 2 else (0, 0, 0))
+    question = {"type": "text", "text": "What is in the picture?"}
+    blocks = {"gradient": {"type": "image_url", "image_url": {"url": gradient}},
+              "gradient (base64 block)": {"type": "image", "base64": gradient.split(",", 1)[1], "mime_type": "image/png"},
+              "stripes": {"type": "image_url", "image_url": {"url": stripes}}}
+    # 64 tokens: a tiny random model's image moves its logits little (Qwen3.5's: by ~0.04), so a short seeded
+    # reply may not yet tell two images apart.
+    sampled = {"max_new_tokens": 64, "temperature": 1.0, "top_p": 1.0, "seed": 7}
+    if not llm.engine.takes_images:
+        try:
+            llm.invoke([HumanMessage(content=[blocks["gradient"], question])], **sampled)
+        except ValueError as exc:
+            return {"ok": True, "takes_images": False, "refused": str(exc)}
+        return {"ok": False, "takes_images": False, "refused": None}
+    text_only = llm.invoke([HumanMessage(content=[question])], **sampled)
+    replies = {name: llm.invoke([HumanMessage(content=[block, question])], **sampled) for name, block in blocks.items()}
+    # The reply with its reasoning: a family that thinks by default spends the few tokens inside its think block.
+    contents = [reply.additional_kwargs.get("reasoning_content", "") + reply.content for reply in replies.values()]
+    return {"ok": all(isinstance(c, str) for c in contents), "takes_images": True,
+            "input_tokens": [text_only.usage_metadata["input_tokens"],
+                             replies["gradient"].usage_metadata["input_tokens"]],
+            "same_image_same_reply": contents[0] == contents[1], "other_image_other_reply": contents[0] != contents[2],
+            "replies": contents}
+
+
 def emit_result(payload: dict[str, Any], out=None) -> None:
     print(RESULT_PREFIX + json.dumps(payload, ensure_ascii=False), file=out or sys.stdout, flush=True)
 
@@ -172,7 +220,7 @@ def run(context: RecipeContext, model_dir: Path, settings: LangchainSettings) ->
                                "embedding_model": settings.embedding_model, "docs_dir": str(settings.docs_dir),
                                "chroma_dir": str(settings.store_dir), "index": asdict(app.index)}
     if settings.selftest:
-        payload["selftest"] = selftest(app.llm)
+        payload["selftest"] = {**selftest(app.llm), "image": image_selftest(app.llm)}
     if not settings.questions and sys.stdin.isatty():
         interactive(app)
         return
