@@ -188,6 +188,9 @@ class Modalities(Strict):
     lora_vision: Literal["frozen", "projector"] = Field(
         "frozen", description="what LoRA training may touch besides the language model: frozen = nothing; "
         "projector = the vision-to-text projector/merger is trained too")
+    projector: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*$", description="module path of the vision-to-text projector/merger in the "
+        "checkpoint's class (Gemma-3: model.multi_modal_projector): what `lora_vision: projector` trains")
 
     @field_validator("input")
     @classmethod
@@ -207,6 +210,8 @@ class Modalities(Strict):
                 raise ValueError(f"a family that takes `{kind}` needs `{kind}:` limits (max_per_request, ...)")
         if self.vision and not self.processor:
             raise ValueError("a family that takes images or video names its transformers `processor` class")
+        if self.lora_vision == "projector" and not self.projector:
+            raise ValueError("`lora_vision: projector` needs the projector's module path (`projector:`)")
         return self
 
     def takes(self, kind: Modality) -> bool:

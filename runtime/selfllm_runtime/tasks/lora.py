@@ -2,9 +2,10 @@
 
   selfllm start                          = selfllm lora train with settings from the environment
   selfllm lora train [--data F ...]      fine-tune; the adapter goes to $OUTPUT_DIR/<run-name>
-  selfllm lora infer --prompt TEXT [--adapter DIR] [--model DIR]
+  selfllm lora infer --prompt TEXT [--image PATH] [--adapter DIR] [--model DIR]
   selfllm lora merge --adapter DIR [--out DIR] [--model DIR]
   selfllm lora sample-data OUT.json      write a small synthetic data set (both formats)
+  selfllm lora sample-data --latex-ocr OUT.json   copy the shipped LaTeX-OCR image set (images beside OUT)
   selfllm lora dashboard [RUN_DIR]       SwanLab's local dashboard of a run on HOST:PORT (default: the newest)
 
 Every run draws its curves into <run>/curves.png and, with REPORT_TO=swanlab (the default, offline), logs
@@ -25,6 +26,8 @@ from pathlib import Path
 from ..context import RecipeContext, load_context
 from ..finetune.data import DataError, write_sample_data
 from ..finetune.lora import infer, merge, train
+from ..finetune.vision import check_data as check_image_data
+from ..finetune.vision_data import copy_image_data
 from ..model_source import ModelNotFound, model_request, resolve_model
 from ..settings import AccessSettings, AdapterSettings, LoraSettings, ModelSettings, add_flags, parse_bool
 
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infer", help="generate one reply with base model + adapter (or a merged model)")
     add_flags(p, AdapterSettings)  # --model (MODEL_PATH), --adapter (ADAPTER_PATH)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--image", type=Path, default=None, help="an image the prompt is about (vision-language families)")
     p.add_argument("--system", default=None, help="system prompt (default: the one used in training)")
     p.add_argument("--enable-thinking", type=_flag_bool, nargs="?", const=True, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -84,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample-data", help="write a small synthetic data set mixing both formats")
     p.add_argument("out")
     p.add_argument("--count", type=int, default=36)
+    p.add_argument("--latex-ocr", action="store_true", help="instead: a copy of the shipped LaTeX-OCR image-text set "
+                   "(OUT and OUT's images/ folder)")
     p = sub.add_parser("dashboard", help="serve SwanLab's local dashboard of a run (swanlab watch) on HOST:PORT")
     p.add_argument("run_dir", nargs="?", type=Path, help="a run folder (default: the newest under OUTPUT_DIR)")
     p.add_argument("--host", default=None, help="the address it binds (env HOST)")
@@ -95,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.action == "sample-data":
-        print(write_sample_data(Path(args.out), args.count))
+        print(copy_image_data(Path(args.out)) if args.latex_ocr else write_sample_data(Path(args.out), args.count))
         return 0
     context = load_context(args.recipe or recipe)
     try:
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
             return 0
         if args.action == "train":
             settings = context.settings(LoraSettings, cli=vars(args))  # checked before the model is fetched
+            check_image_data(context, settings)  # every image of DATA_PATH decodes, before the model is fetched
             train(context, _model_dir(context, settings), settings)
             return 0
         tool = context.settings(AdapterSettings, cli={"model_path": args.model_path, "adapter_path": args.adapter_path,
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
         if args.action == "infer":
             infer(context, _model_dir(context, tool), tool.adapter_path, args.prompt, args.system,
                   args.enable_thinking, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                  tool.quantization)
+                  tool.quantization, args.image)
         else:
             if tool.adapter_path is None:
                 raise ValueError("merge needs the adapter: --adapter DIR or ADAPTER_PATH")
