@@ -273,7 +273,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     peak_gb = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     info = {"base_model": str(model_dir), "family": context.recipe.model, "data": [str(p) for p in paths],
-            "system_prompt": settings.system_prompt, "enable_thinking": settings.enable_thinking,
+            "system_prompt": getattr(data, "system_prompt", settings.system_prompt), "enable_thinking": settings.enable_thinking,
             "settings": json.loads(settings.model_dump_json())}
     (staged / RUN_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
     resume.publish(staged, run_dir, last=RUN_INFO)

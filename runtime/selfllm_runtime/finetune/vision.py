@@ -38,10 +38,14 @@ def prepare(context: RecipeContext, model_dir: Path, chat: ChatTokenizer, paths:
     """The image-text examples (the shipped LaTeX-OCR set when no data is given) and their collator."""
     from transformers import AutoProcessor
 
-    paths = paths or [default_image_data()]
+    system_prompt = settings.system_prompt
+    if not paths:  # the recipe's SYSTEM_PROMPT belongs to huanhuan.json, not to the LaTeX-OCR set
+        paths, system_prompt = [default_image_data()], None
+        if settings.system_prompt:
+            log.info("the shipped LaTeX-OCR set: SYSTEM_PROMPT (%s) not applied", settings.system_prompt)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=context.family.trust_remote_code)
     encoder = VisionChatTokenizer(chat, processor)
-    data = encode_image_files(paths, encoder, settings.system_prompt, settings.max_samples)
+    data = encode_image_files(paths, encoder, system_prompt, settings.max_samples)
     log.info("image-text data through %s: %d images; vision tower frozen%s", type(processor).__name__, data.images,
              ", projector trained" if context.family.modalities.lora_vision == "projector" else "")
     return paths, data, VisionCollator(chat.tokenizer.pad_token_id)

@@ -219,6 +219,7 @@ class VisionData:
     skipped: int
     tokens: int
     images: int
+    system_prompt: str | None = None  # the one the examples were rendered with (infer reuses it)
 
 
 def encode_image_files(paths: list[Path], encoder: VisionChatTokenizer, system_prompt: str | None = None,
@@ -235,7 +236,7 @@ def encode_image_files(paths: list[Path], encoder: VisionChatTokenizer, system_p
     if not kept:
         raise DataError(paths[0], None, "no trainable example")
     return VisionData(VisionExamples(encoder, kept), len(kept) + skipped, skipped, tokens,
-                      sum(len(record.images) for _, _, record in kept))
+                      sum(len(record.images) for _, _, record in kept), system_prompt)
 
 
 @dataclass
