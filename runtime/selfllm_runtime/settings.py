@@ -543,9 +543,11 @@ class LoraSettings(TrackingSettings, AdapterSettings):
 
         return max(torch.cuda.device_count(), 1)
 
-    def run_dir(self, model_dir: Path) -> Path:
+    def run_dir(self, model_dir: Path, default_data: Path = DEFAULT_DATA) -> Path:
+        """OUTPUT_DIR/RUN_NAME, by default <checkpoint>-<data file's stem>; default_data: the data of a run
+        without DATA_PATH/DATA_URL (an image checkpoint's: the LaTeX-OCR set)."""
         source = (self.data[0].stem if self.data else Path(self.data_url).stem if self.data_url
-                  else DEFAULT_DATA.stem)
+                  else default_data.stem)
         from .model_source import checkpoint_name  # model_source builds on this module
 
         name = self.run_name or re.sub(r"[^\w.-]+", "-", f"{checkpoint_name(model_dir)}-{source}").strip("-")

@@ -154,14 +154,14 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
 
     model_dir = Path(model_dir)
     context = context.for_checkpoint(model_dir)  # a text-only size of a vision-language family: its own LoRA modules
-    run_dir = settings.run_dir(model_dir)
+    images = vision.reads_images(context, model_dir)  # image-text data through the family's processor
+    run_dir = settings.run_dir(model_dir, *([vision.DEFAULT_IMAGE_DATA] if images else []))
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if rank != 0:  # torchrun's other processes: only rank 0 logs, writes the adapter and the result line
         log.setLevel(logging.WARNING)
     torch.manual_seed(settings.seed)
     log.info("%s", apply_torch_threads(settings.torch_threads))
     tokenizer = load_tokenizer(context, model_dir, settings.chat_template)
-    images = vision.reads_images(context, model_dir)
     paths, data, collator = prepare_data(context, tokenizer, settings, model_dir if images else None)
     log.info("%d examples from %d records in %s (%d tokens, %d skipped as too long)", len(data.examples),
              data.records, ", ".join(map(str, paths)), data.tokens, data.skipped)

@@ -11,7 +11,7 @@ from typing import Any
 from ..context import RecipeContext
 from ..settings import LoraSettings
 from .data import ChatTokenizer, DataError
-from .vision_data import VisionChatTokenizer, VisionCollator, VisionData, default_image_data, encode_image_files, \
+from .vision_data import DEFAULT_IMAGE_DATA, VisionChatTokenizer, VisionCollator, VisionData, default_image_data, encode_image_files, \
     open_image, read_image_records
 
 log = logging.getLogger("selfllm.lora")
