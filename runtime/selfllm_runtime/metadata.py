@@ -191,6 +191,11 @@ class Modalities(Strict):
     projector: str | None = Field(
         None, pattern=r"^[A-Za-z_][\w.]*$", description="module path of the vision-to-text projector/merger in the "
         "checkpoint's class (Gemma-3: model.multi_modal_projector): what `lora_vision: projector` trains")
+    vision_modules: list[str] = Field(
+        [], description="module paths of the vision tower and projector in the checkpoint's class (Gemma-3: "
+        "model.vision_tower, model.multi_modal_projector): QUANTIZATION (QLoRA) leaves them unquantized, as the "
+        "frozen tower is small next to the language model and bitsandbytes' 4-bit CPU kernels refuse layers narrower "
+        "than a quantization block")
 
     @field_validator("input")
     @classmethod
