@@ -249,8 +249,8 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    if family.modalities.vision and family.modalities.processor:
-        tiny_processor(family, config, tokenizer).save_pretrained(out_dir)
+    if family.modalities.vision and family.modalities.processor and getattr(config, "vision_config", None) is not None:
+        tiny_processor(family, config, tokenizer).save_pretrained(out_dir)  # not for a text-only variant (Gemma-3 1b)
     (out_dir / "SMOKE_MODEL.json").write_text(json.dumps(
         {"architecture": family.architecture, "random": True, "parameters": parameters,
          **vision_record(model, family), "note": "tiny random model for smoke tests"}))
