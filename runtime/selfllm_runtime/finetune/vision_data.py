@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import IGNORE_INDEX, ChatTokenizer, DataError, DataSourceError, read_records, record_to_messages
+from .data import IGNORE_INDEX, ChatTokenizer, DataError, default_data, read_records, record_to_messages
 
 DEFAULT_IMAGE_DATA_NAME = "latex_ocr.json"
 DEFAULT_IMAGE_DATA = Path(__file__).resolve().parent / "data" / "latex_ocr" / DEFAULT_IMAGE_DATA_NAME
@@ -141,16 +141,8 @@ def data_digest(path: Path) -> str:
 
 
 def default_image_data(path: Path = DEFAULT_IMAGE_DATA, sha256: str = DEFAULT_IMAGE_DATA_SHA256) -> Path:
-    """The shipped LaTeX-OCR set, after checking its digest."""
-    try:
-        digest = data_digest(path)
-    except (OSError, DataError) as exc:
-        raise DataSourceError(f"the shipped LaTeX-OCR data {path} can't be read ({exc}): reinstall the runtime, or "
-                              "set DATA_PATH to a mounted file") from None
-    if digest != sha256:
-        raise DataSourceError(f"the shipped LaTeX-OCR data {path} has sha256 {digest}, not {sha256}: reinstall the "
-                              "runtime, or set DATA_PATH to a mounted file")
-    return path
+    """The shipped LaTeX-OCR set, after checking its digest (the JSON and every image it names)."""
+    return default_data(path, sha256, data_digest)
 
 
 def _token_keys(encoded: dict[str, Any], length: int) -> list[str]:
