@@ -129,7 +129,7 @@ def test_default_data_ships_with_the_runtime_and_needs_no_network(context, token
     monkeypatch.setattr("urllib.request.urlopen", no_network)
     settings = context.settings(LoraSettings, env={"MAX_SAMPLES": "8"})
     assert settings.data == [] and settings.data_url is None
-    paths, data = prepare_data(context, tokenizer, settings)
+    paths, data, _ = prepare_data(context, tokenizer, settings)
     assert paths == [DEFAULT_DATA] and DEFAULT_DATA.is_relative_to(Path(selfllm_runtime.__file__).parent)
     assert data.records == 8 and len(read_records(DEFAULT_DATA)) > 1000  # upstream's full file, not a sample
     assert settings.run_dir(Path("/m/Qwen3-8B")).name == "Qwen3-8B-huanhuan"
@@ -161,7 +161,7 @@ def test_gemma2_learns_with_the_system_prompt_in_its_first_user_turn(tiny_recipe
     # the task's own path: the shipped data with the recipe's SYSTEM_PROMPT, through prepare_data
     settings = context.settings(LoraSettings, env={"MAX_SAMPLES": "4"})
     assert settings.system_prompt == system
-    _, data = prepare_data(context, load_tokenizer(context, folder), settings)
+    _, data, _ = prepare_data(context, load_tokenizer(context, folder), settings)
     assert data.records == 4 and len(data.examples) == 4
     prompt = tokenizer.decode([t for t, label in zip(data.examples[0]["input_ids"], data.examples[0]["labels"])
                                if label == IGNORE_INDEX])
@@ -240,7 +240,7 @@ def test_a_checkpoint_of_another_lineage_ends_its_turns_with_its_own_token(tiny_
     tokenizer = load_tokenizer(llama, chatml)
     vocab = tokenizer.get_vocab()
     assert "<|eot_id|>" not in vocab and end_of_turn(tokenizer, llama.family) == "<|im_end|>"
-    _, data = prepare_data(llama, tokenizer, llama.settings(LoraSettings, env={"MAX_SAMPLES": "2"}))
+    _, data, _ = prepare_data(llama, tokenizer, llama.settings(LoraSettings, env={"MAX_SAMPLES": "2"}))
     first = data.examples[0]
     assert first["labels"][-1] == vocab["<|im_end|>"]
     assert tokenizer.decode(first["input_ids"]).endswith("<|im_start|>assistant\n" + tokenizer.decode(

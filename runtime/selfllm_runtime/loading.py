@@ -31,17 +31,20 @@ def pick_device() -> tuple[str, Any]:
     return "cpu", torch.float32
 
 
-def quantization_config(quantization: Quantization, compute_dtype: Any) -> Any:
-    """transformers' BitsAndBytesConfig for QUANTIZATION (None for `none`; settings checked that bitsandbytes is there)."""
+def quantization_config(quantization: Quantization, compute_dtype: Any, keep: list[str] | None = None) -> Any:
+    """transformers' BitsAndBytesConfig for QUANTIZATION (None for `none`; settings checked that bitsandbytes is there);
+    keep: module paths left unquantized (a vision family's tower and projector, model.yaml modalities.vision_modules),
+    besides lm_head, which transformers keeps by default."""
     if quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": [*keep, "lm_head"]} if keep else {}
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **skip)
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_CAST_ONCE)
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_8bit=True, **skip)
 
 
 def shipped_quantization(model_dir: Path) -> str | None:
@@ -205,7 +208,7 @@ def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quanti
     if shipped:
         log.info("the checkpoint ships %s weights%s", shipped,
                  ": dequantized to bf16 for training" if kwargs else " (transformers dequantizes where it has no kernels)")
-    config = quantization_config(quantization, dtype)
+    config = quantization_config(quantization, dtype, context.family.modalities.vision_modules)
     if config is not None:
         kwargs["quantization_config"] = config
     if device == "cuda" and not training:

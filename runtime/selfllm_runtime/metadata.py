@@ -233,6 +233,14 @@ class Modalities(Strict):
     lora_vision: Literal["frozen", "projector"] = Field(
         "frozen", description="what LoRA training may touch besides the language model: frozen = nothing; "
         "projector = the vision-to-text projector/merger is trained too")
+    projector: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*$", description="module path of the vision-to-text projector/merger in the "
+        "checkpoint's class (Gemma-3: model.multi_modal_projector): what `lora_vision: projector` trains")
+    vision_modules: list[str] = Field(
+        [], description="module paths of the vision tower and projector in the checkpoint's class (Gemma-3: "
+        "model.vision_tower, model.multi_modal_projector): QUANTIZATION (QLoRA) leaves them unquantized, as the "
+        "frozen tower is small next to the language model and bitsandbytes' 4-bit CPU kernels refuse layers narrower "
+        "than a quantization block")
 
     @field_validator("input")
     @classmethod
@@ -252,6 +260,8 @@ class Modalities(Strict):
                 raise ValueError(f"a family that takes `{kind}` needs `{kind}:` limits (max_per_request, ...)")
         if self.vision and not self.processor:
             raise ValueError("a family that takes images or video names its transformers `processor` class")
+        if self.lora_vision == "projector" and not self.projector:
+            raise ValueError("`lora_vision: projector` needs the projector's module path (`projector:`)")
         return self
 
     def takes(self, kind: Modality) -> bool:

@@ -549,9 +549,11 @@ class LoraSettings(TrackingSettings, AdapterSettings):
 
         return max(torch.cuda.device_count(), 1)
 
-    def run_dir(self, model_dir: Path, default_source: str = DEFAULT_DATA.stem) -> Path:
+    def run_dir(self, model_dir: Path, default_data: Path = DEFAULT_DATA) -> Path:
+        """OUTPUT_DIR/RUN_NAME, by default <checkpoint>-<data file's stem>; default_data: the data of a run
+        without DATA_PATH/DATA_URL (an image checkpoint's: the LaTeX-OCR set)."""
         source = (self.data[0].stem if self.data else Path(self.data_url).stem if self.data_url
-                  else default_source)
+                  else default_data.stem)
         from .model_source import checkpoint_name  # model_source builds on this module
 
         name = self.run_name or re.sub(r"[^\w.-]+", "-", f"{checkpoint_name(model_dir)}-{source}").strip("-")
@@ -618,8 +620,8 @@ class GrpoSettings(LoraSettings):
                              f"NUM_GENERATIONS ({self.num_generations}): each step takes whole groups")
         return self
 
-    def run_dir(self, model_dir: Path, default_source: str = "gsm8k") -> Path:
-        return super().run_dir(model_dir, default_source)
+    def run_dir(self, model_dir: Path, default_data: Path = Path("gsm8k")) -> Path:
+        return super().run_dir(model_dir, default_data)
 
 
 def task_settings(task: TaskKind) -> type[TaskSettings]:

@@ -339,7 +339,8 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     processor, no_processor = None, None
-    if family.modalities.vision and family.modalities.processor:
+    # not for a text-only variant (Gemma-3 1b: no vision_config)
+    if family.modalities.vision and family.modalities.processor and getattr(config, "vision_config", None) is not None:
         try:
             processor = tiny_processor(family, config, tokenizer)
             processor.save_pretrained(out_dir)

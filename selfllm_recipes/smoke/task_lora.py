@@ -8,7 +8,12 @@ moves, the 4-bit weights take less memory), and merges it into the full-precisio
 prints `SELFLLM_RESULT {json}`. The first run's tracking files are read inside the container (stdlib only:
 run_files) and checked here: `curves.png` is a PNG drawn for the 20 steps with the logged losses (saved beside the
 container log as <recipe>.curves.png), and the offline SwanLab log (`swanlog/`) holds the 20 loss points. A family with text-only sizes of another class (model.yaml `variants:`, Gemma-3
-270m/1b) also trains 4 steps on a tiny model of that class, with no override."""
+270m/1b) also trains 4 steps on a tiny model of that class, with no override.
+
+A family whose model.yaml takes images trains on image-text data instead: the shipped LaTeX-OCR set (no DATA_PATH,
+its images read by the family's processor, the vision tower frozen), every `infer` asks about an image of the set
+(`--image`: the log-prob fingerprint is image-conditioned), and first a data file naming a missing image must be
+refused by `selfllm lora train` with one line naming the file and the record, exit status 2."""
 from __future__ import annotations
 
 import base64
@@ -17,7 +22,9 @@ import io
 import json
 from pathlib import Path
 
-from .checks import LOGPROB_MOVED, LOGPROB_SAME, RESULT_PREFIX, SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect, results  # noqa: F401
+from selfllm_runtime.finetune.vision_data import LATEX_OCR_PROMPT
+
+from .checks import LOGPROB_MOVED, LOGPROB_SAME, RESULT_PREFIX, SMOKE_MODEL_DIR, SmokeCheck, SmokeFailure, SmokeSession, expect, results  # noqa: F401
 
 DATA = "/root/autodl-tmp/data/lora-sample.json"
 ADAPTER = "/root/autodl-tmp/lora/smoke"
@@ -27,6 +34,17 @@ QLORA_MERGED = QLORA_ADAPTER + "-merged"
 SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 # the same greedy question to the base model, with the adapter, and to the merged model
 ASK = f"--prompt '你是谁？' --system '{SYSTEM_PROMPT}' --enable-thinking false --temperature 0 --max-new-tokens 16"
+# An image family: a copy of the shipped LaTeX-OCR set (for --image), a data file naming a missing image
+IMAGE_DATA_DIR = "/root/autodl-tmp/data/latex-ocr"
+BAD_IMAGE_DATA = f"{IMAGE_DATA_DIR}/missing-image.json"
+IMAGE_RECORDS = 120  # scripts/make_latex_ocr.py --count
+ASK_IMAGE = (f"--prompt '{LATEX_OCR_PROMPT}' --image {IMAGE_DATA_DIR}/images/0003.png --enable-thinking false "
+             "--temperature 0 --max-new-tokens 16")
+BAD_IMAGE_RECORD = '[{"conversations": [{"role": "user", "value": "missing.png"}, {"role": "assistant", "value": "x"}]}]'
+REFUSAL_STEP = (f"(printf '%s' '{BAD_IMAGE_RECORD}' > {BAD_IMAGE_DATA}; selfllm lora train --data {BAD_IMAGE_DATA} "
+                "2> /tmp/refused.err; code=$?; python3 -c \"import json, sys; print('SELFLLM_RESULT ' + json.dumps("
+                "{'action': 'refused', 'code': int(sys.argv[1]), 'stderr': open('/tmp/refused.err').read()}))\" $code)")
+IMAGE_PREFIX = [f"selfllm lora sample-data --latex-ocr {IMAGE_DATA_DIR}/latex_ocr.json", REFUSAL_STEP]
 
 
 def run_files(run_dir: str) -> dict:
@@ -110,11 +128,26 @@ def verify_training(trained: dict, label: str) -> tuple[float, float]:
     return first, last
 
 
+def verify_refusal(refused: dict) -> str:
+    """`selfllm lora train` on a file naming a missing image: status 2, one line naming the file and the record."""
+    lines = [line for line in refused["stderr"].splitlines() if line.strip() and "WARN" not in line]
+    expect(refused["code"] == 2 and "Traceback" not in refused["stderr"] and len(lines) == 1
+           and f"{BAD_IMAGE_DATA}: record 0: image" in lines[0] and "missing.png" in lines[0],
+           f"a missing image must be refused in one line naming file and record, status 2: {refused}")
+    return f"a missing image refused (status 2): {lines[0]!r}"
+
+
 def verify_lora(session: SmokeSession) -> str:
     code = session.exit_code()
     found = results(session.logs())
     actions = [r["action"] for r in found]
     expect(code == 0, f"the container exited with code {code} after {actions or 'no result'}")
+    images = takes_images(session.recipe_key)
+    image_line = ""
+    if images:
+        expect(bool(found) and found[0]["action"] == "refused", f"expected the missing image's refusal first: {actions}")
+        image_line = "; " + verify_refusal(found.pop(0))
+        actions = actions[1:]
     qlora, other = quantizable(session.recipe_key), variant(session.recipe_key)
     expect(actions == (ACTIONS if qlora else LORA_ACTIONS) + (["train"] if other else []),
            "expected train, run_files (curves and SwanLab log), infer (base), infer (adapter), merge, infer (merged)"
@@ -129,6 +162,12 @@ def verify_lora(session: SmokeSession) -> str:
         variant_line = f"; 4 steps on a tiny {other} (its own LoRA modules)"
     trained, files, infer_base, infer_adapter, merged, infer_merged = found[:len(LORA_ACTIONS)]
     first, last = verify_training(trained, "LoRA")
+    if images:
+        expect(trained["images"] == IMAGE_RECORDS and trained["examples"] == IMAGE_RECORDS,
+               f"image-text training on the shipped LaTeX-OCR set: {trained['examples']} examples, "
+               f"{trained['images']} images (expected {IMAGE_RECORDS})")
+        expect(all(r["image"] and r["image"].endswith("0003.png") for r in (infer_base, infer_adapter, infer_merged)),
+               "every inference must read the image (--image)")
     tracked = verify_run_files(files, trained, session)
     expect(infer_adapter["adapter"] == ADAPTER and infer_adapter["completion_tokens"] > 0,
            f"inference with the adapter: {infer_adapter}")
@@ -152,12 +191,15 @@ def verify_lora(session: SmokeSession) -> str:
            f"the merged model answers {infer_merged['output']!r}, the adapter {infer_adapter['output']!r}")
     return (f"trained {trained['steps']} steps on {trained['examples']} examples, loss {first:.2f} → {last:.2f}, "
             f"{trained['tokens_per_s']} tokens/s ({trained['device']}); "
-            + f"the adapter moves the prompt log-prob {base_lp:.4f} → {adapter_lp:.4f}"
+            + ("on the LaTeX-OCR set's images, " if images else "")
+            + f"the adapter moves the {'image-conditioned ' if images else ''}prompt log-prob {base_lp:.4f} → "
+              f"{adapter_lp:.4f}"
             + (" and changes the greedy reply, " if visible else " (greedy replies are whitespace), ")
             + tracked + "; "
             + "the merged model answers as base + adapter; "
             + (verify_qlora(found[len(LORA_ACTIONS):], infer_base) if qlora
-               else "no QLoRA (the checkpoint ships quantized weights: QUANTIZATION is refused)") + variant_line)
+               else "no QLoRA (the checkpoint ships quantized weights: QUANTIZATION is refused)") + variant_line
+            + image_line)
 
 
 def verify_run_files(files: dict, trained: dict, session: SmokeSession | None = None) -> str:
@@ -225,12 +267,28 @@ def variant_steps(architecture: str) -> list[str]:
             f"MODEL_PATH={folder} RUN_NAME=smoke-variant MAX_STEPS=4 selfllm start"]
 
 
+def takes_images(recipe_key: str) -> bool:
+    """Whether the family's model.yaml takes images: LoRA then trains on image-text data."""
+    return _family(recipe_key).modalities.takes("image")
+
+
+def image_steps(steps: list[str]) -> list[str]:
+    """The steps of an image family: the LaTeX-OCR copy and the refusal first, the shipped set trained on (no
+    sample data), every question asked about an image."""
+    return IMAGE_PREFIX + [step.replace(ASK, ASK_IMAGE) for step in steps if not step.startswith("selfllm lora sample-data")]
+
+
 def recipe_check(spec) -> SmokeCheck:
-    """LoRA, then QLoRA where the family can be quantized, then a text-only variant where the family has one."""
+    """LoRA, then QLoRA where the family can be quantized, then a text-only variant where the family has one; an
+    image family's on image-text data."""
     steps = LORA_STEPS + (QLORA_STEPS if quantizable(spec.key) else [])
+    env = ENV
+    if takes_images(spec.key):
+        steps = [steps[0]] + image_steps(steps[1:])
+        env = {key: value for key, value in ENV.items() if key not in ("DATA_PATH", "SYSTEM_PROMPT")}
     if (architecture := variant(spec.key)) is not None:
         steps = steps + variant_steps(architecture)
-    return SmokeCheck(command=" && ".join(steps), verify=verify_lora, serves_http=False, env=ENV)
+    return SmokeCheck(command=" && ".join(steps), verify=verify_lora, serves_http=False, env=env)
 
 
 def verify_qlora(found: list[dict], full_base: dict) -> str:

@@ -47,6 +47,7 @@ def add_adapter_actions(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="generate one reply with base model + adapter (or a merged model)")
     add_flags(p, AdapterSettings)  # --model (MODEL_PATH), --adapter (ADAPTER_PATH)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--image", type=Path, default=None, help="an image the prompt is about (vision-language families)")
     p.add_argument("--system", default=None, help="system prompt (default: the one used in training)")
     p.add_argument("--enable-thinking", type=_flag_bool, nargs="?", const=True, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -77,7 +78,7 @@ def run_adapter_action(context: RecipeContext, args: argparse.Namespace) -> None
     if args.action == "infer":
         infer(context, model_dir(context, tool), tool.adapter_path, args.prompt, args.system,
               args.enable_thinking, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-              tool.quantization)
+              tool.quantization, args.image)
         return
     if tool.adapter_path is None:
         raise ValueError("merge needs the adapter: --adapter DIR or ADAPTER_PATH")

@@ -12,7 +12,7 @@ Formats (a JSON list, or JSONL with one record a line; both may be mixed in one 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +36,15 @@ class DataSourceError(ValueError):
     names it and what to set instead."""
 
 
-def default_data(path: Path = DEFAULT_DATA, sha256: str = DEFAULT_DATA_SHA256) -> Path:
-    """The shipped default data file, after checking its sha256."""
+def default_data(path: Path = DEFAULT_DATA, sha256: str = DEFAULT_DATA_SHA256,
+                 digest_of: Callable[[Path], str] = file_sha256) -> Path:
+    """The shipped default data file, after checking its sha256 (digest_of: of the file, or of the file and the
+    images it names: vision_data.data_digest)."""
     try:
-        digest = file_sha256(path)
-    except OSError as exc:
-        raise DataSourceError(f"the shipped default data {path} can't be read ({exc.strerror}): reinstall the "
-                              "runtime, or set DATA_PATH to a mounted file") from None
+        digest = digest_of(path)
+    except (OSError, ValueError) as exc:  # ValueError: a DataError of digest_of
+        raise DataSourceError(f"the shipped default data {path} can't be read ({getattr(exc, 'strerror', None) or exc}): "
+                              "reinstall the runtime, or set DATA_PATH to a mounted file") from None
     if digest != sha256:
         raise DataSourceError(f"the shipped default data {path} has sha256 {digest}, not {sha256}: reinstall the "
                               "runtime, or set DATA_PATH to a mounted file")

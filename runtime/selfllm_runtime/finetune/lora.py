@@ -16,7 +16,7 @@ from ..chat_engine import end_of_turn
 from ..chat_template import use_chat_template
 from ..context import RecipeContext
 from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, encode_files
-from . import resume
+from . import resume, vision
 from .tracking import swanlog_dir, tracking_for
 from ..loading import apply_torch_threads, load_causal_lm
 from ..metadata import Quantization
@@ -91,15 +91,24 @@ def load_tokenizer(context: RecipeContext, model_dir: Path, chat_template: str |
     return tokenizer
 
 
-def prepare_data(context: RecipeContext, tokenizer, settings: LoraSettings) -> tuple[list[Path], EncodedData]:
+def prepare_data(context: RecipeContext, tokenizer, settings: LoraSettings,
+                 images_from: Path | None = None) -> tuple[list[Path], EncodedData | Any, Any]:
+    """(data files, examples, collator); images_from: a vision checkpoint whose processor reads image-text data
+    (finetune/vision.py; the shipped LaTeX-OCR set by default)."""
     paths = list(settings.data)
-    if not paths:
-        paths = [fetch_data(settings.data_url, settings.data_dir) if settings.data_url else default_data()]
+    if not paths and settings.data_url:
+        paths = [fetch_data(settings.data_url, settings.data_dir)]
     family = context.family
     chat = ChatTokenizer(tokenizer, thinking_kwargs(context, settings.enable_thinking), end_of_turn(tokenizer, family),
                          settings.max_length, closes_reply=family.template_closes_reply, reasoning=family.reasoning,
                          system_role=family.system_role)
-    return paths, encode_files(paths, chat, settings.system_prompt, settings.max_samples)
+    if images_from is not None:
+        return vision.prepare(context, images_from, chat, paths, settings)
+    from transformers import DataCollatorForSeq2Seq
+
+    paths = paths or [default_data()]
+    return (paths, encode_files(paths, chat, settings.system_prompt, settings.max_samples),
+            DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
 
 
 # The settings a checkpoint is tied to (RESUME=auto continues only when all of them match), by variable name.
@@ -156,7 +165,8 @@ def adapter_model(context: RecipeContext, model_dir: Path, settings: LoraSetting
     # A vision-language model: only the language model's modules (model.yaml lora.modules_under).
     targets = context.family.lora.peft_target_modules(settings.target_modules)
     lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=targets, r=settings.r,
-                             lora_alpha=settings.alpha, lora_dropout=settings.dropout, inference_mode=False, **by_parameter)
+                             lora_alpha=settings.alpha, lora_dropout=settings.dropout, inference_mode=False, **by_parameter,
+                             **vision.lora_options(context, images))
     try:
         model = get_peft_model(model, lora_config)
     except ValueError as exc:
@@ -237,26 +247,29 @@ def publish_adapter(staged: Path, tokenizer: Any, run_dir: Path, info: dict[str,
 def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> dict[str, Any]:
     """Fine-tune a LoRA adapter; returns (and prints as SELFLLM_RESULT) a summary with the losses."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from .curves import CURVES_PNG
 
     model_dir = Path(model_dir)
     context = context.for_checkpoint(model_dir)  # a text-only size of a vision-language family: its own LoRA modules
-    run_dir = settings.run_dir(model_dir)
+    images = vision.reads_images(context, model_dir)  # image-text data through the family's processor
+    run_dir = settings.run_dir(model_dir, *([vision.DEFAULT_IMAGE_DATA] if images else []))
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if rank != 0:  # torchrun's other processes: only rank 0 logs, writes the adapter and the result line
         log.setLevel(logging.WARNING)
     torch.manual_seed(settings.seed)
     log.info("%s", apply_torch_threads(settings.torch_threads))
     tokenizer = load_tokenizer(context, model_dir, settings.chat_template)
-    paths, data = prepare_data(context, tokenizer, settings)
+    paths, data, collator = prepare_data(context, tokenizer, settings, model_dir if images else None)
     log.info("%d examples from %d records in %s (%d tokens, %d skipped as too long)", len(data.examples),
              data.records, ", ".join(map(str, paths)), data.tokens, data.skipped)
     identity = training_identity(settings, model_dir, paths, world)
     start = resume.plan(run_dir, identity, settings.resume)  # refuses before the model is loaded
     loaded, model = adapter_model(context, model_dir, settings)
     device, dtype = loaded.device, loaded.dtype
+    if images:
+        log.info("trainable outside the language model: %s", vision.trainable_outside_language_model(model, context))
 
     losses: list[float] = []
 
@@ -278,7 +291,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
         disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data.examples, processing_class=tokenizer,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                      data_collator=collator,
                       callbacks=[LossRecorder(), resume.record_callback(identity), *tracked.callbacks])
     output, start, seconds = resume.train_from(trainer, start, log)
     # The final adapter is written aside, then moved into the run folder (RUN_INFO last): a stop never leaves a
@@ -292,7 +305,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
     peak_gb = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     info = {"base_model": str(model_dir), "family": context.recipe.model, "data": [str(p) for p in paths],
-            "system_prompt": settings.system_prompt, "enable_thinking": settings.enable_thinking,
+            "system_prompt": getattr(data, "system_prompt", settings.system_prompt), "enable_thinking": settings.enable_thinking,
             "settings": json.loads(settings.model_dump_json())}
     publish_adapter(staged, tokenizer, run_dir, info)
     return emit_result(
@@ -300,7 +313,7 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
         quantization=settings.quantization,
         base_weights_gb=loaded.weights_gb, steps=int(output.global_step), resumed_from_step=start.step,
         trained_steps=int(output.global_step) - start.step, examples=len(data.examples),
-        records=data.records, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+        records=data.records, images=getattr(data, "images", 0), loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         loss_min=min(losses) if losses else None, losses=[round(x, 4) for x in losses[:200]],
         train_tokens=tokens, peak_gpu_memory_gb=peak_gb, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else None,
         adapter_files=sorted(p.name for p in run_dir.glob("adapter_*")), report_to=settings.report_to,
@@ -315,7 +328,7 @@ def read_run_info(adapter_dir: Path | None) -> dict[str, Any]:
 def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, prompt: str,
           system_prompt: str | None = None, enable_thinking: bool | None = None, max_new_tokens: int = 256,
           temperature: float | None = None, top_p: float | None = None, seed: int | None = 0,
-          quantization: Quantization | None = None) -> dict[str, Any]:
+          quantization: Quantization | None = None, image: Path | None = None) -> dict[str, Any]:
     """One reply from the base model plus adapter (or from a merged model when adapter_dir is None).
     The system prompt, thinking switch and the base's quantization default to what the adapter was
     trained with (a merged model: none); temperature and top_p to the checkpoint's generation_config."""
@@ -326,13 +339,14 @@ def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, pro
     thinking = enable_thinking if enable_thinking is not None else info.get("enable_thinking", False)
     trained = info.get("settings", {}).get("quantization", "none") if adapter_dir is not None else "none"
     quantization = quantization or trained
+    content = vision.image_prompt(prompt, image) if image is not None else prompt  # --image: checked before loading
     engine = ChatEngine(context, Path(model_dir), context.settings(EngineSettings, cli={"quantization": quantization}))
     if adapter_dir is not None:
         from peft import PeftModel
 
         engine.model = PeftModel.from_pretrained(engine.model, str(adapter_dir)).eval()
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": prompt}]
+        {"role": "user", "content": content}]
     kwargs = {context.family.thinking.template_kwarg: thinking} if context.family.thinking else {}
     params = engine.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                            template_kwargs=kwargs)
@@ -342,21 +356,26 @@ def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, pro
                        quantization=engine.quantization, weights_gb=engine.loaded.weights_gb,
                        prompt=prompt, reply=completion.text, output=completion.raw,
                        completion_tokens=completion.completion_tokens, finish_reason=completion.finish_reason,
-                       prompt_logprob=prompt_logprob(engine, engine.format_prompt(messages, kwargs)))
+                       image=str(image) if image is not None else None,
+                       prompt_logprob=prompt_logprob(engine, engine.encode(messages, kwargs)))
 
 
-def prompt_logprob(engine: Any, prompt: str) -> float:
-    """Mean log-probability the model gives each token of `prompt` (teacher forcing): a fingerprint of the
+def prompt_logprob(engine: Any, prompt: Any) -> float:
+    """Mean log-probability the model gives each token of `prompt` (chat_engine.EncodedPrompt: with its images'
+    pixel values, an image-conditioned figure) (teacher forcing): a fingerprint of the
     weights that an untrained adapter leaves as it is (LoRA's B starts at zero) and training moves, even
     where a tiny random model's greedy reply is the same token over and over. Call it when no generation
     runs (the engine's scheduler is idle)."""
     import torch
 
     model = engine.model
-    ids = engine.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    ids = ids.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt.ids], device=device)
+    inputs = {key: value.to(device) for key, value in prompt.inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(engine.loaded.dtype)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, :-1].float()
+        logits = model(input_ids=ids, **inputs).logits[0, :-1].float()
     return round(float(torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).mean()), 6)
 
 

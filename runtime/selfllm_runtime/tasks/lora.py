@@ -2,9 +2,10 @@
 
   selfllm start                          = selfllm lora train with settings from the environment
   selfllm lora train [--data F ...]      fine-tune; the adapter goes to $OUTPUT_DIR/<run-name>
-  selfllm lora infer --prompt TEXT [--adapter DIR] [--model DIR]
+  selfllm lora infer --prompt TEXT [--image PATH] [--adapter DIR] [--model DIR]
   selfllm lora merge --adapter DIR [--out DIR] [--model DIR]
   selfllm lora sample-data OUT.json      write a small synthetic data set (both formats)
+  selfllm lora sample-data --latex-ocr OUT.json   copy the shipped LaTeX-OCR image set (images beside OUT)
   selfllm lora dashboard [RUN_DIR]       SwanLab's local dashboard of a run on HOST:PORT (default: the newest)
 
 Every run draws its curves into <run>/curves.png and, with REPORT_TO=swanlab (the default, offline), logs
@@ -25,6 +26,8 @@ from ..context import RecipeContext, load_context
 from ..finetune.data import DataError, write_sample_data
 from ..finetune import commands
 from ..finetune.lora import train
+from ..finetune.vision import check_data as check_image_data
+from ..finetune.vision_data import copy_image_data
 from ..model_source import ModelNotFound
 from ..settings import LoraSettings, add_flags
 
@@ -51,18 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample-data", help="write a small synthetic data set mixing both formats")
     p.add_argument("out")
     p.add_argument("--count", type=int, default=36)
+    p.add_argument("--latex-ocr", action="store_true", help="instead: a copy of the shipped LaTeX-OCR image-text set "
+                   "(OUT and OUT's images/ folder)")
     return parser
 
 
 def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.action == "sample-data":
-        print(write_sample_data(Path(args.out), args.count))
+        print(copy_image_data(Path(args.out)) if args.latex_ocr else write_sample_data(Path(args.out), args.count))
         return 0
     context = load_context(args.recipe or recipe)
     try:
         if args.action == "train":
             settings = context.settings(LoraSettings, cli=vars(args))  # checked before the model is fetched
+            check_image_data(context, settings)  # every image of DATA_PATH decodes, before the model is fetched
             train(context, commands.model_dir(context, settings), settings)
             return 0
         commands.run_adapter_action(context, args)
