@@ -149,3 +149,75 @@ def test_selfllm_start_refuses_bad_input_before_any_download(tmp_path, env, mess
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("selfllm grpo: error: ") and message in last, done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- the smoke check's judgement
+
+def _grpo_results(rewards: list[float], curves_rewards: list[float] | None = None, swanlab: bool = True) -> list[dict]:
+    """Made-up container output of the grpo smoke check: 30 steps of a learnable reward, its run files, one math
+    step, infer (base, adapter), merge, infer (merged)."""
+    import base64
+    import tempfile
+
+    from selfllm_recipes.smoke import task_grpo
+    from selfllm_runtime.finetune.curves import MetricHistory, plot
+
+    steps = task_grpo.STEPS
+    plotted = curves_rewards or rewards
+    history = MetricHistory()
+    for step in range(1, steps + 1):
+        history.record(step, {"reward": plotted[step - 1], "learning_rate": 1e-2, "kl": 0.0})
+    with tempfile.TemporaryDirectory() as folder:
+        png = base64.b64encode(plot(history, Path(folder) / "curves.png", "t").read_bytes()).decode()
+    points = [[s, v] for s, v in zip(range(1, steps + 1), plotted)]
+    infer = {"action": "infer", "adapter": None, "model": "/m", "completion_tokens": 8, "prompt_logprob": -6.5}
+    return [
+        {"action": "train", "steps": steps, "rewards": rewards, "num_generations": 8, "device": "cpu", "seconds": 9.0,
+         "adapter_files": ["adapter_config.json", "adapter_model.safetensors"]},
+        {"action": "run_files", "run_dir": task_grpo.ADAPTER, "png": png,
+         "curves": {"last_step": steps, "metrics": {k: [list(p) for p in v] for k, v in history.points.items()}},
+         "swanlab_tag": "train/reward", "swanlab_points": points if swanlab else None},
+        {"action": "train", "steps": 1, "reward_functions": {"format_reward": [0.0], "correctness_reward": [0.0]},
+         "data": ["/opt/selfllm/runtime/selfllm_runtime/finetune/data/arithmetic.jsonl"], "prompts": 400,
+         "reward_last": 0.0},
+        infer, {**infer, "adapter": task_grpo.ADAPTER, "prompt_logprob": -6.3},
+        {"action": "merge", "files": ["config.json", "model.safetensors"]},
+        {**infer, "model": task_grpo.MERGED, "prompt_logprob": -6.3000001},
+    ]
+
+
+class _Session:
+    def __init__(self, found: list[dict]):
+        from selfllm_recipes.smoke.checks import RESULT_PREFIX
+
+        self.text = "\n".join(RESULT_PREFIX + json.dumps(r) for r in found)
+        self.recipe_key, self.artifacts_dir = "qwen3/grpo", None
+
+    def exit_code(self) -> int:
+        return 0
+
+    def logs(self) -> str:
+        return self.text
+
+
+RISING = [round(0.5 + 0.015 * step, 4) for step in range(30)]
+
+
+def test_the_grpo_smoke_check_passes_a_run_that_learns_and_drew_its_reward():
+    from selfllm_recipes.smoke.task_grpo import verify_grpo
+
+    line = verify_grpo(_Session(_grpo_results(RISING)))
+    assert "learnable reward 0.530 → 0.905" in line and "30 reward points" in line and "curves over 30 steps" in line
+
+
+@pytest.mark.parametrize("found, message", [
+    (_grpo_results([0.5] * 30), "did not rise"),
+    (_grpo_results(RISING, swanlab=False), "no SwanLab log"),
+    (_grpo_results(RISING, curves_rewards=[0.5] * 30), "curves.png's reward"),
+])
+def test_the_grpo_smoke_check_fails_a_flat_reward_or_missing_curves(found, message):
+    from selfllm_recipes.smoke.checks import SmokeFailure
+    from selfllm_recipes.smoke.task_grpo import verify_grpo
+
+    with pytest.raises(SmokeFailure, match=message):
+        verify_grpo(_Session(found))

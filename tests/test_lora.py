@@ -467,7 +467,7 @@ def test_the_run_draws_its_curves_and_keeps_an_offline_swanlab_log(trained, tmp_
 
     files = run_files(trained["adapter_dir"])
     assert trained["report_to"] == "swanlab" and trained["swanlog"] == str(Path(trained["adapter_dir"]) / "swanlog")
-    detail = verify_run_files(files, trained)
+    detail = verify_run_files(files, trained["steps"], trained["losses"], "loss")
     assert "4 curves over 20 steps" in detail and "20 loss points" in detail, detail
     assert list(files["curves"]["metrics"]) == ["loss", "learning_rate", "grad_norm", "train_tokens_per_second"]
 
@@ -477,18 +477,19 @@ def test_a_broken_picture_or_a_missing_swanlab_log_fails_the_smoke_check(trained
     from selfllm_recipes.smoke.task_lora import run_files, verify_run_files
 
     files = run_files(trained["adapter_dir"])
+    steps, losses = trained["steps"], trained["losses"]
     with pytest.raises(SmokeFailure, match="no SwanLab log"):
-        verify_run_files({**files, "swanlab_loss": None}, trained)
+        verify_run_files({**files, "swanlab_points": None}, steps, losses, "loss")
     with pytest.raises(SmokeFailure, match="SwanLab log's train/loss"):
-        verify_run_files({**files, "swanlab_loss": files["swanlab_loss"][:-1]}, trained)
+        verify_run_files({**files, "swanlab_points": files["swanlab_points"][:-1]}, steps, losses, "loss")
     with pytest.raises(SmokeFailure, match="drawn for step 20 .trained 21"):
-        verify_run_files(files, {**trained, "steps": 21})
+        verify_run_files(files, 21, losses, "loss")
     import base64
 
     from PIL import UnidentifiedImageError
 
     with pytest.raises(UnidentifiedImageError):
-        verify_run_files({**files, "png": base64.b64encode(b"not a png").decode()}, trained)
+        verify_run_files({**files, "png": base64.b64encode(b"not a png").decode()}, steps, losses, "loss")
 
 
 def test_swanlab_local_mode_trains_with_the_network_off(context, tiny_model, tmp_path, monkeypatch):
@@ -512,7 +513,7 @@ def test_swanlab_local_mode_trains_with_the_network_off(context, tiny_model, tmp
     assert not tried, tried
     from selfllm_recipes.smoke.task_lora import run_files
 
-    assert [step for step, _ in run_files(done["adapter_dir"])["swanlab_loss"]] == [1, 2, 3]
+    assert [step for step, _ in run_files(done["adapter_dir"])["swanlab_points"]] == [1, 2, 3]
 
 
 def test_moe_lora_trains_the_fused_experts_and_merges(tiny_recipe, tmp_path):

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from selfllm_recipes.smoke import task_lora
-from selfllm_recipes.smoke.checks import SmokeFailure
+from selfllm_recipes.smoke.checks import RESULT_PREFIX, SmokeFailure
 
 
 class FakeSession:
     def __init__(self, results: list[dict], code: int = 0, recipe_key: str = "qwen3/lora"):
-        self.code, self.text = code, "\n".join(task_lora.RESULT_PREFIX + json.dumps(r) for r in results)
+        self.code, self.text = code, "\n".join(RESULT_PREFIX + json.dumps(r) for r in results)
         self.recipe_key = recipe_key
         self.artifacts_dir = None
 
@@ -66,7 +66,7 @@ def run_files(steps: int = 20, losses: tuple[float, ...] = (6.3, 6.2, 6.1, 6.0, 
     points = [[step, losses[step - 1] if step <= len(losses) else 5.0] for step in range(1, steps + 1)]
     return {"action": "run_files", "run_dir": task_lora.ADAPTER, "png": curves_png(steps, losses),
             "curves": {"last_step": steps, "metrics": {"loss": points, "learning_rate": [[s, 1e-4] for s, _ in points]}},
-            "swanlab_loss": points, **changes}
+            "swanlab_tag": "train/loss", "swanlab_points": points, **changes}
 
 
 def run(base_lp: float, adapter_lp: float, merged_lp: float, base_out: str, adapter_out: str,
@@ -102,7 +102,7 @@ def test_a_trained_adapter_passes():
 
 
 @pytest.mark.parametrize("files, message", [
-    (run_files(swanlab_loss=None), "no SwanLab log"),
+    (run_files(swanlab_points=None), "no SwanLab log"),
     (run_files(steps=19), "drawn for step 19 .trained 20."),
     (run_files(png=base64.b64encode(b"GIF89a").decode()), "cannot identify image file"),
     (run_files(losses=(6.0, 6.2, 6.1, 6.0, 5.9, 5.8)), "curves.png's loss"),

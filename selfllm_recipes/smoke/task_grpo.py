@@ -4,11 +4,12 @@ loop is shown on a reward it can learn in a few dozen steps: the share of even t
 flat logits). `selfllm start` trains 30 GRPO steps on it and the mean reward must rise (first → last in the report
 line). Then one step with the built-in format + math-correctness rewards on the default data (no hub here: the
 shipped arithmetic problems, after one warning line), and `selfllm grpo infer` / `merge` on the adapter (the lora
-task's code): the adapter moves the prompt's log-prob and the merged model answers as base + adapter."""
+task's code): the adapter moves the prompt's log-prob and the merged model answers as base + adapter. The first
+run's curves.png and offline SwanLab log (smoke/run_files.py) must hold the rewards it reported."""
 from __future__ import annotations
 
-from .checks import SMOKE_MODEL_DIR, SmokeCheck, expect
-from .checks import LOGPROB_MOVED, LOGPROB_SAME, results
+from .checks import LOGPROB_MOVED, LOGPROB_SAME, SMOKE_MODEL_DIR, SmokeCheck, expect, results
+from .run_files import run_files_step, verify_run_files
 
 ADAPTER = "/root/autodl-tmp/grpo/smoke"
 MERGED = ADAPTER + "-merged"
@@ -23,6 +24,7 @@ COMMAND = " && ".join([
     f"selfllm smoke-model {SMOKE_MODEL_DIR}",
     "printf '%s\\n' " + " ".join(f"'{line}'" for line in REWARD_CODE) + f" > {REWARDS}",
     f"REWARD_MODULE={REWARDS} MAX_STEPS={STEPS} TEMPERATURE=0.1 selfllm start",
+    run_files_step(ADAPTER, "train/reward"),  # curves.png, curves.json and the SwanLab log of that run
     "RUN_NAME=smoke-math MAX_STEPS=1 BATCH_SIZE=4 NUM_GENERATIONS=4 MAX_COMPLETION_LENGTH=16 selfllm start",
     f"selfllm grpo infer {ASK}",
     f"selfllm grpo infer --adapter {ADAPTER} {ASK}",
@@ -31,7 +33,7 @@ COMMAND = " && ".join([
 ])
 ENV = {"RUN_NAME": "smoke", "BATCH_SIZE": "8", "NUM_GENERATIONS": "8", "MAX_COMPLETION_LENGTH": "12",
        "LEARNING_RATE": "2e-2", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000"}
-ACTIONS = ["train", "train", "infer", "infer", "merge", "infer"]
+ACTIONS = ["train", "run_files", "train", "infer", "infer", "merge", "infer"]
 RISE = 0.05  # the learnable reward's mean must rise at least this much (first five steps → last five)
 
 
@@ -45,7 +47,7 @@ def verify_grpo(session) -> str:
     actions = [r["action"] for r in found]
     expect(code == 0, f"the container exited with code {code} after {actions or 'no result'}")
     expect(actions == ACTIONS, f"expected {ACTIONS}; got {actions}")
-    learned, math, base, adapted, merged, from_merged = found
+    learned, files, math, base, adapted, merged, from_merged = found
     rewards = learned["rewards"]
     expect(learned["steps"] == STEPS and len(rewards) == STEPS, f"learnable reward: {learned['steps']} steps, "
            f"{len(rewards)} rewards logged")
@@ -56,6 +58,7 @@ def verify_grpo(session) -> str:
     expect(math["steps"] == 1 and set(math["reward_functions"]) == {"format_reward", "correctness_reward"}
            and math["data"][0].endswith("arithmetic.jsonl") and math["prompts"] > 100,
            f"one step with the built-in rewards on the shipped problems: {math}")
+    tracked = verify_run_files(files, STEPS, rewards, "reward", session)
     base_lp, adapter_lp, merged_lp = (r["prompt_logprob"] for r in (base, adapted, from_merged))
     expect(base["adapter"] is None and adapted["adapter"] == ADAPTER and adapted["completion_tokens"] > 0,
            f"inference with the adapter: {adapted}")
@@ -66,7 +69,7 @@ def verify_grpo(session) -> str:
     return (f"GRPO {STEPS} steps × {learned['num_generations']} completions ({learned['device']}, "
             f"{learned['seconds']:.0f} s): learnable reward {first:.3f} → {last:.3f}; 1 step with "
             f"format + correctness rewards on {math['prompts']} shipped problems (reward {math['reward_last']}); the "
-            f"adapter moves the prompt log-prob {base_lp:.4f} → {adapter_lp:.4f}, merged model = base + adapter")
+            f"adapter moves the prompt log-prob {base_lp:.4f} → {adapter_lp:.4f}, merged model = base + adapter; {tracked}")
 
 
 CHECK = SmokeCheck(command=COMMAND, verify=verify_grpo, serves_http=False, env=ENV)

@@ -16,15 +16,10 @@ its images read by the family's processor, the vision tower frozen), every `infe
 refused by `selfllm lora train` with one line naming the file and the record, exit status 2."""
 from __future__ import annotations
 
-import base64
-import inspect
-import io
-import json
-from pathlib import Path
-
 from selfllm_runtime.finetune.vision_data import LATEX_OCR_PROMPT
 
-from .checks import LOGPROB_MOVED, LOGPROB_SAME, RESULT_PREFIX, SMOKE_MODEL_DIR, SmokeCheck, SmokeFailure, SmokeSession, expect, results  # noqa: F401
+from .checks import LOGPROB_MOVED, LOGPROB_SAME, SMOKE_MODEL_DIR, SmokeCheck, SmokeFailure, SmokeSession, expect, results
+from .run_files import run_files, run_files_step, verify_run_files  # noqa: F401  (run_files: tests read a native run)
 
 DATA = "/root/autodl-tmp/data/lora-sample.json"
 ADAPTER = "/root/autodl-tmp/lora/smoke"
@@ -47,46 +42,11 @@ REFUSAL_STEP = (f"(printf '%s' '{BAD_IMAGE_RECORD}' > {BAD_IMAGE_DATA}; selfllm 
 IMAGE_PREFIX = [f"selfllm lora sample-data --latex-ocr {IMAGE_DATA_DIR}/latex_ocr.json", REFUSAL_STEP]
 
 
-def run_files(run_dir: str) -> dict:
-    """What a run left for a user to look at, read with the standard library only (this function's source runs
-    inside the image, by run_files_step): curves.png (base64), curves.json, and the SwanLab log's train/loss
-    points [[step, value]] of the folder's newest SwanLab run (its database names the metric's log folder)."""
-    import base64
-    import glob
-    import json
-    import os
-    import sqlite3
-
-    with open(os.path.join(run_dir, "curves.png"), "rb") as png, open(os.path.join(run_dir, "curves.json")) as curves:
-        found = {"action": "run_files", "run_dir": run_dir, "png": base64.b64encode(png.read()).decode(),
-                 "curves": json.load(curves), "swanlab_loss": None}
-    swanlog = os.path.join(run_dir, "swanlog")
-    if os.path.isfile(os.path.join(swanlog, "runs.swanlab")):
-        database = sqlite3.connect(f"file:{os.path.join(swanlog, 'runs.swanlab')}?mode=ro", uri=True)
-        row = database.execute("SELECT experiment.run_id, tag.folder FROM tag JOIN experiment ON tag.experiment_id = "
-                               "experiment.id WHERE tag.name = 'train/loss' ORDER BY experiment.id DESC").fetchone()
-        database.close()
-        points = []
-        for log in sorted(glob.glob(os.path.join(swanlog, row[0], "logs", row[1], "*.log"))) if row else []:
-            with open(log) as lines:
-                points += [[record["index"], record["data"]] for record in map(json.loads, lines) if record]
-        found["swanlab_loss"] = sorted(points)
-    return found
-
-
-def run_files_step(run_dir: str) -> str:
-    """The shell step that prints run_files(run_dir) as a result line, in the recipe's image."""
-    source = inspect.getsource(run_files) + (f"\nprint({RESULT_PREFIX!r} + __import__('json').dumps("
-                                             f"run_files({run_dir!r})), flush=True)\n")
-    encoded = base64.b64encode(source.encode()).decode()
-    return f"python3 -c \"import base64; exec(base64.b64decode('{encoded}'))\""
-
-
 LORA_STEPS = [
     f"selfllm smoke-model {SMOKE_MODEL_DIR}",
     f"selfllm lora sample-data {DATA}",
     "selfllm start",  # train with the settings in ENV below
-    run_files_step(ADAPTER),  # curves.png, curves.json and the SwanLab log it wrote
+    run_files_step(ADAPTER, "train/loss"),  # curves.png, curves.json and the SwanLab log it wrote
     f"selfllm lora infer {ASK}",  # the base model (MODEL_PATH), no adapter
     f"selfllm lora infer --adapter {ADAPTER} {ASK}",
     f"selfllm lora merge --adapter {ADAPTER} --out {MERGED}",
@@ -162,13 +122,7 @@ def verify_lora(session: SmokeSession) -> str:
         variant_line = f"; 4 steps on a tiny {other} (its own LoRA modules)"
     trained, files, infer_base, infer_adapter, merged, infer_merged = found[:len(LORA_ACTIONS)]
     first, last = verify_training(trained, "LoRA")
-    if images:
-        expect(trained["images"] == IMAGE_RECORDS and trained["examples"] == IMAGE_RECORDS,
-               f"image-text training on the shipped LaTeX-OCR set: {trained['examples']} examples, "
-               f"{trained['images']} images (expected {IMAGE_RECORDS})")
-        expect(all(r["image"] and r["image"].endswith("0003.png") for r in (infer_base, infer_adapter, infer_merged)),
-               "every inference must read the image (--image)")
-    tracked = verify_run_files(files, trained, session)
+    tracked = verify_run_files(files, trained["steps"], trained["losses"], "loss", session)
     expect(infer_adapter["adapter"] == ADAPTER and infer_adapter["completion_tokens"] > 0,
            f"inference with the adapter: {infer_adapter}")
     # `output` is the whole generated text, thinking included (R1-style templates open the thinking block,
@@ -200,45 +154,6 @@ def verify_lora(session: SmokeSession) -> str:
             + (verify_qlora(found[len(LORA_ACTIONS):], infer_base) if qlora
                else "no QLoRA (the checkpoint ships quantized weights: QUANTIZATION is refused)") + variant_line
             + image_line)
-
-
-def verify_run_files(files: dict, trained: dict, session: SmokeSession | None = None) -> str:
-    """curves.png is a PNG with a panel per plotted metric, drawn for the steps trained, whose loss points are the
-    losses training reported; the SwanLab log holds the same loss at every step. The picture is saved beside the
-    container log (<recipe>.curves.png)."""
-    from PIL import Image
-
-    steps, losses = trained["steps"], trained["losses"]
-    picture = base64.b64decode(files["png"])
-    with Image.open(io.BytesIO(picture)) as image:
-        expect(image.format == "PNG", f"curves.png is not a PNG ({image.format})")
-        size = image.size
-        image.verify()
-    curves = files["curves"]
-    metrics = curves["metrics"]
-    expect(curves["last_step"] == steps and set(metrics) >= {"loss", "learning_rate"},
-           f"curves.png drawn for step {curves['last_step']} (trained {steps}) with {sorted(metrics)}")
-    plotted = metrics["loss"]
-    expect([step for step, _ in plotted] == list(range(1, steps + 1))
-           and all(abs(value - loss) < 1e-3 for (_, value), loss in zip(plotted, losses)),
-           f"curves.png's loss {plotted} is not the loss training logged {losses}")
-    rows = -(-len(metrics) // 2)
-    expect(size == ((1200 if len(metrics) > 1 else 600), 320 * rows),
-           f"curves.png is {size[0]}×{size[1]} px for {len(metrics)} panels")
-    swanlab = files["swanlab_loss"]
-    expect(swanlab is not None, f"no SwanLab log in {files['run_dir']}/swanlog (REPORT_TO=swanlab is the default)")
-    expect([step for step, _ in swanlab] == list(range(1, steps + 1))
-           and all(abs(value - loss) < 1e-3 for (_, value), loss in zip(swanlab, losses)),
-           f"the SwanLab log's train/loss {swanlab} is not the loss training logged {losses}")
-    saved = ""
-    if session is not None and session.artifacts_dir is not None:
-        folder = Path(session.artifacts_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        shot = folder / f"{session.recipe_key.replace('/', '-')}.curves.png"
-        shot.write_bytes(picture)
-        saved = f" ({shot.name})"
-    return (f"curves.png {size[0]}×{size[1]} px, {len(picture) // 1024} KiB, {len(metrics)} curves over {steps} steps"
-            f"{saved}; the offline SwanLab log holds {len(swanlab)} loss points")
 
 
 def _family(recipe_key: str):
