@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from selfllm_runtime.finetune.vision_data import LATEX_OCR_PROMPT
 
-from .checks import LOGPROB_MOVED, LOGPROB_SAME, SMOKE_MODEL_DIR, SmokeCheck, SmokeFailure, SmokeSession, expect, results
+from .checks import LOGPROB_MOVED, LOGPROB_SAME, SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect, results
 from .run_files import run_files, run_files_step, verify_run_files  # noqa: F401  (run_files: tests read a native run)
 
 DATA = "/root/autodl-tmp/data/lora-sample.json"
