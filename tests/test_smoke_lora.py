@@ -73,8 +73,11 @@ def run(base_lp: float, adapter_lp: float, merged_lp: float, base_out: str, adap
         qlora_results: list[dict] | None = None, recipe_key: str = "qwen3/lora", files: dict | None = None) -> str:
     merged = {"action": "merge", "files": ["config.json", "model.safetensors"], "trained_on": "none",
               "merged_dtype": "float32"}
+    refusal = ([{"action": "refused", "code": 2, "stderr": f"selfllm lora: error: {task_lora.BAD_IMAGE_DATA}: record 0: "
+                 "image /root/autodl-tmp/data/latex-ocr/missing.png not found\n"}]
+               if task_lora.takes_images(recipe_key) else [])  # an image family's check starts with that refusal
     return task_lora.verify_lora(FakeSession([
-        trained(), files or run_files(), infer(None, base_out, base_lp), infer(task_lora.ADAPTER, adapter_out, adapter_lp), merged,
+        *refusal, trained(), files or run_files(), infer(None, base_out, base_lp), infer(task_lora.ADAPTER, adapter_out, adapter_lp), merged,
         infer(None, adapter_out, merged_lp, model=task_lora.MERGED), *(qlora() if qlora_results is None else qlora_results)],
         recipe_key=recipe_key))
 
@@ -164,7 +167,7 @@ def test_a_family_with_a_text_only_variant_also_trains_it():
     assert "--architecture" not in check_for(load_spec(RECIPES_DIR / "qwen3" / "lora")).command
     variant = {**trained(), "steps": 4, "architecture": "Gemma3ForCausalLM"}
     report = run(-6.5, -6.3, -6.300001, "ab", "cd", qlora_results=[*qlora(), variant], recipe_key="gemma3/lora")
-    assert report.endswith("; 4 steps on a tiny Gemma3ForCausalLM (its own LoRA modules)")
+    assert "; 4 steps on a tiny Gemma3ForCausalLM (its own LoRA modules)" in report and "a missing image refused" in report
     with pytest.raises(SmokeFailure, match="then train on a Gemma3ForCausalLM"):
         run(-6.5, -6.3, -6.300001, "ab", "cd", recipe_key="gemma3/lora")
     with pytest.raises(SmokeFailure, match="training on the Gemma3ForCausalLM variant"):
