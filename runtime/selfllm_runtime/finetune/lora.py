@@ -151,6 +151,7 @@ def adapter_model(context: RecipeContext, model_dir: Path, settings: LoraSetting
     r/alpha/dropout/targets, ready to train: (the LoadedModel, the PeftModel)."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    images = vision.reads_images(context, model_dir)  # a vision checkpoint: LoRA's options for its projector
     loaded = load_causal_lm(context, model_dir, settings.quantization, training=True)
     model = loaded.model
     model.config.use_cache = False
