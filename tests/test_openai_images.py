@@ -85,9 +85,12 @@ def test_an_image_adds_its_tokens_to_the_prompt_count(client, gemma):
     two = ask(client, [image_part(RED), image_part(BLUE), {"type": "text", "text": PROMPT}])
     assert one.status_code == two.status_code == 200, (one.text, two.text)
     # each image: its placeholder, expanded by the processor ("\n\n<start_of_image>" + 4 soft tokens + ...)
+    # The "\n\n" around it can merge with the template's own newlines into one token ("\n\n\n" is a single token
+    # of Gemma's vocabulary, and of the tiny model's): up to two tokens fewer than the sequence alone.
     per_image = len(gemma.tokenizer(gemma.processor.full_image_sequence, add_special_tokens=False)["input_ids"])
-    assert one.json()["usage"]["prompt_tokens"] == text + per_image
-    assert two.json()["usage"]["prompt_tokens"] == text + 2 * per_image
+    first = one.json()["usage"]["prompt_tokens"] - text
+    second = two.json()["usage"]["prompt_tokens"] - text - first
+    assert per_image - 2 <= first <= per_image and per_image - 2 <= second <= per_image, (text, first, second, per_image)
 
 
 def test_the_answer_depends_on_the_image(client):

@@ -48,7 +48,8 @@ def test_families_with_tool_calls_are_those_whose_template_renders_tools():
                        "llama3.1": "llama3_json", "glm4": "glm4", "minicpm5": "minicpm5",
                        "deepseek-r1-distill-qwen": None, "phi3": None, "phi4": None, "gemma": None, "gemma2": None,
                        "ernie4.5": None, "gemma3": None, "gpt-oss": None, "llama3": None, "yi": None,
-                       "deepseek-llm": None, "qwen2": None, "qwen1.5": None}
+                       "deepseek-llm": None, "qwen2": None, "qwen1.5": None, "qwen3-vl": "hermes", "qwen2-vl": None,
+                       "glm4.1v": None, "gemma4": None, "qwen3.5": None}
 
 
 @pytest.fixture(scope="module")

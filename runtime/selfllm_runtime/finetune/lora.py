@@ -387,13 +387,15 @@ def merge(context: RecipeContext, model_dir: Path, adapter_dir: Path, out_dir: P
     close to, not exactly as, the quantized base + adapter (QUANTIZATION=4bit on the merged folder
     quantizes it again)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from ..loading import model_class
 
     trained = read_run_info(Path(adapter_dir)).get("settings", {}).get("quantization", "none")
     if trained != "none":
         log.info("the adapter was trained on a %s base: merging it into the base in full precision", trained)
     trust = context.family.trust_remote_code
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust)
+    # the class training loaded (a vision family's own: AutoModelForCausalLM has no GLM-4.1V or Qwen-VL mapping)
+    base = model_class(context, model_dir).from_pretrained(model_dir, dtype="auto", trust_remote_code=trust)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
