@@ -141,17 +141,33 @@ def test_the_same_choice_for_lora_data(bare_model):
         load_tokenizer(context, bare_model, "checkpoint")
 
 
-def test_a_template_that_fails_is_the_servers_500_not_the_clients_400(tiny_recipe, bare_model, tmp_path):
+def test_a_template_that_refuses_the_messages_is_the_clients_400(tiny_recipe, bare_model, tmp_path):
     _, app, _ = with_template_file(tiny_recipe, bare_model, tmp_path / "strict.jinja",
                                    "{% if messages|length > 1 %}{{ raise_exception('only one message') }}{% endif %}"
                                    "{{ messages[0]['content'] }}")
     two = [*HELLO, {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Again"}]
     with TestClient(app, raise_server_exceptions=False) as client:
         answer = client.post(URL, json={"messages": two, "max_tokens": 2})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "messages", error
+        assert error["code"] == "chat_template_refused" and "chat template (file) refuses" in error["message"]
+        assert "only one message" in error["message"]
+        legacy = client.post("/", json={"prompt": "x", "history": [["a", "b"]]})
+        assert legacy.status_code == 400 and "only one message" in legacy.json()["detail"], legacy.text
+        assert client.post(URL, json={"messages": HELLO, "max_tokens": 2}).status_code == 200
+
+
+def test_a_broken_template_is_the_servers_500_not_the_clients_400(tiny_recipe, bare_model, tmp_path):
+    _, app, _ = with_template_file(tiny_recipe, bare_model, tmp_path / "broken.jinja",
+                                   "{% if messages|length > 1 %}{{ messages[0].content.nope() }}{% endif %}"
+                                   "{{ messages[0]['content'] }}")
+    two = [*HELLO, {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Again"}]
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.post(URL, json={"messages": two, "max_tokens": 2})
         assert answer.status_code == 500, answer.text
         error = answer.json()["error"]
-        assert error["type"] == "server_error" and "chat template (file)" in error["message"]
-        assert "only one message" in error["message"]
+        assert error["type"] == "server_error" and "chat template (file) could not render" in error["message"]
         assert client.post("/", json={"prompt": "x", "history": [["a", "b"]]}).status_code == 500
 
 

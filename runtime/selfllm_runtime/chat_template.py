@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from jinja2 import TemplateError
+
 from .context import RecipeContext
 from .settings import SettingsError
 
@@ -92,3 +94,18 @@ def use_chat_template(tokenizer: Any, context: RecipeContext, model_dir: Path | 
     if chosen.source != "checkpoint":
         tokenizer.chat_template = chosen.text
     return chosen
+
+
+def refused_by_template(exc: TemplateError) -> bool:
+    """The template's own `raise_exception` (transformers raises a bare TemplateError): it refuses these messages
+    (Gemma's "roles must alternate"), the client's error, a 400; a subclass (a syntax error, an undefined name) is
+    a broken template, the server's error, a 500."""
+    return type(exc) is TemplateError
+
+
+def template_failure(template: ChatTemplate, exc: TemplateError) -> tuple[int, str]:
+    """The HTTP status and message for a chat template that failed on a request's messages."""
+    if refused_by_template(exc):
+        return 400, f"the chat template ({template.source}) refuses these messages: {exc}"
+    return 500, f"this server's chat template ({template.source}) could not render the messages: {exc}"
+

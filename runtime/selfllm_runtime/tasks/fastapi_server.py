@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..access import warn_if_exposed
 from ..chat_engine import ChatEngine, Message
+from ..chat_template import template_failure
 from ..context import RecipeContext
 from ..settings import FastapiSettings
 from .openai_api import ErrorResponse, add_openai_routes, whole_number
@@ -88,9 +89,10 @@ def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
                 "quantization": engine.quantization, "chat_template": engine.chat_template.as_dict()}
 
     @app.post("/", response_model=LegacyResponse, response_model_exclude_none=True, responses={
-        400: {"model": LegacyError, "description": "The body is not parseable"},
         401: {"model": ErrorResponse, "description": "Missing or wrong API key (when the server has one)"},
-        500: {"model": LegacyError, "description": "The chat template could not render the messages"},
+        400: {"model": LegacyError, "description": "The body is not parseable, or the chat template refuses the "
+              "conversation"},
+        500: {"model": LegacyError, "description": "The chat template is broken"},
         503: {"model": LegacyError, "description": "The engine's queue is full (see Retry-After)"}})
     async def legacy_chat(body: LegacyRequest) -> LegacyResponse:
         messages = history_to_messages(body.history)
@@ -98,9 +100,8 @@ def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
         params = engine.params(max_new_tokens=body.max_length, temperature=body.temperature, top_p=body.top_p)
         try:
             completion = await run_in_threadpool(engine.generate, messages, params)
-        except TemplateError as exc:  # as /v1 answers it: the server's template, named, not a traceback
-            raise HTTPException(500, f"this server's chat template ({engine.chat_template.source}) could not "
-                                f"render the messages: {exc}") from None
+        except TemplateError as exc:  # as /v1 answers it: the template named, not a traceback
+            raise HTTPException(*template_failure(engine.chat_template, exc)) from None
         pairs_style = not body.history or isinstance(body.history[0], tuple)
         turn: list[Any] = ([[body.prompt, completion.text]] if pairs_style else
                            [{"role": "user", "content": body.prompt}, {"role": "assistant", "content": completion.text}])

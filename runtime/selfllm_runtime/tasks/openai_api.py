@@ -35,9 +35,9 @@ Served model name (model_source.served_names, as vLLM's): env `SERVED_MODEL_NAME
 name (MODEL_PATH's folder, else MODEL_ID, else the recipe's default id); requests may also name its aliases
 (the recipe's default ids, upstream's short names such as `Qwen3-8B`) and the model folder.
 
-A chat template that fails on a conversation is the server's problem, not the client's: 500 (server_error),
-naming the template in use (CHAT_TEMPLATE, chat_template.py) and, for the template's own raise_exception,
-its message.
+A chat template's own refusal of a conversation (its raise_exception, e.g. Gemma's "roles must alternate") is
+the client's: 400 naming the template in use (CHAT_TEMPLATE, chat_template.py) and its message; a template that
+is broken (does not parse, reads an undefined name) is the server's problem: 500 (server_error).
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ from jinja2 import TemplateError
 from ..access import bearer_token, keys_match
 from ..batching import EngineBusy
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message, PromptImagesError
+from ..chat_template import template_failure
 from ..continuous import ContinuousUnsupported
 from ..media import MediaError, check_media, load_image
 from ..metadata import ModelFamily
@@ -168,10 +169,12 @@ class OpenAIChat:
             prompt = self.engine.encode(messages, template_kwargs, tools)
         except PromptImagesError as exc:
             raise OpenAIError(400, str(exc), param="messages", code="invalid_media") from None
-        except TemplateError as exc:  # raise_exception in the template, or a template that does not parse
+        except TemplateError as exc:  # raise_exception in the template (400), or a broken template (500)
             log.warning("the chat template (%s) failed: %s", self.engine.chat_template.describe(), exc)
-            raise OpenAIError(500, f"this server's chat template ({self.engine.chat_template.source}) could not "
-                              f"render the messages: {exc}", "server_error", code="chat_template_error") from None
+            status, message = template_failure(self.engine.chat_template, exc)
+            if status == 400:
+                raise OpenAIError(400, message, param="messages", code="chat_template_refused") from None
+            raise OpenAIError(500, message, "server_error", code="chat_template_error") from None
         prompt_tokens = len(prompt.ids)
         room = self.max_model_len - prompt_tokens
         asked = body.max_completion_tokens or body.max_tokens

@@ -355,9 +355,10 @@ SSE_EVENT: dict[str, Any] = {
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` of a /v1 route: the given statuses, and any other 4xx (405...), in OpenAI's error
     shape (a "4XX" entry also keeps FastAPI from documenting a 422 that /v1 never answers)."""
-    meaning = {400: "Invalid request (wrong types, out-of-range values, context length exceeded)",
+    meaning = {400: "Invalid request (wrong types, out-of-range values, context length exceeded, a conversation the "
+                    "chat template refuses)",
                401: "Missing or wrong API key (when the server has one)", 404: "Unknown model",
                503: "The engine's queue is full (see Retry-After)",
-               500: "The server failed (e.g. its chat template could not render the messages)"}
+               500: "The server failed (e.g. its chat template is broken)"}
     return {**{status: {"model": ErrorResponse, "description": meaning[status]} for status in statuses},
             "4XX": {"model": ErrorResponse, "description": "Other client errors"}}
