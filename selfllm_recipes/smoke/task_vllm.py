@@ -86,8 +86,8 @@ def verify_images(session: SmokeSession, model: str, image_tokens: int) -> str:
     expect(prompt_fingerprint(with_first) != prompt_fingerprint(with_second),
            "two different images gave the same prompt logprobs: the model does not see the image")
     return (f"; an image_url (PNG data: URL): 200, prompt {text_only['usage']['prompt_tokens']} → "
-            f"{with_first['usage']['prompt_tokens']} tokens (+{grown}, {image_tokens} image tokens), two images give "
-            f"different prompt logprobs, one image twice the same")
+            f"{with_first['usage']['prompt_tokens']} tokens (+{grown} for the image, at least {image_tokens} "
+            f"expected), two images give different prompt logprobs, one image twice the same")
 
 
 def image_tokens_per_image(recipe_key: str) -> int | None:
