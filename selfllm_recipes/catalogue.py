@@ -60,15 +60,26 @@ def _vram(gpu: GpuNeeds) -> str:
     return f"{gpu.min_vram_gb:g} GB" + (f" ({quantized:g} GB*)" if quantized else "")
 
 
+MEDIA_LABELS = {"image": "图 image", "video": "视频 video"}
+
+
+def inputs(spec: RecipeSpec) -> str:
+    """What a recipe reads: text, and the media its task kind carries that its family takes."""
+    media = [kind for kind in kind_info(spec.recipe.task).media if spec.family.modalities.takes(kind)]
+    return " · ".join(["文 text", *(MEDIA_LABELS[kind] for kind in media)])
+
+
 def render_table(specs: list[RecipeSpec], results: dict[str, dict[str, str]]) -> str:
-    lines = ["| 模型族 Family | 任务 Task | 配方 Recipe | 默认模型 ModelScope / Hugging Face | 显存 VRAM bf16 (4bit*) | 端口 Port | 上次冒烟 Last smoke |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| 模型族 Family | 任务 Task | 输入 Input | 配方 Recipe | 默认模型 ModelScope / Hugging Face | "
+             "显存 VRAM bf16 (4bit*) | 端口 Port | 上次冒烟 Last smoke |",
+             "|---|---|---|---|---|---|---|---|"]
     for spec in sorted(specs, key=lambda s: s.key):
         recipe, family = spec.recipe, spec.family
         ids = recipe.default_model
         checkpoint = f"`{ids.modelscope}`" + ("" if ids.modelscope == ids.huggingface else f" / `{ids.huggingface}`")
         port = str(recipe.port) if kind_info(recipe.task).health_path else "—"  # a server: it has a health path
-        lines.append(f"| {family.display_name} | {kind_info(recipe.task).label} | [`{spec.key}`](recipes/{spec.key}) | "
+        lines.append(f"| {family.display_name} | {kind_info(recipe.task).label} | {inputs(spec)} | "
+                     f"[`{spec.key}`](recipes/{spec.key}) | "
                      f"{checkpoint} | {_vram(recipe.gpu)} | {port} | {_cell(results.get(spec.key), recipe.smoke.needs_gpu)} |")
     return "\n".join(lines)
 

@@ -183,7 +183,7 @@ def test_continuous_batching_refuses_images_before_it_starts():
     from selfllm_runtime.continuous import ContinuousScheduler, ImagesUnsupported
 
     scheduler = ContinuousScheduler(object(), [0], 0)
-    with pytest.raises(ImagesUnsupported, match="image input needs BATCHING=static"):
+    with pytest.raises(ImagesUnsupported, match="image and video input need BATCHING=static"):
         scheduler.submit(Job([1, 2], 4, 0.0, 1.0, inputs={"pixel_values": object()}))
     assert scheduler.manager is None
 

@@ -27,19 +27,20 @@ from .tool_calls import template_inputs
 
 log = logging.getLogger("selfllm.chat")
 Message = dict[str, Any]  # {"role", "content"}, and OpenAI's "tool_calls" / "tool_call_id" where given
-# A message with images has a list content: {"type": "text", "text"} and {"type": "image", "image": PIL image}
-# parts in order (what a vision family's chat template loops over); every other message has a string.
+# A message with images (or videos) has a list content: {"type": "text", "text"}, {"type": "image", "image": PIL
+# image} and {"type": "video", "video": media.Video} parts in order (what a vision family's chat template loops
+# over); every other message has a string.
 
 
-def message_images(messages: list[Message]) -> list[Any]:
-    """The images of a conversation, in the order its chat template places them."""
-    return [part["image"] for message in messages if isinstance(message.get("content"), list)
-            for part in message["content"] if isinstance(part, dict) and part.get("type") == "image"]
+def message_media(messages: list[Message], kind: str = "image") -> list[Any]:
+    """The images (or videos) of a conversation, in the order its chat template places them."""
+    return [part[kind] for message in messages if isinstance(message.get("content"), list)
+            for part in message["content"] if isinstance(part, dict) and part.get("type") == kind]
 
 
 class PromptImagesError(ValueError):
-    """The processor could not match the request's images to the rendered prompt (the chat template left an
-    image out); the text says so."""
+    """The processor could not match the request's images (or videos) to the rendered prompt (the chat template
+    left one out); the text says so."""
 
 
 @dataclass
@@ -50,7 +51,6 @@ class EncodedPrompt:
     text: str
     ids: list[int]
     inputs: dict[str, Any] = field(default_factory=dict)
-    images: int = 0
 
 
 @dataclass
@@ -261,6 +261,16 @@ class ChatEngine:
         return self.processor is not None
 
     @property
+    def takes_videos(self) -> bool:
+        """The family takes video (model.yaml modalities) and the loaded processor has a video processor."""
+        return (self.family.modalities.takes("video") and
+                getattr(self.processor, "video_processor", None) is not None)
+
+    def reads(self, kind: str) -> bool:
+        """Whether the loaded model reads this kind of media ("image" or "video")."""
+        return self.takes_images if kind == "image" else self.takes_videos
+
+    @property
     def model(self) -> Any:
         return self._model
 
@@ -317,19 +327,23 @@ class ChatEngine:
         through the family's processor, which expands each image's placeholder to its tokens and makes the
         pixel values. ValueError for images where the loaded model takes none."""
         text = self.format_prompt(messages, template_kwargs, tools)
-        images = message_images(messages)
-        if not images:
+        images, videos = message_media(messages, "image"), message_media(messages, "video")
+        if not images and not videos:
             return EncodedPrompt(text, self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if self.processor is None:
-            raise ValueError(f"the loaded {type(self.model).__name__} reads no images")
+        if self.processor is None or (videos and not self.takes_videos):
+            raise ValueError(f"the loaded {type(self.model).__name__} reads no {'videos' if videos else 'images'}")
+        media: dict[str, Any] = {"images": images} if images else {}
+        if videos:  # frames sampled already (media.decode_video), with where they came from
+            media.update(videos=[video.frames for video in videos], do_sample_frames=False,
+                         video_metadata=[video.metadata() for video in videos])
         try:
-            encoded = self.processor(text=text, images=images, add_special_tokens=False, return_tensors="pt")
+            encoded = self.processor(text=text, **media, add_special_tokens=False, return_tensors="pt")
         except ValueError as exc:  # e.g. "Prompt contained 1 image tokens but received 2 images"
-            raise PromptImagesError(f"the chat template placed the images where the model can't read them all "
-                                    f"({exc}); images go in user messages") from None
+            raise PromptImagesError(f"the chat template placed the images or videos where the model can't read them "
+                                    f"all ({exc}); they go in user messages") from None
         ids = encoded["input_ids"][0].tolist()
         inputs = {key: value for key, value in encoded.items() if key not in ("input_ids", "attention_mask")}
-        return EncodedPrompt(text, ids, inputs, len(images))
+        return EncodedPrompt(text, ids, inputs)
 
     def opens_reasoning(self, prompt: str) -> bool:
         """Whether the chat template already opened the reasoning block in the prompt."""

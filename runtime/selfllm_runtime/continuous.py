@@ -42,13 +42,13 @@ class SeedUnsupported(ContinuousUnsupported):
 
 
 class ImagesUnsupported(ContinuousUnsupported):
-    """Images while continuous batching is on: its manager takes token ids only, no pixel values."""
+    """Images or videos while continuous batching is on: its manager takes token ids only, no pixel values."""
 
     param = "messages"
 
     def __init__(self) -> None:
-        super().__init__("image input needs BATCHING=static: transformers' continuous batching takes token ids "
-                         "only, not an image's pixel values")
+        super().__init__("image and video input need BATCHING=static: transformers' continuous batching takes "
+                         "token ids only, not pixel values")
 
 
 def unpaged_layer_types(config: Any) -> list[str]:

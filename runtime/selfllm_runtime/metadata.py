@@ -57,6 +57,8 @@ class TaskKindInfo(Strict):
         "rest); shipped (an engine that loads the checkpoint's own format, e.g. gpt-oss's MXFP4)")
     command: str | None = Field(None, description="help of a `selfllm <kind> ...` command its module's main(argv) "
                                 "runs (train | infer | merge ...); none: no such command")
+    media: list[Literal["image", "video"]] = Field(
+        [], description="what it carries besides text to a family that takes it (model.yaml modalities): image, video")
     every_family: bool = Field(True, description="every family has a recipe of this kind (`build_matrix.py new` "
                                "writes it); false: only the families whose model.yaml credits an upstream tutorial of it")
 
@@ -203,11 +205,13 @@ class ImageLimits(Strict):
 
 
 class VideoLimits(Strict):
-    """What one request may carry of videos (vLLM's `video_url` parts)."""
+    """What one request may carry of videos (vLLM's `video_url` parts), and how much of each is read."""
 
-    max_per_request: int = Field(1, gt=0)
-    max_frames: int = Field(16, gt=0, description="frames sampled from one video")
-    max_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_per_request: int = Field(1, gt=0, description="videos in one request, all messages together")
+    max_frames: int = Field(16, gt=0, description="frames sampled from one video (two a second, spread over it)")
+    max_pixels: int = Field(768 * 28 * 28, gt=0, description="width × height above which a frame is scaled down "
+                            "(qwen-vl-utils' VIDEO_MAX_PIXELS)")
+    max_bytes: int = Field(50 * 1024 * 1024, gt=0, description="encoded size of one video (data: URL or download)")
 
 
 class Modalities(Strict):

@@ -28,7 +28,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       model_validator)
 
 from .metadata import (TASK_FILE, ImageLimits, LoraDefaults, MetadataError, ModelFamily, ModelSource, Quantization,
-                       Recipe, TaskKind, kind_info, tasks_root)
+                       Recipe, TaskKind, VideoLimits, kind_info, tasks_root)
 
 DEFAULT_CACHE = Path("/root/autodl-tmp")  # AutoDL's data disk: a saved instance keeps what is there
 SAMPLE_DOCS_DIR = Path(__file__).resolve().parent / "lc" / "sample_docs"
@@ -294,11 +294,12 @@ class EngineSettings(TorchSettings, TemplateSettings):
 
 
 IMAGE_LIMITS = ImageLimits.model_fields
+VIDEO_LIMITS = VideoLimits.model_fields
 
 
 class MediaSettings(TaskSettings):
-    """What a request may carry of images (media.py); they exist for families that take images (model.yaml
-    `modalities.image`), whose values are the defaults."""
+    """What a request may carry of images and videos (media.py); they exist for families that take images
+    (model.yaml `modalities.image`) or video (`modalities.video`), whose values are the defaults."""
 
     media_max_images: int = setting(
         IMAGE_LIMITS["max_per_request"].default, "MEDIA_MAX_IMAGES", "一个请求（所有消息合计）最多几张图片",
@@ -312,8 +313,25 @@ class MediaSettings(TaskSettings):
         IMAGE_LIMITS["max_bytes"].default, "MEDIA_MAX_IMAGE_BYTES", "一张图片编码后的大小上限（data: URL 或下载），字节",
         "the encoded size of one image at most (data: URL or download), bytes", family="modalities.image.max_bytes",
         when="modalities.image", ge=1)
+    media_max_videos: int = setting(
+        VIDEO_LIMITS["max_per_request"].default, "MEDIA_MAX_VIDEOS", "一个请求（所有消息合计）最多几段视频",
+        "videos in one request at most, all messages together", family="modalities.video.max_per_request",
+        when="modalities.video", ge=1)
+    media_max_video_frames: int = setting(
+        VIDEO_LIMITS["max_frames"].default, "MEDIA_MAX_VIDEO_FRAMES", "一段视频最多取几帧（每秒 2 帧，均匀分布）",
+        "frames sampled from one video at most (two a second, spread evenly)", family="modalities.video.max_frames",
+        when="modalities.video", ge=1)
+    media_max_video_pixels: int = setting(
+        VIDEO_LIMITS["max_pixels"].default, "MEDIA_MAX_VIDEO_PIXELS", "视频每帧像素（宽×高）超过它时按比例缩小",
+        "a frame of more pixels (width × height) is scaled down to it, keeping its aspect ratio",
+        family="modalities.video.max_pixels", when="modalities.video", ge=1)
+    media_max_video_bytes: int = setting(
+        VIDEO_LIMITS["max_bytes"].default, "MEDIA_MAX_VIDEO_BYTES", "一段视频编码后的大小上限（data: URL 或下载），字节",
+        "the encoded size of one video at most (data: URL or download), bytes", family="modalities.video.max_bytes",
+        when="modalities.video", ge=1)
     media_fetch_timeout: float = setting(
-        10.0, "MEDIA_FETCH_TIMEOUT", "下载一张 http(s) 图片最多用几秒", "seconds one http(s) image download may take",
+        10.0, "MEDIA_FETCH_TIMEOUT", "下载一张 http(s) 图片（或一段视频）最多用几秒",
+        "seconds one http(s) image (or video) download may take",
         when="modalities.image", gt=0)
     media_allow_private_urls: bool = setting(
         False, "MEDIA_ALLOW_PRIVATE_URLS",

@@ -162,6 +162,43 @@ def check_for(spec: RecipeSpec) -> SmokeCheck:
     return recipe_check(spec) if recipe_check is not None else module.CHECK
 
 
+def generated_mp4(width: int, height: int, frames: int, fps: int,
+                  pixel: Callable[[int, int, int], tuple[int, int, int]]) -> bytes:
+    """An H.264 MP4 made with PyAV (its wheel carries FFmpeg): pixel(frame, x, y) → (r, g, b)."""
+    import io
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for t in range(frames):
+            frame = av.VideoFrame(width, height, "rgb24")
+            plane = frame.planes[0]
+            plane.update(b"".join(bytes(c for x in range(width) for c in pixel(t, x, y)).ljust(plane.line_size, b"\0")
+                                  for y in range(height)))
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def video_data_url(video: bytes) -> str:
+    import base64
+
+    return "data:video/mp4;base64," + base64.b64encode(video).decode()
+
+
+def smoke_videos() -> tuple[str, str]:
+    """Two generated MP4s as data: URLs (2 s at 4 frames a second, 64 × 48): a red square crossing a gradient,
+    and moving stripes."""
+    moving = generated_mp4(64, 48, 8, 4, lambda t, x, y: (255, 0, 0) if abs(x - 8 * t) < 6 and y < 16 else (x * 4, y * 5, 90))
+    stripes = generated_mp4(64, 48, 8, 4, lambda t, x, y: (255, 255, 255) if ((x + 4 * t) // 8) % 2 else (0, 0, 0))
+    return video_data_url(moving), video_data_url(stripes)
+
+
 def generated_png(width: int, height: int, pixel: Callable[[int, int], tuple[int, int, int]]) -> bytes:
     """An RGB PNG made with the standard library (the host needs no imaging library): pixel(x, y) → (r, g, b)."""
     import struct

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import requests
 
-from .checks import SYSTEM, SmokeCheck, SmokeSession, expect, generated_png, start_on_smoke_model
+from .checks import SYSTEM, SmokeCheck, SmokeSession, expect, generated_png, smoke_videos, start_on_smoke_model
 
 
 
@@ -86,12 +86,14 @@ def verify_images(session: SmokeSession) -> str:
         return requests.post(url, json={"messages": [{"role": "user", "content": content}], "max_tokens": 16,
                                         "temperature": 1.0, "top_p": 1.0, "seed": 7}, timeout=120)
 
+    sdk_status, sdk = sdk_image_request(session, gradient)
     if not family.modalities.takes("image"):
         refused = ask(gradient)
         message = refused.json().get("error", {}).get("message", "") if refused.status_code == 400 else refused.text
         expect(refused.status_code == 400 and "takes text only" in message,
                f"an image for text-only {family.display_name} answered HTTP {refused.status_code}: {message[:200]}")
-        return f"image → 400 ({message.split(': ', 1)[-1]})"
+        expect(sdk_status == 400 and "takes text only" in sdk, f"the openai client's image request: {sdk_status} {sdk}")
+        return f"image → 400 ({message.split(': ', 1)[-1]}), the openai client's too"
     answers = [ask(), ask(gradient), ask(gradient), ask(stripes), ask(gradient, stripes)]
     for answer in answers:
         expect(answer.status_code == 200, f"an image request answered HTTP {answer.status_code}: {answer.text[:300]}")
@@ -109,12 +111,75 @@ def verify_images(session: SmokeSession) -> str:
     bad = ask("data:image/png;base64,AAAA")
     expect(bad.status_code == 400 and "not an image" in bad.json()["error"]["message"],
            f"an undecodable image answered HTTP {bad.status_code}: {bad.text[:200]}")
-    return (f"images: prompt tokens {tokens[0]} → {tokens[1]} (1 image) → {tokens[2]} (2), +{per_image} an image; "
-            f"seeded replies: same image equal, other image different; undecodable → 400")
+    expect(sdk_status == 200 and sdk == str(tokens[1]),
+           f"the openai client's image request: {sdk_status}, prompt tokens {sdk} (the same request by HTTP: {tokens[1]})")
+    return (f"images: prompt tokens {tokens[0]} → {tokens[1]} (1 image) → {tokens[2]} (2), +{per_image} an image "
+            f"(the openai client's request counts the same {sdk}); seeded replies: same image equal, other image "
+            "different; undecodable → 400")
+
+
+def sdk_image_request(session: SmokeSession, image: str) -> tuple[int, str]:
+    """One image request through the official `openai` client: (200, its usage.prompt_tokens) or (status, message)."""
+    import openai
+
+    api = openai.OpenAI(base_url=session.base_url + "/v1", api_key="dummy", max_retries=0, timeout=120)
+    model = api.models.list().data[0].id
+    try:
+        answer = api.chat.completions.create(model=model, max_tokens=4, seed=7, temperature=1.0, top_p=1.0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": "What is in the picture?"}]}])
+    except openai.APIStatusError as exc:
+        return exc.status_code, exc.message  # "Error code: 400 - {'error': {'message': ...}}"
+    return 200, str(answer.usage.prompt_tokens if answer.usage else None)
+
+
+def verify_videos(session: SmokeSession) -> str:
+    """A family that takes video (model.yaml modalities): a generated MP4 as a `video_url` data: URL answers 200 and
+    adds its frames' tokens to the prompt count; a seeded sampled reply fingerprints the video (the same video
+    twice: the same reply; another: another); an undecodable one is a 400. A family that takes images but not
+    video: 400 in plain words. Text-only families: nothing here (their image refusal says it)."""
+    from selfllm_runtime.context import load_context
+
+    from ..layout import RECIPES_DIR
+
+    family = load_context(RECIPES_DIR / session.recipe_key).family
+    if not family.modalities.takes("image"):
+        return ""
+    url = session.base_url + "/v1/chat/completions"
+    moving, stripes = smoke_videos()
+
+    def ask(video: str | None) -> requests.Response:
+        content = [*([{"type": "video_url", "video_url": {"url": video}}] if video else []),
+                   {"type": "text", "text": "What happens in the video?"}]
+        return requests.post(url, json={"messages": [{"role": "user", "content": content}], "max_tokens": 16,
+                                        "temperature": 1.0, "top_p": 1.0, "seed": 7}, timeout=120)
+
+    if not family.modalities.takes("video"):
+        refused = ask(moving)
+        message = refused.json().get("error", {}).get("message", "") if refused.status_code == 400 else refused.text
+        expect(refused.status_code == 400 and "video input needs" in message,
+               f"a video for {family.display_name} (no video) answered HTTP {refused.status_code}: {message[:200]}")
+        return f"; video → 400 ({message.split(': ', 1)[-1]})"
+    answers = [ask(None), ask(moving), ask(moving), ask(stripes)]
+    for answer in answers:
+        expect(answer.status_code == 200, f"a video request answered HTTP {answer.status_code}: {answer.text[:300]}")
+    text, one, again, other = (a.json() for a in answers)
+    added = one["usage"]["prompt_tokens"] - text["usage"]["prompt_tokens"]
+    expect(added > 2, f"the video added {added} prompt tokens")
+    replies = [(a["choices"][0]["message"].get("reasoning_content") or "") + (a["choices"][0]["message"]["content"] or "")
+               for a in (one, again, other)]
+    expect(replies[0] == replies[1], f"the same video twice gave two replies: {replies[:2]}")
+    expect(replies[0] != replies[2], f"two different videos gave the same reply: {replies[0]!r}")
+    bad = ask("data:video/mp4;base64,AAAAIGZ0eXBpc29t")
+    expect(bad.status_code == 400 and "not a video" in bad.json()["error"]["message"],
+           f"an undecodable video answered HTTP {bad.status_code}: {bad.text[:200]}")
+    return (f"; video (MP4, 8 frames → sampled): prompt tokens {text['usage']['prompt_tokens']} → "
+            f"{one['usage']['prompt_tokens']} (+{added}); seeded replies: same video equal, other video different; "
+            "undecodable → 400")
 
 
 def verify_fastapi(session: SmokeSession) -> str:
-    return f"{verify_legacy(session)}; {verify_openai(session)}; {verify_images(session)}"
+    return f"{verify_legacy(session)}; {verify_openai(session)}; {verify_images(session)}{verify_videos(session)}"
 
 
 CHECK = SmokeCheck(command=start_on_smoke_model(), verify=verify_fastapi)

@@ -10,7 +10,7 @@ import re
 
 import requests
 
-from .checks import SMOKE_MODEL_DIR, SYSTEM, SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .checks import SMOKE_MODEL_DIR, SYSTEM, SmokeCheck, SmokeSession, expect, smoke_videos, start_on_smoke_model
 
 SERVING_LINE = re.compile(r"selfllm: serving with (?P<package>vllm(?:-cpu)?) (?P<version>\S+) on (?P<device>CPU|GPU)")
 
@@ -50,15 +50,17 @@ def png_data_url(color: tuple[int, int, int], size: int = 96) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def ask_with_image(session: SmokeSession, model: str, image: str | None) -> dict:
-    """One chat completion (1 token, greedy) with the prompt's logprobs; the same text, with or without an image."""
+def ask_with_image(session: SmokeSession, model: str, image: str | None, kind: str = "image") -> dict:
+    """One chat completion (1 token, greedy) with the prompt's logprobs; the same text, with or without an image
+    (or a video: kind "video")."""
     content: list[dict] = [{"type": "text", "text": "这张图片里有什么？"}]
     if image is not None:
-        content.insert(0, {"type": "image_url", "image_url": {"url": image}})
+        content.insert(0, {"type": f"{kind}_url", f"{kind}_url": {"url": image}})
     response = requests.post(session.base_url + "/v1/chat/completions", timeout=300, json={
         "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0,
         "prompt_logprobs": 0})
-    expect(response.status_code == 200, f"a request with an image got {response.status_code}: {response.text[:300]}")
+    expect(response.status_code == 200, f"a request with a{'n image' if kind == 'image' else ' video'} got "
+           f"{response.status_code}: {response.text[:300]}")
     return response.json()
 
 
@@ -88,6 +90,32 @@ def verify_images(session: SmokeSession, model: str, image_tokens: int) -> str:
     return (f"; an image_url (PNG data: URL): 200, prompt {text_only['usage']['prompt_tokens']} → "
             f"{with_first['usage']['prompt_tokens']} tokens (+{grown} for the image, at least {image_tokens} "
             f"expected), two images give different prompt logprobs, one image twice the same")
+
+
+def verify_videos(session: SmokeSession, model: str) -> str:
+    """A family that takes video: a generated MP4 as a `video_url` data: URL gets 200, the prompt grows, and the
+    model sees the video: two videos give different prompt logprobs, one video twice the same."""
+    moving, stripes = smoke_videos()
+    text_only = ask_with_image(session, model, None)
+    with_first = ask_with_image(session, model, moving, "video")
+    again = ask_with_image(session, model, moving, "video")
+    with_second = ask_with_image(session, model, stripes, "video")
+    grown = with_first["usage"]["prompt_tokens"] - text_only["usage"]["prompt_tokens"]
+    expect(grown > 2, f"the video added {grown} prompt tokens")
+    expect(prompt_fingerprint(with_first) == prompt_fingerprint(again), "the same video twice gave different prompt logprobs")
+    expect(prompt_fingerprint(with_first) != prompt_fingerprint(with_second),
+           "two different videos gave the same prompt logprobs: the model does not see the video")
+    return (f"; a video_url (MP4 data: URL): 200, prompt {text_only['usage']['prompt_tokens']} → "
+            f"{with_first['usage']['prompt_tokens']} tokens, two videos give different prompt logprobs, one video "
+            "twice the same")
+
+
+def takes_video(recipe_key: str) -> bool:
+    from selfllm_runtime.metadata import load_family, load_recipe
+
+    from ..layout import RECIPES_DIR
+
+    return load_family(RECIPES_DIR / load_recipe(RECIPES_DIR / recipe_key).model).modalities.takes("video")
 
 
 def image_tokens_per_image(recipe_key: str) -> int | None:
@@ -137,6 +165,8 @@ def verify_vllm(session: SmokeSession) -> str:
     api_version = version.json().get("version", "") if version.status_code == 200 else ""
     image_tokens = image_tokens_per_image(session.recipe_key)
     images = verify_images(session, upstream, image_tokens) if image_tokens is not None else ""
+    if takes_video(session.recipe_key):
+        images += verify_videos(session, upstream)
     return (f"served by {served_by(session.logs(), api_version)} as {', '.join(names)}: chat completion to "
             f"{upstream!r} (system + user) answered {answered}{images}")
 

@@ -3,8 +3,8 @@
 Playwright drives Debian's chromium (`apt-get install chromium fonts-noto-cjk`; no `playwright
 install`): open the page, send a Chinese message, wait for a non-empty streamed reply, switch
 thinking off (when the family has the switch) and send a second one; for a family that takes images, attach a
-generated PNG to a third message (it shows in the user's turn and gets a reply); save a screenshot into the
-report folder, then clear the history.
+generated PNG to a third message (it shows in the user's turn and gets a reply), for one that takes video a
+generated MP4 to a fourth; save a screenshot into the report folder, then clear the history.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from .checks import SmokeCheck, SmokeFailure, SmokeSession, expect, generated_png, start_on_smoke_model
+from .checks import (SmokeCheck, SmokeFailure, SmokeSession, expect, generated_mp4, generated_png,
+                     start_on_smoke_model)
 
 CHROMIUM = os.environ.get("SELFLLM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-gpu"]
@@ -25,6 +26,7 @@ CONTENT = '[data-testid="stChatMessageContent"]'
 MARKDOWN = '[data-testid="stMarkdownContainer"]'  # st.markdown / write_stream; st.caption is stCaptionContainer
 APP_STATE = '[data-testid="stApp"][data-test-script-state="{}"]'
 IMAGE_PROMPT = "图里有什么？"
+VIDEO_PROMPT = "视频里发生了什么？"
 FILE_INPUT = '[data-testid="stChatInput"] input[type="file"]'
 
 
@@ -112,7 +114,7 @@ def chat_in_browser(session: SmokeSession, timeout_s: float = 300) -> str:
                     toggled = f", thinking switched {'off' if was_on else 'on'}"
                 _send(page, SECOND_PROMPT, 1, timeout_s)
                 expect(page.locator(MESSAGES).count() == 4, f"expected 4 chat messages, found {page.locator(MESSAGES).count()}")
-                if takes_images(session):
+                if takes(session, "image"):
                     picture = generated_png(48, 32, lambda x, y: (x * 5, y * 7, 128))
                     page.locator(FILE_INPUT).set_input_files(
                         files=[{"name": "gradient.png", "mimeType": "image/png", "buffer": picture}])
@@ -121,6 +123,15 @@ def chat_in_browser(session: SmokeSession, timeout_s: float = 300) -> str:
                     shown = page.locator(MESSAGES).nth(4).locator('[data-testid="stImage"] img').count()
                     expect(shown == 1, f"the user's turn shows {shown} images after one was attached")
                     toggled += ", an attached PNG shown and answered"
+                if takes(session, "video"):
+                    clip = generated_mp4(64, 48, 8, 4, lambda t, x, y: (255, 0, 0) if abs(x - 8 * t) < 6 else (0, 0, 90))
+                    page.locator(FILE_INPUT).set_input_files(
+                        files=[{"name": "moving.mp4", "mimeType": "video/mp4", "buffer": clip}])
+                    page.wait_for_timeout(500)
+                    _send(page, VIDEO_PROMPT, 3, timeout_s)
+                    shown = page.locator(MESSAGES).nth(6).locator('[data-testid="stVideo"]').count()
+                    expect(shown == 1, f"the user's turn shows {shown} videos after one was attached")
+                    toggled += ", an attached MP4 shown and answered"
                 page.screenshot(path=str(shot), full_page=True)
                 page.get_by_role("button", name="清空对话 / Clear history").click()
                 page.locator(MESSAGES).first.wait_for(state="detached", timeout=30_000)
@@ -136,12 +147,12 @@ def chat_in_browser(session: SmokeSession, timeout_s: float = 300) -> str:
             f"{time.monotonic() - started:.0f} s; screenshot {shot.name}")
 
 
-def takes_images(session: SmokeSession) -> bool:
+def takes(session: SmokeSession, kind: str) -> bool:
     from selfllm_runtime.context import load_context
 
     from ..layout import RECIPES_DIR
 
-    return load_context(RECIPES_DIR / session.recipe_key).family.modalities.takes("image")
+    return load_context(RECIPES_DIR / session.recipe_key).family.modalities.takes(kind)  # type: ignore[arg-type]
 
 
 def verify_webdemo(session: SmokeSession) -> str:

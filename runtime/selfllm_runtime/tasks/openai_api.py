@@ -19,10 +19,12 @@
 - images for a family that takes them (model.yaml `modalities`, a checkpoint with a vision tower): `image_url`
   parts in user messages and in assistant history, several a turn, read by media.py (data: URLs, http(s) within
   limits, MEDIA_* settings) and turned into the model's inputs by the family's processor (ChatEngine.encode);
-  `usage.prompt_tokens` counts the image tokens. Media a family doesn't take (`video_url` is never read here), an
-  image that can't be read or decoded, one too large or too many: 400 naming the message and part
-  (`messages[1].content[2]: ...`). The OpenAPI document shows image parts and `reasoning_effort` only where the
-  family takes them (family_openapi); the request schema itself lives in openai_schema.py;
+  `usage.prompt_tokens` counts the image tokens. `video_url` parts (vLLM's shape) likewise for a family that takes
+  video (Qwen2-VL, Qwen3-VL, Qwen3.5, GLM-4.1V): decoded with PyAV and sampled by media.py (two frames a second,
+  MEDIA_MAX_VIDEO_FRAMES at most). Media a family doesn't take, an image or video that can't be read or
+  decoded, one too large or too many: 400 naming the message and part (`messages[1].content[2]: ...`). The
+  OpenAPI document shows image and video parts and `reasoning_effort` only where the family takes them
+  (family_openapi); the request schema itself lives in openai_schema.py;
 - errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}` under /v1 (bad JSON,
   wrong types, empty `messages`, out-of-range `max_tokens`, unknown model), other routes keep
   FastAPI's default answers;
@@ -55,7 +57,7 @@ from ..batching import EngineBusy
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message, PromptImagesError
 from ..chat_template import template_failure
 from ..continuous import ContinuousUnsupported
-from ..media import MediaError, check_media, load_image
+from ..media import MediaError, check_media, load_image, load_video
 from ..metadata import ModelFamily
 from ..model_source import served_names
 from ..settings import FastapiSettings
@@ -121,20 +123,22 @@ class OpenAIChat:
         return tools
 
     def engine_messages(self, body: ChatCompletionRequest) -> list[Message]:
-        """The messages as the engine takes them: text joined; a message with images gets a list content of text
-        and image parts in order. 400 naming the message and part for media the family doesn't take, one in a
-        role whose turn shows none, one that can't be read or decoded, or more images than MEDIA_MAX_IMAGES."""
-        family, images = self.engine.family, 0
+        """The messages as the engine takes them: text joined; a message with images or videos gets a list content
+        of text, image and video parts in order. 400 naming the message and part for media the family doesn't take,
+        one in a role whose turn shows none, one that can't be read or decoded, or more than MEDIA_MAX_IMAGES /
+        MEDIA_MAX_VIDEOS."""
+        family, counts = self.engine.family, {"image": 0, "video": 0}
+        limits = {"image": self.settings.media_max_images, "video": self.settings.media_max_videos}
         messages = []
         for number, message in enumerate(body.messages):
             engine_message = message.to_engine()
             media = message.media_parts()
             for index, part in media:
-                images += 1
+                kind = "image" if isinstance(part, ImagePart) else "video"
+                counts[kind] += 1
                 try:
-                    check_media(family, self.engine.takes_images, type(self.engine.model).__name__,
-                                "image" if isinstance(part, ImagePart) else "video", message.role, images,
-                                self.settings.media_max_images)
+                    check_media(family, self.engine.reads(kind), type(self.engine.model).__name__, kind, message.role,
+                                counts[kind], limits[kind])
                 except MediaError as exc:
                     raise self.media_error(f"messages[{number}].content[{index}]", str(exc)) from None
             if media:
@@ -147,7 +151,9 @@ class OpenAIChat:
         if isinstance(part, TextPart):
             return {"type": "text", "text": part.text}
         try:
-            return {"type": "image", "image": load_image(part.image_url.url, self.settings)}
+            if isinstance(part, ImagePart):
+                return {"type": "image", "image": load_image(part.image_url.url, self.settings)}
+            return {"type": "video", "video": load_video(part.video_url.url, self.settings)}
         except MediaError as exc:
             raise self.media_error(f"messages[{number}].content[{index}]", str(exc)) from None
 
@@ -261,13 +267,14 @@ class OpenAIChat:
         yield "data: [DONE]\n\n"
 
 
-def family_openapi(document: dict[str, Any], family: ModelFamily, takes_images: bool) -> dict[str, Any]:
+def family_openapi(document: dict[str, Any], family: ModelFamily, takes_images: bool,
+                   takes_videos: bool = False) -> dict[str, Any]:
     """The OpenAPI document as this family's server answers it: image parts only where the loaded model reads
-    images, video parts nowhere (this server reads none: 400 naming the part), `reasoning_effort` only for a
-    family with levels, as the enum of its levels. The request model itself takes them all, so what is not
-    advertised gets a plain 400 rather than a schema error."""
+    images, video parts only where it reads video, `reasoning_effort` only for a family with levels, as the enum
+    of its levels. The request model itself takes them all, so what is not advertised gets a plain 400 rather
+    than a schema error."""
     schemas = document.get("components", {}).get("schemas", {})
-    shown = {"TextPart", *(["ImagePart"] if takes_images else [])}
+    shown = {"TextPart", *(["ImagePart"] if takes_images else []), *(["VideoPart"] if takes_videos else [])}
     for name in ("ChatMessage", "AssistantMessage"):
         for branch in schemas.get(name, {}).get("properties", {}).get("content", {}).get("anyOf", []):
             items = branch.get("items") if isinstance(branch, dict) else None
@@ -278,7 +285,7 @@ def family_openapi(document: dict[str, Any], family: ModelFamily, takes_images: 
                        if ref.rsplit("/", 1)[-1] in shown}
             branch["items"] = refs[0] if len(refs) == 1 else {**items, "oneOf": refs,
                                                               "discriminator": {"propertyName": "type", "mapping": mapping}}
-    for name in ("VideoPart", "VideoUrl", *([] if takes_images else ["ImagePart", "ImageUrl"])):
+    for name in ([] if takes_videos else ["VideoPart", "VideoUrl"]) + ([] if takes_images else ["ImagePart", "ImageUrl"]):
         schemas.pop(name, None)
     request = schemas.get("ChatCompletionRequest", {}).get("properties", {})
     effort = family.reasoning_effort
@@ -380,7 +387,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = family_openapi(full_openapi(), engine.family, engine.takes_images)
+            app.openapi_schema = family_openapi(full_openapi(), engine.family, engine.takes_images, engine.takes_videos)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -15,7 +15,7 @@ import streamlit as st
 from selfllm_runtime.access import keys_match
 from selfllm_runtime.chat_engine import ChatEngine, Completion, Message
 from selfllm_runtime.context import RecipeContext, load_context
-from selfllm_runtime.media import MediaError, check_media, decode_image, mebibytes
+from selfllm_runtime.media import MediaError, check_media, decode_image, decode_video, mebibytes
 from selfllm_runtime.settings import MediaSettings, WebdemoSettings
 from selfllm_runtime.tasks.webdemo import MAX_LENGTH, TEMPERATURE, TOP_P, Slider, generation_params, page_inputs
 
@@ -70,32 +70,45 @@ def login_gate(expected: str) -> None:
 
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "gif", "bmp"]
+VIDEO_TYPES = ["mp4", "webm", "mkv", "mov", "avi"]
 
 
-def read_uploads(files: list, role: str, earlier: int) -> list:
-    """The chat input's uploaded images, checked as the API checks them (media.py: the family's limits, MEDIA_*);
-    MediaError in plain words."""
+def upload_kind(name: str) -> str:
+    return "video" if name.rsplit(".", 1)[-1].lower() in VIDEO_TYPES else "image"
+
+
+def read_uploads(files: list, role: str, earlier: dict[str, int]) -> tuple[list, list]:
+    """The chat input's uploaded images and videos, checked as the API checks them (media.py: the family's limits,
+    MEDIA_*); MediaError in plain words. Videos come back as {"data": the file, "video": its sampled frames}."""
     media = context.settings(MediaSettings)
-    images = []
-    for number, upload in enumerate(files, start=earlier + 1):
-        check_media(context.family, engine.takes_images, type(engine.model).__name__, "image", role, number,
-                    media.media_max_images)
+    found: dict[str, list] = {"image": [], "video": []}
+    limits = {"image": (media.media_max_images, media.media_max_image_bytes, "MEDIA_MAX_IMAGE_BYTES"),
+              "video": (media.media_max_videos, media.media_max_video_bytes, "MEDIA_MAX_VIDEO_BYTES")}
+    for upload in files:
+        kind = upload_kind(upload.name)
+        count, max_bytes, setting = limits[kind]
+        check_media(context.family, engine.reads(kind), type(engine.model).__name__, kind, role,
+                    earlier[kind] + len(found[kind]) + 1, count)
         data = upload.getvalue()
-        if len(data) > media.media_max_image_bytes:
-            raise MediaError(f"{upload.name} is {mebibytes(len(data))}, above the limit of "
-                             f"{mebibytes(media.media_max_image_bytes)} (MEDIA_MAX_IMAGE_BYTES)")
+        if len(data) > max_bytes:
+            raise MediaError(f"{upload.name} is {mebibytes(len(data))}, above the limit of {mebibytes(max_bytes)} "
+                             f"({setting})")
         try:
-            images.append(decode_image(data, media.media_max_image_pixels))
+            found[kind].append(decode_image(data, media.media_max_image_pixels) if kind == "image" else
+                               {"data": data, "video": decode_video(data, media.media_max_video_frames,
+                                                                    media.media_max_video_pixels)})
         except MediaError as exc:
             raise MediaError(f"{upload.name}: {exc}") from None
-    return images
+    return found["image"], found["video"]
 
 
 def engine_message(message: dict) -> Message:
-    """A page message as the engine takes it: with images, a list content of the images, then the text."""
-    if not message.get("images"):
+    """A page message as the engine takes it: with images or videos, a list content of them, then the text."""
+    if not message.get("images") and not message.get("videos"):
         return {"role": message["role"], "content": message["content"]}
     return {"role": message["role"], "content": [*({"type": "image", "image": image} for image in message["images"]),
+                                                 *({"type": "video", "video": clip["video"]}
+                                                   for clip in message.get("videos") or []),
                                                  {"type": "text", "text": message["content"]}]}
 
 
@@ -103,6 +116,8 @@ def show_message(message: dict) -> None:
     with st.chat_message(message["role"]):
         for image in message.get("images") or []:
             st.image(image, width=240)
+        for clip in message.get("videos") or []:
+            st.video(clip["data"], width=320)
         if message.get("reasoning"):
             with st.expander(THINKING_LABEL):
                 st.markdown(message["reasoning"])
@@ -145,21 +160,26 @@ with st.sidebar:
 for past in st.session_state.messages:
     show_message(past)
 
-# A model that reads images (model.yaml modalities; a checkpoint with a vision tower): the chat input takes them too.
-submitted = st.chat_input("输入消息，可附图片… / Type a message, attach images…" if engine.takes_images else
-                          "输入消息… / Type a message…", accept_file="multiple" if engine.takes_images else False,
-                          file_type=IMAGE_TYPES if engine.takes_images else None)
+# A model that reads images (model.yaml modalities; a checkpoint with a vision tower): the chat input takes them too,
+# and videos where it reads video.
+accepted = (IMAGE_TYPES if engine.takes_images else []) + (VIDEO_TYPES if engine.takes_videos else [])
+submitted = st.chat_input(("输入消息，可附图片或视频… / Type a message, attach images or videos…" if engine.takes_videos else
+                           "输入消息，可附图片… / Type a message, attach images…") if accepted else
+                          "输入消息… / Type a message…", accept_file="multiple" if accepted else False,
+                          file_type=accepted or None)
 prompt, uploads = (submitted, []) if isinstance(submitted, str) or submitted is None else (submitted.text, submitted.files)
 pictures: list = []
+clips: list = []
 if uploads:
-    earlier = sum(len(m.get("images") or []) for m in st.session_state.messages)
+    earlier = {"image": sum(len(m.get("images") or []) for m in st.session_state.messages),
+               "video": sum(len(m.get("videos") or []) for m in st.session_state.messages)}
     try:
-        pictures = read_uploads(list(uploads), "user", earlier)
+        pictures, clips = read_uploads(list(uploads), "user", earlier)
     except MediaError as exc:
-        st.error(f"图片未发送 / Images not sent: {exc}")
+        st.error(f"未发送 / Not sent: {exc}")
         prompt = None
-if prompt or pictures:
-    turn = {"role": "user", "content": prompt or "", "images": pictures}
+if prompt or pictures or clips:
+    turn = {"role": "user", "content": prompt or "", "images": pictures, "videos": clips}
     history: list[Message] = [engine_message(m) for m in [*st.session_state.messages, turn]]
     st.session_state.messages.append(turn)
     show_message(st.session_state.messages[-1])
