@@ -25,11 +25,14 @@ def qwen3(task: str):
 
 
 def having(task: str, variable: str):
-    """Qwen3's recipe of the task, or Gemma-3's where the setting exists only for a family that takes images."""
+    """Qwen3's recipe of the task, or the first of Gemma-3's (images) and Qwen2-VL's (video) where the setting
+    exists only for a family that takes what it limits (its `when`)."""
     info = next(i for i in task_settings(TaskKind(task)).infos() if i.env == variable)
-    context = qwen3(task)
-    return load_context(RECIPES_DIR / "gemma3" / task) if settings.family_value(context.family, info.when) is None \
-        and info.when else context
+    for family in ("qwen3", "gemma3", "qwen2-vl"):
+        context = load_context(RECIPES_DIR / family / task)
+        if not info.when or settings.family_value(context.family, info.when) is not None:
+            return context
+    raise AssertionError(f"no family of the test has {variable} ({info.when})")
 
 
 def with_recipe_env(context, **env: str):
