@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                     "catalogue": lambda: cmd_catalogue(console), "matrix": lambda: cmd_matrix(args, console),
                     "publish": lambda: cmd_publish(args, console)}
         return commands[args.command]()
-    except (SelectionError, EngineError) as exc:
+    except (SelectionError, EngineError, MetadataError) as exc:  # MetadataError: e.g. recipes/upstream-families.yaml
         console.print(f"[red]error:[/] {exc}")
         return 2
     except KeyboardInterrupt:

@@ -516,17 +516,21 @@ def test_swanlab_local_mode_trains_with_the_network_off(context, tiny_model, tmp
     assert [step for step, _ in run_files(done["adapter_dir"])["swanlab_points"]] == [1, 2, 3]
 
 
-def test_moe_lora_trains_the_fused_experts_and_merges(tiny_recipe, tmp_path):
-    """Qwen3-MoE: transformers 5 keeps each layer's experts as 3-D parameters; model.yaml's
-    lora.target_parameters puts LoRA on them (peft target_parameters): the expert adapters move and the
+@pytest.mark.parametrize("recipe", ["qwen3-moe/lora", "glm4.7-flash/lora"])
+def test_moe_lora_trains_the_fused_experts_and_merges(tiny_recipe, tmp_path, recipe):
+    """Qwen3-MoE, GLM-4.7-Flash (MLA attention with a query LoRA, a dense layer 0, a shared expert): transformers 5
+    keeps each layer's experts as 3-D parameters; model.yaml's lora.target_parameters puts LoRA on them (peft
+    target_parameters): the adapter targets exactly model.yaml's modules and parameters (peft would move a
+    gate_proj / up_proj / down_proj module name onto the experts), the attention and expert adapters move and the
     merged model equals base + adapter."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    context, folder = tiny_recipe("qwen3-moe/lora")
-    assert context.family.lora.target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    context, folder = tiny_recipe(recipe)
+    lora = context.family.lora
+    assert lora.target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     data = write_sample_data(tmp_path / "sample.json", 24)
     env = {"DATA_PATH": str(data), "OUTPUT_DIR": str(tmp_path / "out"), "RUN_NAME": "moe", "MAX_STEPS": "12",
            "LEARNING_RATE": "5e-3", "BATCH_SIZE": "4", "GRAD_ACCUM": "1", "LOGGING_STEPS": "1"}
@@ -536,8 +540,12 @@ def test_moe_lora_trains_the_fused_experts_and_merges(tiny_recipe, tmp_path):
     weights = load_file(Path(result["adapter_dir"]) / "adapter_model.safetensors")
     experts = {name: tensor for name, tensor in weights.items() if "mlp.experts" in name}
     assert experts and any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in experts.items())
+    moved = {name.split(".lora_B")[0].rsplit(".", 1)[-1] for name, tensor in weights.items()
+             if "lora_B" in name and tensor.abs().sum() > 0}
+    assert set(lora.target_modules) <= moved, moved
     config = json.loads((Path(result["adapter_dir"]) / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert sorted(config["target_modules"]) == sorted(lora.target_modules)
     out = tmp_path / "merged"
     merge(context, folder, Path(result["adapter_dir"]), out)
     merged = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -317,16 +317,16 @@ def test_cuda_and_driver_follow_the_stack_lock(task: TaskKind):
 
 def test_smoke_checks_know_which_recipes_open_the_thinking_block_by_default(tiny_recipe):
     """A random tiny model rarely closes a think block the prompt opened: the LangChain smoke check then
-    accepts an empty answer. DeepSeek-R1-Distill always opens it; MiniCPM5 and Qwen3.5 do with enable_thinking
-    on, their default; Qwen3's template does not. The host-side render matches transformers' own."""
+    accepts an empty answer. DeepSeek-R1-Distill always opens it; MiniCPM5, Qwen3.5 and GLM-4.7-Flash do with
+    enable_thinking on, their default; Qwen3's template does not. The host-side render matches transformers' own."""
     from transformers import AutoTokenizer
 
     from selfllm_recipes.smoke.checks import always_thinks, default_prompt
 
     assert {model for model in FAMILIES if always_thinks(f"{model}/langchain")} == {"deepseek-r1-distill-qwen",
-                                                                                    "minicpm5", "qwen3.5"}
+                                                                                    "minicpm5", "qwen3.5", "glm4.7-flash"}
     messages = [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "你好"}]
-    for model in ("qwen3", "minicpm5", "ernie4.5"):
+    for model in ("qwen3", "minicpm5", "ernie4.5", "glm4.7-flash"):
         context, folder = tiny_recipe(f"{model}/fastapi")
         tokenizer = AutoTokenizer.from_pretrained(folder)
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,

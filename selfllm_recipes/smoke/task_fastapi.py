@@ -67,6 +67,19 @@ def png_data_url(width: int, height: int, pixel: Callable[[int, int], tuple[int,
     return "data:image/png;base64," + base64.b64encode(generated_png(width, height, pixel)).decode()
 
 
+def expect_seeded_fingerprint(kind: str, one: dict, again: dict, other: dict, undecodable: requests.Response) -> None:
+    """A seeded sampled reply fingerprints what the model saw: the same image (video) twice gives the same reply,
+    another gives another; an undecodable one is a 400 in plain words. The reply counts with its reasoning: a family
+    that thinks by default (Qwen3.5) spends its 16 tokens inside <think>."""
+    replies = [(a["choices"][0]["message"].get("reasoning_content") or "") + (a["choices"][0]["message"]["content"] or "")
+               for a in (one, again, other)]
+    expect(replies[0] == replies[1], f"the same {kind} twice gave two replies: {replies[:2]}")
+    expect(replies[0] != replies[2], f"two different {kind}s gave the same reply: {replies[0]!r}")
+    expect(undecodable.status_code == 400 and f"not a{'n' if kind == 'image' else ''} {kind}" in
+           undecodable.json()["error"]["message"],
+           f"an undecodable {kind} answered HTTP {undecodable.status_code}: {undecodable.text[:200]}")
+
+
 def verify_images(session: SmokeSession) -> str:
     """A family that takes images (model.yaml modalities): a generated PNG as a data: URL answers 200 and adds
     the image's tokens to the prompt count; a seeded sampled reply fingerprints the image (the same image twice:
@@ -103,14 +116,7 @@ def verify_images(session: SmokeSession) -> str:
     # The second image adds as many tokens as the first, give or take the template's separator text, which the
     # tokenizer merges with its neighbours (Gemma-4: "\n\n" after an image, "\n\n\n\n" between two: ±1 token).
     expect(per_image > 2 and abs(tokens[2] - tokens[1] - per_image) <= 2, f"prompt tokens text/1/2 images: {tokens}")
-    # The reply with its reasoning: a family that thinks by default (Qwen3.5) spends 16 tokens inside <think>.
-    replies = [(a["choices"][0]["message"].get("reasoning_content") or "") + (a["choices"][0]["message"]["content"] or "")
-               for a in (one, again, other)]
-    expect(replies[0] == replies[1], f"the same image twice gave two replies: {replies[:2]}")
-    expect(replies[0] != replies[2], f"two different images gave the same reply: {replies[0]!r}")
-    bad = ask("data:image/png;base64,AAAA")
-    expect(bad.status_code == 400 and "not an image" in bad.json()["error"]["message"],
-           f"an undecodable image answered HTTP {bad.status_code}: {bad.text[:200]}")
+    expect_seeded_fingerprint("image", one, again, other, ask("data:image/png;base64,AAAA"))
     expect(sdk_status == 200 and sdk == str(tokens[1]),
            f"the openai client's image request: {sdk_status}, prompt tokens {sdk} (the same request by HTTP: {tokens[1]})")
     return (f"images: prompt tokens {tokens[0]} → {tokens[1]} (1 image) → {tokens[2]} (2), +{per_image} an image "
@@ -166,13 +172,7 @@ def verify_videos(session: SmokeSession) -> str:
     text, one, again, other = (a.json() for a in answers)
     added = one["usage"]["prompt_tokens"] - text["usage"]["prompt_tokens"]
     expect(added > 2, f"the video added {added} prompt tokens")
-    replies = [(a["choices"][0]["message"].get("reasoning_content") or "") + (a["choices"][0]["message"]["content"] or "")
-               for a in (one, again, other)]
-    expect(replies[0] == replies[1], f"the same video twice gave two replies: {replies[:2]}")
-    expect(replies[0] != replies[2], f"two different videos gave the same reply: {replies[0]!r}")
-    bad = ask("data:video/mp4;base64,AAAAIGZ0eXBpc29t")
-    expect(bad.status_code == 400 and "not a video" in bad.json()["error"]["message"],
-           f"an undecodable video answered HTTP {bad.status_code}: {bad.text[:200]}")
+    expect_seeded_fingerprint("video", one, again, other, ask("data:video/mp4;base64,AAAAIGZ0eXBpc29t"))
     return (f"; video (MP4, 8 frames → sampled): prompt tokens {text['usage']['prompt_tokens']} → "
             f"{one['usage']['prompt_tokens']} (+{added}); seeded replies: same video equal, other video different; "
             "undecodable → 400")
