@@ -136,3 +136,26 @@ def test_gpus_setting_is_checked_by_name():
     assert context.settings(env={"GPUS": "0,2"}).gpu_indices() == [0, 2]
     with pytest.raises(SettingsError, match="GPUS='first'"):
         context.settings(env={"GPUS": "first"})
+
+
+def test_4bit_on_cpu_leaves_the_layers_the_cpu_kernel_cant_pack_unquantized(tiny_recipe, tmp_path):
+    """Qwen1.5-MoE's shared-expert gate maps the hidden state to one number: bitsandbytes' CPU 4-bit kernel packs 32
+    output rows at a time, so that Linear (and any other of such a shape) stays unquantized on CPU; the rest is 4-bit."""
+    import torch
+    import transformers
+    from selfllm_runtime.loading import cpu_4bit_unpackable, load_causal_lm
+
+    config = transformers.Qwen2MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, num_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=64,
+                                         shared_expert_intermediate_size=64)
+    folder = tmp_path / "qwen2-moe"
+    transformers.Qwen2MoeForCausalLM(config).save_pretrained(folder)
+    unpackable = cpu_4bit_unpackable(transformers.Qwen2MoeForCausalLM, folder, trust_remote_code=False)
+    assert unpackable == ["model.layers.0.mlp.shared_expert_gate", "model.layers.1.mlp.shared_expert_gate"]
+    context = tiny_recipe("qwen3-moe/lora")[0]
+    loaded = load_causal_lm(context, folder, "4bit")
+    linear4 = {name for name, m in loaded.model.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert "model.layers.0.self_attn.q_proj" in linear4 and not set(unpackable) & linear4
+    assert type(loaded.model.get_submodule(unpackable[0])) is torch.nn.Linear
+    assert loaded.model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 512)

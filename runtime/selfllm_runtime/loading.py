@@ -47,6 +47,24 @@ def quantization_config(quantization: Quantization, compute_dtype: Any, keep: li
     return BitsAndBytesConfig(load_in_8bit=True, **skip)
 
 
+# bitsandbytes' CPU 4-bit kernel packs a weight in blocks of 32 output rows and 64 input weights: a Linear of other
+# shapes (Qwen1.5-MoE's shared-expert gate, hidden → 1) fails there ("N must be divisible by block_n"), not on a GPU.
+CPU_4BIT_ROWS, CPU_4BIT_BLOCK = 32, 64
+
+
+def cpu_4bit_unpackable(cls: Any, model_dir: Path, trust_remote_code: bool) -> list[str]:
+    """Paths of the Linear layers of the checkpoint's class (built on the meta device, no weights) that bitsandbytes'
+    CPU 4-bit kernel can't pack: QUANTIZATION=4bit on CPU leaves them unquantized."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+            and (module.out_features % CPU_4BIT_ROWS or module.in_features % CPU_4BIT_BLOCK)]
+
+
 def shipped_quantization(model_dir: Path) -> str | None:
     """The quantization the checkpoint ships in (config.json quantization_config.quant_method, e.g. gpt-oss's
     mxfp4), or None."""
@@ -208,7 +226,14 @@ def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quanti
     if shipped:
         log.info("the checkpoint ships %s weights%s", shipped,
                  ": dequantized to bf16 for training" if kwargs else " (transformers dequantizes where it has no kernels)")
-    config = quantization_config(quantization, dtype, context.family.modalities.vision_modules)
+    keep = list(context.family.modalities.vision_modules)
+    if device == "cpu" and quantization == "4bit":
+        unpackable = cpu_4bit_unpackable(model_class(context, model_dir), model_dir, context.family.trust_remote_code)
+        if unpackable:
+            log.info("4bit on CPU: %d layers bitsandbytes' CPU kernel can't pack stay unquantized (%s)", len(unpackable),
+                     ", ".join(unpackable[:3]) + (", ..." if len(unpackable) > 3 else ""))
+        keep += unpackable
+    config = quantization_config(quantization, dtype, keep)
     if config is not None:
         kwargs["quantization_config"] = config
     if device == "cuda" and not training:
