@@ -142,3 +142,14 @@ def test_smoke_videos_differ_and_decode():
     for url in (moving, stripes):
         video = decode_video(base64.b64decode(url.split(",", 1)[1]), 32, 10**6)
         assert video.frames.shape == (4, 48, 64, 3)
+
+
+def test_a_family_whose_model_cant_mix_images_and_a_video_refuses_both_in_one_conversation(tiny_recipe):
+    from selfllm_runtime.media import check_mix
+
+    glm, qwen = (tiny_recipe(f"{name}/fastapi")[0].family for name in ("glm4.1v", "qwen2-vl"))
+    check_mix(qwen, 2, 1)
+    check_mix(glm, 2, 0)
+    check_mix(glm, 0, 1)
+    with pytest.raises(MediaError, match="GLM-4.1V-Thinking reads images or a video in one conversation, not both"):
+        check_mix(glm, 1, 1)

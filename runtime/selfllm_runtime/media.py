@@ -73,6 +73,14 @@ def check_media(family: ModelFamily, readable: bool, model_class: str, kind: Med
         raise MediaError(f"more than {limit} {kind}s in one request ({setting})")
 
 
+def check_mix(family: ModelFamily, images: int, videos: int) -> None:
+    """MediaError where a conversation holds images and a video but the family's class reads one kind at a time
+    (model.yaml modalities.mixed_image_video: false)."""
+    if images and videos and not family.modalities.mixed_image_video:
+        raise MediaError(f"{family.display_name} reads images or a video in one conversation, not both (its model "
+                         "counts video frames as image tokens): send the video in a conversation of its own")
+
+
 def mebibytes(size: int) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size} bytes"
 

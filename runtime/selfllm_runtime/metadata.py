@@ -240,6 +240,9 @@ class Modalities(Strict):
     projector: str | None = Field(
         None, pattern=r"^[A-Za-z_][\w.]*$", description="module path of the vision-to-text projector/merger in the "
         "checkpoint's class (Gemma-3: model.multi_modal_projector): what `lora_vision: projector` trains")
+    mixed_image_video: bool = Field(
+        True, description="its class reads images and a video in one prompt; false where it can't (transformers "
+        "5.20.2's Glm4v counts video frames as image tokens): such a request is refused with a 400")
     vision_modules: list[str] = Field(
         [], description="module paths of the vision tower and projector in the checkpoint's class (Gemma-3: "
         "model.vision_tower, model.multi_modal_projector): QUANTIZATION (QLoRA) leaves them unquantized, as the "

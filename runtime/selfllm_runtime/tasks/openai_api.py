@@ -57,7 +57,7 @@ from ..batching import EngineBusy
 from ..chat_engine import ChatEngine, Completion, GenerationParams, Message, PromptImagesError
 from ..chat_template import template_failure
 from ..continuous import ContinuousUnsupported
-from ..media import MediaError, check_media, load_image, load_video
+from ..media import MediaError, check_media, check_mix, load_image, load_video
 from ..metadata import ModelFamily
 from ..model_source import served_names
 from ..settings import FastapiSettings
@@ -145,6 +145,10 @@ class OpenAIChat:
                 engine_message["content"] = [self.content_part(number, index, part)
                                              for index, part in enumerate(message.content or [])]
             messages.append(engine_message)
+        try:
+            check_mix(family, counts["image"], counts["video"])
+        except MediaError as exc:
+            raise OpenAIError(400, f"messages: {exc}", param="messages", code="invalid_media") from None
         return messages
 
     def content_part(self, number: int, index: int, part: Any) -> dict[str, Any]:

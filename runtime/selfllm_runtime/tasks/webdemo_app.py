@@ -15,7 +15,7 @@ import streamlit as st
 from selfllm_runtime.access import keys_match
 from selfllm_runtime.chat_engine import ChatEngine, Completion, Message
 from selfllm_runtime.context import RecipeContext, load_context
-from selfllm_runtime.media import MediaError, check_media, decode_image, decode_video, mebibytes
+from selfllm_runtime.media import MediaError, check_media, check_mix, decode_image, decode_video, mebibytes
 from selfllm_runtime.settings import MediaSettings, WebdemoSettings
 from selfllm_runtime.tasks.webdemo import MAX_LENGTH, TEMPERATURE, TOP_P, Slider, generation_params, page_inputs
 
@@ -175,6 +175,7 @@ if uploads:
                "video": sum(len(m.get("videos") or []) for m in st.session_state.messages)}
     try:
         pictures, clips = read_uploads(list(uploads), "user", earlier)
+        check_mix(context.family, earlier["image"] + len(pictures), earlier["video"] + len(clips))
     except MediaError as exc:
         st.error(f"未发送 / Not sent: {exc}")
         prompt = None
