@@ -231,3 +231,23 @@ def test_vllm_tiny_shape_keeps_the_moe_and_fits_the_cpu_attention(family):
         model = model_class(config)
     assert sum(p.numel() for p in model.parameters()) < MAX_SMOKE_PARAMETERS
     assert any(".mlp.experts." in name for name, _ in model.named_parameters())
+
+
+def test_glm47_flash_lora_with_thinking_on_learns_one_close_of_the_think_block(tiny_recipe):
+    """Thinking on: the prompt opens <think>, the finished turn is `</think>text`; the reply learned closes the block
+    once (not `</think>` twice)."""
+    from selfllm_runtime.finetune.data import IGNORE_INDEX, ChatTokenizer
+    from transformers import AutoTokenizer
+
+    context, folder = tiny_recipe("glm4.7-flash/lora")
+    family = context.family
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = ChatTokenizer(tokenizer, {"enable_thinking": True}, family.special_tokens.eos, 512,
+                         closes_reply=family.template_closes_reply, reasoning=family.reasoning,
+                         system_role=family.system_role)
+    encoded = chat.encode([{"role": "user", "content": "你是谁？"}], {"role": "assistant", "content": "臣妾甄嬛。"})
+    labels = encoded["labels"]
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert tokenizer.decode(encoded["input_ids"][:first]).endswith("<|assistant|><think>")
+    learned = tokenizer.decode(labels[first:])
+    assert learned.count("</think>") == 1 and learned.endswith("臣妾甄嬛。<|endoftext|>"), learned

@@ -170,7 +170,12 @@ class ChatTokenizer:
         opener = self.reasoning.start if self.reasoning is not None else None
         head = prompt.rstrip()
         if opener and head.endswith(opener) and full.startswith(head[: -len(opener)]):
-            return "\n" + self.reasoning.end + "\n\n" + full[len(head) - len(opener):].lstrip()
+            # The prompt opened the think block, the finished turn holds none: an empty block closes before the
+            # reply; a template that writes a bare close in a finished turn (GLM-4.7-Flash: `</think>text`) keeps one.
+            rest = full[len(head) - len(opener):].lstrip()
+            if rest.startswith(self.reasoning.end):
+                rest = rest[len(self.reasoning.end):].lstrip()
+            return "\n" + self.reasoning.end + "\n\n" + rest
         if opener and head.endswith(self.reasoning.end):
             # Thinking off (MiniCPM5): the prompt ends in an empty, closed think block that the rendered
             # conversation does not hold; the reply is learned as rendered, after the prompt's block.
