@@ -33,7 +33,7 @@ MINICPM5 = ToolCalls(format="minicpm5", start="<function", end="</function>", vl
 
 WITH_TOOLS = ["qwen3", "qwen3-moe", "qwen2.5", "qwen2.5-coder", "llama3.1", "glm4", "minicpm5"]
 WITHOUT_TOOLS = ["deepseek-r1-distill-qwen", "phi3", "phi4", "gemma", "gemma2", "ernie4.5", "gemma3", "gpt-oss", "llama3",
-                 "yi", "deepseek-llm", "qwen2", "qwen1.5", "deepseek-coder-v2-lite", "glm4.7-flash"]
+                 "yi", "deepseek-llm", "qwen2", "qwen1.5", "qwen1.5-moe", "deepseek-coder-v2-lite", "glm4.7-flash"]
 
 
 # ----------------------------------------------------------------------------- model data + templates
@@ -49,7 +49,7 @@ def test_families_with_tool_calls_are_those_whose_template_renders_tools():
                        "deepseek-r1-distill-qwen": None, "phi3": None, "phi4": None, "gemma": None, "gemma2": None,
                        "ernie4.5": None, "gemma3": None, "gpt-oss": None, "llama3": None, "yi": None,
                        "deepseek-llm": None, "qwen2": None, "qwen1.5": None, "qwen3-vl": "hermes", "qwen2-vl": None,
-                       "glm4.1v": None, "gemma4": None, "qwen3.5": None,
+                       "glm4.1v": None, "gemma4": None, "qwen3.5": None, "qwen1.5-moe": None,
                        "deepseek-coder-v2-lite": None, "glm4.7-flash": None}
 
 

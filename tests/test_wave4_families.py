@@ -1,5 +1,5 @@
-"""DeepSeek-Coder-V2-Lite and GLM-4.7-Flash (issue 24; Qwen1.5-MoE waits on branch qwen15-moe): each family's tiny
-model of its real class made through the runtime (a small MoE, with MLA where the checkpoint has it), its prompts as the checkpoint's template
+"""Qwen1.5-MoE, DeepSeek-Coder-V2-Lite and GLM-4.7-Flash (issue 24): each family's tiny model of its real class made
+through the runtime (a small MoE, with MLA where the checkpoint has it), its prompts as the checkpoint's template
 writes them, single-token stop tokens that end generation, LoRA on the modules and fused experts it names, the vLLM
 recipes' tiny shapes, and model.yaml's parameter counts against the real checkpoints' shapes."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from selfllm_recipes.layout import RECIPES_DIR
 from selfllm_runtime.context import load_context
 
-FAMILIES = ["deepseek-coder-v2-lite", "glm4.7-flash"]
+FAMILIES = ["qwen1.5-moe", "deepseek-coder-v2-lite", "glm4.7-flash"]
 SYSTEM_USER = [{"role": "system", "content": "你是甄嬛。"}, {"role": "user", "content": "你是谁？"}]
 HISTORY = [*SYSTEM_USER, {"role": "assistant", "content": "臣妾甄嬛。"}, {"role": "user", "content": "多大了？"}]
 
@@ -72,6 +72,10 @@ def test_tiny_model_is_a_small_moe_of_the_real_class(tiny_recipe, family):
 # parameters_b must be what a model of these shapes has, and `unquantized` what bitsandbytes leaves alone (every
 # parameter outside an nn.Linear but lm_head, which it keeps too).
 REAL_CONFIGS = {
+    "qwen1.5-moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                        num_attention_heads=16, num_key_value_heads=16, moe_intermediate_size=1408,
+                        shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+                        tie_word_embeddings=False),
     "deepseek-coder-v2-lite": dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_hidden_layers=27,
                                    num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None,
                                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
@@ -105,6 +109,17 @@ def test_parameter_counts_are_the_real_checkpoints(family):
 
 # ----------------------------------------------------------------------------- prompts and stop tokens
 
+def test_qwen15_moe_prompt_is_chatml_with_qwen15s_default_system_prompt(engines):
+    qwen = engines["qwen1.5-moe"]
+    assert qwen.format_prompt(SYSTEM_USER) == ("<|im_start|>system\n你是甄嬛。<|im_end|>\n<|im_start|>user\n你是谁？"
+                                               "<|im_end|>\n<|im_start|>assistant\n")
+    assert qwen.format_prompt(SYSTEM_USER[1:]).startswith(
+        "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n")
+    assert qwen.format_prompt(HISTORY).endswith("<|im_start|>assistant\n臣妾甄嬛。<|im_end|>\n<|im_start|>user\n多大了？"
+                                                "<|im_end|>\n<|im_start|>assistant\n")
+    assert not qwen.opens_reasoning(qwen.format_prompt(SYSTEM_USER))
+
+
 def test_deepseek_coder_v2_prompt_writes_bos_once_and_ends_in_assistant_colon(engines):
     """The template writes <｜begin▁of▁sentence｜> itself; the runtime tokenizes the prompt without special tokens, so
     the model reads exactly one bos, first."""
@@ -133,6 +148,8 @@ def test_glm47_flash_thinks_by_default_and_the_switch_closes_the_block(engines):
 
 
 @pytest.mark.parametrize("family, written, reasoning, answer", [
+    ("qwen1.5-moe", "臣妾甄嬛。<|im_end|>\n<|im_start|>user\n还有呢", None, "臣妾甄嬛。"),
+    ("qwen1.5-moe", "臣妾甄嬛。<|endoftext|>还有呢", None, "臣妾甄嬛。"),
     ("deepseek-coder-v2-lite", " 臣妾甄嬛。<｜end▁of▁sentence｜>User: 还有呢", None, "臣妾甄嬛。"),
     ("glm4.7-flash", "用户问我是谁。</think>臣妾甄嬛。<|user|>还有呢", "用户问我是谁。", "臣妾甄嬛。"),
     ("glm4.7-flash", "用户问我是谁。</think>臣妾甄嬛。<|observation|>", "用户问我是谁。", "臣妾甄嬛。"),
@@ -168,6 +185,7 @@ def test_lora_targets_are_modules_and_fused_experts_of_the_class(family):
 
 
 @pytest.mark.parametrize("family, prompt_end, reply", [
+    ("qwen1.5-moe", "<|im_start|>assistant\n", "臣妾甄嬛。<|im_end|>"),
     ("deepseek-coder-v2-lite", "\n\nAssistant:", " 臣妾甄嬛。<｜end▁of▁sentence｜>"),
     # The template leaves the turn open (template_closes_reply: false): eos is appended. Thinking off (the default).
     ("glm4.7-flash", "<|assistant|></think>", "臣妾甄嬛。<|endoftext|>"),
@@ -195,7 +213,7 @@ def test_lora_learns_the_reply_as_the_template_renders_it(tiny_recipe, tmp_path,
 
 # ----------------------------------------------------------------------------- vLLM
 
-@pytest.mark.parametrize("family, parser", [("deepseek-coder-v2-lite", None),
+@pytest.mark.parametrize("family, parser", [("qwen1.5-moe", None), ("deepseek-coder-v2-lite", None),
                                             ("glm4.7-flash", "glm45")])
 def test_vllm_argv_has_the_reasoning_parser_and_no_tool_parser(family, parser):
     from selfllm_runtime.tasks.vllm_server import GPU_PACKAGE, VllmBuild, build_argv, option_values
