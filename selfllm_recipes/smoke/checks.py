@@ -50,16 +50,26 @@ class SmokeSession:
     artifacts_dir: "object | None" = None
 
 
+def recipe_context(recipe_key: str):
+    """The recipe's metadata as the runtime reads it (recipe.yaml + its family's model.yaml), on the host."""
+    from selfllm_runtime.context import load_context
+
+    from ..layout import RECIPES_DIR
+
+    return load_context(RECIPES_DIR / recipe_key)
+
+
+def family_of(recipe_key: str):
+    """The recipe's family (model.yaml as the runtime reads it)."""
+    return recipe_context(recipe_key).family
+
+
 def always_thinks(recipe_key: str) -> bool:
     """Whether the recipe opens the reasoning block in the prompt when the request leaves thinking at
     the family's default: DeepSeek-R1-Distill's template always does, MiniCPM5's does with its default
     enable_thinking on; Qwen3's does not, nor does gpt-oss's (the model opens its analysis channel). A
     random tiny model then rarely closes it, so its whole output is reasoning and the answer part may be empty."""
-    from selfllm_runtime.context import load_context
-
-    from ..layout import RECIPES_DIR
-
-    context = load_context(RECIPES_DIR / recipe_key)
+    context = recipe_context(recipe_key)
     family = context.family
     if family.reasoning is None:
         return False

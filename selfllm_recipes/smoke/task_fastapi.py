@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import requests
 
-from .checks import SYSTEM, SmokeCheck, SmokeSession, expect, generated_png, smoke_videos, start_on_smoke_model
+from .checks import family_of, SYSTEM, SmokeCheck, SmokeSession, expect, generated_png, smoke_videos, start_on_smoke_model
 
 
 
@@ -84,11 +84,7 @@ def verify_images(session: SmokeSession) -> str:
     """A family that takes images (model.yaml modalities): a generated PNG as a data: URL answers 200 and adds
     the image's tokens to the prompt count; a seeded sampled reply fingerprints the image (the same image twice:
     the same reply; another image: another). A text-only family: 400 in plain words."""
-    from selfllm_runtime.context import load_context
-
-    from ..layout import RECIPES_DIR
-
-    family = load_context(RECIPES_DIR / session.recipe_key).family
+    family = family_of(session.recipe_key)
     url = session.base_url + "/v1/chat/completions"
     gradient = png_data_url(48, 32, lambda x, y: (x * 5, y * 7, 128))
     stripes = png_data_url(48, 32, lambda x, y: (255, 255, 255) if (x // 6) % 2 else (0, 0, 0))
@@ -144,11 +140,7 @@ def verify_videos(session: SmokeSession) -> str:
     adds its frames' tokens to the prompt count; a seeded sampled reply fingerprints the video (the same video
     twice: the same reply; another: another); an undecodable one is a 400. A family that takes images but not
     video: 400 in plain words. Text-only families: nothing here (their image refusal says it)."""
-    from selfllm_runtime.context import load_context
-
-    from ..layout import RECIPES_DIR
-
-    family = load_context(RECIPES_DIR / session.recipe_key).family
+    family = family_of(session.recipe_key)
     if not family.modalities.takes("image"):
         return ""
     url = session.base_url + "/v1/chat/completions"

@@ -12,7 +12,7 @@ import json
 import shlex
 from typing import Any
 
-from .checks import SmokeCheck, SmokeFailure, SmokeSession, always_thinks, expect, start_on_smoke_model
+from .checks import family_of, SmokeCheck, SmokeFailure, SmokeSession, always_thinks, expect, start_on_smoke_model
 
 RESULT_PREFIX = "SELFLLM_RESULT "
 DOCS_DIR = "/tmp/smoke-docs"
@@ -67,11 +67,7 @@ def verify_langchain(session: SmokeSession) -> str:
 def verify_images(session: SmokeSession, selftest: dict[str, Any]) -> str:
     """The chat model's multimodal HumanMessage (the runtime's image_selftest): a family that reads images counts
     the image's tokens and fingerprints the image in a seeded reply; a text-only family refuses in plain words."""
-    from selfllm_runtime.context import load_context
-
-    from ..layout import RECIPES_DIR
-
-    family = load_context(RECIPES_DIR / session.recipe_key).family
+    family = family_of(session.recipe_key)
     image = selftest.get("image") or {}
     expect(image.get("ok") is True, f"the image selftest failed: {image}")
     if not family.modalities.takes("image"):

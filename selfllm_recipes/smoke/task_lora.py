@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from selfllm_runtime.finetune.vision_data import LATEX_OCR_PROMPT
 
-from .checks import LOGPROB_MOVED, LOGPROB_SAME, SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect, results
+from .checks import family_of, LOGPROB_MOVED, LOGPROB_SAME, SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect, results
 from .run_files import run_files, run_files_step, verify_run_files  # noqa: F401  (run_files: tests read a native run)
 
 DATA = "/root/autodl-tmp/data/lora-sample.json"
@@ -156,22 +156,14 @@ def verify_lora(session: SmokeSession) -> str:
             + image_line)
 
 
-def _family(recipe_key: str):
-    from selfllm_runtime.metadata import load_family
-
-    from ..layout import RECIPES_DIR
-
-    return load_family(RECIPES_DIR / recipe_key.split("/")[0])
-
-
 def quantizable(recipe_key: str) -> bool:
     """Whether QUANTIZATION applies to the recipe's family (not to weights shipped quantized: gpt-oss's MXFP4)."""
-    return _family(recipe_key).parameters_b.quantizable
+    return family_of(recipe_key).parameters_b.quantizable
 
 
 def variant(recipe_key: str) -> str | None:
     """The first class of the family's model.yaml `variants:` (Gemma-3's text-only sizes), trained on last."""
-    return next(iter(_family(recipe_key).variants), None)
+    return next(iter(family_of(recipe_key).variants), None)
 
 
 def variant_steps(architecture: str) -> list[str]:
@@ -184,7 +176,7 @@ def variant_steps(architecture: str) -> list[str]:
 
 def takes_images(recipe_key: str) -> bool:
     """Whether the family's model.yaml takes images: LoRA then trains on image-text data."""
-    return _family(recipe_key).modalities.takes("image")
+    return family_of(recipe_key).modalities.takes("image")
 
 
 def image_steps(steps: list[str]) -> list[str]:

@@ -10,7 +10,7 @@ import re
 
 import requests
 
-from .checks import SMOKE_MODEL_DIR, SYSTEM, SmokeCheck, SmokeSession, expect, smoke_videos, start_on_smoke_model
+from .checks import family_of, recipe_context, SMOKE_MODEL_DIR, SYSTEM, SmokeCheck, SmokeSession, expect, smoke_videos, start_on_smoke_model
 
 SERVING_LINE = re.compile(r"selfllm: serving with (?P<package>vllm(?:-cpu)?) (?P<version>\S+) on (?P<device>CPU|GPU)")
 
@@ -28,16 +28,12 @@ def served_by(logs: str, api_version: str) -> str:
 def expected_names(recipe_key: str) -> list[str]:
     """The names the recipe serves the smoke model under (MODEL_PATH=SMOKE_MODEL_DIR, no MODEL_ID or
     SERVED_MODEL_NAME): the folder's name first, then the default checkpoint's ids and upstream's names."""
-    from selfllm_runtime.metadata import load_family, load_recipe
     from selfllm_runtime.model_source import served_names
     from selfllm_runtime.settings import ModelSettings, resolve
 
-    from ..layout import RECIPES_DIR
-
-    recipe = load_recipe(RECIPES_DIR / recipe_key)
-    family = load_family(RECIPES_DIR / recipe.model)
-    settings = resolve(ModelSettings, recipe, family, env={"MODEL_PATH": SMOKE_MODEL_DIR})
-    return served_names(recipe, family, settings)
+    context = recipe_context(recipe_key)
+    settings = resolve(ModelSettings, context.recipe, context.family, env={"MODEL_PATH": SMOKE_MODEL_DIR})
+    return served_names(context.recipe, context.family, settings)
 
 
 def png_data_url(color: tuple[int, int, int], size: int = 96) -> str:
@@ -111,22 +107,13 @@ def verify_videos(session: SmokeSession, model: str) -> str:
 
 
 def takes_video(recipe_key: str) -> bool:
-    from selfllm_runtime.metadata import load_family, load_recipe
-
-    from ..layout import RECIPES_DIR
-
-    return load_family(RECIPES_DIR / load_recipe(RECIPES_DIR / recipe_key).model).modalities.takes("video")
+    return family_of(recipe_key).modalities.takes("video")
 
 
 def image_tokens_per_image(recipe_key: str) -> int | None:
     """Image tokens one image becomes in the smoke model at least (model.yaml modalities.smoke_processor's
     image_seq_length, else 1); None where the family takes no images."""
-    from selfllm_runtime.metadata import load_family, load_recipe
-
-    from ..layout import RECIPES_DIR
-
-    recipe = load_recipe(RECIPES_DIR / recipe_key)
-    family = load_family(RECIPES_DIR / recipe.model)
+    family = family_of(recipe_key)
     if not family.modalities.takes("image"):
         return None
     return int(family.modalities.smoke_processor.get("image_seq_length", 1))

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from .checks import (SmokeCheck, SmokeFailure, SmokeSession, expect, generated_mp4, generated_png,
+from .checks import (SmokeCheck, family_of, SmokeFailure, SmokeSession, expect, generated_mp4, generated_png,
                      start_on_smoke_model)
 
 CHROMIUM = os.environ.get("SELFLLM_CHROMIUM", "/usr/bin/chromium")
@@ -158,11 +158,7 @@ def _clear_history(page) -> None:
 
 
 def takes(session: SmokeSession, kind: str) -> bool:
-    from selfllm_runtime.context import load_context
-
-    from ..layout import RECIPES_DIR
-
-    return load_context(RECIPES_DIR / session.recipe_key).family.modalities.takes(kind)  # type: ignore[arg-type]
+    return family_of(session.recipe_key).modalities.takes(kind)  # type: ignore[arg-type]
 
 
 def verify_webdemo(session: SmokeSession) -> str:

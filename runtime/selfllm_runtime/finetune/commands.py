@@ -42,6 +42,21 @@ def _flag_bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def training_parser(command: str, description: str | None, settings_model: type[LoraSettings],
+                    train_help: str, sample_help: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """`selfllm lora` / `selfllm grpo`: --recipe, `train` (the settings model's flags), the adapter actions
+    (infer, merge) and `sample-data OUT`; returns the parser and the sample-data subparser for its own flags."""
+    parser = argparse.ArgumentParser(prog=command, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", help="recipe folder (default: $RECIPE_DIR or /opt/recipe)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    add_flags(sub.add_parser("train", help=train_help), settings_model, skip=("adapter_path",))
+    add_adapter_actions(sub)
+    sample = sub.add_parser("sample-data", help=sample_help)
+    sample.add_argument("out")
+    return parser, sample
+
+
 def add_adapter_actions(sub: argparse._SubParsersAction) -> None:
     """The `infer`, `merge` and `dashboard` subcommands."""
     p = sub.add_parser("infer", help="generate one reply with base model + adapter (or a merged model)")

@@ -27,7 +27,7 @@ from ..finetune.grpo import GrpoInputs, prepare, train
 from ..finetune.grpo_data import DEFAULT_GRPO_DATA_SHA256
 from ..finetune.data import default_data
 from ..model_source import ModelNotFound
-from ..settings import DEFAULT_GRPO_DATA, GrpoSettings, add_flags
+from ..settings import DEFAULT_GRPO_DATA, GrpoSettings
 
 _prepared: dict[int, GrpoInputs] = {}  # before_download's work, for run() of the same settings
 
@@ -56,16 +56,8 @@ def run(context: RecipeContext, model_dir: Path, settings: GrpoSettings) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfllm grpo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", help="recipe folder (default: $RECIPE_DIR or /opt/recipe)")
-    sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("train", help="train a LoRA adapter with GRPO")
-    add_flags(p, GrpoSettings, skip=("adapter_path",))
-    commands.add_adapter_actions(sub)
-    p = sub.add_parser("sample-data", help="write the shipped arithmetic word problems (question, answer)")
-    p.add_argument("out")
-    return parser
+    return commands.training_parser("selfllm grpo", __doc__, GrpoSettings, "train a LoRA adapter with GRPO",
+                                    "write the shipped arithmetic word problems (question, answer)")[0]
 
 
 def main(argv: list[str] | None = None, recipe: str | None = None) -> int:

@@ -29,7 +29,7 @@ from ..finetune.lora import train
 from ..finetune.vision import check_data as check_image_data
 from ..finetune.vision_data import copy_image_data
 from ..model_source import ModelNotFound
-from ..settings import LoraSettings, add_flags
+from ..settings import LoraSettings
 
 
 def run(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> None:
@@ -44,18 +44,11 @@ def run(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfllm lora", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", help="recipe folder (default: $RECIPE_DIR or /opt/recipe)")
-    sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("train", help="fine-tune a LoRA adapter")
-    add_flags(p, LoraSettings, skip=("adapter_path",))
-    commands.add_adapter_actions(sub)
-    p = sub.add_parser("sample-data", help="write a small synthetic data set mixing both formats")
-    p.add_argument("out")
-    p.add_argument("--count", type=int, default=36)
-    p.add_argument("--latex-ocr", action="store_true", help="instead: a copy of the shipped LaTeX-OCR image-text set "
-                   "(OUT and OUT's images/ folder)")
+    parser, sample = commands.training_parser("selfllm lora", __doc__, LoraSettings, "fine-tune a LoRA adapter",
+                                              "write a small synthetic data set mixing both formats")
+    sample.add_argument("--count", type=int, default=36)
+    sample.add_argument("--latex-ocr", action="store_true", help="instead: a copy of the shipped LaTeX-OCR image-text "
+                        "set (OUT and OUT's images/ folder)")
     return parser
 
 
