@@ -16,6 +16,7 @@ from .layout import LOCK_FILE, LOCK_INPUT
 # versions install on Debian 12's 3.11 (the local stand-in); a universal lock would fork versions
 # per Python instead. Hashes cover every wheel of each pinned version.
 LOCK_PYTHON = "3.10"
+OVERRIDES_FILE = "overrides.txt"  # uv pip compile --override of a lock input's folder
 LOCK_PLATFORM = "x86_64-manylinux_2_28"
 _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==(?P<version>[^\s;]+)\s*(;(?P<marker>.*))?$")
 
@@ -103,6 +104,8 @@ def compile_lock(folder: Path, constraints: Path | None = None, extra_args: list
            "--python-version", python, "--python-platform", LOCK_PLATFORM, str(source), "-o", str(folder / lock_name)]
     if constraints is not None:
         cmd += ["--constraint", str(constraints)]
+    if (folder / OVERRIDES_FILE).is_file():  # a dependency's too-tight pin the folder overrides (its file says why)
+        cmd += ["--override", str(folder / OVERRIDES_FILE)]
     cmd += extra_args or []
     subprocess.run(cmd, check=True)
     return folder / lock_name

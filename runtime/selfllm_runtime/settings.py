@@ -37,6 +37,7 @@ DEFAULT_DATA = Path(__file__).resolve().parent / "finetune" / "data" / "huanhuan
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_LORA_OUTPUT = DEFAULT_CACHE / "lora"
 DEFAULT_GRPO_OUTPUT = DEFAULT_CACHE / "grpo"
+DEFAULT_EVAL_OUTPUT = DEFAULT_CACHE / "eval"
 # GRPO's data when no DATA_PATH / DATA_URL and GSM8K can't be fetched: generated arithmetic word problems shipped
 # with the runtime (scripts/make_arithmetic_data.py writes it; finetune/grpo_data.py checks its sha256).
 DEFAULT_GRPO_DATA = Path(__file__).resolve().parent / "finetune" / "data" / "arithmetic.jsonl"
@@ -640,6 +641,92 @@ class GrpoSettings(LoraSettings):
 
     def run_dir(self, model_dir: Path, default_data: Path = Path("gsm8k")) -> Path:
         return super().run_dir(model_dir, default_data)
+
+
+def _whole_numbers(value: Any) -> Any:
+    """A comma list of whole numbers (PERF_PARALLEL=1,8,32)."""
+    return [int(item) if re.fullmatch(r"\d+", item) else item for item in _comma_list(value)] \
+        if isinstance(value, str) else value
+
+
+IntList = Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_whole_numbers), Field(min_length=1)]
+
+
+class EvalSettings(ServedNameSettings, EngineSettings, ModelSettings):
+    """EvalScope against the model served in-process (the fastapi task's OpenAI-compatible server on 127.0.0.1):
+    `selfllm eval run` (benchmarks, base vs adapter) and `selfllm eval perf` (stress test at a few concurrencies)."""
+
+    model_path: Path | None = setting(None, "MODEL_PATH", *MODEL_PATH_TEXT, flag="--model")
+    adapter_path: Path | None = setting(
+        None, "ADAPTER_PATH", "LoRA 适配器目录（lora / grpo 配方训练的）：`run` 先评测基座，再评测基座 + 适配器，并排成一张表；"
+        "`perf` 压测基座 + 适配器", "a LoRA adapter folder (from the lora / grpo recipes): `run` evaluates the base, then "
+        "base + adapter, side by side in one table; `perf` stress-tests base + adapter", flag="--adapter", clearable=True)
+    datasets: CommaList = setting(
+        ["auto"], "EVAL_DATASETS",
+        "EvalScope 的评测集（逗号分隔，如 `iquiz,ceval`）；`auto`：能连上 ModelScope 时用上游教程的 `iquiz`（智商情商题），"
+        "连不上时（`--network none`）用运行时自带的小题集；`selfllm`：只用自带的题集",
+        "EvalScope benchmarks (comma-separated, e.g. `iquiz,ceval`); `auto`: upstream's `iquiz` (IQ and EQ questions) "
+        "when ModelScope answers, else (`--network none`) the small question set shipped with the runtime; `selfllm`: "
+        "the shipped set only", flag="--datasets", min_length=1)
+    dataset_args: str = setting(
+        "", "EVAL_DATASET_ARGS", "传给 EvalScope 的 `dataset_args`（JSON），如 `{\"general_mcq\": {\"local_path\": \"/data/my\"}}`",
+        "EvalScope's `dataset_args` (JSON), e.g. `{\"general_mcq\": {\"local_path\": \"/data/my\"}}`",
+        flag="--dataset-args")
+    limit: int | None = setting(None, "EVAL_LIMIT", "每个子集最多评测几道题（先试跑时用）",
+                                "questions per subset at most (for a trial run)", flag="--limit", ge=1, clearable=True)
+    eval_batch_size: int = setting(8, "EVAL_BATCH_SIZE", "同时发给模型的请求数（服务端合批，见 `MAX_BATCH`）",
+                                   "requests sent to the model at once (batched by the server, see `MAX_BATCH`)",
+                                   flag="--eval-batch-size", ge=1)
+    max_tokens: int = setting(2048, "EVAL_MAX_TOKENS", "每个回答最多生成的 token 数（思考模型要留足）",
+                              "tokens generated per answer at most (leave room for a thinking model)",
+                              flag="--max-tokens", ge=1)
+    enable_thinking: bool | None = setting(
+        None, "ENABLE_THINKING", "`0` 关闭思考（答得快，分数通常低一些）", "`0` turns thinking off (faster answers, "
+        "usually a lower score)", flag="--enable-thinking", when="thinking", shown=("模型的默认", "the model's default"))
+    output_root: Path = setting(DEFAULT_EVAL_OUTPUT, "OUTPUT_DIR", "报告写到 `<OUTPUT_DIR>/<run|perf>-<时间>/`",
+                                "reports go to `<OUTPUT_DIR>/<run|perf>-<time>/`", flag="--output-dir")
+    perf_url: str | None = setting(
+        None, "PERF_URL", "`perf` 压测的 OpenAI 接口（如 `http://host:8000/v1/chat/completions`）；未设置：本配方的模型（在容器内启动）",
+        "the OpenAI endpoint `perf` stress-tests (e.g. `http://host:8000/v1/chat/completions`); unset: this recipe's "
+        "model, served inside the container", flag="--url", clearable=True)
+    perf_model: str | None = setting(None, "PERF_MODEL", "`PERF_URL` 上的模型名", "the model name at `PERF_URL`",
+                                     flag="--perf-model", clearable=True,
+                                     shown=("本配方服务的模型名", "the name this recipe serves"))
+    perf_api_key: str = setting("", "PERF_API_KEY", "`PERF_URL` 的 API key", "`PERF_URL`'s API key",
+                                flag="--perf-api-key")
+    parallel: IntList = setting([1, 8, 32], "PERF_PARALLEL", "`perf` 的并发数，逗号分隔，每个跑一轮",
+                                "`perf`'s concurrencies, comma-separated, one round each", flag="--parallel")
+    number: IntList = setting([8, 32, 96], "PERF_NUMBER", "每轮的请求数（与 `PERF_PARALLEL` 一一对应，或一个数用于每轮）",
+                              "requests per round (one per `PERF_PARALLEL` entry, or one number for every round)",
+                              flag="--number")
+    perf_max_tokens: int = setting(256, "PERF_MAX_TOKENS", "`perf` 每个请求最多生成的 token 数",
+                                   "tokens each `perf` request generates at most", flag="--perf-max-tokens", ge=1)
+
+    @field_validator("dataset_args")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        import json
+
+        if value.strip():
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON: {exc.msg} at character {exc.pos}") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("must be a JSON object {benchmark: {argument: value}}")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _rounds(self) -> "EvalSettings":
+        if len(self.number) not in (1, len(self.parallel)):
+            raise ValueError(f"PERF_NUMBER has {len(self.number)} entries for {len(self.parallel)} PERF_PARALLEL "
+                             "rounds: give one per round, or one for all")
+        return self
+
+    def rounds(self) -> list[tuple[int, int]]:
+        """(concurrency, requests) of each perf round."""
+        numbers = self.number * len(self.parallel) if len(self.number) == 1 else self.number
+        return list(zip(self.parallel, numbers))
 
 
 def task_settings(task: TaskKind) -> type[TaskSettings]:

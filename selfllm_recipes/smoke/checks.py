@@ -39,6 +39,9 @@ class SmokeCheck:
     # containers side by side from fighting over the cores (20 LoRA steps: 1.7 s with 1, 11.7 s with 2 threads on a
     # busy 2-core box). None: the task's own choice (vLLM's CPU backend binds its threads itself).
     threads: int | None = 1
+    # Docker's network mode of the container; "none": no network at all (`docker run --network none`), for a task
+    # whose offline path is what the check is about (a run to completion: serves_http=False).
+    network: str | None = None
 
 
 @dataclass

@@ -148,6 +148,8 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
         kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
     if check.shm_size:
         kwargs["shm_size"] = check.shm_size
+    if check.network:
+        kwargs["network_mode"] = check.network
     container = DockerContainer(image).with_command([check.command]).with_kwargs(**kwargs)
     for key, value in container_env(check).items():
         container = container.with_env(key, value)
