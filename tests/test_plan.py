@@ -96,14 +96,16 @@ def test_publish_refuses_bad_input_in_one_line_before_touching_the_engine(args, 
     ("runtime/selfllm_runtime/finetune/lora.py", {"lora", "grpo"}),  # grpo trains and merges with lora's code
     ("runtime/selfllm_runtime/finetune/resume.py", {"lora", "grpo"}),
     ("runtime/selfllm_runtime/finetune/grpo.py", {"grpo"}),
-    ("runtime/selfllm_runtime/tasks/openai_api.py", {"fastapi"}),
+    ("runtime/selfllm_runtime/tasks/openai_api.py", {"fastapi", "eval"}),  # eval serves with fastapi's app
     ("runtime/selfllm_runtime/lc/rag.py", {"langchain"}),
     ("runtime/selfllm_runtime/tasks/webdemo_app.py", {"webdemo"}),
-    ("runtime/selfllm_runtime/chat_engine.py", {"fastapi", "webdemo", "langchain", "lora", "grpo"}),
-    ("runtime/selfllm_runtime/settings.py", {"fastapi", "webdemo", "langchain", "lora", "vllm", "grpo"}),
+    ("runtime/selfllm_runtime/chat_engine.py", {"fastapi", "webdemo", "langchain", "lora", "grpo", "eval"}),
+    ("runtime/selfllm_runtime/settings.py", {"fastapi", "webdemo", "langchain", "lora", "vllm", "grpo", "eval"}),
     ("selfllm_recipes/smoke/task_vllm.py", {"vllm"}),
     ("selfllm_recipes/smoke/task_grpo.py", {"grpo"}),
-    ("selfllm_recipes/smoke/runner.py", {"fastapi", "webdemo", "langchain", "lora", "vllm", "grpo"}),
+    ("selfllm_recipes/smoke/runner.py", {"fastapi", "webdemo", "langchain", "lora", "vllm", "grpo", "eval"}),
+    ("runtime/selfllm_runtime/evaluation/report.py", {"eval"}),
+    ("selfllm_recipes/smoke/task_eval.py", {"eval"}),
 ])
 def test_a_runtime_edit_selects_the_recipes_whose_task_runs_it(monkeypatch, edited, tasks):
     """--changed-since: a runtime module selects exactly the recipes whose task kind imports it (its import closure,

@@ -138,7 +138,7 @@ def test_quantized_vram_follows_from_the_parameter_counts():
                     assert figures[0] > figures[1] > figures[2], (model, task, figures)
             assert recipe.gpu.quantized_vram_gb == {"8bit": figures[1], "4bit": figures[2]}
     readme = (RECIPES_DIR / "qwen3/lora/README.md").read_text()
-    assert "| `4bit` | 8 GB | 24.5 GB | 8 GB | **16.5 GB** | — | 8 GB |" in readme  # columns: tasks/ folders by name
+    assert "| `4bit` | 8 GB | 8 GB | 24.5 GB | 8 GB | **16.5 GB** | — | 8 GB |" in readme  # columns: tasks/ folders by name (eval first)
 
 
 def test_scaffold_without_model_yaml_names_it(tmp_path: Path):

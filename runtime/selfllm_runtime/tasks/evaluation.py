@@ -308,8 +308,8 @@ def perf(context: RecipeContext, settings: EvalSettings) -> None:
 def before_download(context: RecipeContext, settings: EvalSettings) -> None:
     """`selfllm start`, before the model is fetched: the benchmark names and the adapter must be usable."""
     try:
-        check_benchmarks(benchmarks(settings, hub=True)[0])
         check_adapter(settings)
+        check_benchmarks(benchmarks(settings, hub=True)[0])
     except ValueError as exc:
         raise _fail(exc) from None
 
