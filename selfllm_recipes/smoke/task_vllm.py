@@ -167,8 +167,24 @@ def verify_vllm(session: SmokeSession) -> str:
     images = verify_images(session, upstream, image_tokens) if image_tokens is not None else ""
     if takes_video(session.recipe_key):
         images += verify_videos(session, upstream)
-    return (f"served by {served_by(session.logs(), api_version)} as {', '.join(names)}: chat completion to "
-            f"{upstream!r} (system + user) answered {answered}{images}")
+    return (f"served by {served_by(session.logs(), api_version)}{parallel_workers(session, answer.system_fingerprint)} "
+            f"as {', '.join(names)}: chat completion to {upstream!r} (system + user) answered {answered}{images}")
+
+
+def parallel_workers(session: SmokeSession, fingerprint: str | None) -> str:
+    """', tensor parallel 2 (system_fingerprint vllm-0.32.0-tp2-...)' where the recipe's smoke runs a layout across
+    workers (recipe.yaml smoke.env TENSOR_PARALLEL_SIZE): vLLM's fingerprint names the size it really ran."""
+    from selfllm_runtime.metadata import load_recipe
+
+    from ..layout import RECIPES_DIR
+
+    wanted = load_recipe(RECIPES_DIR / session.recipe_key).smoke.env.get("TENSOR_PARALLEL_SIZE")
+    if wanted is None:
+        return ""
+    found = re.search(r"-tp(\d+)-", fingerprint or "")
+    expect(found is not None and found[1] == wanted,
+           f"the smoke asked for TENSOR_PARALLEL_SIZE={wanted}, but vLLM's system_fingerprint is {fingerprint!r}")
+    return f", tensor parallel {wanted} (system_fingerprint {fingerprint})"
 
 
 CHECK = SmokeCheck(
