@@ -153,14 +153,15 @@ def verify_vllm(session: SmokeSession) -> str:
     if not text.strip():
         # gpt-oss: vLLM renders the prompt and parses the output with harmony's own o200k encoding, so the tiny
         # model spans those 201,088 ids while its tokenizer has ~1,000: a random model's tokens are neither
-        # harmony messages nor text. What can be checked is that the engine generated tokens, in chat and in
-        # plain completions.
+        # harmony messages nor text. A random model may also stop at once on one of the family's stop tokens. What
+        # can be checked is that the engine generated tokens, in chat and in plain completions.
         expect(tokens > 0, f"chat completion came back empty: {answer!r}"[:300])
         raw = client.completions.create(model=upstream, prompt="你好，请介绍一下你自己", max_tokens=16, temperature=0.7)
         generated = raw.usage.completion_tokens if raw.usage else 0
         expect(generated > 0, f"chat completion and completion came back empty: {raw!r}"[:300])
-        answered = (f"{tokens} tokens, no text (a random model's tokens are no harmony messages, and beyond the tiny "
-                    f"tokenizer); /v1/completions: {generated} tokens")
+        answered = (f"{tokens} tokens, no text (finish_reason {answer.choices[0].finish_reason}: a random model's "
+                    f"tokens made no text, a stop token first or, gpt-oss, no harmony message); /v1/completions: "
+                    f"{generated} tokens")
     version = requests.get(session.base_url + "/version", timeout=10)
     api_version = version.json().get("version", "") if version.status_code == 200 else ""
     image_tokens = image_tokens_per_image(session.recipe_key)
