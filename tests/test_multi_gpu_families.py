@@ -182,7 +182,8 @@ def test_tiny_model_is_a_small_moe_of_the_real_class(tiny_recipe, family):
     context, folder = tiny_recipe(f"{family}/vllm")
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     assert config["architectures"] == [context.family.architecture]
-    for name, value in context.family.smoke.extra.items():
+    own = context.recipe.smoke_model.extra if context.recipe.smoke_model else {}
+    for name, value in {**context.family.smoke.extra, **own}.items():  # the recipe's own fields win
         if name != "partial_rotary_factor":  # transformers 5 keeps it in rope_parameters
             assert config[name] == value, name
     if context.family.architecture == "Glm4MoeForCausalLM":

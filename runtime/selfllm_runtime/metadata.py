@@ -532,6 +532,13 @@ class ModelFamily(Strict):
         """The task kinds this file names (vram_gb, contributors): the host toolkit holds them to tasks/."""
         return self.vram_gb.kinds() | set(self.contributors)
 
+    def packaged_as(self, task: "TaskKind") -> bool:
+        """Whether the family has a recipe of kind `task`: the kinds every family has (task.yaml kind.every_family) and
+        those model.yaml credits an upstream tutorial of; a family one card can't hold (`parallel:`) only the kinds
+        that serve across cards (kind.parallel) and the credited ones."""
+        info, credited = kind_info(task), getattr(task, "value", task) in self.contributors
+        return (info.parallel if self.parallel is not None else info.every_family) or credited
+
     def gpus_for(self, task: "TaskKind") -> int:
         """Cards a recipe of `task` needs: the family's parallel layout for a kind that reads it, else 1."""
         return self.parallel.gpus if self.parallel is not None and kind_info(task).parallel else 1
