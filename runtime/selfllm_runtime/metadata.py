@@ -138,6 +138,8 @@ class Reasoning(Strict):
     start: str
     end: str
     vllm_parser: str | None = None
+    vllm_in_content: bool = Field(False, description="the vLLM parser keeps the thinking, markers included, in "
+                                  "`content` (MiniMax-M2's minimax_m2_append_think) instead of moving it to `reasoning`")
 
 
 class ToolCalls(Strict):

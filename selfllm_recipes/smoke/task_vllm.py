@@ -150,6 +150,7 @@ def verify_vllm(session: SmokeSession) -> str:
     text = (message.content or "") + reasoning
     tokens = answer.usage.completion_tokens if answer.usage else 0
     answered = (f"{len(message.content or '')} chars of content + {len(reasoning)} of reasoning ({tokens} tokens)")
+    answered += thinking_in_content(session.recipe_key, message.content or "", reasoning)
     if not text.strip():
         # gpt-oss: vLLM renders the prompt and parses the output with harmony's own o200k encoding, so the tiny
         # model spans those 201,088 ids while its tokenizer has ~1,000: a random model's tokens are neither
@@ -170,6 +171,23 @@ def verify_vllm(session: SmokeSession) -> str:
         images += verify_videos(session, upstream)
     return (f"served by {served_by(session.logs(), api_version)}{parallel_workers(session, answer.system_fingerprint)} "
             f"as {', '.join(names)}: chat completion to {upstream!r} (system + user) answered {answered}{images}")
+
+
+def thinking_in_content(recipe_key: str, content: str, reasoning: str) -> str:
+    """Where the family's vLLM parser keeps the thinking in `content` (model.yaml reasoning.vllm_in_content,
+    MiniMax-M2's append_think): the reply's content starts with the start marker the template pre-filled, and nothing
+    went to `reasoning`."""
+    from selfllm_runtime.metadata import load_family, load_recipe
+
+    from ..layout import RECIPES_DIR
+
+    marks = load_family(RECIPES_DIR / load_recipe(RECIPES_DIR / recipe_key).model).reasoning
+    if marks is None or not marks.vllm_in_content:
+        return ""
+    expect(content.startswith(marks.start) and not reasoning,
+           f"the parser should keep the thinking in content from {marks.start!r}: content {content[:80]!r}, "
+           f"reasoning {reasoning[:80]!r}")
+    return f", content starting with {marks.start!r} (the thinking stays in content)"
 
 
 def parallel_workers(session: SmokeSession, fingerprint: str | None) -> str:
