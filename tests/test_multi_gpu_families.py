@@ -264,3 +264,15 @@ def test_each_stop_token_is_one_token_of_the_tiny_tokenizer(tiny_recipe, family)
     generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
     stops = generation["eos_token_id"] if isinstance(generation["eos_token_id"], list) else [generation["eos_token_id"]]
     assert sorted(stops) == sorted(tokenizer.convert_tokens_to_ids(context.family.stop_tokens))
+
+
+def test_the_vllm_smoke_holds_minimax_m2s_thinking_to_content():
+    """append_think keeps the thinking in content, after the template's pre-filled <think>; other families don't ask."""
+    from selfllm_recipes.smoke.checks import SmokeFailure
+    from selfllm_recipes.smoke.task_vllm import thinking_in_content
+
+    assert "<think>" in thinking_in_content("minimax-m2/vllm", "<think>\nhm", "")
+    for content, reasoning in (("hm", ""), ("<think>", "moved")):
+        with pytest.raises(SmokeFailure):
+            thinking_in_content("minimax-m2/vllm", content, reasoning)
+    assert thinking_in_content("glm4.5-air/vllm", "", "thinking") == ""
