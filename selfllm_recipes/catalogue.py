@@ -61,7 +61,7 @@ def _cell(result: dict[str, str] | None, needs_gpu: str | None = None) -> str:
 def _vram(gpu: GpuNeeds) -> str:
     """bf16 GB, and the QUANTIZATION=4bit estimate where the task has the setting."""
     quantized = gpu.quantized_vram_gb.get("4bit")
-    return f"{gpu.min_vram_gb:g} GB" + (f" ({quantized:g} GB*)" if quantized else "")
+    return gpu.vram_shown + (f" ({quantized:g} GB*)" if quantized else "")
 
 
 MEDIA_LABELS = {"image": "图 image", "video": "视频 video"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from selfllm_runtime.metadata import (PROJECT_CREDIT, QUANTIZATIONS, MetadataError, ModelFamily, Recipe, TaskKind,
-                                      kind_info)
+                                      kind_info, vram_text)
 from selfllm_runtime.settings import settings_table
 from selfllm_runtime.model_source import upstream_names
 from selfllm_runtime.tasks.vllm_server import mm_limits
@@ -66,7 +66,7 @@ def vram_table(family: ModelFamily, task: TaskKind, lang: str) -> str:
         cells = [f"`{quantization}`" + (bf16 if quantization == "none" else "")]
         for kind in TaskKind:
             gb = family.vram_estimate(kind, quantization)
-            cell = "—" if gb is None else f"{gb:g} GB"
+            cell = "—" if gb is None else vram_text(gb, family.gpus_for(kind))[0]
             cells.append(f"**{cell}**" if kind is task and gb is not None else cell)
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

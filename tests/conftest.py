@@ -67,6 +67,29 @@ def tiny_recipe(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def real_parameters():
+    """real_parameters("glm4.5-air", config fields) → the parameters (total, unquantized) in billions, rounded as
+    model.yaml's parameters_b writes them, of a meta-device model of the family's class with those shapes: unquantized
+    is what bitsandbytes leaves alone (every parameter outside an nn.Linear's weight, and lm_head's)."""
+    import torch
+    import transformers
+
+    from selfllm_recipes.layout import RECIPES_DIR
+    from selfllm_runtime.metadata import load_family
+
+    def count(family: str, config: dict) -> tuple[float, float]:
+        model_class = getattr(transformers, load_family(RECIPES_DIR / family).architecture)
+        with torch.device("meta"):
+            model = model_class(model_class.config_class(**config))
+        total = sum(p.numel() for p in model.parameters())
+        linear = sum(m.weight.numel() for m in model.modules()
+                     if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings())
+        return round(total / 1e9, 2), round((total - linear) / 1e9, 2)
+
+    return count
+
+
 # The chat recipes' tiny engine (qwen3/fastapi); test modules of other recipes override `context`.
 @pytest.fixture(scope="session")
 def context(tiny_recipe):

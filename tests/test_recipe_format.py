@@ -34,13 +34,15 @@ def family_only(tmp_path: Path, model: str = "qwen3", name: str | None = None) -
 
 def test_every_family_has_all_five_tasks():
     """The kinds every family has (task.yaml kind.every_family), and the others (grpo) where model.yaml credits an
-    upstream tutorial of them."""
+    upstream tutorial of them; a family one card can't hold (model.yaml parallel:) has the multi-GPU kinds only
+    (ModelFamily.packaged_as)."""
     good, broken = discover()
     assert not broken, [str(b.error) for b in broken]
     keys = {s.key for s in good}
-    expected = {f"{m}/{t.value}" for m in FAMILIES for t in ALL_TASKS
-                if kind_info(t).every_family or t.value in load_family(RECIPES_DIR / m).contributors}
+    expected = {f"{m}/{t.value}" for m in FAMILIES for t in ALL_TASKS if load_family(RECIPES_DIR / m).packaged_as(t)}
     assert expected == keys
+    multi_gpu = [m for m in FAMILIES if load_family(RECIPES_DIR / m).parallel is not None]
+    assert {k for k in keys if k.split("/")[0] in multi_gpu} == {f"{m}/vllm" for m in multi_gpu}
     assert sum(kind_info(t).every_family for t in ALL_TASKS) == 5
     assert len(FAMILIES) >= 7
 
@@ -268,7 +270,7 @@ def test_tiny_model_of_each_family_chats_and_trains_on_its_template(model: str, 
     from selfllm_runtime.chat_engine import ChatEngine, GenerationParams
     from selfllm_runtime.finetune.data import IGNORE_INDEX, ChatTokenizer
 
-    context, folder = tiny_recipe(f"{model}/lora")
+    context, folder = tiny_recipe(f"{model}/lora" if (RECIPES_DIR / model / "lora").is_dir() else f"{model}/vllm")
     family = context.family
     config = transformers.AutoConfig.from_pretrained(folder)
     assert config.architectures == [family.architecture]
@@ -317,14 +319,17 @@ def test_cuda_and_driver_follow_the_stack_lock(task: TaskKind):
 
 def test_smoke_checks_know_which_recipes_open_the_thinking_block_by_default(tiny_recipe):
     """A random tiny model rarely closes a think block the prompt opened: the LangChain smoke check then
-    accepts an empty answer. DeepSeek-R1-Distill always opens it; MiniCPM5, Qwen3.5 and GLM-4.7-Flash do with
-    enable_thinking on, their default; Qwen3's template does not. The host-side render matches transformers' own."""
+    accepts an empty answer. DeepSeek-R1-Distill and MiniMax-M2 always open it; MiniCPM5, Qwen3.5 and GLM-4.7-Flash
+    do with enable_thinking on, their default; Qwen3's template does not (nor do GLM-4.5-Air's and Hunyuan-A13B's:
+    the model writes <think> itself). The host-side render matches transformers' own."""
     from transformers import AutoTokenizer
 
     from selfllm_recipes.smoke.checks import always_thinks, default_prompt
 
-    assert {model for model in FAMILIES if always_thinks(f"{model}/langchain")} == {"deepseek-r1-distill-qwen",
-                                                                                    "minicpm5", "qwen3.5", "glm4.7-flash"}
+    some_recipe = {model: next(p.parent.name for p in sorted((RECIPES_DIR / model).glob("*/recipe.yaml")))
+                   for model in FAMILIES}  # a multi-GPU family has its vllm recipe only
+    assert {model for model in FAMILIES if always_thinks(f"{model}/{some_recipe[model]}")} == {
+        "deepseek-r1-distill-qwen", "minicpm5", "qwen3.5", "glm4.7-flash", "minimax-m2"}
     messages = [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": "你好"}]
     for model in ("qwen3", "minicpm5", "ernie4.5", "glm4.7-flash"):
         context, folder = tiny_recipe(f"{model}/fastapi")

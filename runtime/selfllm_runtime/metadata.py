@@ -61,6 +61,8 @@ class TaskKindInfo(Strict):
         [], description="what it carries besides text to a family that takes it (model.yaml modalities): image, video")
     every_family: bool = Field(True, description="every family has a recipe of this kind (`build_matrix.py new` "
                                "writes it); false: only the families whose model.yaml credits an upstream tutorial of it")
+    parallel: bool = Field(False, description="serves across cards by the family's layout (model.yaml `parallel:`, "
+                           "TENSOR_PARALLEL_SIZE × PIPELINE_PARALLEL_SIZE): the recipe needs that many GPUs")
 
 
 def task_kind_names(root: Path) -> list[str]:
@@ -136,6 +138,8 @@ class Reasoning(Strict):
     start: str
     end: str
     vllm_parser: str | None = None
+    vllm_in_content: bool = Field(False, description="the vLLM parser keeps the thinking, markers included, in "
+                                  "`content` (MiniMax-M2's minimax_m2_append_think) instead of moving it to `reasoning`")
 
 
 class ToolCalls(Strict):
@@ -385,6 +389,21 @@ def _ceil_half(value: float) -> float:
     return math.ceil(value * 2 - 1e-9) / 2
 
 
+class Parallelism(Strict):
+    """model.yaml `parallel:`: how a family too large for one card is served (the defaults of TENSOR_PARALLEL_SIZE,
+    PIPELINE_PARALLEL_SIZE, ENABLE_EXPERT_PARALLEL), after upstream's tutorials. The recipes of a task kind that
+    reads them (task.yaml kind.parallel) need tensor × pipeline GPUs; vram_gb is then their sum."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="cards each layer is split over (vLLM --tensor-parallel-size)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="stages the layers are cut into (--pipeline-parallel-size)")
+    expert_parallel: bool = Field(False, description="the MoE experts are spread over the cards instead of split "
+                                  "(vLLM --enable-expert-parallel)")
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
 class Notes(Strict):
     """A family's remark shown in every README of it (中文 first, then English)."""
 
@@ -415,6 +434,9 @@ class ModelFamily(Strict):
     reasoning_effort: ReasoningEffort | None = None
     reasoning: Reasoning | None = None
     tool_calls: ToolCalls | None = Field(None, description="None: the chat template renders no tools")
+    vllm_tool_parser: str | None = Field(
+        None, description="vLLM's --tool-call-parser for tools the template renders in a format the runtime's own "
+        "servers don't parse (tool_calls: None there): only the vllm recipes call tools")
     system_role: SystemRole = Field(
         "native", description="native: the template renders system messages; merge_into_first_user: it has no "
         "system role, so the runtime puts a system message's text before the first user turn after it")
@@ -428,6 +450,8 @@ class ModelFamily(Strict):
         {}, description="other classes the family's checkpoints come in; the runtime picks by the checkpoint's config")
     modalities: Modalities = Field(Modalities(), description="what the family takes besides text (images, video) "
                                    "and the limits of one request")
+    parallel: Parallelism | None = Field(
+        None, description="the multi-GPU layout of a family one card can't hold (None: one card)")
 
     @field_validator("variants")
     @classmethod
@@ -477,6 +501,18 @@ class ModelFamily(Strict):
             raise ValueError("a family has an on/off thinking switch or a reasoning_effort, not both")
         return value
 
+    @field_validator("vllm_tool_parser")
+    @classmethod
+    def _one_tool_parser(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and info.data.get("tool_calls") is not None:
+            raise ValueError("the family has tool_calls: name vLLM's parser there (tool_calls.vllm_parser)")
+        return value
+
+    @property
+    def vllm_tool_call_parser(self) -> str | None:
+        """vLLM's --tool-call-parser of the family (tool_calls.vllm_parser, or vllm_tool_parser), None: no tools."""
+        return self.tool_calls.vllm_parser if self.tool_calls is not None else self.vllm_tool_parser
+
     @field_validator("system_role")
     @classmethod
     def _tools_need_a_system_turn(cls, value: str, info: Any) -> str:
@@ -497,6 +533,17 @@ class ModelFamily(Strict):
     def task_names(self) -> set[str]:
         """The task kinds this file names (vram_gb, contributors): the host toolkit holds them to tasks/."""
         return self.vram_gb.kinds() | set(self.contributors)
+
+    def packaged_as(self, task: "TaskKind") -> bool:
+        """Whether the family has a recipe of kind `task`: the kinds every family has (task.yaml kind.every_family) and
+        those model.yaml credits an upstream tutorial of; a family one card can't hold (`parallel:`) only the kinds
+        that serve across cards (kind.parallel) and the credited ones."""
+        info, credited = kind_info(task), getattr(task, "value", task) in self.contributors
+        return (info.parallel if self.parallel is not None else info.every_family) or credited
+
+    def gpus_for(self, task: "TaskKind") -> int:
+        """Cards a recipe of `task` needs: the family's parallel layout for a kind that reads it, else 1."""
+        return self.parallel.gpus if self.parallel is not None and kind_info(task).parallel else 1
 
     def vram_estimate(self, task: "TaskKind", quantization: Quantization) -> float | None:
         """GB of VRAM `task` needs with QUANTIZATION (None: the task has no such setting). bf16 is
@@ -527,14 +574,35 @@ class CudaNeeds(Strict):
 
 class GpuNeeds(Strict):
     required: bool = True
-    min_vram_gb: float = Field(gt=0, description="in bf16")
+    min_vram_gb: float = Field(gt=0, description="in bf16, all cards together")
+    count: int = Field(1, ge=1, description="cards the default layout uses (model.yaml parallel: tensor × pipeline)")
     quantized_vram_gb: dict[Quantization, float] = Field(
         {}, description="estimates with QUANTIZATION=8bit / 4bit (ModelFamily.vram_estimate); empty: no such setting")
     cuda: CudaNeeds | None = None
 
+    @property
+    def vram_per_gpu_gb(self) -> float:
+        """What each of the `count` cards needs (the total spread evenly, rounded up to 0.5 GB)."""
+        return vram_text(self.min_vram_gb, self.count)[1]
+
+    @property
+    def vram_shown(self) -> str:
+        """'16 GB' on one card, '4 × 72 GB' across several."""
+        return vram_text(self.min_vram_gb, self.count)[0]
+
+
+def vram_text(total_gb: float, gpus: int = 1) -> tuple[str, float]:
+    """How a VRAM figure reads in the READMEs ('16 GB'; across cards '4 × 72 GB': each card's share of the total,
+    rounded up to 0.5 GB), and that share."""
+    each = _ceil_half(total_gb / gpus)
+    return (f"{total_gb:g} GB" if gpus == 1 else f"{gpus} × {each:g} GB"), each
+
 
 class SmokeSettings(Strict):
     timeout_s: int = Field(600, gt=0)
+    env: dict[str, str] = Field(
+        {}, description="settings the smoke test's container gets besides its task's, e.g. TENSOR_PARALLEL_SIZE=2 "
+        "(the parallel path of a multi-GPU recipe, on two CPU workers)")
     needs_gpu: str | None = Field(
         None, min_length=10, description="why the smoke test can't run without a GPU here: on an engine without one "
         "the matrix builds the recipe and reports this reason (SKIP), never a result")
@@ -684,7 +752,7 @@ def merge_recipe(path: Path, task: TaskDefaults, family: ModelFamily, own: Recip
     fields |= {
         "name": f"{family.short_name} {task.title}",
         "default_model": family.checkpoints.model_dump(),
-        "gpu": {"required": True, "min_vram_gb": family.vram_gb.for_task(own.task),
+        "gpu": {"required": True, "min_vram_gb": family.vram_gb.for_task(own.task), "count": family.gpus_for(own.task),
                 "quantized_vram_gb": {q: gb for q in QUANTIZATIONS[1:]
                                       if (gb := family.vram_estimate(own.task, q)) is not None},
                 "cuda": task.cuda.model_dump()},

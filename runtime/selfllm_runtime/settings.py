@@ -356,13 +356,19 @@ class VllmSettings(ServedNameSettings, TemplateSettings, AccessSettings, ModelSe
         DEFAULT_MAX_MODEL_LEN, "MAX_MODEL_LEN", "最大上下文长度（越大 KV cache 越占显存）",
         "the longest context (more takes more VRAM for the KV cache)", ge=1)
     tensor_parallel_size: int = setting(
-        1, "TENSOR_PARALLEL_SIZE", "张量并行：每层切到几张卡（`--tensor-parallel-size`，通常等于本机卡数）",
-        "tensor parallelism: the cards each layer is split over (`--tensor-parallel-size`, usually this machine's cards)",
-        ge=1)
+        1, "TENSOR_PARALLEL_SIZE", "张量并行：每层切到几张卡（`--tensor-parallel-size`，通常等于本机卡数）；"
+        "与 `PIPELINE_PARALLEL_SIZE` 的乘积多于可见 GPU 时启动即拒绝（调小即可，自行确认放得下）",
+        "tensor parallelism: the cards each layer is split over (`--tensor-parallel-size`, usually this machine's "
+        "cards); times `PIPELINE_PARALLEL_SIZE` more than the visible GPUs is refused at start (set it lower, "
+        "knowing the weights must still fit)", family="parallel.tensor_parallel_size", ge=1)
     pipeline_parallel_size: int = setting(
         1, "PIPELINE_PARALLEL_SIZE", "流水线并行：层分成几段（`--pipeline-parallel-size`；多机时每台机器一段，见 README）",
         "pipeline parallelism: the stages the layers are cut into (`--pipeline-parallel-size`; one per machine "
-        "across machines, see the README)", ge=1)
+        "across machines, see the README)", family="parallel.pipeline_parallel_size", ge=1)
+    expert_parallel: bool = setting(
+        False, "ENABLE_EXPERT_PARALLEL", "MoE 专家分到各卡而不是每个专家切开（`--enable-expert-parallel`）",
+        "MoE experts spread over the cards instead of each split (`--enable-expert-parallel`)",
+        family="parallel.expert_parallel")
     vllm_args: str = setting(
         "", "VLLM_ARGS", "追加给 vLLM 的参数（shell 引号规则），如 `--gpu-memory-utilization 0.85`，放在最后因而优先",
         "extra vLLM arguments (shell quoting), e.g. `--gpu-memory-utilization 0.85`; appended last, so they win")

