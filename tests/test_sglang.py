@@ -50,7 +50,7 @@ def test_gpu_argv_serves_upstreams_name_with_the_family_parsers(context):
     assert _option(argv, "--model-path") == "/models/qwen3"
     assert option_values(argv, "--served-model-name") == ["Qwen3-8B"]  # one name: upstream's
     assert _option(argv, "--context-length") == "8192"
-    assert _option(argv, "--port") == str(context.recipe.port) == "30000"
+    assert _option(argv, "--port") == str(context.recipe.port) == "8000"
     assert _option(argv, "--host") == "0.0.0.0"
     assert _option(argv, "--reasoning-parser") == "qwen3" and _option(argv, "--tool-call-parser") == "qwen"
     for absent in ("--device", "--api-key", "--tp-size", "--mem-fraction-static", "--trust-remote-code",
