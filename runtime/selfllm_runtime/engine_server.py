@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .access import warn_if_exposed
 from .chat_template import ChatTemplate, choose_chat_template
 from .context import RecipeContext
 from .system_role import with_system_role
@@ -72,6 +73,18 @@ def redacted(argv: list[str]) -> list[str]:
             shown.append(arg)
             taking = arg == API_KEY_OPTION
     return shown
+
+
+def announce(logger: logging.Logger, argv: list[str], build: object, model_dir: Path | str,
+             template: ChatTemplate) -> None:
+    """Warn where the server would be open without an API key, and log the build that serves (the smoke tests read
+    that line to name the build that really served: never assume the GPU one), its address and its names; the
+    address and names as the argv gives them last (the user's extra arguments win)."""
+    host, port = option_values(argv, "--host")[-1], option_values(argv, "--port")[-1]
+    warn_if_exposed(host, port, "set" if option_values(argv, API_KEY_OPTION) else "")
+    logger.info("selfllm: serving with %s", build)
+    logger.info("selfllm: %s on %s:%s as %s; chat template: %s", model_dir, host, port,
+                ", ".join(option_values(argv, "--served-model-name")), template.describe())
 
 
 def exec_server(argv: list[str]) -> None:

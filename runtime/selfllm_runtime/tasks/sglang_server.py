@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..access import warn_if_exposed
 from ..context import RecipeContext
-from ..engine_server import API_KEY_OPTION, exec_server, option_values, served_chat_template
+from ..engine_server import API_KEY_OPTION, announce, exec_server, served_chat_template
 from ..model_source import served_names
 from ..settings import SglangSettings
 
@@ -102,12 +101,7 @@ def run(context: RecipeContext, model_dir: Path, settings: SglangSettings) -> No
     build = installed_build()
     template_file, template = served_chat_template(context, model_dir, settings.chat_template)
     argv = build_argv(context, model_dir, build, settings, chat_template=template_file)
-    host, port = option_values(argv, "--host")[-1], option_values(argv, "--port")[-1]  # SGLANG_ARGS win
-    warn_if_exposed(host, port, "set" if option_values(argv, API_KEY_OPTION) else "")
-    # The smoke test reads this line to name the build that really served (never assume the GPU one).
-    log.info("selfllm: serving with %s", build)
-    log.info("selfllm: %s on %s:%s as %s; chat template: %s", model_dir, host, port,
-             option_values(argv, "--served-model-name")[-1], template.describe())
+    announce(log, argv, build, model_dir, template)
     if build.on_cpu:
         os.environ[CPU_ENGINE_ENV] = "1"
     exec_server(argv)

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..access import warn_if_exposed
 from ..context import RecipeContext
-from ..engine_server import API_KEY_OPTION, exec_server, option_values, served_chat_template
+from ..engine_server import API_KEY_OPTION, announce, exec_server, option_values, served_chat_template
 from ..metadata import Modalities
 from ..model_source import served_names
 from ..settings import VllmSettings
@@ -187,12 +186,7 @@ def run(context: RecipeContext, model_dir: Path, settings: VllmSettings) -> None
     template_file, template = served_chat_template(context, model_dir, settings.chat_template)
     options = image_processor_options(model_dir) if context.family.modalities.vision else frozenset()
     argv = build_argv(context, model_dir, build, settings, chat_template=template_file, processor_options=options)
-    host, port = option_values(argv, "--host")[-1], option_values(argv, "--port")[-1]  # VLLM_ARGS win
-    warn_if_exposed(host, port, "set" if option_values(argv, API_KEY_OPTION) else "")
-    # The smoke test reads this line to name the build that really served (never assume the GPU one).
-    log.info("selfllm: serving with %s", build)
-    log.info("selfllm: %s on %s:%s as %s; chat template: %s", model_dir, host, port,
-             ", ".join(option_values(argv, "--served-model-name")), template.describe())
+    announce(log, argv, build, model_dir, template)
     if build.on_cpu:
         # vLLM's sampler torch.compiles its logprob ranks (ops/logprobs.py), whose inductor backend wants a C++ compiler
         # the image has not: requests with logprobs / prompt_logprobs failed. The CPU build runs eager (-O0) anyway.
