@@ -10,7 +10,7 @@ import re
 
 import requests
 
-from .checks import SMOKE_MODEL_DIR, SYSTEM, SmokeCheck, SmokeSession, expect, start_on_smoke_model
+from .checks import SMOKE_MODEL_DIR, SYSTEM, SmokeCheck, SmokeSession, expect, family_of, recipe_context, start_on_smoke_model
 
 SERVING_LINE = re.compile(r"selfllm: serving with sglang (?P<version>\S+) on (?P<device>CPU|GPU)")
 # What the constrained answer's thinking and answer are made of: short runs of ASCII letters, which any byte-level
@@ -28,25 +28,17 @@ def served_by(logs: str) -> str:
 def expected_name(recipe_key: str) -> str:
     """The name the recipe serves the smoke model under (MODEL_PATH=SMOKE_MODEL_DIR, no SERVED_MODEL_NAME):
     upstream's short name, the last of model_source.served_names."""
-    from selfllm_runtime.metadata import load_family, load_recipe
     from selfllm_runtime.model_source import served_names
     from selfllm_runtime.settings import ModelSettings, resolve
 
-    from ..layout import RECIPES_DIR
-
-    recipe = load_recipe(RECIPES_DIR / recipe_key)
-    family = load_family(RECIPES_DIR / recipe.model)
-    settings = resolve(ModelSettings, recipe, family, env={"MODEL_PATH": SMOKE_MODEL_DIR})
-    return served_names(recipe, family, settings)[-1]
+    context = recipe_context(recipe_key)
+    settings = resolve(ModelSettings, context.recipe, context.family, env={"MODEL_PATH": SMOKE_MODEL_DIR})
+    return served_names(context.recipe, context.family, settings)[-1]
 
 
 def reasoning_markers(recipe_key: str) -> tuple[str, str] | None:
     """(start, end) of the family's thinking where SGLang parses it (model.yaml reasoning.sglang_parser), else None."""
-    from selfllm_runtime.metadata import load_family, load_recipe
-
-    from ..layout import RECIPES_DIR
-
-    family = load_family(RECIPES_DIR / load_recipe(RECIPES_DIR / recipe_key).model)
+    family = family_of(recipe_key)
     if family.reasoning is None or not family.reasoning.sglang_parser:
         return None
     return family.reasoning.start, family.reasoning.end
