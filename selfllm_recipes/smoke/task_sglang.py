@@ -1,7 +1,8 @@
 """Smoke check of task `sglang`: `/v1/models` lists the model under upstream's short name (SGLang serves one name), the
 official `openai` client asks for a chat completion by that name, whole and streamed, a malformed request is a 400,
 and for a reasoning family SGLang's parser moves the thinking out of `content`: an answer constrained (SGLang's
-`regex`) to `<think>…</think>…` comes back split into `reasoning_content` and `content`. The detail names the build
+`regex`) to `<think>…</think>…` comes back split into `reasoning_content` and `content` (and whole with
+`separate_reasoning: false`). The detail names the build
 that really served, read from the container's start log: on an engine without GPU that is the recipe's CPU
 variant (SGLang's CPU engine)."""
 from __future__ import annotations
@@ -36,28 +37,39 @@ def expected_name(recipe_key: str) -> str:
     return served_names(context.recipe, context.family, settings)[-1]
 
 
-def reasoning_markers(recipe_key: str) -> tuple[str, str] | None:
-    """(start, end) of the family's thinking where SGLang parses it (model.yaml reasoning.sglang_parser), else None."""
+def reasoning_markers(recipe_key: str) -> tuple[str, str, str | None] | None:
+    """(start, end, the chat template's thinking switch or None) of the family's thinking where SGLang parses it
+    (model.yaml reasoning.sglang_parser), else None."""
     family = family_of(recipe_key)
     if family.reasoning is None or not family.reasoning.sglang_parser:
         return None
-    return family.reasoning.start, family.reasoning.end
+    return family.reasoning.start, family.reasoning.end, family.thinking.template_kwarg if family.thinking else None
 
 
-def verify_reasoning(session: SmokeSession, model: str, markers: tuple[str, str]) -> str:
-    """An answer held by SGLang's constrained decoding to `<start>thought<end>answer` (a random model would rarely
-    close its thinking): the reasoning parser gives `reasoning_content` = the thought and `content` = the answer."""
-    start, end = markers
+def verify_reasoning(session: SmokeSession, model: str, markers: tuple[str, str, str | None]) -> str:
+    """An answer held by SGLang's constrained decoding (`regex`) to `<start>thought<end>answer`, as a random model
+    would rarely close its thinking: the reasoning parser gives `reasoning_content` = the thought and `content` =
+    the answer, while the same request with `separate_reasoning: false` gets the whole text in `content`. SGLang
+    holds a thinking model to a grammar only after its thinking ends, so the request turns the family's thinking
+    switch off (Qwen3's enable_thinking): the output is then constrained from its first token."""
+    start, end, switch = markers
     pattern = f"{re.escape(start)}\\n{THOUGHT}\\n{re.escape(end)}\\n\\n{ANSWER}"
-    response = requests.post(session.base_url + "/v1/chat/completions", timeout=300, json={
-        "model": model, "messages": [{"role": "user", "content": "1+1=?"}], "max_tokens": 48, "temperature": 0,
-        "regex": pattern})
-    expect(response.status_code == 200, f"a constrained request got {response.status_code}: {response.text[:300]}")
-    message = response.json()["choices"][0]["message"]
-    thought, answer = (message.get("reasoning_content") or "").strip(), (message.get("content") or "").strip()
+    request = {"model": model, "messages": [{"role": "user", "content": "1+1=?"}], "max_tokens": 48, "temperature": 0,
+               "regex": pattern, **({"chat_template_kwargs": {switch: False}} if switch else {})}
+    messages = []
+    for separate in (True, False):
+        response = requests.post(session.base_url + "/v1/chat/completions", timeout=300,
+                                 json={**request, "separate_reasoning": separate})
+        expect(response.status_code == 200, f"a constrained request got {response.status_code}: {response.text[:300]}")
+        messages.append(response.json()["choices"][0]["message"])
+    split, whole = messages
+    thought, answer = (split.get("reasoning_content") or "").strip(), (split.get("content") or "").strip()
     expect(re.fullmatch(THOUGHT, thought) is not None and re.fullmatch(ANSWER, answer) is not None,
            f"the reasoning parser did not split {start}…{end}: reasoning_content={thought!r}, content={answer!r}")
-    return f"; {start}{thought}{end}{answer} split into reasoning_content {thought!r} and content {answer!r}"
+    raw = whole.get("content") or ""
+    expect(re.fullmatch(pattern, raw) is not None and thought in raw and answer in raw,
+           f"separate_reasoning false: content {raw!r} is not the constrained text")
+    return f"; {raw!r} split into reasoning_content {thought!r} and content {answer!r}"
 
 
 def verify_sglang(session: SmokeSession) -> str:
