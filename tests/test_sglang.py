@@ -161,3 +161,13 @@ def test_the_smoke_check_names_the_build_and_the_served_name():
     assert served_by(logs) == "sglang 0.5.21 on CPU"
     with pytest.raises(SmokeFailure):
         served_by("no such line")
+
+
+def test_glm47_flash_is_served_as_upstreams_tutorial_serves_it():
+    """GLM-4.7-Flash (smoke SKIP on a CPU without AMX: SGLang's torch_native attention can't run MLA): upstream's
+    SGLang tutorial's name and reasoning parser; no tool-call parser (the runtime has none of its XML format)."""
+    context = load_context(RECIPES_DIR / "glm4.7-flash" / "sglang")
+    argv = build_argv(context, "/m", CPU, context.settings(env={}))
+    assert option_values(argv, "--served-model-name") == ["glm-4.7-flash"]
+    assert _option(argv, "--reasoning-parser") == "glm45" and "--tool-call-parser" not in argv
+    assert "SGLang 0.5.21's CPU engine" in context.recipe.smoke.needs_gpu
