@@ -117,9 +117,10 @@ def cmd_lock(args: argparse.Namespace, console: Console) -> int:
     keys = select_by_name(list(folders), args.only)
     failures = 0
     links = [arg for link in args.find_links for arg in ("--find-links", link)]
-    # (stack folder, lock Python) → {(folder to lock, lock file): extra uv args}; a CPU variant is
-    # locked against its own stack, for its own Python, without the packages it excludes.
-    stacks: dict[tuple[Path, str], dict[tuple[Path, str], list[str]]] = {}
+    # (stack folder, lock Python, platform) → {(folder to lock, lock file): extra uv args}; a CPU variant is
+    # locked against its own stack, for its own Python, without the packages it excludes; the platform is the
+    # task kind's (kind.lock_platform).
+    stacks: dict[tuple[Path, str, str], dict[tuple[Path, str], list[str]]] = {}
     for key in keys:
         try:
             recipe, _ = load_metadata(folders[key])
@@ -134,18 +135,19 @@ def cmd_lock(args: argparse.Namespace, console: Console) -> int:
         for stack, python, lock_name, extra in builds:
             own = own_lock_input(folders[key], lock_name).is_file()
             folder = folders[key] if own else TASKS_DIR / recipe.task.value
-            stacks.setdefault((STACKS_DIR / stack, python), {})[(folder, lock_name)] = extra
-    for (stack_dir, python), members in sorted(stacks.items()):
+            platform = kind_info(recipe.task).lock_platform
+            stacks.setdefault((STACKS_DIR / stack, python, platform), {})[(folder, lock_name)] = extra
+    for (stack_dir, python, platform), members in sorted(stacks.items()):
         if not (stack_dir / LOCK_INPUT).is_file():
             console.print(f"[red]{stack_dir.name}[/]: no stack {stack_dir.name!r} ({stack_dir / LOCK_INPUT} missing)")
             failures += len(members)
             continue
         console.print(f"locking stack {stack_dir.relative_to(REPO_ROOT)}")
-        compile_lock(stack_dir, extra_args=links, python=python)
+        compile_lock(stack_dir, extra_args=links, python=python, platform=platform)
         for (folder, lock_name), excluded in sorted(members.items()):
             console.print(f"locking {folder.relative_to(REPO_ROOT)}/{lock_name}")
             compile_lock(folder, constraints=stack_dir / LOCK_FILE, extra_args=links + excluded,
-                         lock_name=lock_name, python=python)
+                         lock_name=lock_name, python=python, platform=platform)
     # A task kind's lock is shared by all its recipes: copy it into every one, not only the selected.
     return max(1 if failures else 0, cmd_generate(args, console, every_recipe=True))
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from selfllm_runtime.metadata import MODEL_FILE, TASK_FILE
+from selfllm_runtime.metadata import MODEL_FILE, TASK_FILE, MetadataError
 
 from .discover import RecipeSpec
 from .layout import CUDA_BASE_DIR, IMAGE_PREFIX, RUNTIME_DIR, TASKS_DIR
@@ -81,6 +81,30 @@ def local_wheels(pins, dirs: list[Path] | None = None) -> dict[str, Path]:
     return found
 
 
+SOURCES_FILE = "sources.sha256"  # a stack's source archives (sha256sum format), built in its own Dockerfile
+
+
+def local_sources(stack_dir: Path, dirs: list[Path] | None = None) -> dict[str, Path]:
+    """sources/<file> → path, for each archive a stack's sources.sha256 names (`<sha256>  <file>`), found with
+    that sha256 in the wheelhouse: source that no index serves (SGLang's CPU kernels, from a GitHub fork)."""
+    listing = stack_dir / SOURCES_FILE
+    found: dict[str, Path] = {}
+    if not listing.is_file():
+        return found
+    for line in listing.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        sha, name = line.split()
+        folders = WHEELHOUSE_DIRS if dirs is None else dirs
+        match = next((folder / name for folder in folders
+                      if (folder / name).is_file() and _sha256(folder / name) == sha), None)
+        if match is None:
+            raise MetadataError(listing, name, f"not in the wheelhouse ({os.pathsep.join(map(str, folders))}) with "
+                                f"sha256 {sha}: make it as the stack's Dockerfile says")
+        found[f"sources/{name}"] = match
+    return found
+
+
 def runtime_files(spec: RecipeSpec) -> dict[str, Path]:
     """What one recipe's runtime image holds: the runtime files its task kind runs (runtime_closure), the launcher,
     its family's model.yaml and chat template, and its task's task.yaml; so a change elsewhere leaves its input
@@ -134,7 +158,8 @@ def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, 
         if stack_key not in nodes:
             wheels = local_wheels(stack_spec.pins)
             stack = ImageNode(stack_key, NodeKind.stack, f"{IMAGE_PREFIX}/stack:{stack_spec.name}",
-                              folder_files(stack_spec.dir) | {"Dockerfile": stack_spec.dockerfile} | wheels,
+                              folder_files(stack_spec.dir) | {"Dockerfile": stack_spec.dockerfile} | wheels
+                              | local_sources(stack_spec.dir),
                               parents=["base"],
                               buildargs={"BASE_IMAGE": base.tag, **pip_args,
                                          **({"FIND_LINKS": "/opt/selfllm/stack"} if wheels else {})})

@@ -95,13 +95,13 @@ def uv_binary() -> str:
 
 
 def compile_lock(folder: Path, constraints: Path | None = None, extra_args: list[str] | None = None,
-                 lock_name: str = LOCK_FILE, python: str = LOCK_PYTHON) -> Path:
-    """Regenerate folder/<lock_name> from the same name with .in (hashed, for one Python)."""
+                 lock_name: str = LOCK_FILE, python: str = LOCK_PYTHON, platform: str = LOCK_PLATFORM) -> Path:
+    """Regenerate folder/<lock_name> from the same name with .in (hashed, for one Python and platform)."""
     source = folder / (LOCK_INPUT if lock_name == LOCK_FILE else lock_name.removesuffix(".lock") + ".in")
     if not source.is_file():
         raise MetadataError(source, "(file)", "missing: the hand-edited input of the lock")
     cmd = [uv_binary(), "pip", "compile", "--quiet", "--generate-hashes", "--no-header",
-           "--python-version", python, "--python-platform", LOCK_PLATFORM, str(source), "-o", str(folder / lock_name)]
+           "--python-version", python, "--python-platform", platform, str(source), "-o", str(folder / lock_name)]
     if constraints is not None:
         cmd += ["--constraint", str(constraints)]
     if (folder / OVERRIDES_FILE).is_file():  # a dependency's too-tight pin the folder overrides (its file says why)

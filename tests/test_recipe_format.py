@@ -120,7 +120,7 @@ def test_quantized_vram_follows_from_the_parameter_counts():
             recipe = load_recipe(RECIPES_DIR / model / task.value)
             figures = [family.vram_estimate(task, q) for q in ("none", "8bit", "4bit")]
             trains = kind_info(task).weights == "fp32"  # lora, grpo: QLoRA keeps the unquantized weights in fp32
-            if task is TaskKind.vllm or family.parameters_b.shipped_gb is not None:  # gpt-oss ships MXFP4
+            if not kind_info(task).quantization or family.parameters_b.shipped_gb is not None:  # vllm, sglang; gpt-oss: MXFP4
                 assert figures[1:] == [None, None] and recipe.gpu.quantized_vram_gb == {}
                 continue
             if family.parameters_b.unquantized > family.parameters_b.total / 2:
@@ -140,7 +140,7 @@ def test_quantized_vram_follows_from_the_parameter_counts():
                     assert figures[0] > figures[1] > figures[2], (model, task, figures)
             assert recipe.gpu.quantized_vram_gb == {"8bit": figures[1], "4bit": figures[2]}
     readme = (RECIPES_DIR / "qwen3/lora/README.md").read_text()
-    assert "| `4bit` | 8 GB | 8 GB | 24.5 GB | 8 GB | **16.5 GB** | — | 8 GB |" in readme  # columns: tasks/ folders by name (eval first)
+    assert "| `4bit` | 8 GB | 8 GB | 24.5 GB | 8 GB | **16.5 GB** | — | — | 8 GB |" in readme  # columns: tasks/ folders by name (eval first)
 
 
 def test_scaffold_without_model_yaml_names_it(tmp_path: Path):

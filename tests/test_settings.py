@@ -175,6 +175,7 @@ def test_a_bad_recipe_value_names_where_it_came_from():
 # ----------------------------------------------------------------------------- selfllm start
 
 BAD_VALUE = {"fastapi": ("MAX_BATCH", "abc"), "webdemo": ("BATCHING", "dynamic"), "vllm": ("VLLM_ARGS", "--x 'open"),
+             "sglang": ("SGLANG_ARGS", "--x 'open"),
              "langchain": ("TOP_K", "three"), "lora": ("NUM_EPOCHS", "many"), "grpo": ("NUM_GENERATIONS", "1"),
              "eval": ("PERF_PARALLEL", "1,zero")}
 

@@ -173,7 +173,7 @@ def test_api_key_becomes_vllms_api_key_and_host_is_honoured(context):
 
 
 def test_logged_command_line_hides_every_api_key():
-    from selfllm_runtime.tasks.vllm_server import redacted
+    from selfllm_runtime.engine_server import redacted
 
     argv = ["/py", "--api-key", "a1", "--port", "8000", "--api-key=b2", "--api-key", "c3", "d4", "--x"]
     assert redacted(argv) == ["/py", "--api-key", "<API_KEY>", "--port", "8000", "--api-key=<API_KEY>",
@@ -258,7 +258,7 @@ def test_a_family_without_a_system_role_is_served_its_template_behind_the_merge_
 
 def test_checkpoint_template_is_read_as_transformers_loads_it(context, tmp_path: Path):
     from selfllm_runtime.chat_template import checkpoint_chat_template
-    from selfllm_runtime.tasks.vllm_server import served_chat_template
+    from selfllm_runtime.engine_server import served_chat_template
 
     assert checkpoint_chat_template(tmp_path) is None
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
@@ -281,7 +281,7 @@ def test_checkpoint_template_is_read_as_transformers_loads_it(context, tmp_path:
 def test_chat_template_setting_picks_what_vllm_is_given(context, tmp_path: Path):
     """CHAT_TEMPLATE in the vLLM task: the same choice as the engine's (chat_template.choose_chat_template)."""
     from selfllm_runtime.settings import SettingsError
-    from selfllm_runtime.tasks.vllm_server import served_chat_template
+    from selfllm_runtime.engine_server import served_chat_template
 
     empty = tmp_path / "no-template"
     empty.mkdir()

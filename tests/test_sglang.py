@@ -1,0 +1,173 @@
+"""Task `sglang` on the host: settings → `python -m sglang.launch_server` argv for the two builds (GPU: PyPI's sglang
+with its CUDA kernels; CPU: the same sglang with SGLang's CPU kernels), the families' parser names, the locks, the CPU
+stack's kernel source, and how the smoke check names the build."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from selfllm_recipes.discover import load_spec
+from selfllm_recipes.images import local_sources
+from selfllm_recipes.layout import LOCK_FILE, RECIPES_DIR, STACKS_DIR
+from selfllm_recipes.locks import parse_lock
+from selfllm_recipes.smoke.checks import SmokeFailure
+from selfllm_recipes.smoke.task_sglang import expected_name, served_by
+from selfllm_runtime.context import load_context
+from selfllm_runtime.engine_server import option_values
+from selfllm_runtime.metadata import MetadataError, load_family
+from selfllm_runtime.settings import SettingsError
+from selfllm_runtime.tasks.sglang_server import SglangBuild, build_argv
+
+RECIPE = RECIPES_DIR / "qwen3" / "sglang"
+GPU = SglangBuild("0.5.10.post1", on_cpu=False)
+CPU = SglangBuild("0.5.21", on_cpu=True)
+# The parser names both pinned SGLang builds register (0.5.10.post1 and 0.5.21: sglang/srt/parser/reasoning_parser.py
+# ReasoningParser.DetectorMap, sglang/srt/function_call/function_call_parser.py ToolCallParserEnum): a family's
+# model.yaml may name only these.
+REASONING_PARSERS = {"deepseek-r1", "deepseek-v3", "glm45", "gpt-oss", "kimi", "kimi_k2", "mimo", "qwen3",
+                     "qwen3-thinking", "minimax", "minimax-append-think", "step3", "step3p5", "mistral", "nemotron_3",
+                     "interns1"}
+TOOL_CALL_PARSERS = {"deepseekv3", "deepseekv31", "deepseekv32", "glm", "glm45", "glm47", "gpt-oss", "kimi_k2", "lfm2",
+                     "llama3", "mimo", "mistral", "pythonic", "qwen", "qwen25", "qwen3_coder", "step3", "step3p5",
+                     "minimax-m2", "trinity", "interns1", "hermes", "gigachat3"}
+
+
+@pytest.fixture(scope="module")
+def context():
+    return load_context(RECIPE)
+
+
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_gpu_argv_serves_upstreams_name_with_the_family_parsers(context):
+    argv = build_argv(context, "/models/qwen3", GPU, context.settings(env={}), python="/py")
+    assert argv[:3] == ["/py", "-m", "sglang.launch_server"]
+    assert _option(argv, "--model-path") == "/models/qwen3"
+    assert option_values(argv, "--served-model-name") == ["Qwen3-8B"]  # one name: upstream's
+    assert _option(argv, "--context-length") == "8192"
+    assert _option(argv, "--port") == str(context.recipe.port) == "8000"
+    assert _option(argv, "--host") == "0.0.0.0"
+    assert _option(argv, "--reasoning-parser") == "qwen3" and _option(argv, "--tool-call-parser") == "qwen"
+    for absent in ("--device", "--api-key", "--tp-size", "--mem-fraction-static", "--trust-remote-code",
+                   "--chat-template"):
+        assert absent not in argv
+
+
+def test_cpu_argv_adds_the_cpu_device_only(context):
+    gpu = build_argv(context, "/m", GPU, context.settings(env={}), python="/py")
+    cpu = build_argv(context, "/m", CPU, context.settings(env={}), python="/py")
+    assert cpu == gpu + ["--device", "cpu"]
+
+
+def test_settings_map_to_sglangs_flags(context):
+    settings = context.settings(env={"MAX_MODEL_LEN": "2048", "TENSOR_PARALLEL_SIZE": "4", "MEM_FRACTION_STATIC": "0.8",
+                                     "API_KEY": " sk-abc ", "HOST": "127.0.0.1", "PORT": "7000",
+                                     "SERVED_MODEL_NAME": "my-qwen"})
+    argv = build_argv(context, "/m", GPU, settings)
+    assert _option(argv, "--context-length") == "2048" and _option(argv, "--tp-size") == "4"
+    assert _option(argv, "--mem-fraction-static") == "0.8" and _option(argv, "--api-key") == "sk-abc"
+    assert (_option(argv, "--host"), _option(argv, "--port")) == ("127.0.0.1", "7000")
+    assert option_values(argv, "--served-model-name") == ["my-qwen"]
+
+
+def test_sglang_args_come_last_and_win_also_for_the_address(context):
+    settings = context.settings(env={"SGLANG_ARGS": "--port 31000 --chunked-prefill-size '4096'"})
+    argv = build_argv(context, "/m", CPU, settings)
+    assert argv[-4:] == ["--port", "31000", "--chunked-prefill-size", "4096"]
+    assert option_values(argv, "--port")[-1] == "31000"
+    assert settings.address(context.recipe) == ("0.0.0.0", 31000)
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"MEM_FRACTION_STATIC": "1.5"}, "MEM_FRACTION_STATIC"),
+    ({"MEM_FRACTION_STATIC": "most"}, "MEM_FRACTION_STATIC"),
+    ({"TENSOR_PARALLEL_SIZE": "0"}, "TENSOR_PARALLEL_SIZE"),
+    ({"SGLANG_ARGS": "--x 'open"}, "SGLANG_ARGS"),
+    ({"MAX_MODEL_LEN": "8k"}, "MAX_MODEL_LEN"),
+])
+def test_a_bad_setting_is_named(context, env, named):
+    with pytest.raises(SettingsError, match=named):
+        context.settings(env=env)
+
+
+def test_run_execs_the_server_with_the_cpu_engine_on_the_cpu_build_only(context, monkeypatch, tmp_path: Path):
+    """run(): SGLANG_USE_CPU_ENGINE=1 (SGLang's CPU platform) for the CPU build, not for the GPU build; the logged
+    command line hides the API key."""
+    from selfllm_runtime.tasks import sglang_server
+
+    execs: list[list[str]] = []
+    monkeypatch.setattr(sglang_server.os, "execv", lambda path, argv: execs.append(argv))
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "")  # recorded, so what run() sets is undone after the test
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    settings = context.settings(env={"HOST": "127.0.0.1", "API_KEY": "sk-secret"})
+    monkeypatch.setattr(sglang_server, "installed_build", lambda: GPU)
+    sglang_server.run(context, tmp_path, settings)
+    assert "SGLANG_USE_CPU_ENGINE" not in os.environ and "--device" not in execs[-1]
+    monkeypatch.setattr(sglang_server, "installed_build", lambda: CPU)
+    sglang_server.run(context, tmp_path, settings)
+    assert os.environ["SGLANG_USE_CPU_ENGINE"] == "1" and execs[-1][-2:] == ["--device", "cpu"]
+    assert _option(execs[-1], "--api-key") == "sk-secret"
+
+
+def test_every_familys_sglang_parsers_are_names_both_builds_know():
+    for model_yaml in sorted(RECIPES_DIR.glob("*/model.yaml")):
+        family = load_family(model_yaml.parent)
+        if family.reasoning is not None and family.reasoning.sglang_parser:
+            assert family.reasoning.sglang_parser in REASONING_PARSERS, model_yaml
+        if family.tool_calls is not None and family.tool_calls.sglang_parser:
+            assert family.tool_calls.sglang_parser in TOOL_CALL_PARSERS, model_yaml
+
+
+def test_locks_pin_the_cuda12_gpu_build_and_the_cpu_build_without_cuda():
+    spec = load_spec(RECIPE)
+    gpu = {p.key: p.version for p in parse_lock(RECIPE / LOCK_FILE)}
+    assert gpu["sglang"] == "0.5.10.post1" and gpu["torch"] == "2.9.1" and gpu["cuda-python"].startswith("12.")
+    assert spec.stack.name == "torch2.9.1-cu12"
+    cpu = {p.key: p.version for p in parse_lock(RECIPE / "requirements-cpu.lock")}
+    assert cpu["sglang"] == "0.5.21" and cpu["torch"] == "2.13.0+cpu"
+    # nvidia-ml-py stays: pure-Python NVML bindings sglang imports, no CUDA
+    leaked = sorted(k for k in cpu if k.startswith(("nvidia-", "cuda-", "flashinfer")) and k != "nvidia-ml-py" or k in {
+        "sglang-kernel", "torchvision", "torchaudio", "torchcodec", "tilelang", "sgl-deep-gemm"})
+    assert leaked == []
+    assert spec.cpu_stack is not None and spec.cpu_stack.name == "torch2.13.0-cpu-sglang"
+
+
+def test_the_cpu_stack_shares_the_cpu_torch_layer_and_pins_its_kernel_source(tmp_path: Path):
+    """The SGLang CPU stack pins what the vllm CPU stack pins (so their torch layers are one), and its kernel source
+    enters the build context only with the sha256 sources.sha256 names; else one line says how to make it."""
+    own, shared = STACKS_DIR / "torch2.13.0-cpu-sglang", STACKS_DIR / "torch2.13.0-cpu"
+    assert (own / LOCK_FILE).read_bytes() == (shared / LOCK_FILE).read_bytes()
+    sha, name = (own / "sources.sha256").read_text().split()
+    assert name == "sgl-kernel-2f14d6c6f23fc06d59249ce4663b94f8a92ad02e.tar" and len(sha) == 64
+    with pytest.raises(MetadataError, match="not in the wheelhouse"):
+        local_sources(own, [tmp_path])
+    (tmp_path / name).write_bytes(b"not the archive")
+    with pytest.raises(MetadataError, match=sha):
+        local_sources(own, [tmp_path])
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    (stack / "sources.sha256").write_text(f"{hashlib.sha256(b'not the archive').hexdigest()}  {name}\n")
+    assert local_sources(stack, [tmp_path]) == {f"sources/{name}": tmp_path / name}
+
+
+def test_the_smoke_check_names_the_build_and_the_served_name():
+    assert expected_name("qwen3/sglang") == "Qwen3-8B"
+    logs = "… selfllm: serving with sglang 0.5.21 on CPU\n…"
+    assert served_by(logs) == "sglang 0.5.21 on CPU"
+    with pytest.raises(SmokeFailure):
+        served_by("no such line")
+
+
+def test_glm47_flash_is_served_as_upstreams_tutorial_serves_it():
+    """GLM-4.7-Flash (smoke SKIP on a CPU without AMX: SGLang's torch_native attention can't run MLA): upstream's
+    SGLang tutorial's name and reasoning parser; no tool-call parser (the runtime has none of its XML format)."""
+    context = load_context(RECIPES_DIR / "glm4.7-flash" / "sglang")
+    argv = build_argv(context, "/m", CPU, context.settings(env={}))
+    assert option_values(argv, "--served-model-name") == ["glm-4.7-flash"]
+    assert _option(argv, "--reasoning-parser") == "glm45" and "--tool-call-parser" not in argv
+    assert "SGLang 0.5.21's CPU engine" in context.recipe.smoke.needs_gpu
