@@ -123,7 +123,8 @@ def test_vllm_warns_once_when_open_and_never_logs_the_key(monkeypatch, capsys, c
     monkeypatch.setattr(vllm_server, "installed_build",
                         lambda: vllm_server.VllmBuild(vllm_server.GPU_PACKAGE, "0.19.1"))
     monkeypatch.setattr(os, "execv", fake_execv)
-    with caplog.at_level(logging.INFO, logger="selfllm.vllm"), pytest.raises(Exec):
+    # "selfllm": vllm_server logs the build and address, engine_server the exec'd command line
+    with caplog.at_level(logging.INFO, logger="selfllm"), pytest.raises(Exec):
         context = load_context(RECIPES_DIR / "qwen3" / "vllm")
         vllm_server.run(context, Path("/m"), context.settings())
     assert len(_warnings(capsys.readouterr().err)) == (1 if warned else 0)
