@@ -426,6 +426,9 @@ class RemoteCode(Strict):
     model_type: str
     config_names: dict[str, str] = Field(
         {}, description="the smoke shape's field → this config's own name for it (ChatGLM: num_layers)")
+    tokenizer_config: dict[str, Any] = Field(
+        {}, description="tokenizer_config.json entries the recipes set over the checkpoint's (ChatGLM3: "
+        "encode_special_tokens, so that its chat template's role tokens are read as tokens)")
 
 
 class ModelFamily(Strict):
@@ -441,7 +444,8 @@ class ModelFamily(Strict):
     contributors: dict[str, list[str]] = Field(
         {}, description="authors of upstream's tutorial per task; a task missing here is credited to the project")
     notes: Notes | None = None
-    architecture: str = Field(pattern=r"^[A-Z]\w+For\w+$", description="HF class, e.g. Qwen3ForCausalLM")
+    architecture: str = Field(pattern=r"^[A-Z]\w+(For\w+|Model)$",
+                              description="the class config.json names, e.g. Qwen3ForCausalLM (ChatGLM3: ChatGLMModel)")
     trust_remote_code: bool = False
     remote_code: RemoteCode | None = Field(None, description="the shipped, pinned copy of the checkpoint's own code")
     _folder: Path | None = PrivateAttr(None)  # recipes/<model>/ it was read from (load_family): the shipped code's

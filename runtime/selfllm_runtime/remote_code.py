@@ -21,6 +21,7 @@ from .metadata import ModelFamily, RemoteCode, SmokeModelShape
 log = logging.getLogger("selfllm.model")
 OVERLAY_ROOT = Path(tempfile.gettempdir()) / "selfllm-remote-code"
 TOKENIZER_AUTO = "AutoTokenizer"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 class RemoteCodeMismatch(ValueError):
@@ -73,6 +74,11 @@ def shipped_model_dir(family: ModelFamily, model_dir: Path) -> Path:
         if entry.suffix == ".py":
             replaced.append(entry.name)
             continue
+        if entry.name == TOKENIZER_CONFIG and family.remote_code.tokenizer_config:
+            settings = json.loads(entry.read_text(encoding="utf-8"))
+            (overlay / entry.name).write_text(json.dumps({**settings, **family.remote_code.tokenizer_config},
+                                                         ensure_ascii=False, indent=2), encoding="utf-8")
+            continue
         (overlay / entry.name).symlink_to(entry.resolve())
     copy_code(family, overlay)
     code = family.remote_code
@@ -80,6 +86,31 @@ def shipped_model_dir(family: ModelFamily, model_dir: Path) -> Path:
              ", ".join(files), code.repo, code.commit[:12], f" + {code.patch.file}" if code.patch else "",
              ", ".join(replaced) or "code: none", overlay)
     return overlay
+
+
+def initialise(model: Any) -> None:
+    """Random weights for a tiny model of shipped code that leaves them uninitialised (ChatGLM builds its layers with
+    torch's skip_init): matrices N(0, 0.02), norm weights 1, biases 0."""
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.02)
+            elif name.endswith("bias"):
+                parameter.zero_()
+            else:
+                parameter.fill_(1.0)
+
+
+def finish_folder(family: ModelFamily, out_dir: Path) -> None:
+    """After save_pretrained: exactly the shipped code files, and config.json naming the class the real checkpoint's
+    does (save_pretrained writes the class it saved: ChatGLM3's ChatGLMForConditionalGeneration for ChatGLMModel)."""
+    copy_code(family, out_dir)
+    path = Path(out_dir) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["architectures"] = [family.architecture]
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def _auto_map(code: RemoteCode, tokenizer: bool) -> dict[str, Any]:
@@ -104,19 +135,26 @@ def remote_smoke_tokenizer(family: ModelFamily, corpus: list[str], vocab_size: i
     copy_code(family, out_dir)
     text = out_dir / "smoke_corpus.txt"
     text.write_text("\n".join(corpus), encoding="utf-8")
+    # like the real models' SentencePiece files: no text normalisation (newlines and spaces kept), byte fallback
     sentencepiece.SentencePieceTrainer.train(
         input=str(text), model_prefix=str(out_dir / "tokenizer"), model_type="bpe", vocab_size=vocab_size,
         hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        minloglevel=2)
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
     text.unlink()
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
     tokens = family.special_tokens
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+    # bos/eos/unk as the class defines them (ChatGLM's are properties over the SentencePiece ids)
+    (out_dir / TOKENIZER_CONFIG).write_text(json.dumps({
         "auto_map": _auto_map(code, tokenizer=True), "tokenizer_class": code.auto_map[TOKENIZER_AUTO].split(".")[-1],
-        "bos_token": tokens.bos, "eos_token": tokens.eos, "unk_token": "<unk>", "pad_token": tokens.pad}))
+        **code.tokenizer_config}))
     tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)
-    known = tokenizer.get_vocab()
-    missing = [t for t in dict.fromkeys([*family.stop_tokens, *tokens.additional]) if t not in known]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokens.pad
+    def unknown(token: str) -> bool:  # get_vocab() may leave out tokens the class knows (ChatGLM's </s>)
+        found = tokenizer.convert_tokens_to_ids(token)
+        return found is None or (found == tokenizer.unk_token_id and token != tokenizer.unk_token)
+
+    missing = [t for t in dict.fromkeys([*family.stop_tokens, *tokens.additional]) if unknown(t)]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     tokenizer.chat_template = chat_template

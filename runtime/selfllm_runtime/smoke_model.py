@@ -346,6 +346,10 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
         if hasattr(config, f"{name}_id"):  # the model finds the image positions by these ids
             setattr(config, f"{name}_id", tokenizer.convert_tokens_to_ids(token))
     model = model_class(config)
+    if family.remote_code is not None:
+        from .remote_code import initialise
+
+        initialise(model)
     if family.modalities.vision:
         carry_images(model)
     parameters = sum(p.numel() for p in model.parameters())
@@ -361,10 +365,10 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    if family.remote_code is not None:  # exactly the shipped files, as a real checkpoint folder holds its code
-        from .remote_code import copy_code
+    if family.remote_code is not None:  # the shipped code files and the class name, as in the real checkpoint
+        from .remote_code import finish_folder
 
-        copy_code(family, out_dir)
+        finish_folder(family, out_dir)
     processor, no_processor = None, None
     # not for a text-only variant (Gemma-3 1b: no vision_config)
     if family.modalities.vision and family.modalities.processor and getattr(config, "vision_config", None) is not None:
