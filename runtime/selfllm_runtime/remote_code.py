@@ -75,9 +75,7 @@ def shipped_model_dir(family: ModelFamily, model_dir: Path) -> Path:
             replaced.append(entry.name)
             continue
         if entry.name == TOKENIZER_CONFIG and family.remote_code.tokenizer_config:
-            settings = json.loads(entry.read_text(encoding="utf-8"))
-            (overlay / entry.name).write_text(json.dumps({**settings, **family.remote_code.tokenizer_config},
-                                                         ensure_ascii=False, indent=2), encoding="utf-8")
+            write_tokenizer_settings(family, entry, overlay / entry.name)
             continue
         (overlay / entry.name).symlink_to(entry.resolve())
     copy_code(family, overlay)
@@ -103,10 +101,19 @@ def initialise(model: Any) -> None:
                 parameter.fill_(1.0)
 
 
+def write_tokenizer_settings(family: ModelFamily, source: Path, target: Path) -> None:
+    """source's tokenizer_config.json with model.yaml's remote_code.tokenizer_config over it, written to target."""
+    settings = json.loads(Path(source).read_text(encoding="utf-8"))
+    Path(target).write_text(json.dumps({**settings, **family.remote_code.tokenizer_config}, ensure_ascii=False,
+                                       indent=2), encoding="utf-8")
+
+
 def finish_folder(family: ModelFamily, out_dir: Path) -> None:
-    """After save_pretrained: exactly the shipped code files, and config.json naming the class the real checkpoint's
-    does (save_pretrained writes the class it saved: ChatGLM3's ChatGLMForConditionalGeneration for ChatGLMModel)."""
+    """After save_pretrained: exactly the shipped code files, remote_code.tokenizer_config in tokenizer_config.json,
+    and config.json naming the class the real checkpoint's does (save_pretrained writes the class it saved: ChatGLM3's ChatGLMForConditionalGeneration for ChatGLMModel)."""
     copy_code(family, out_dir)
+    tokenizer_config = Path(out_dir) / TOKENIZER_CONFIG  # save_pretrained keeps only what the class passed on
+    write_tokenizer_settings(family, tokenizer_config, tokenizer_config)
     path = Path(out_dir) / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["architectures"] = [family.architecture]

@@ -338,8 +338,10 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
                                            out_dir)
     else:
         tokenizer = _train_tokenizer(context, shape.vocab_size)
+    # ChatGLM's tokenizer counts its role tokens in vocab_size but not in len()
+    vocab_size = len(tokenizer) if family.remote_code is None else max(len(tokenizer), tokenizer.vocab_size)
     model_class, config = family_tiny_config(
-        family, shape, len(tokenizer), out_dir,
+        family, shape, vocab_size, out_dir,
         eos_token_id=tokenizer.convert_tokens_to_ids(family.special_tokens.eos),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     for name, token in (family.modalities.tokens if family.modalities.vision else {}).items():
