@@ -66,6 +66,8 @@ def test_a_model_folder_is_loaded_with_the_shipped_code(model: str, tmp_path: Pa
         assert not (loaded / name).is_symlink() and _sha256(loaded / name) == shipped.sha256
     settings = json.loads((loaded / "tokenizer_config.json").read_text())
     assert settings == {"padding_side": "left", **family.remote_code.tokenizer_config}
+    assert remote_code.source_model_dir(loaded) == checkpoint.resolve()  # what results name
+    assert remote_code.source_model_dir(checkpoint) == checkpoint
 
 
 def test_an_edited_shipped_file_is_refused_naming_it(tmp_path: Path, monkeypatch):

@@ -22,6 +22,7 @@ log = logging.getLogger("selfllm.model")
 OVERLAY_ROOT = Path(tempfile.gettempdir()) / "selfllm-remote-code"
 TOKENIZER_AUTO = "AutoTokenizer"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+SOURCE_FILE = ".selfllm-source"  # in a folder shipped_model_dir made: the model folder it stands for
 
 
 class RemoteCodeMismatch(ValueError):
@@ -79,6 +80,7 @@ def shipped_model_dir(family: ModelFamily, model_dir: Path) -> Path:
             continue
         (overlay / entry.name).symlink_to(entry.resolve())
     copy_code(family, overlay)
+    (overlay / SOURCE_FILE).write_text(str(model_dir), encoding="utf-8")
     code = family.remote_code
     log.info("remote code: %s from %s@%s%s (the checkpoint's own %s not used); model folder %s",
              ", ".join(files), code.repo, code.commit[:12], f" + {code.patch.file}" if code.patch else "",
@@ -118,6 +120,12 @@ def finish_folder(family: ModelFamily, out_dir: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     config["architectures"] = [family.architecture]
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def source_model_dir(model_dir: Path) -> Path:
+    """The model folder a folder of shipped_model_dir stands for (what results name); any other folder itself."""
+    marker = Path(model_dir) / SOURCE_FILE
+    return Path(marker.read_text(encoding="utf-8")) if marker.is_file() else Path(model_dir)
 
 
 def _auto_map(code: RemoteCode, tokenizer: bool) -> dict[str, Any]:
