@@ -104,7 +104,7 @@ def test_remote_code_without_trust_remote_code_is_refused(tmp_path: Path):
 @pytest.mark.parametrize("model", REMOTE_FAMILIES)
 def test_the_tiny_model_is_made_from_the_shipped_classes(model: str, tiny_recipe):
     """Its folder holds exactly the shipped code, its config names the checkpoint's class with the shipped auto_map,
-    and it reloads, generates with its cache the tokens it generates without, and gives a finite loss."""
+    and it reloads with every buffer computed, generates with its cache the tokens it generates without, and gives a finite loss."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,6 +117,11 @@ def test_the_tiny_model_is_made_from_the_shipped_classes(model: str, tiny_recipe
     assert config["auto_map"]["AutoModelForCausalLM"] == family.remote_code.auto_map["AutoModelForCausalLM"]
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     model_ = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    # buffers the checkpoint doesn't hold (InternLM3's RoPE inv_freq) are computed, not left as the empty memory of
+    # transformers 5's meta-device build: the same as in a model built from the config
+    fresh = dict(AutoModelForCausalLM.from_config(model_.config, trust_remote_code=True).named_buffers())
+    for name, buffer in model_.named_buffers():
+        assert torch.equal(buffer, fresh[name]), name
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False,
                                            add_generation_prompt=True)
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])

@@ -380,6 +380,13 @@ class InternLM3PreTrainedModel(PreTrainedModel):
             module.weight.data.normal_(mean=0.0, std=std)
             if module.padding_idx is not None:
                 module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, InternLM3RotaryEmbedding):
+            # selfllm patch: transformers 5 builds the model on the meta device and leaves this non-persistent
+            # buffer empty after from_pretrained unless _init_weights computes it
+            inv_freq, module.attention_scaling = module.rope_init_fn(module.config, module.inv_freq.device)
+            with torch.no_grad():
+                module.inv_freq.copy_(inv_freq)
+            module.original_inv_freq = module.inv_freq
 
 
 INTERNLM3_INPUTS_DOCSTRING = r"""
