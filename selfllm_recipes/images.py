@@ -114,6 +114,8 @@ def runtime_files(spec: RecipeSpec) -> dict[str, Path]:
     model = spec.model_dir
     files[f"recipes/{model.name}/{MODEL_FILE}"] = model / MODEL_FILE
     files[f"recipes/{model.name}/{spec.family.chat_template}"] = model / spec.family.chat_template
+    if spec.family.remote_code is not None:  # the checkpoint's own code, shipped pinned (model.yaml remote_code)
+        files |= folder_files(model / spec.family.remote_code.folder, f"recipes/{model.name}/{spec.family.remote_code.folder}/")
     task = spec.recipe.task.value
     files[f"tasks/{task}/{TASK_FILE}"] = TASKS_DIR / task / TASK_FILE
     return files

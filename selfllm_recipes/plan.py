@@ -57,7 +57,8 @@ def recipe_inputs(spec: RecipeSpec) -> list[str]:
     """Repo paths (a folder ends in /) whose change changes the recipe's image or the check that judges it."""
     rel = lambda p: str(p.relative_to(REPO_ROOT)) + "/"  # noqa: E731
     task = spec.recipe.task
-    return ([rel(spec.dir), rel(spec.model_dir) + "model.yaml", rel(spec.model_dir) + spec.family.chat_template,
+    code = [rel(spec.model_dir) + spec.family.remote_code.folder + "/"] if spec.family.remote_code else []
+    return ([rel(spec.dir), rel(spec.model_dir) + "model.yaml", rel(spec.model_dir) + spec.family.chat_template, *code,
              f"tasks/{task.value}/", rel(spec.stack.dir)] + ([rel(spec.cpu_stack.dir)] if spec.cpu_stack else [])
             + [rel(p).rstrip("/") for p in sorted(task_files(task))]
             + [rel(p).rstrip("/") for p in check_files(task.value)])

@@ -67,11 +67,21 @@ class UpstreamFamily(Strict):
     packaged: list[str] = Field(default_factory=list, description="the project's family folders, recipes/<folder>")
     note: Bilingual | None = None
     not_packaged: NotPackaged | None = None
+    remote_code: RemoteCode | None = Field(
+        default=None, description="a packaged family that runs the checkpoint's own code: the pinned copy its "
+        "model.yaml ships (remote_code) and what that code did unpatched")
+
+    @property
+    def pinned_code(self) -> RemoteCode | None:
+        """The pinned copy of the checkpoint's own code, packaged or not."""
+        return self.remote_code or (self.not_packaged.remote_code if self.not_packaged else None)
 
     @model_validator(mode="after")
     def _one_verdict(self) -> UpstreamFamily:
         if bool(self.packaged) == (self.not_packaged is not None):
             raise ValueError("give either packaged (project folders) or not_packaged (reason, vllm, evidence)")
+        if self.remote_code is not None and not self.packaged:
+            raise ValueError("remote_code: a not-packaged family gives it under not_packaged")
         return self
 
 

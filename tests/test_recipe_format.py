@@ -3,6 +3,7 @@ catalogue; one lock per task kind; every family's data checked against a tiny mo
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -182,10 +183,16 @@ def test_editing_a_task_template_makes_every_recipe_of_it_stale_until_generated(
 
 
 def test_recipes_of_one_task_kind_share_one_lock():
-    """Docker's layer cache then holds one dependency layer per task kind, not per recipe."""
+    """Docker's layer cache then holds one dependency layer per task kind, not per recipe; a recipe with its own
+    requirements.in (a family that needs more: the remote-code families' sentencepiece) locks its own, which holds
+    every pin of its task kind's lock."""
     good, _ = discover()
     by_task: dict[str, set[str]] = {}
     for spec in good:
+        if (spec.dir / "requirements.in").is_file():
+            pins = lambda path: set(re.findall(r"^(\S+==\S+)", path.read_text(encoding="utf-8"), re.M))  # noqa: E731
+            assert pins(TASKS_DIR / spec.recipe.task.value / "requirements.lock") <= pins(spec.dir / "requirements.lock")
+            continue
         for lock in sorted(spec.dir.glob("requirements*.lock")):
             by_task.setdefault(f"{spec.recipe.task.value}/{lock.name}", set()).add(hashlib.sha256(lock.read_bytes()).hexdigest())
     assert by_task and all(len(hashes) == 1 for hashes in by_task.values()), by_task
@@ -272,13 +279,20 @@ def test_tiny_model_of_each_family_chats_and_trains_on_its_template(model: str, 
 
     context, folder = tiny_recipe(f"{model}/lora" if (RECIPES_DIR / model / "lora").is_dir() else f"{model}/vllm")
     family = context.family
-    config = transformers.AutoConfig.from_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=family.trust_remote_code)
     assert config.architectures == [family.architecture]
     engine = ChatEngine(context, folder)
-    assert type(engine.model).__name__ == family.architecture
+    # the shipped remote code's causal-LM class (ChatGLM3: config.json names ChatGLMModel, auto_map loads
+    # ChatGLMForConditionalGeneration)
+    code = family.remote_code
+    loaded = code.auto_map["AutoModelForCausalLM"].rsplit(".", 1)[-1] if code else family.architecture
+    assert type(engine.model).__name__ == loaded
     assert sum(p.numel() for p in engine.model.parameters()) < 1_000_000
     tok = engine.tokenizer
     for token in [family.special_tokens.eos, *family.stop_tokens]:
+        if token == "</s>" and code:  # a SentencePiece control token: one id, never read from text
+            assert tok.convert_tokens_to_ids(token) not in (None, tok.unk_token_id), token
+            continue
         assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1, token
     assert len(engine.stop_token_ids) == len({family.special_tokens.eos, *family.stop_tokens})
     prompt = engine.format_prompt([{"role": "user", "content": "你好"}])
@@ -294,7 +308,7 @@ def test_tiny_model_of_each_family_chats_and_trains_on_its_template(model: str, 
     assert answer.endswith(family.special_tokens.eos) and "我是甄嬛。" in answer
     example = chat.encode([{"role": "user", "content": "你是谁？"}], {"role": "assistant", "content": "我是甄嬛。"})
     learned = [i for i in example["labels"] if i != IGNORE_INDEX]
-    assert tok.decode(learned).endswith(family.special_tokens.eos)
+    assert learned[-1] == tok.convert_tokens_to_ids(family.special_tokens.eos)
 
 
 @pytest.mark.parametrize("task", ALL_TASKS, ids=lambda t: t.value)

@@ -51,10 +51,23 @@ def test_every_not_packaged_entry_says_why_and_where_it_was_checked(upstream):
 
 def test_remote_code_verdicts_are_pinned(upstream):
     """The families that need the checkpoint's own code each name a public copy at a commit and what it does today."""
-    pinned = {family.name: family.not_packaged.remote_code for family in upstream.families
-              if family.not_packaged and family.not_packaged.remote_code}
+    pinned = {family.name: family.pinned_code for family in upstream.families if family.pinned_code}
     assert {"InternLM2", "InternLM3", "ChatGLM3", "Baichuan 百川智能", "MiniCPM", "MiniCPM-o-2_6"} <= set(pinned)
     assert all(len(code.commit) == 40 and code.on_transformers and code.tutorial_pins for code in pinned.values())
+
+
+def test_packaged_remote_code_families_ship_the_pinned_copy_the_table_names(upstream):
+    """A packaged family that runs the checkpoint's own code ships it from the repository and commit its upstream
+    entry names, with a patch where it has one; the others' model.yaml ship none."""
+    from selfllm_runtime.metadata import load_family
+
+    shipped = {family.packaged[0]: family.remote_code for family in upstream.families
+               if family.packaged and family.remote_code}
+    assert {"internlm3", "chatglm3"} <= set(shipped)
+    for folder, code in shipped.items():
+        model = load_family(REPO_ROOT / "recipes" / folder).remote_code
+        assert model is not None and (model.repo, model.commit) == (code.repo, code.commit), folder
+        assert code.path.startswith(model.path + "/"), folder
 
 
 def _write(tmp_path: Path, families: list[dict]) -> Path:

@@ -26,6 +26,7 @@ from .chat_template import choose_chat_template
 from .context import RUNTIME_ROOT, RecipeContext, load_context
 from .metadata import TASK_FILE, TASK_NAME, MetadataError, kind_info, tasks_root
 from .model_source import ModelNotFound, model_request, request_from_env, resolve_model
+from .remote_code import RemoteCodeMismatch, shipped_model_dir
 from .settings import AccessSettings, SettingsError, TemplateSettings, explain, task_settings
 
 def task_module_name(task: str) -> str:
@@ -45,7 +46,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     module = task_module(context)
     if hasattr(module, "before_download"):  # a task's own checks of what it reads besides the model (its data)
         module.before_download(context, settings)
-    model_dir = resolve_model(model_request(context.recipe, settings))
+    model_dir = shipped_model_dir(context.family, resolve_model(model_request(context.recipe, settings)))
     if isinstance(settings, TemplateSettings):  # CHAT_TEMPLATE=checkpoint on one without: refused before loading
         choose_chat_template(context, model_dir, settings.chat_template)
     module.run(context, model_dir, settings)
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (MetadataError, ModelNotFound, SettingsError) as exc:
+    except (MetadataError, ModelNotFound, RemoteCodeMismatch, SettingsError) as exc:
         print(f"selfllm: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

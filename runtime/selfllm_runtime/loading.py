@@ -60,7 +60,9 @@ def cpu_4bit_unpackable(cls: Any, model_dir: Path, trust_remote_code: bool) -> l
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+        # an Auto class (from_config) builds remote code only when trusted; a transformers class: _from_config
+        model = (cls.from_config(config, trust_remote_code=trust_remote_code) if hasattr(cls, "from_config")
+                 else cls._from_config(config))
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
             and (module.out_features % CPU_4BIT_ROWS or module.in_features % CPU_4BIT_BLOCK)]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, RootModel, ValidationError, field_validator, model_validator
 
 MODEL_FILE = "model.yaml"
 RECIPE_FILE = "recipe.yaml"
@@ -418,6 +418,45 @@ class Notes(Strict):
     en: str
 
 
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class ShippedFile(Strict):
+    """One file of the checkpoint's own code as the recipe ships it: its hash at the pinned commit and as shipped
+    (the two differ only where the family's patch changes the file)."""
+
+    upstream_sha256: str = Field(pattern=SHA256)
+    sha256: str = Field(pattern=SHA256)
+
+
+class CodePatch(Strict):
+    """The project's named patch over the pinned code (shipped pre-applied; the .patch file is its record)."""
+
+    file: str = Field(description="the unified diff, in the remote-code folder")
+    sha256: str = Field(pattern=SHA256)
+    why: str
+
+
+class RemoteCode(Strict):
+    """The checkpoint's own Python code (trust_remote_code), shipped pinned in the family folder: loaded from this
+    copy, never from the hub. The runtime checks every hash before it loads it."""
+
+    folder: str = Field(description="folder beside model.yaml holding the files")
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="the public GitHub repository of the pinned copy")
+    commit: str = Field(pattern=r"^[0-9a-f]{40}$")
+    path: str = Field(description="the files' folder in that repository")
+    license: str
+    files: dict[str, ShippedFile] = Field(min_length=1)
+    patch: CodePatch | None = None
+    auto_map: dict[str, str] = Field(description="config.json / tokenizer_config.json auto_map: class → module.Class")
+    model_type: str
+    config_names: dict[str, str] = Field(
+        {}, description="the smoke shape's field → this config's own name for it (ChatGLM: num_layers)")
+    tokenizer_config: dict[str, Any] = Field(
+        {}, description="tokenizer_config.json entries the recipes set over the checkpoint's (ChatGLM3: "
+        "encode_special_tokens, so that its chat template's role tokens are read as tokens)")
+
+
 class ModelFamily(Strict):
     """recipes/<model>/model.yaml"""
 
@@ -431,8 +470,18 @@ class ModelFamily(Strict):
     contributors: dict[str, list[str]] = Field(
         {}, description="authors of upstream's tutorial per task; a task missing here is credited to the project")
     notes: Notes | None = None
-    architecture: str = Field(pattern=r"^[A-Z]\w+For\w+$", description="HF class, e.g. Qwen3ForCausalLM")
+    architecture: str = Field(pattern=r"^[A-Z]\w+(For\w+|Model)$",
+                              description="the class config.json names, e.g. Qwen3ForCausalLM (ChatGLM3: ChatGLMModel)")
     trust_remote_code: bool = False
+    remote_code: RemoteCode | None = Field(None, description="the shipped, pinned copy of the checkpoint's own code")
+    _folder: Path | None = PrivateAttr(None)  # recipes/<model>/ it was read from (load_family): the shipped code's
+
+    @property
+    def remote_code_dir(self) -> Path:
+        """The folder of the shipped remote code (model.yaml `remote_code.folder` beside it)."""
+        if self.remote_code is None or self._folder is None:
+            raise ValueError(f"{self.display_name} ships no remote code")
+        return self._folder / self.remote_code.folder
     chat_template: str = Field(description="file beside model.yaml holding the family's Jinja chat template")
     special_tokens: SpecialTokens
     stop_tokens: list[str] = []
@@ -459,6 +508,12 @@ class ModelFamily(Strict):
                                    "and the limits of one request")
     parallel: Parallelism | None = Field(
         None, description="the multi-GPU layout of a family one card can't hold (None: one card)")
+
+    @model_validator(mode="after")
+    def _remote_code_trusted(self) -> "ModelFamily":
+        if self.remote_code is not None and not self.trust_remote_code:
+            raise ValueError("remote_code: the shipped code runs only with trust_remote_code: true")
+        return self
 
     @field_validator("variants")
     @classmethod
@@ -726,6 +781,12 @@ def load_family(model_dir: Path) -> ModelFamily:
     family: ModelFamily = _validate(ModelFamily, path)
     if not (Path(model_dir) / family.chat_template).is_file():
         raise MetadataError(path, "chat_template", f"file {family.chat_template!r} not found beside it")
+    family._folder = Path(model_dir).resolve()
+    if family.remote_code is not None:
+        code = family.remote_code
+        for name in [*code.files, *([code.patch.file] if code.patch else [])]:
+            if not (Path(model_dir) / code.folder / name).is_file():
+                raise MetadataError(path, "remote_code", f"file {code.folder}/{name} not found beside it")
     weights = family.parameters_b.weights_gb("none")
     shipped = family.parameters_b.shipped_gb
     for field, gb in family.vram_gb.root.items():

@@ -61,6 +61,12 @@ CORPUS = [
 ]
 
 
+def smoke_corpus(context: RecipeContext) -> list[str]:
+    """What the tiny tokenizer is trained on: CORPUS and the template's text without its Jinja comments (the license
+    line is no prompt text)."""
+    return CORPUS * 4 + [re.sub(r"\{#.*?#\}", "", context.chat_template, flags=re.DOTALL)]
+
+
 def _train_tokenizer(context: RecipeContext, vocab_size: int):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -78,9 +84,7 @@ def _train_tokenizer(context: RecipeContext, vocab_size: int):
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[t for t in special if t not in visible],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    # The template's text without its Jinja comments (the license line is no prompt text).
-    corpus = CORPUS * 4 + [re.sub(r"\{#.*?#\}", "", context.chat_template, flags=re.DOTALL)]
-    core.train_from_iterator(corpus, trainer=trainer)
+    core.train_from_iterator(smoke_corpus(context), trainer=trainer)
     # Tool-call markers (Qwen's <tool_call>) are in the vocabulary like special tokens but not skipped
     # by decode, as in the real checkpoints; they keep their ids (the random model's outputs with them).
     markers = [m for m in (family.tool_calls.start, family.tool_calls.end) if m] if family.tool_calls else []
@@ -252,17 +256,36 @@ def rename_weights(out_dir: Path, prefixes: dict[str, str]) -> None:
         save_file(renamed, str(path), metadata={"format": "pt"})
 
 
+def family_tiny_config(family: ModelFamily, shape: SmokeModelShape, vocab_size: int, folder: Path,
+                       **token_ids: int | None):
+    """(model class, config) of a tiny model of the family's class: transformers' own, or the family's shipped remote
+    code's (model.yaml `remote_code:`; its config is written to `folder`)."""
+    if family.remote_code is not None:
+        from .remote_code import remote_tiny_config
+
+        return remote_tiny_config(family, shape, vocab_size, folder, **token_ids)
+    return tiny_config(family.architecture, shape, vocab_size, **token_ids)
+
+
+def _meta_model(family: ModelFamily):
+    """A tiny model of the family's class built without weights."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        # Token ids inside the small vocabulary (some configs default to the real checkpoint's, e.g. GLM's pad 151329).
+        model_class, config = family_tiny_config(family, family.smoke, family.smoke.vocab_size, Path(folder),
+                                                 pad_token_id=0, bos_token_id=None, eos_token_id=0)
+        with torch.device("meta"):
+            return model_class(config)
+
+
 def module_names(family: ModelFamily) -> set[str]:
     """Last-component names of every module of a tiny model of the family's architecture (built
     without weights), e.g. {"q_proj", "gate_up_proj", ...}: what LoRA target_modules may name; only
     modules under lora.modules_under where the family sets it."""
-    import torch
-
-    # Token ids inside the small vocabulary (some configs default to the real checkpoint's, e.g. GLM's pad 151329).
-    model_class, config = tiny_config(family.architecture, family.smoke, family.smoke.vocab_size,
-                                      pad_token_id=0, bos_token_id=None, eos_token_id=0)
-    with torch.device("meta"):
-        model = model_class(config)
+    model = _meta_model(family)
     under = family.lora.modules_under
     return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
             if name and (under is None or name.startswith(under + "."))}
@@ -270,13 +293,7 @@ def module_names(family: ModelFamily) -> set[str]:
 
 def parameter_names(family: ModelFamily) -> set[str]:
     """Full names of every parameter of a tiny model of the family's architecture (built without weights)."""
-    import torch
-
-    model_class, config = tiny_config(family.architecture, family.smoke, family.smoke.vocab_size,
-                                      pad_token_id=0, bos_token_id=None, eos_token_id=0)
-    with torch.device("meta"):
-        model = model_class(config)
-    return {name for name, _ in model.named_parameters()}
+    return {name for name, _ in _meta_model(family).named_parameters()}
 
 
 def missing_lora_targets(family: ModelFamily) -> list[str]:
@@ -314,15 +331,27 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
                          f"{context.family.known_classes()}")
     context = replace(context, family=family)
     shape = smoke_shape(context)
-    tokenizer = _train_tokenizer(context, shape.vocab_size)
-    model_class, config = tiny_config(
-        family.architecture, shape, len(tokenizer),
+    if family.remote_code is not None:  # the checkpoint's own tokenizer class, over a SentencePiece model
+        from .remote_code import remote_smoke_tokenizer
+
+        tokenizer = remote_smoke_tokenizer(family, smoke_corpus(context), shape.vocab_size, context.chat_template,
+                                           out_dir)
+    else:
+        tokenizer = _train_tokenizer(context, shape.vocab_size)
+    # ChatGLM's tokenizer counts its role tokens in vocab_size but not in len()
+    vocab_size = len(tokenizer) if family.remote_code is None else max(len(tokenizer), tokenizer.vocab_size)
+    model_class, config = family_tiny_config(
+        family, shape, vocab_size, out_dir,
         eos_token_id=tokenizer.convert_tokens_to_ids(family.special_tokens.eos),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     for name, token in (family.modalities.tokens if family.modalities.vision else {}).items():
         if hasattr(config, f"{name}_id"):  # the model finds the image positions by these ids
             setattr(config, f"{name}_id", tokenizer.convert_tokens_to_ids(token))
     model = model_class(config)
+    if family.remote_code is not None:
+        from .remote_code import initialise
+
+        initialise(model)
     if family.modalities.vision:
         carry_images(model)
     parameters = sum(p.numel() for p in model.parameters())
@@ -338,6 +367,10 @@ def make_smoke_model(context: RecipeContext, out_dir: Path, seed: int = 0, archi
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if family.remote_code is not None:  # the shipped code files and the class name, as in the real checkpoint
+        from .remote_code import finish_folder
+
+        finish_folder(family, out_dir)
     processor, no_processor = None, None
     # not for a text-only variant (Gemma-3 1b: no vision_config)
     if family.modalities.vision and family.modalities.processor and getattr(config, "vision_config", None) is not None:

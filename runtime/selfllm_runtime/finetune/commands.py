@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..context import RecipeContext
 from ..model_source import model_request, resolve_model
+from ..remote_code import shipped_model_dir
 from ..settings import AccessSettings, AdapterSettings, LoraSettings, ModelSettings, add_flags, parse_bool
 from .lora import infer, merge
 
@@ -32,7 +33,7 @@ def relaunch_under_torchrun(settings: LoraSettings, command: str) -> None:
 
 
 def model_dir(context: RecipeContext, settings: ModelSettings) -> Path:
-    return resolve_model(model_request(context.recipe, settings))
+    return shipped_model_dir(context.family, resolve_model(model_request(context.recipe, settings)))
 
 
 def _flag_bool(text: str) -> bool:

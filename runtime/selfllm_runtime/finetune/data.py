@@ -203,7 +203,11 @@ class ChatTokenizer:
         """None when truncation to max_length leaves no reply token to learn."""
         prompt, answer = self.render(context, reply)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if self.closes_reply:
+            answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        else:  # the appended eos by its id: a SentencePiece control token (ChatGLM3's </s>) is never read from text
+            answer_ids = (self.tokenizer(answer[: -len(self.eos_token)], add_special_tokens=False)["input_ids"]
+                          + [self.tokenizer.convert_tokens_to_ids(self.eos_token)])
         input_ids = (prompt_ids + answer_ids)[: self.max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[: self.max_length]
         if all(label == IGNORE_INDEX for label in labels):

@@ -19,6 +19,7 @@ from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, enc
 from . import resume, vision
 from .tracking import swanlog_dir, tracking_for
 from ..loading import apply_torch_threads, load_causal_lm
+from ..remote_code import source_model_dir
 from ..metadata import Quantization
 from ..settings import EngineSettings, LoraSettings
 
@@ -353,7 +354,7 @@ def infer(context: RecipeContext, model_dir: Path, adapter_dir: Path | None, pro
                            template_kwargs=kwargs)
     completion = engine.generate(messages, params)
     print(completion.text, flush=True)
-    return emit_result("infer", model=str(model_dir), adapter=str(adapter_dir) if adapter_dir else None,
+    return emit_result("infer", model=str(source_model_dir(model_dir)), adapter=str(adapter_dir) if adapter_dir else None,
                        quantization=engine.quantization, weights_gb=engine.loaded.weights_gb,
                        prompt=prompt, reply=completion.text, output=completion.raw,
                        completion_tokens=completion.completion_tokens, finish_reason=completion.finish_reason,
@@ -408,6 +409,6 @@ def merge(context: RecipeContext, model_dir: Path, adapter_dir: Path, out_dir: P
     if (Path(adapter_dir) / RUN_INFO).is_file():
         (out_dir / RUN_INFO).write_bytes((Path(adapter_dir) / RUN_INFO).read_bytes())
     print(f"merged model saved to {out_dir}", flush=True)
-    return emit_result("merge", model=str(model_dir), adapter=str(adapter_dir), merged_dir=str(out_dir),
+    return emit_result("merge", model=str(source_model_dir(model_dir)), adapter=str(adapter_dir), merged_dir=str(out_dir),
                        trained_on=trained, merged_dtype=str(merged.dtype).removeprefix("torch."),
                        files=sorted(p.name for p in out_dir.iterdir()))
