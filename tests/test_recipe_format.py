@@ -41,7 +41,11 @@ def test_every_family_has_all_five_tasks():
     assert not broken, [str(b.error) for b in broken]
     keys = {s.key for s in good}
     expected = {f"{m}/{t.value}" for m in FAMILIES for t in ALL_TASKS if load_family(RECIPES_DIR / m).packaged_as(t)}
-    assert expected == keys
+    assert expected <= keys, sorted(expected - keys)
+    # beyond them, a family may add a recipe of a kind not every family has (its folder: `build_matrix.py new MODEL
+    # --tasks sglang`), as the project does where the issue asks for it without an upstream tutorial
+    extra = {k for k in keys - expected if kind_info(TaskKind(k.split("/")[1])).every_family}
+    assert not extra, sorted(extra)
     multi_gpu = [m for m in FAMILIES if load_family(RECIPES_DIR / m).parallel is not None]
     assert {k for k in keys if k.split("/")[0] in multi_gpu} == {f"{m}/vllm" for m in multi_gpu}
     assert sum(kind_info(t).every_family for t in ALL_TASKS) == 5
