@@ -2,7 +2,8 @@
 official `openai` client asks for a chat completion by that name, whole and streamed, a malformed request is a 400,
 and for a reasoning family SGLang's parser moves the thinking out of `content`: an answer constrained (SGLang's
 `regex`) to `<think>…</think>…` comes back split into `reasoning_content` and `content` (and whole with
-`separate_reasoning: false`). The detail names the build
+`separate_reasoning: false`). A family that takes images gets an OpenAI `image_url` (a generated PNG): 200, the prompt
+grows by the image's tokens, and the model sees it (two images, different first-token logprobs). The detail names the build
 that really served, read from the container's start log: on an engine without GPU that is the recipe's CPU
 variant (SGLang's CPU engine)."""
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import requests
 
 from .checks import SMOKE_MODEL_DIR, SYSTEM, SmokeCheck, SmokeSession, expect, family_of, recipe_context, start_on_smoke_model
+from .task_vllm import image_tokens_per_image, png_data_url
 
 SERVING_LINE = re.compile(r"selfllm: serving with sglang (?P<version>\S+) on (?P<device>CPU|GPU)")
 # What the constrained answer's thinking and answer are made of: short runs of ASCII letters, which any byte-level
@@ -72,6 +74,41 @@ def verify_reasoning(session: SmokeSession, model: str, markers: tuple[str, str,
     return f"; {raw!r} split into reasoning_content {thought!r} and content {answer!r}"
 
 
+def ask_with_image(session: SmokeSession, model: str, image: str | None) -> dict:
+    """One greedy token with its top logprobs; the same text, with or without an image."""
+    content: list[dict] = [{"type": "text", "text": "这张图片里有什么？"}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image}})
+    response = requests.post(session.base_url + "/v1/chat/completions", timeout=300, json={
+        "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0,
+        "logprobs": True, "top_logprobs": 5})
+    expect(response.status_code == 200, f"a request with an image got {response.status_code}: {response.text[:300]}")
+    return response.json()
+
+
+def output_fingerprint(answer: dict) -> tuple[tuple[str, float], ...]:
+    """The first output token's top logprobs, rounded: what the model made of the prompt (SGLang returns no
+    prompt logprobs in chat completions)."""
+    content = (answer["choices"][0].get("logprobs") or {}).get("content") or []
+    expect(bool(content) and bool(content[0].get("top_logprobs")), f"no top_logprobs came back: {str(answer)[:300]}")
+    return tuple((entry["token"], round(entry["logprob"], 4)) for entry in content[0]["top_logprobs"])
+
+
+def verify_images(session: SmokeSession, model: str, image_tokens: int) -> str:
+    text_only = ask_with_image(session, model, None)
+    first, second = png_data_url((220, 30, 30)), png_data_url((30, 30, 220))
+    with_first, again = ask_with_image(session, model, first), ask_with_image(session, model, first)
+    with_second = ask_with_image(session, model, second)
+    grown = with_first["usage"]["prompt_tokens"] - text_only["usage"]["prompt_tokens"]
+    expect(grown >= image_tokens, f"the image added {grown} prompt tokens, fewer than its {image_tokens} image tokens")
+    expect(output_fingerprint(with_first) == output_fingerprint(again), "the same image twice gave different logprobs")
+    expect(output_fingerprint(with_first) != output_fingerprint(with_second),
+           "two different images gave the same logprobs: the model does not see the image")
+    return (f"; an image_url (PNG data: URL): 200, prompt {text_only['usage']['prompt_tokens']} → "
+            f"{with_first['usage']['prompt_tokens']} tokens (+{grown}, at least {image_tokens} expected), two images "
+            f"give different first-token logprobs, one image twice the same")
+
+
 def verify_sglang(session: SmokeSession) -> str:
     from openai import OpenAI
 
@@ -96,6 +133,8 @@ def verify_sglang(session: SmokeSession) -> str:
     expect(bad.status_code == 400, f"a request without messages answered HTTP {bad.status_code}: {bad.text[:200]}")
     markers = reasoning_markers(session.recipe_key)
     split = verify_reasoning(session, name, markers) if markers is not None else ""
+    image_tokens = image_tokens_per_image(session.recipe_key)
+    split += verify_images(session, name, image_tokens) if image_tokens is not None else ""
     return (f"served by {served_by(session.logs())} as {name}: chat completion (system + user) answered "
             f"{len(message.content or '')} chars of content + {len(reasoning)} of reasoning ({tokens} tokens), "
             f"{len(chunks)} stream chunks, no messages → {bad.status_code}{split}")
