@@ -53,7 +53,8 @@ def test_generated_readmes_show_the_cards():
                                                    ("glm4.5-air", "glm45", "glm45"),
                                                    ("minimax-m2", "minimax_m2_append_think", "minimax_m2")])
 def test_vllm_argv_has_upstreams_parallel_size_and_parsers(family, parser, tools):
-    from selfllm_runtime.tasks.vllm_server import GPU_PACKAGE, VllmBuild, build_argv, option_values
+    from selfllm_runtime.engine_server import option_values
+    from selfllm_runtime.tasks.vllm_server import GPU_PACKAGE, VllmBuild, build_argv
 
     context = load_context(RECIPES_DIR / family / "vllm")
     build = VllmBuild(GPU_PACKAGE, "0.19.1")
