@@ -39,6 +39,15 @@ def test_a_one_card_family_and_a_kind_without_layout_keep_one_gpu():
     assert glm.gpus_for("lora") == 1 and glm.gpus_for("vllm") == 4
 
 
+def test_the_catalogue_shows_each_cards_share_also_of_the_4bit_estimate():
+    """An eval recipe of such a family: the deployment's cards (or a forced in-process load spread over them)."""
+    from selfllm_recipes.catalogue import _vram
+
+    context = load_context(RECIPES_DIR / "hunyuan-a13b" / "eval")
+    assert _vram(context.recipe.gpu) == "4 × 46 GB (4 × 45.5 GB*)"
+    assert _vram(load_context(RECIPES_DIR / "minimax-m2" / "sglang").recipe.gpu) == "4 × 80 GB"
+
+
 def test_generated_readmes_show_the_cards():
     from selfllm_recipes.generate import vram_table
     from selfllm_runtime.metadata import TaskKind, load_family
@@ -176,11 +185,11 @@ def expected_parameters(config: dict) -> int:
     return total + layers * (attention + heads * d + kv * d + 2 * h + routed)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_model_is_a_small_moe_of_the_real_class(tiny_recipe, family):
+@pytest.mark.parametrize("key", [f"{family}/vllm" for family in FAMILIES] + ["hunyuan-a13b/sglang", "minimax-m2/sglang"])
+def test_tiny_model_is_a_small_moe_of_the_real_class(tiny_recipe, key):
     from selfllm_runtime.smoke_model import parameter_line
 
-    context, folder = tiny_recipe(f"{family}/vllm")
+    context, folder = tiny_recipe(key)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     assert config["architectures"] == [context.family.architecture]
     own = context.recipe.smoke_model.extra if context.recipe.smoke_model else {}

@@ -395,10 +395,12 @@ def perf(context: RecipeContext, settings: EvalSettings) -> None:
 
 def before_download(context: RecipeContext, settings: EvalSettings) -> None:
     """`selfllm start`, before the model is fetched: the benchmark names and the adapter must be usable, and the
-    model must be one to load here (or EVAL_URL set)."""
+    model must be one to load here, or a server must answer at EVAL_URL."""
     try:
         check_adapter(settings)
         check_where(context, settings)
+        if settings.eval_url:
+            outside_model(context, settings)
         check_benchmarks(benchmarks(settings, hub=True)[0])
     except ValueError as exc:
         raise _fail(exc) from None
