@@ -117,17 +117,9 @@ def test_gpu_shortfall(env, visible, ray, refused):
 
 
 @pytest.fixture
-def start_without_download(monkeypatch):
-    """`selfllm start` of glm4.5-air/vllm up to the download: resolve_model fails the test if reached."""
-    import selfllm_runtime.cli as cli
-
-    def no_download(request):
-        raise AssertionError("the model was fetched before the GPU check")
-
-    monkeypatch.setattr(cli, "resolve_model", no_download)
-    monkeypatch.setattr(cli, "check_port_free", lambda host, port: None)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    return lambda: cli.main(["start", "--recipe", str(RECIPES_DIR / "glm4.5-air" / "vllm")])
+def start_without_download(start_until_download):
+    """`selfllm start` of glm4.5-air/vllm up to the download."""
+    return lambda: start_until_download("glm4.5-air/vllm")
 
 
 def test_start_on_the_gpu_build_with_one_card_exits_2_before_the_download(start_without_download, monkeypatch,

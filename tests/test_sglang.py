@@ -232,17 +232,9 @@ def test_the_sglang_layout_is_refused_on_too_few_gpus(env, visible, refused):
 
 
 @pytest.fixture
-def start_hunyuan_without_download(monkeypatch):
-    """`selfllm start` of hunyuan-a13b/sglang up to the download: resolve_model fails the test if reached."""
-    import selfllm_runtime.cli as cli
-
-    def no_download(request):
-        raise AssertionError("the model was fetched before the GPU check")
-
-    monkeypatch.setattr(cli, "resolve_model", no_download)
-    monkeypatch.setattr(cli, "check_port_free", lambda host, port: None)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    return lambda: cli.main(["start", "--recipe", str(RECIPES_DIR / "hunyuan-a13b" / "sglang")])
+def start_hunyuan_without_download(start_until_download):
+    """`selfllm start` of hunyuan-a13b/sglang up to the download."""
+    return lambda: start_until_download("hunyuan-a13b/sglang")
 
 
 def test_start_of_the_gpu_build_on_one_card_exits_2_in_one_line_before_the_download(start_hunyuan_without_download,
