@@ -370,3 +370,25 @@ def test_selfllm_start_with_eval_url_runs_without_fetching_a_model(monkeypatch, 
     monkeypatch.setenv("EVAL_URL", server.url)
     assert cli.main(["start", "--recipe", str(REPO / "recipes" / "minimax-m2" / "eval")]) == 0
     assert ran == [(None, server.url)] and server.paths == ["/v1/models"]  # the server checked before run
+
+
+def test_the_smoke_check_holds_the_url_path_to_the_outside_server():
+    """task_eval.verify_url_path: the --url run and perf hit the background server alone (no device, no model folder),
+    with the limit's counts; a closed EVAL_URL is exit 2 and one line, never a traceback."""
+    from selfllm_recipes.smoke.checks import SmokeFailure
+    from selfllm_recipes.smoke.task_eval import CLOSED_URL, URL_LIMIT, URL_NUMBER, URL_PARALLEL, verify_url_path
+
+    url = "http://127.0.0.1:40000/v1"
+    run = {"url": url, "device": None, "model_dir": None, "model": "smoke-model", "limit": URL_LIMIT,
+           "subsets": {"base": [{"subset": s, "num": URL_LIMIT} for s in ("general", "zh")]}}
+    point = {"concurrency": URL_PARALLEL, "requests": URL_NUMBER, "succeeded": URL_NUMBER, "failed": 0,
+             "output_throughput": 3.0, "request_throughput": 1.0, "avg_latency_s": 0.5, "p50_latency_s": 0.5,
+             "p90_latency_s": 0.6, "p99_latency_s": 0.7, "avg_ttft_ms": 10, "p50_ttft_ms": 10, "p99_ttft_ms": 20}
+    perf = {"url": url + "/chat/completions", "device": None, "model": "smoke-model", "points": [point]}
+    line = f"selfllm eval: error: EVAL_URL {CLOSED_URL}: no OpenAI-compatible server answers (refused): start …"
+    assert "a closed EVAL_URL → exit 2" in verify_url_path(run, perf, {"code": 2, "stderr": "warning\n" + line + "\n"})
+    for bad in ({"code": 1, "stderr": line}, {"code": 2, "stderr": "Traceback (most recent call last):\n" + line}):
+        with pytest.raises(SmokeFailure, match="closed EVAL_URL"):
+            verify_url_path(run, perf, bad)
+    with pytest.raises(SmokeFailure, match="outside server alone"):
+        verify_url_path({**run, "device": "cpu"}, perf, {"code": 2, "stderr": line})
