@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from selfllm_runtime.metadata import GpuNeeds, MetadataError, kind_info
+from selfllm_runtime.metadata import GpuNeeds, MetadataError, kind_info, vram_text
 
 from .discover import RecipeSpec
 from .generate import write_atomically
@@ -59,9 +59,9 @@ def _cell(result: dict[str, str] | None, needs_gpu: str | None = None) -> str:
 
 
 def _vram(gpu: GpuNeeds) -> str:
-    """bf16 GB, and the QUANTIZATION=4bit estimate where the task has the setting."""
+    """bf16 GB, and the QUANTIZATION=4bit estimate where the task has the setting (per card across several)."""
     quantized = gpu.quantized_vram_gb.get("4bit")
-    return gpu.vram_shown + (f" ({quantized:g} GB*)" if quantized else "")
+    return gpu.vram_shown + (f" ({vram_text(quantized, gpu.count)[0]}*)" if quantized else "")
 
 
 MEDIA_LABELS = {"image": "图 image", "video": "视频 video"}

@@ -155,3 +155,19 @@ def script_model(engine, monkeypatch, answer) -> None:
         return out
 
     monkeypatch.setattr(engine.model, "generate", generate)
+
+
+@pytest.fixture
+def start_until_download(monkeypatch):
+    """start("glm4.5-air/vllm") → the exit code of `selfllm start` of that recipe, which must stop before the model is
+    fetched: reaching resolve_model raises AssertionError("the model was fetched before the GPU check")."""
+    import selfllm_runtime.cli as cli
+    from selfllm_recipes.layout import RECIPES_DIR
+
+    def no_download(request):
+        raise AssertionError("the model was fetched before the GPU check")
+
+    monkeypatch.setattr(cli, "resolve_model", no_download)
+    monkeypatch.setattr(cli, "check_port_free", lambda host, port: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return lambda recipe: cli.main(["start", "--recipe", str(RECIPES_DIR / recipe)])

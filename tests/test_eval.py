@@ -197,3 +197,198 @@ def test_selfllm_start_refuses_a_bad_adapter_before_any_download(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("selfllm eval: error: ADAPTER_PATH") and "adapter_config.json" in last
+
+
+# ----------------------------------------------------------------------------- an outside deployment (EVAL_URL)
+
+class ModelList:
+    """A local HTTP server answering GET /v1/models with `names` (401 without `key` where one is asked for)."""
+
+    def __init__(self, names: list[str], key: str = "") -> None:
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                outer.paths.append(self.path)
+                if key and self.headers.get("Authorization") != f"Bearer {key}":
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                body = json.dumps({"object": "list", "data": [{"id": n, "object": "model"} for n in names]}).encode()
+                self.send_response(200 if self.path == "/v1/models" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.paths: list[str] = []
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)  # bound (and listening) here
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def model_list():
+    servers: list[ModelList] = []
+
+    def make(names: list[str], key: str = "") -> ModelList:
+        servers.append(ModelList(names, key))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def recipe_settings(family: str, **env: str) -> tuple:
+    context = load_context(REPO / "recipes" / family / "eval")
+    return context, context.settings(EvalSettings, env=env)
+
+
+@pytest.mark.parametrize("given", ["http://h:8000/v1", "http://h:8000/v1/", "http://h:8000",
+                                   "http://h:8000/v1/chat/completions"])
+def test_eval_url_is_taken_as_the_openai_base(given):
+    from selfllm_runtime.tasks.evaluation import api_base
+
+    assert api_base(given) == "http://h:8000/v1"
+
+
+def test_eval_url_must_be_http_and_the_old_perf_names_still_read():
+    with pytest.raises(SettingsError, match="EVAL_URL='h:8000'.*http"):
+        eval_settings(EVAL_URL="h:8000")
+    settings = eval_settings(PERF_URL="http://h:8000/v1", PERF_MODEL="m", PERF_API_KEY="k")
+    assert (settings.eval_url, settings.eval_model, settings.eval_api_key) == ("http://h:8000/v1", "m", "k")
+
+
+def test_the_model_at_eval_url_is_the_one_it_lists_or_one_of_ours(model_list):
+    from selfllm_runtime.tasks.evaluation import outside_model
+
+    one = model_list(["anything"])
+    context, settings = recipe_settings("qwen3", EVAL_URL=one.url)
+    served = outside_model(context, settings)
+    assert (served.base_url, served.name, served.engine, served.api_key) == (one.url + "/v1", "anything", None, "EMPTY")
+    assert one.paths == ["/v1/models"]
+    several = model_list(["other", "Qwen3-8B"])  # the vllm recipe's names: ours is picked
+    context, settings = recipe_settings("qwen3", EVAL_URL=several.url + "/v1/chat/completions")
+    assert outside_model(context, settings).name == "Qwen3-8B"
+    context, settings = recipe_settings("qwen3", EVAL_URL=several.url, EVAL_MODEL="other")
+    assert outside_model(context, settings).name == "other"
+
+
+@pytest.mark.parametrize(("names", "key", "env", "message"), [
+    (["a", "b"], "", {}, "EVAL_MODEL: http://127.0.0.1:\\d+/v1 serves a, b: name the one"),
+    (["a"], "", {"EVAL_MODEL": "b"}, "EVAL_MODEL='b': http://127.0.0.1:\\d+/v1 serves a$"),
+    (["a"], "sk-1", {}, "EVAL_URL http://127.0.0.1:\\d+/v1: the server wants an API key .*EVAL_API_KEY"),
+    (["a"], "sk-1", {"EVAL_API_KEY": "sk-2"}, "EVAL_API_KEY"),
+])
+def test_what_is_wrong_at_eval_url_is_one_line_naming_the_setting(model_list, names, key, env, message):
+    from selfllm_runtime.tasks.evaluation import outside_model
+
+    server = model_list(names, key)
+    context, settings = recipe_settings("qwen3", EVAL_URL=server.url, **env)
+    with pytest.raises(ValueError, match=message) as caught:
+        outside_model(context, settings)
+    assert "\n" not in str(caught.value)
+    if key:
+        context, settings = recipe_settings("qwen3", EVAL_URL=server.url, EVAL_API_KEY=key)
+        assert outside_model(context, settings).api_key == key
+
+
+def test_a_closed_eval_url_is_refused_in_one_line_by_selfllm_eval_run(tmp_path):
+    closed = closed_port_url()
+    done = subprocess.run([sys.executable, "-m", "selfllm_runtime", "eval", "run", "--url", closed, "--datasets",
+                           "selfllm"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RECIPE_DIR": str(REPO / "recipes" / "minimax-m2" / "eval"),
+                               "OUTPUT_DIR": str(tmp_path / "out"), "MODEL_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"selfllm eval: error: EVAL_URL {closed}/v1: no OpenAI-compatible server answers")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("family", ["hunyuan-a13b", "glm4.5-air", "minimax-m2"])
+def test_a_family_one_card_cant_hold_wants_eval_url_unless_forced_in_process(family):
+    from selfllm_runtime.tasks.evaluation import needs_model, where_refused
+
+    context, settings = recipe_settings(family)
+    problem = where_refused(context, settings)
+    assert problem.startswith("EVAL_URL is not set: ") and "EVAL_IN_PROCESS=1" in problem and "\n" not in problem
+    assert "TENSOR_PARALLEL_SIZE=4" in problem and "4 GPUs" in problem
+    assert where_refused(*recipe_settings(family, EVAL_IN_PROCESS="1")) is None
+    assert where_refused(*recipe_settings(family, EVAL_URL="http://h:8000/v1")) is None
+    assert needs_model(settings) and not needs_model(recipe_settings(family, EVAL_URL="http://h:8000/v1")[1])
+    assert context.recipe.gpu.count == 4  # the deployment's cards (or a forced in-process load spread over them)
+    assert where_refused(*recipe_settings("qwen3")) is None  # one card: in-process by default
+    assert "EVAL_IN_PROCESS=0" in where_refused(*recipe_settings("qwen3", EVAL_IN_PROCESS="0"))
+
+
+def test_selfllm_start_of_minimax_eval_without_eval_url_exits_2_before_any_download(tmp_path):
+    closed = closed_port_url()
+    done = subprocess.run([sys.executable, "-m", "selfllm_runtime", "start"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "RECIPE_DIR": str(REPO / "recipes" / "minimax-m2" / "eval"),
+                                            "MODEL_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": closed,
+                                            "MODELSCOPE_ENDPOINT": closed})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("selfllm eval: error: EVAL_URL is not set: MiniMax-M2 is served across 4 GPUs")
+    assert "457 GB" in last and not (tmp_path / "cache").exists()
+
+
+def test_an_adapter_needs_the_model_here_not_at_eval_url(tmp_path):
+    from selfllm_runtime.tasks.evaluation import check_where
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    context, settings = recipe_settings("qwen3", EVAL_URL="http://h:8000/v1", ADAPTER_PATH=str(tmp_path))
+    with pytest.raises(ValueError, match="^ADAPTER_PATH needs the model loaded in this container: unset EVAL_URL"):
+        check_where(context, settings)
+
+
+def test_selfllm_start_with_eval_url_runs_without_fetching_a_model(monkeypatch, model_list):
+    """cmd_start asks the task (needs_model) and hands run() no model folder: nothing is downloaded."""
+    import selfllm_runtime.cli as cli
+    from selfllm_runtime.tasks import evaluation
+
+    server = model_list(["MiniMax-M2"])
+    ran: list = []
+
+    def no_download(request):
+        raise AssertionError("a model was fetched for an outside EVAL_URL")
+
+    monkeypatch.setattr(cli, "resolve_model", no_download)
+    monkeypatch.setattr(evaluation, "check_benchmarks", lambda names: None)  # EvalScope is in the recipe image only
+    monkeypatch.setattr(evaluation, "run", lambda context, model_dir, settings: ran.append((model_dir, settings.eval_url)))
+    monkeypatch.setenv("EVAL_URL", server.url)
+    assert cli.main(["start", "--recipe", str(REPO / "recipes" / "minimax-m2" / "eval")]) == 0
+    assert ran == [(None, server.url)] and server.paths == ["/v1/models"]  # the server checked before run
+
+
+def test_the_smoke_check_holds_the_url_path_to_the_outside_server():
+    """task_eval.verify_url_path: the --url run and perf hit the background server alone (no device, no model folder),
+    with the limit's counts; a closed EVAL_URL is exit 2 and one line, never a traceback."""
+    from selfllm_recipes.smoke.checks import SmokeFailure
+    from selfllm_recipes.smoke.task_eval import CLOSED_URL, URL_LIMIT, URL_NUMBER, URL_PARALLEL, verify_url_path
+
+    url = "http://127.0.0.1:40000/v1"
+    run = {"url": url, "device": None, "model_dir": None, "model": "smoke-model", "limit": URL_LIMIT,
+           "subsets": {"base": [{"subset": s, "num": URL_LIMIT} for s in ("general", "zh")]}}
+    point = {"concurrency": URL_PARALLEL, "requests": URL_NUMBER, "succeeded": URL_NUMBER, "failed": 0,
+             "output_throughput": 3.0, "request_throughput": 1.0, "avg_latency_s": 0.5, "p50_latency_s": 0.5,
+             "p90_latency_s": 0.6, "p99_latency_s": 0.7, "avg_ttft_ms": 10, "p50_ttft_ms": 10, "p99_ttft_ms": 20}
+    perf = {"url": url + "/chat/completions", "device": None, "model": "smoke-model", "points": [point]}
+    line = f"selfllm eval: error: EVAL_URL {CLOSED_URL}: no OpenAI-compatible server answers (refused): start …"
+    assert "a closed EVAL_URL → exit 2" in verify_url_path(run, perf, {"code": 2, "stderr": "warning\n" + line + "\n"})
+    for bad in ({"code": 1, "stderr": line}, {"code": 2, "stderr": "Traceback (most recent call last):\n" + line}):
+        with pytest.raises(SmokeFailure, match="closed EVAL_URL"):
+            verify_url_path(run, perf, bad)
+    with pytest.raises(SmokeFailure, match="outside server alone"):
+        verify_url_path({**run, "device": "cpu"}, perf, {"code": 2, "stderr": line})

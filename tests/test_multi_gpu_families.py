@@ -39,6 +39,15 @@ def test_a_one_card_family_and_a_kind_without_layout_keep_one_gpu():
     assert glm.gpus_for("lora") == 1 and glm.gpus_for("vllm") == 4
 
 
+def test_the_catalogue_shows_each_cards_share_also_of_the_4bit_estimate():
+    """An eval recipe of such a family: the deployment's cards (or a forced in-process load spread over them)."""
+    from selfllm_recipes.catalogue import _vram
+
+    context = load_context(RECIPES_DIR / "hunyuan-a13b" / "eval")
+    assert _vram(context.recipe.gpu) == "4 × 46 GB (4 × 45.5 GB*)"
+    assert _vram(load_context(RECIPES_DIR / "minimax-m2" / "sglang").recipe.gpu) == "4 × 80 GB"
+
+
 def test_generated_readmes_show_the_cards():
     from selfllm_recipes.generate import vram_table
     from selfllm_runtime.metadata import TaskKind, load_family
@@ -53,7 +62,8 @@ def test_generated_readmes_show_the_cards():
                                                    ("glm4.5-air", "glm45", "glm45"),
                                                    ("minimax-m2", "minimax_m2_append_think", "minimax_m2")])
 def test_vllm_argv_has_upstreams_parallel_size_and_parsers(family, parser, tools):
-    from selfllm_runtime.tasks.vllm_server import GPU_PACKAGE, VllmBuild, build_argv, option_values
+    from selfllm_runtime.engine_server import option_values
+    from selfllm_runtime.tasks.vllm_server import GPU_PACKAGE, VllmBuild, build_argv
 
     context = load_context(RECIPES_DIR / family / "vllm")
     build = VllmBuild(GPU_PACKAGE, "0.19.1")
@@ -107,17 +117,9 @@ def test_gpu_shortfall(env, visible, ray, refused):
 
 
 @pytest.fixture
-def start_without_download(monkeypatch):
-    """`selfllm start` of glm4.5-air/vllm up to the download: resolve_model fails the test if reached."""
-    import selfllm_runtime.cli as cli
-
-    def no_download(request):
-        raise AssertionError("the model was fetched before the GPU check")
-
-    monkeypatch.setattr(cli, "resolve_model", no_download)
-    monkeypatch.setattr(cli, "check_port_free", lambda host, port: None)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    return lambda: cli.main(["start", "--recipe", str(RECIPES_DIR / "glm4.5-air" / "vllm")])
+def start_without_download(start_until_download):
+    """`selfllm start` of glm4.5-air/vllm up to the download."""
+    return lambda: start_until_download("glm4.5-air/vllm")
 
 
 def test_start_on_the_gpu_build_with_one_card_exits_2_before_the_download(start_without_download, monkeypatch,
@@ -175,11 +177,11 @@ def expected_parameters(config: dict) -> int:
     return total + layers * (attention + heads * d + kv * d + 2 * h + routed)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_model_is_a_small_moe_of_the_real_class(tiny_recipe, family):
+@pytest.mark.parametrize("key", [f"{family}/vllm" for family in FAMILIES] + ["hunyuan-a13b/sglang", "minimax-m2/sglang"])
+def test_tiny_model_is_a_small_moe_of_the_real_class(tiny_recipe, key):
     from selfllm_runtime.smoke_model import parameter_line
 
-    context, folder = tiny_recipe(f"{family}/vllm")
+    context, folder = tiny_recipe(key)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     assert config["architectures"] == [context.family.architecture]
     own = context.recipe.smoke_model.extra if context.recipe.smoke_model else {}
@@ -189,7 +191,9 @@ def test_tiny_model_is_a_small_moe_of_the_real_class(tiny_recipe, family):
     if context.family.architecture == "Glm4MoeForCausalLM":
         assert config["rope_parameters"]["partial_rotary_factor"] == 0.5
     elif context.family.architecture == "HunYuanMoEV1ForCausalLM":  # both widths of the experts agree
-        assert config["moe_intermediate_size"] == [config["intermediate_size"]] * config["num_hidden_layers"]
+        per_layer = key.endswith("/vllm")  # the checkpoint's list; an int for SGLang's CPU engine (its recipe.yaml)
+        width = config["intermediate_size"]
+        assert config["moe_intermediate_size"] == ([width] * config["num_hidden_layers"] if per_layer else width)
     else:
         assert config["rope_parameters"]["partial_rotary_factor"] == config["rotary_dim"] / config["head_dim"] == 0.5
     assert config["head_dim"] == 64  # vLLM's CPU attention

@@ -119,8 +119,8 @@ def test_every_familys_sglang_parsers_are_names_both_builds_know():
         family = load_family(model_yaml.parent)
         if family.reasoning is not None and family.reasoning.sglang_parser:
             assert family.reasoning.sglang_parser in REASONING_PARSERS, model_yaml
-        if family.tool_calls is not None and family.tool_calls.sglang_parser:
-            assert family.tool_calls.sglang_parser in TOOL_CALL_PARSERS, model_yaml
+        if family.sglang_tool_call_parser:
+            assert family.sglang_tool_call_parser in TOOL_CALL_PARSERS, model_yaml
 
 
 def test_locks_pin_the_cuda12_gpu_build_and_the_cpu_build_without_cuda():
@@ -171,3 +171,95 @@ def test_glm47_flash_is_served_as_upstreams_tutorial_serves_it():
     assert option_values(argv, "--served-model-name") == ["glm-4.7-flash"]
     assert _option(argv, "--reasoning-parser") == "glm45" and "--tool-call-parser" not in argv
     assert "SGLang 0.5.21's CPU engine" in context.recipe.smoke.needs_gpu
+
+
+# ----------------------------------------------------------------------------- the multi-GPU MoE families
+
+@pytest.mark.parametrize(("family", "reasoning", "tools"), [("hunyuan-a13b", "qwen3", None),
+                                                            ("minimax-m2", "minimax-append-think", "minimax-m2")])
+def test_the_moe_families_are_served_as_upstreams_sglang_tutorials_serve_them(family, reasoning, tools):
+    """Hunyuan-A13B (03-…-SGLang部署调用.md: `--reasoning-parser qwen3`; SGLang has no parser of its JSON tool calls) and
+    MiniMax-M2 (3-MiniMax-M2-SGLang.md: `--tool-call-parser minimax-m2 --reasoning-parser minimax-append-think`), on the
+    family's 4 cards by default (model.yaml parallel:), the README's figure per card."""
+    context = load_context(RECIPES_DIR / family / "sglang")
+    assert context.recipe.gpu.count == 4 and context.recipe.gpu.vram_shown == "4 × 80 GB"
+    argv = build_argv(context, "/m", GPU, context.settings(env={}))
+    assert _option(argv, "--tp-size") == "4" and "--pp-size" not in argv and "--ep-size" not in argv
+    assert _option(argv, "--reasoning-parser") == reasoning
+    assert (_option(argv, "--tool-call-parser") if tools else "--tool-call-parser" not in argv) == (tools or True)
+    # upstream's 8-card MiniMax-M2 layout: --tp-size 8 --ep-size 8; pipeline stages as SGLang names them
+    eight = build_argv(context, "/m", GPU, context.settings(env={"TENSOR_PARALLEL_SIZE": "8", "ENABLE_EXPERT_PARALLEL": "1",
+                                                                "PIPELINE_PARALLEL_SIZE": "2"}))
+    assert (_option(eight, "--tp-size"), _option(eight, "--ep-size"), _option(eight, "--pp-size")) == ("8", "8", "2")
+    readme = (RECIPES_DIR / family / "sglang" / "README.md").read_text(encoding="utf-8")
+    assert "--tp-size 4" in readme and "**4 cards of 80 GB or more**" in readme
+
+
+def test_minimax_m2s_thinking_stays_in_content_and_the_smoke_checks_it_there():
+    from selfllm_recipes.smoke.task_sglang import reasoning_markers, thinking_in_content
+
+    assert load_family(RECIPES_DIR / "minimax-m2").reasoning.sglang_in_content
+    assert reasoning_markers("minimax-m2/sglang") is None  # no split to check: the parser keeps it whole
+    assert reasoning_markers("hunyuan-a13b/sglang") == ("<think>", "</think>", "enable_thinking")
+    assert "<think>" in thinking_in_content("minimax-m2/sglang", "<think>\nhm", "", "<think>\nh")
+    for content, reasoning, streamed in (("hm", "", "<think>"), ("<think>", "moved", "<think>"), ("<think>", "", "x")):
+        with pytest.raises(SmokeFailure):
+            thinking_in_content("minimax-m2/sglang", content, reasoning, streamed)
+    assert thinking_in_content("hunyuan-a13b/sglang", "", "thinking", "") == ""
+
+
+def hunyuan_settings(env: dict[str, str]):
+    return load_context(RECIPES_DIR / "hunyuan-a13b" / "sglang").settings(env=env)
+
+
+@pytest.mark.parametrize(("env", "visible", "refused"), [
+    ({}, 4, False),
+    ({}, 1, True),
+    ({"TENSOR_PARALLEL_SIZE": "1"}, 1, False),                      # set lower knowingly
+    ({"SGLANG_ARGS": "--tp-size 2"}, 2, False),                     # SGLang's own option wins, as in the argv
+    ({"SGLANG_ARGS": "--tensor-parallel-size 8"}, 4, True),         # its long name too
+    ({"PIPELINE_PARALLEL_SIZE": "2"}, 4, True),                     # 8 cards on a machine of 4
+    ({"TENSOR_PARALLEL_SIZE": "2", "SGLANG_ARGS": "--pp-size 2"}, 4, False),
+])
+def test_the_sglang_layout_is_refused_on_too_few_gpus(env, visible, refused):
+    from selfllm_runtime.engine_server import gpu_shortfall
+    from selfllm_runtime.tasks.sglang_server import PARALLEL_OPTIONS
+
+    problem = gpu_shortfall(hunyuan_settings(env), PARALLEL_OPTIONS, visible)
+    assert (problem is not None) == refused
+    if refused:
+        assert problem.startswith("TENSOR_PARALLEL_SIZE=") and "\n" not in problem and f"but {visible} " in problem
+
+
+@pytest.fixture
+def start_hunyuan_without_download(start_until_download):
+    """`selfllm start` of hunyuan-a13b/sglang up to the download."""
+    return lambda: start_until_download("hunyuan-a13b/sglang")
+
+
+def test_start_of_the_gpu_build_on_one_card_exits_2_in_one_line_before_the_download(start_hunyuan_without_download,
+                                                                                    monkeypatch, capsys):
+    from selfllm_runtime.tasks import sglang_server
+
+    monkeypatch.setattr(sglang_server, "installed_build", lambda: GPU)
+    monkeypatch.setattr(sglang_server, "visible_gpus", lambda: 1)
+    assert start_hunyuan_without_download() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "TENSOR_PARALLEL_SIZE=4 × PIPELINE_PARALLEL_SIZE=1 needs 4 GPUs, but 1 is visible" in err
+    monkeypatch.setenv("TENSOR_PARALLEL_SIZE", "1")
+    with pytest.raises(AssertionError, match="fetched before"):
+        start_hunyuan_without_download()
+
+
+def test_start_of_the_cpu_build_counts_no_gpus(start_hunyuan_without_download, monkeypatch):
+    """SGLang's CPU engine runs its tensor-parallel ranks on CPU cores (the smoke test's TENSOR_PARALLEL_SIZE=2)."""
+    from selfllm_runtime.tasks import sglang_server
+
+    monkeypatch.setattr(sglang_server, "installed_build", lambda: CPU)
+
+    def counted():
+        raise AssertionError("GPUs counted on the CPU build")
+
+    monkeypatch.setattr(sglang_server, "visible_gpus", counted)
+    with pytest.raises(AssertionError, match="fetched before"):
+        start_hunyuan_without_download()

@@ -15,8 +15,8 @@ from selfllm_recipes.locks import Pin, parse_lock
 from selfllm_recipes.smoke.checks import SmokeFailure
 from selfllm_recipes.smoke.task_vllm import CHECK, expected_names, served_by
 from selfllm_runtime.context import load_context
-from selfllm_runtime.tasks.vllm_server import (CPU_PACKAGE, GPU_PACKAGE, VllmBuild, build_argv, image_processor_options,
-                                              option_values)
+from selfllm_runtime.engine_server import option_values
+from selfllm_runtime.tasks.vllm_server import CPU_PACKAGE, GPU_PACKAGE, VllmBuild, build_argv, image_processor_options
 
 RECIPE = RECIPES_DIR / "qwen3" / "vllm"
 GPU = VllmBuild(GPU_PACKAGE, "0.19.1")

@@ -206,7 +206,8 @@ def test_lora_learns_the_reply_as_the_template_renders_it(tiny_recipe, tmp_path,
 @pytest.mark.parametrize("family, parser", [("qwen1.5-moe", None), ("deepseek-coder-v2-lite", None),
                                             ("glm4.7-flash", "glm45")])
 def test_vllm_argv_has_the_reasoning_parser_and_no_tool_parser(family, parser):
-    from selfllm_runtime.tasks.vllm_server import GPU_PACKAGE, VllmBuild, build_argv, option_values
+    from selfllm_runtime.engine_server import option_values
+    from selfllm_runtime.tasks.vllm_server import GPU_PACKAGE, VllmBuild, build_argv
 
     context = load_context(RECIPES_DIR / family / "vllm")
     argv = build_argv(context, "/m", VllmBuild(GPU_PACKAGE, "0.19.1"), context.settings(env={}))

@@ -46,6 +46,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     module = task_module(context)
     if hasattr(module, "before_download"):  # a task's own checks of what it reads besides the model (its data)
         module.before_download(context, settings)
+    needs_model = getattr(module, "needs_model", None)  # a task that may work without a local model (eval + EVAL_URL)
+    if needs_model is not None and not needs_model(settings):
+        module.run(context, None, settings)
+        return 0
     model_dir = shipped_model_dir(context.family, resolve_model(model_request(context.recipe, settings)))
     if isinstance(settings, TemplateSettings):  # CHAT_TEMPLATE=checkpoint on one without: refused before loading
         choose_chat_template(context, model_dir, settings.chat_template)

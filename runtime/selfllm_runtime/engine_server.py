@@ -1,6 +1,7 @@
 """What the task kinds that exec an inference engine's own OpenAI-compatible server share (vLLM: tasks/vllm_server.py,
 SGLang: tasks/sglang_server.py): the chat-template file they pass as `--chat-template`, reading options back from an
-argv (extra arguments come last and win), hiding the API key in the logged command line, and exec-ing the server."""
+argv (extra arguments come last and win), the refusal of a parallel layout needing more GPUs than are visible, hiding
+the API key in the logged command line, and exec-ing the server."""
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +10,13 @@ import os
 import shlex
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .access import warn_if_exposed
 from .chat_template import ChatTemplate, choose_chat_template
 from .context import RecipeContext
+from .settings import EngineServerSettings
 from .system_role import with_system_role
 
 log = logging.getLogger("selfllm.engine")
@@ -57,6 +60,46 @@ def option_values(argv: list[str], name: str) -> list[str]:
         else:
             taking = False
     return values
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """An engine's own names of its tensor- and pipeline-parallel options (in VLLM_ARGS / SGLANG_ARGS they win)."""
+
+    tensor: tuple[str, ...]
+    pipeline: tuple[str, ...]
+
+
+def parallel_sizes(settings: EngineServerSettings, options: ParallelOptions) -> tuple[int, int]:
+    """(tensor, pipeline) parallel sizes the server will get: the settings, unless the extra arguments give the
+    engine's own options (they come last, so they win)."""
+    sizes = [settings.tensor_parallel_size, settings.pipeline_parallel_size]
+    for index, names in enumerate((options.tensor, options.pipeline)):
+        given = [value for name in names for value in option_values(settings.extra_argv, name)]
+        if given and given[-1].isdigit():
+            sizes[index] = int(given[-1])
+    return sizes[0], sizes[1]
+
+
+def gpu_shortfall(settings: EngineServerSettings, options: ParallelOptions, visible: int,
+                  other_machines: bool = False) -> str | None:
+    """The one line that refuses a layout needing more GPUs than `visible` (None: it fits). other_machines: the
+    pipeline stages beyond the first may run on other machines (vLLM on a Ray cluster): then only the
+    tensor-parallel cards must be here."""
+    tensor, pipeline = parallel_sizes(settings, options)
+    if tensor * pipeline <= visible or (pipeline > 1 and other_machines and tensor <= visible):
+        return None
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f"CUDA_VISIBLE_DEVICES={shown}" if shown is not None else "torch.cuda.device_count()"
+    return (f"TENSOR_PARALLEL_SIZE={tensor} × PIPELINE_PARALLEL_SIZE={pipeline} needs {tensor * pipeline} GPUs, but "
+            f"{visible} {'is' if visible == 1 else 'are'} visible ({where}): give the container the cards "
+            f"(docker run --gpus all), or set TENSOR_PARALLEL_SIZE lower knowingly (the weights must still fit)")
+
+
+def visible_gpus() -> int:
+    import torch  # every engine build brings it; the count respects CUDA_VISIBLE_DEVICES
+
+    return torch.cuda.device_count()
 
 
 def redacted(argv: list[str]) -> list[str]:

@@ -145,6 +145,8 @@ class Reasoning(Strict):
     vllm_in_content: bool = Field(False, description="the vLLM parser keeps the thinking, markers included, in "
                                   "`content` (MiniMax-M2's minimax_m2_append_think) instead of moving it to `reasoning`")
     sglang_parser: str | None = None
+    sglang_in_content: bool = Field(False, description="the SGLang parser keeps the thinking, markers included, in "
+                                    "`content` (MiniMax-M2's minimax-append-think)")
 
 
 class ToolCalls(Strict):
@@ -401,10 +403,12 @@ class Parallelism(Strict):
     PIPELINE_PARALLEL_SIZE, ENABLE_EXPERT_PARALLEL), after upstream's tutorials. The recipes of a task kind that
     reads them (task.yaml kind.parallel) need tensor × pipeline GPUs; vram_gb is then their sum."""
 
-    tensor_parallel_size: int = Field(1, ge=1, description="cards each layer is split over (vLLM --tensor-parallel-size)")
-    pipeline_parallel_size: int = Field(1, ge=1, description="stages the layers are cut into (--pipeline-parallel-size)")
+    tensor_parallel_size: int = Field(1, ge=1, description="cards each layer is split over (vLLM --tensor-parallel-size, "
+                                      "SGLang --tp-size)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="stages the layers are cut into (--pipeline-parallel-size, "
+                                        "SGLang --pp-size)")
     expert_parallel: bool = Field(False, description="the MoE experts are spread over the cards instead of split "
-                                  "(vLLM --enable-expert-parallel)")
+                                  "(vLLM --enable-expert-parallel, SGLang --ep-size = the tensor-parallel size)")
 
     @property
     def gpus(self) -> int:
@@ -493,6 +497,9 @@ class ModelFamily(Strict):
     vllm_tool_parser: str | None = Field(
         None, description="vLLM's --tool-call-parser for tools the template renders in a format the runtime's own "
         "servers don't parse (tool_calls: None there): only the vllm recipes call tools")
+    sglang_tool_parser: str | None = Field(
+        None, description="SGLang's --tool-call-parser for such a format (as vllm_tool_parser): the sglang recipes call "
+        "tools too")
     system_role: SystemRole = Field(
         "native", description="native: the template renders system messages; merge_into_first_user: it has no "
         "system role, so the runtime puts a system message's text before the first user turn after it")
@@ -563,17 +570,23 @@ class ModelFamily(Strict):
             raise ValueError("a family has an on/off thinking switch or a reasoning_effort, not both")
         return value
 
-    @field_validator("vllm_tool_parser")
+    @field_validator("vllm_tool_parser", "sglang_tool_parser")
     @classmethod
     def _one_tool_parser(cls, value: str | None, info: Any) -> str | None:
         if value is not None and info.data.get("tool_calls") is not None:
-            raise ValueError("the family has tool_calls: name vLLM's parser there (tool_calls.vllm_parser)")
+            engine = info.field_name.split("_")[0]
+            raise ValueError(f"the family has tool_calls: name the engine's parser there (tool_calls.{engine}_parser)")
         return value
 
     @property
     def vllm_tool_call_parser(self) -> str | None:
         """vLLM's --tool-call-parser of the family (tool_calls.vllm_parser, or vllm_tool_parser), None: no tools."""
         return self.tool_calls.vllm_parser if self.tool_calls is not None else self.vllm_tool_parser
+
+    @property
+    def sglang_tool_call_parser(self) -> str | None:
+        """SGLang's --tool-call-parser of the family (tool_calls.sglang_parser, or sglang_tool_parser)."""
+        return self.tool_calls.sglang_parser if self.tool_calls is not None else self.sglang_tool_parser
 
     @field_validator("system_role")
     @classmethod
@@ -599,9 +612,9 @@ class ModelFamily(Strict):
     def packaged_as(self, task: "TaskKind") -> bool:
         """Whether the family has a recipe of kind `task`: the kinds every family has (task.yaml kind.every_family) and
         those model.yaml credits an upstream tutorial of; a family one card can't hold (`parallel:`) only the kinds
-        that serve across cards (kind.parallel) and the credited ones."""
+        every family has that serve across cards (kind.parallel), and the credited ones."""
         info, credited = kind_info(task), getattr(task, "value", task) in self.contributors
-        return (info.parallel if self.parallel is not None else info.every_family) or credited
+        return (info.every_family and (self.parallel is None or info.parallel)) or credited
 
     def gpus_for(self, task: "TaskKind") -> int:
         """Cards a recipe of `task` needs: the family's parallel layout for a kind that reads it, else 1."""

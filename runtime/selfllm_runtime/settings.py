@@ -372,6 +372,15 @@ class EngineServerSettings(ServedNameSettings, TemplateSettings, AccessSettings,
         "tensor parallelism: the cards each layer is split over (`--tensor-parallel-size`, usually this machine's "
         "cards); times `PIPELINE_PARALLEL_SIZE` more than the visible GPUs is refused at start (set it lower, "
         "knowing the weights must still fit)", family="parallel.tensor_parallel_size", ge=1)
+    pipeline_parallel_size: int = setting(
+        1, "PIPELINE_PARALLEL_SIZE", "流水线并行：层分成几段（vLLM `--pipeline-parallel-size`，SGLang `--pp-size`；"
+        "vLLM 多机时每台机器一段，见 README）", "pipeline parallelism: the stages the layers are cut into (vLLM "
+        "`--pipeline-parallel-size`, SGLang `--pp-size`; with vLLM one per machine across machines, see the README)",
+        family="parallel.pipeline_parallel_size", ge=1)
+    expert_parallel: bool = setting(
+        False, "ENABLE_EXPERT_PARALLEL", "MoE 专家分到各卡而不是每个专家切开（vLLM `--enable-expert-parallel`，"
+        "SGLang `--ep-size` 等于张量并行数）", "MoE experts spread over the cards instead of each split (vLLM "
+        "`--enable-expert-parallel`, SGLang `--ep-size` of the tensor-parallel size)", family="parallel.expert_parallel")
 
     @property
     def extra_argv(self) -> list[str]:
@@ -389,14 +398,6 @@ class EngineServerSettings(ServedNameSettings, TemplateSettings, AccessSettings,
 
 
 class VllmSettings(EngineServerSettings):
-    pipeline_parallel_size: int = setting(
-        1, "PIPELINE_PARALLEL_SIZE", "流水线并行：层分成几段（`--pipeline-parallel-size`；多机时每台机器一段，见 README）",
-        "pipeline parallelism: the stages the layers are cut into (`--pipeline-parallel-size`; one per machine "
-        "across machines, see the README)", family="parallel.pipeline_parallel_size", ge=1)
-    expert_parallel: bool = setting(
-        False, "ENABLE_EXPERT_PARALLEL", "MoE 专家分到各卡而不是每个专家切开（`--enable-expert-parallel`）",
-        "MoE experts spread over the cards instead of each split (`--enable-expert-parallel`)",
-        family="parallel.expert_parallel")
     vllm_args: ShellWords = setting(
         "", "VLLM_ARGS", "追加给 vLLM 的参数（shell 引号规则），如 `--gpu-memory-utilization 0.85`，放在最后因而优先",
         "extra vLLM arguments (shell quoting), e.g. `--gpu-memory-utilization 0.85`; appended last, so they win")
@@ -697,8 +698,9 @@ IntList = Annotated[list[Annotated[int, Field(ge=1)]], BeforeValidator(_whole_nu
 
 
 class EvalSettings(ServedNameSettings, EngineSettings, ModelSettings):
-    """EvalScope against the model served in-process (the fastapi task's OpenAI-compatible server on 127.0.0.1):
-    `selfllm eval run` (benchmarks, base vs adapter) and `selfllm eval perf` (stress test at a few concurrencies)."""
+    """EvalScope against the model served in-process (the fastapi task's OpenAI-compatible server on 127.0.0.1), or
+    against an outside deployment (EVAL_URL: the vllm / sglang recipe's): `selfllm eval run` (benchmarks, base vs
+    adapter) and `selfllm eval perf` (stress test at a few concurrencies)."""
 
     model_path: Path | None = setting(None, "MODEL_PATH", *MODEL_PATH_TEXT, flag="--model")
     adapter_path: Path | None = setting(
@@ -729,15 +731,34 @@ class EvalSettings(ServedNameSettings, EngineSettings, ModelSettings):
         "usually a lower score)", flag="--enable-thinking", when="thinking", shown=("模型的默认", "the model's default"))
     output_root: Path = setting(DEFAULT_EVAL_OUTPUT, "OUTPUT_DIR", "报告写到 `<OUTPUT_DIR>/<run|perf>-<时间>/`",
                                 "reports go to `<OUTPUT_DIR>/<run|perf>-<time>/`", flag="--output-dir")
-    perf_url: str | None = setting(
-        None, "PERF_URL", "`perf` 压测的 OpenAI 接口（如 `http://host:8000/v1/chat/completions`）；未设置：本配方的模型（在容器内启动）",
-        "the OpenAI endpoint `perf` stress-tests (e.g. `http://host:8000/v1/chat/completions`); unset: this recipe's "
-        "model, served inside the container", flag="--url", clearable=True)
-    perf_model: str | None = setting(None, "PERF_MODEL", "`PERF_URL` 上的模型名", "the model name at `PERF_URL`",
-                                     flag="--perf-model", clearable=True,
-                                     shown=("本配方服务的模型名", "the name this recipe serves"))
-    perf_api_key: str = setting("", "PERF_API_KEY", "`PERF_URL` 的 API key", "`PERF_URL`'s API key",
-                                flag="--perf-api-key")
+    eval_url: str | None = setting(
+        None, "EVAL_URL", "已在运行的 OpenAI 兼容服务（如本模型族的 vllm / sglang 配方：`http://127.0.0.1:8000/v1`）："
+        "`run` 与 `perf` 都评测它，容器里不加载模型；未设置：在容器内加载本配方的模型（放不进一张卡的模型族要求设置它，"
+        "见 `EVAL_IN_PROCESS`）", "an OpenAI-compatible server already running (e.g. this family's vllm / sglang "
+        "recipe: `http://127.0.0.1:8000/v1`): `run` and `perf` evaluate it and no model loads in the container; unset: "
+        "this recipe's model is loaded in the container (a family one card can't hold asks for it, see "
+        "`EVAL_IN_PROCESS`)", flag="--url", aliases=("PERF_URL",), clearable=True)
+    eval_model: str | None = setting(
+        None, "EVAL_MODEL", "`EVAL_URL` 上的模型名（请求里的 `model`）", "the model name at `EVAL_URL` (requests' `model`)",
+        flag="--served-model", aliases=("PERF_MODEL",), clearable=True,
+        shown=("`/v1/models` 列出的那一个（有多个时取本配方的名字之一）",
+               "the one `/v1/models` lists (of several: one of this recipe's names)"))
+    eval_api_key: str = setting("", "EVAL_API_KEY", "`EVAL_URL` 的 API key（vllm / sglang 配方的 `API_KEY`）",
+                                "`EVAL_URL`'s API key (the vllm / sglang recipe's `API_KEY`)", flag="--api-key",
+                                aliases=("PERF_API_KEY",))
+    in_process: bool | None = setting(
+        None, "EVAL_IN_PROCESS", "没有 `EVAL_URL` 时是否在容器内用 transformers 加载模型：`1` 强制加载（放不进一张卡的模型族"
+        "也加载，权重分到所有可见的卡上）", "without `EVAL_URL`, whether the container loads the model with transformers: "
+        "`1` forces it (also for a family one card can't hold: the weights spread over every visible card)",
+        flag="--in-process", shown=("只有放得进一张卡的模型族", "only for a family one card holds"))
+
+    @field_validator("eval_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value.strip()):
+            raise ValueError("not an http(s) address, e.g. http://127.0.0.1:8000/v1")
+        return value.strip() if value is not None else None
+
     parallel: IntList = setting([1, 8, 32], "PERF_PARALLEL", "`perf` 的并发数，逗号分隔，每个跑一轮",
                                 "`perf`'s concurrencies, comma-separated, one round each", flag="--parallel")
     number: IntList = setting([8, 32, 96], "PERF_NUMBER", "每轮的请求数（与 `PERF_PARALLEL` 一一对应，或一个数用于每轮）",

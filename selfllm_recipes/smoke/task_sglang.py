@@ -2,8 +2,11 @@
 official `openai` client asks for a chat completion by that name, whole and streamed, a malformed request is a 400,
 and for a reasoning family SGLang's parser moves the thinking out of `content`: an answer constrained (SGLang's
 `regex`) to `<think>…</think>…` comes back split into `reasoning_content` and `content` (and whole with
-`separate_reasoning: false`). A family that takes images gets an OpenAI `image_url` (a generated PNG): 200, the prompt
-grows by the image's tokens, and the model sees it (two images, different first-token logprobs). The detail names the build
+`separate_reasoning: false`); a family whose parser keeps the thinking in `content` (model.yaml
+`reasoning.sglang_in_content`: MiniMax-M2's minimax-append-think) gets it there, the template's pre-filled start
+marker put back in front, whole and streamed, with no `reasoning_content`. A family that takes images gets an OpenAI
+`image_url` (a generated PNG): 200, the prompt grows by the image's tokens, and the model sees it (two images, different
+first-token logprobs). The detail names the build
 that really served, read from the container's start log: on an engine without GPU that is the recipe's CPU
 variant (SGLang's CPU engine)."""
 from __future__ import annotations
@@ -40,10 +43,10 @@ def expected_name(recipe_key: str) -> str:
 
 
 def reasoning_markers(recipe_key: str) -> tuple[str, str, str | None] | None:
-    """(start, end, the chat template's thinking switch or None) of the family's thinking where SGLang parses it
-    (model.yaml reasoning.sglang_parser), else None."""
+    """(start, end, the chat template's thinking switch or None) of the family's thinking where SGLang moves it out of
+    `content` (model.yaml reasoning.sglang_parser, not sglang_in_content), else None."""
     family = family_of(recipe_key)
-    if family.reasoning is None or not family.reasoning.sglang_parser:
+    if family.reasoning is None or not family.reasoning.sglang_parser or family.reasoning.sglang_in_content:
         return None
     return family.reasoning.start, family.reasoning.end, family.thinking.template_kwarg if family.thinking else None
 
@@ -109,6 +112,20 @@ def verify_images(session: SmokeSession, model: str, image_tokens: int) -> str:
             f"give different first-token logprobs, one image twice the same")
 
 
+def thinking_in_content(recipe_key: str, content: str, reasoning: str, streamed: str) -> str:
+    """Where the family's SGLang parser keeps the thinking in `content` (sglang_in_content): the reply and the stream
+    begin with the start marker the template pre-filled (the parser puts it back), and nothing is in
+    reasoning_content. '' for the other families."""
+    family = family_of(recipe_key)
+    if family.reasoning is None or not family.reasoning.sglang_in_content:
+        return ""
+    start = family.reasoning.start
+    expect(content.startswith(start) and streamed.startswith(start) and not reasoning,
+           f"{family.reasoning.sglang_parser} should keep the thinking in content after {start!r}: content "
+           f"{content[:40]!r}, stream {streamed[:40]!r}, reasoning_content {reasoning[:40]!r}")
+    return f"; thinking kept in content after {start!r} ({family.reasoning.sglang_parser}), whole and streamed"
+
+
 def verify_sglang(session: SmokeSession) -> str:
     from openai import OpenAI
 
@@ -135,6 +152,7 @@ def verify_sglang(session: SmokeSession) -> str:
     split = verify_reasoning(session, name, markers) if markers is not None else ""
     image_tokens = image_tokens_per_image(session.recipe_key)
     split += verify_images(session, name, image_tokens) if image_tokens is not None else ""
+    split += thinking_in_content(session.recipe_key, message.content or "", reasoning, streamed)
     return (f"served by {served_by(session.logs())} as {name}: chat completion (system + user) answered "
             f"{len(message.content or '')} chars of content + {len(reasoning)} of reasoning ({tokens} tokens), "
             f"{len(chunks)} stream chunks, no messages → {bad.status_code}{split}")

@@ -1,15 +1,21 @@
 """Task `eval`: ModelScope's EvalScope against the recipe's model, served in this process by the fastapi task's
-OpenAI-compatible server (tasks/fastapi_server.py) on 127.0.0.1 and a free port, as upstream's tutorials point
-`evalscope eval --eval-type service` / `evalscope perf` at a served model.
+OpenAI-compatible server (tasks/fastapi_server.py) on 127.0.0.1 and a free port, or against a deployment already
+running elsewhere (EVAL_URL: the family's vllm / sglang recipe), as upstream's tutorials point
+`evalscope eval --eval-type service` / `evalscope perf` at a served model. This task module builds on another's code
+(the fastapi task's app and engine): the eval image carries both, as the runtime's import closure finds them.
 
   selfllm start                          = selfllm eval run with settings from the environment
-  selfllm eval run [--datasets iquiz] [--adapter DIR] [--limit N]
+  selfllm eval run [--datasets iquiz] [--adapter DIR] [--limit N] [--url URL [--served-model NAME]]
         benchmarks: iquiz (upstream's IQ/EQ questions) when ModelScope answers, else (`--network none`) the shipped
         question set (EvalScope's general_mcq format); with an adapter the base and base + adapter side by side
-  selfllm eval perf [--parallel 1,8,32] [--number 8,32,96] [--url URL --perf-model NAME]
+  selfllm eval perf [--parallel 1,8,32] [--number 8,32,96] [--url URL [--served-model NAME]]
         EvalScope's stress test of the served model (or any OpenAI URL): throughput, latency percentiles, time to
         first token per concurrency, and perf.png (throughput and latency against concurrency)
   selfllm eval sample-data OUT_DIR       write the shipped question set (general_mcq: <subset>_val.jsonl)
+
+With EVAL_URL no model is fetched or loaded here: the model name is EVAL_MODEL, else the one the server's /v1/models
+lists. A family one card can't hold (model.yaml `parallel:`) is evaluated on its deployment: without EVAL_URL it is
+refused in one line unless EVAL_IN_PROCESS=1 asks for a transformers load in this container.
 
 Reports go to $OUTPUT_DIR/<run|perf>-<time>/ (EvalScope's own outputs below it); each action ends with one line
 `SELFLLM_RESULT {json}`. Settings (settings.EvalSettings) are checked before the model is fetched.
@@ -28,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,11 +69,87 @@ def _fail(exc: Exception) -> SystemExit:
 
 @dataclass
 class Served:
-    """The model answering on base_url (…/v1) under `name`; `engine` is None for an outside PERF_URL."""
+    """The model answering on base_url (…/v1) under `name`; `engine` is None for an outside EVAL_URL."""
 
     base_url: str
     name: str
     engine: Any = None
+    api_key: str = "EMPTY"
+
+
+def api_base(url: str) -> str:
+    """EVAL_URL as an OpenAI base address (…/v1): a chat endpoint, a trailing slash or a bare host:port are taken too."""
+    base = url.strip().rstrip("/").removesuffix("/chat/completions").rstrip("/")
+    return base if base.endswith("/v1") else base + "/v1"
+
+
+def listed_models(base: str, api_key: str, timeout: float = 10.0) -> list[str]:
+    """The model names GET <base>/models lists; one line naming EVAL_URL (or EVAL_API_KEY) where nothing usable answers."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(base + "/models", headers=headers), timeout=timeout) as answer:
+            data = json.loads(answer.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ValueError(f"EVAL_URL {base}: the server wants an API key (GET /models: HTTP {exc.code}): set "
+                             "EVAL_API_KEY") from None
+        raise ValueError(f"EVAL_URL {base}: GET /models answered HTTP {exc.code}: not the /v1 address of an "
+                         "OpenAI-compatible server") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"EVAL_URL {base}: no OpenAI-compatible server answers ({one_line(exc, 120)}): start the "
+                         "family's vllm or sglang recipe first and give its address, e.g. http://127.0.0.1:8000/v1") from None
+    models = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        raise ValueError(f"EVAL_URL {base}: GET /models is no OpenAI model list")
+    return [str(m["id"]) for m in models if isinstance(m, dict) and m.get("id")]
+
+
+def outside_model(context: RecipeContext, settings: EvalSettings) -> Served:
+    """The model at EVAL_URL: EVAL_MODEL (which the server must list), else the one it lists (of several: the first
+    that is one of this recipe's names)."""
+    base = api_base(settings.eval_url or "")
+    listed = listed_models(base, settings.eval_api_key)
+    key = settings.eval_api_key or "EMPTY"
+    if settings.eval_model:
+        if settings.eval_model not in listed:
+            raise ValueError(f"EVAL_MODEL={settings.eval_model!r}: {base} serves {', '.join(listed) or 'no model'}")
+        return Served(base, settings.eval_model, api_key=key)
+    ours = served_names(context.recipe, context.family, settings, settings.served_model_name)
+    named = [name for name in listed if name in ours]
+    if len(listed) == 1 or named:
+        return Served(base, (named or listed)[0], api_key=key)
+    raise ValueError(f"EVAL_MODEL: {base} serves {', '.join(listed) or 'no model'}: name the one to evaluate "
+                     "(EVAL_MODEL / --served-model)")
+
+
+def where_refused(context: RecipeContext, settings: EvalSettings) -> str | None:
+    """The one line that refuses to evaluate without EVAL_URL where the model should not load here: a family one card
+    can't hold (model.yaml `parallel:`) unless EVAL_IN_PROCESS=1, or EVAL_IN_PROCESS=0; None: go ahead."""
+    if settings.eval_url:
+        return None
+    if settings.in_process is False:
+        return "EVAL_IN_PROCESS=0 without EVAL_URL leaves nothing to evaluate: set EVAL_URL to a running server"
+    layout, family = context.family.parallel, context.family
+    if settings.in_process or layout is None:
+        return None
+    return (f"EVAL_URL is not set: {family.display_name} is served across {layout.gpus} GPUs by its vllm or sglang "
+            f"recipe (TENSOR_PARALLEL_SIZE={layout.tensor_parallel_size}): start one and set EVAL_URL to its address "
+            f"(e.g. http://127.0.0.1:8000/v1), or EVAL_IN_PROCESS=1 to load its "
+            f"{family.parameters_b.weights_gb('none'):.0f} GB of bf16 weights in this container")
+
+
+def check_where(context: RecipeContext, settings: EvalSettings) -> None:
+    problem = where_refused(context, settings)
+    if problem is not None:
+        raise ValueError(problem)
+    if settings.eval_url and settings.adapter_path is not None:
+        raise ValueError("ADAPTER_PATH needs the model loaded in this container: unset EVAL_URL, or serve the adapter "
+                         "at EVAL_URL (vLLM: --enable-lora --lora-modules NAME=DIR) and name it in EVAL_MODEL")
+
+
+def needs_model(settings: EvalSettings) -> bool:
+    """`selfllm start` fetches the model only when it is served here (no EVAL_URL)."""
+    return not settings.eval_url
 
 
 def free_port() -> int:
@@ -183,7 +265,7 @@ def evaluate(context: RecipeContext, settings: EvalSettings, served: Served, nam
     """One EvalScope run of the benchmarks against the served model; its subsets' scores."""
     from evalscope import TaskConfig, run_task
 
-    config = TaskConfig(model=served.name, api_url=served.base_url, api_key="EMPTY", eval_type="openai_api",
+    config = TaskConfig(model=served.name, api_url=served.base_url, api_key=served.api_key, eval_type="openai_api",
                         datasets=names, dataset_args=dataset_args, eval_batch_size=settings.eval_batch_size,
                         limit=settings.limit, generation_config=generation_config(context, settings, settings.max_tokens),
                         work_dir=str(work_dir), no_timestamp=True, seed=42)
@@ -204,16 +286,21 @@ def run_dir(settings: EvalSettings, kind: str) -> Path:
     return out
 
 
-def run(context: RecipeContext, model_dir: Path, settings: EvalSettings) -> None:
-    """`selfllm start` / `selfllm eval run`: the benchmarks on the base, then on base + adapter (ADAPTER_PATH)."""
+def run(context: RecipeContext, model_dir: Path | None, settings: EvalSettings) -> None:
+    """`selfllm start` / `selfllm eval run`: the benchmarks on the base, then on base + adapter (ADAPTER_PATH); on
+    EVAL_URL's model instead where it is set (model_dir None: nothing fetched)."""
     try:
         names, dataset_args = benchmarks(settings)
         check_benchmarks(names)
         check_adapter(settings)
+        check_where(context, settings)
+        outside = outside_model(context, settings) if settings.eval_url else None
+        if outside is None and model_dir is None:
+            raise ValueError("no model folder to serve: set MODEL_PATH or EVAL_URL")
         out = run_dir(settings, "run")
         started = time.monotonic()
         runs: dict[str, list[SubsetScore]] = {}
-        with serve(context, model_dir, settings) as served:
+        with nullcontext(outside) if outside is not None else serve(context, model_dir, settings) as served:
             runs["base"] = evaluate(context, settings, served, names, dataset_args, out / "base")
             if settings.adapter_path is not None:
                 add_adapter(served.engine, settings.adapter_path)
@@ -226,7 +313,9 @@ def run(context: RecipeContext, model_dir: Path, settings: EvalSettings) -> None
     print(f"\nEvalScope {', '.join(names)} — {served.name}" + (f" + {settings.adapter_path}" if
                                                                 settings.adapter_path else "") + f"\n{table.markdown()}\n",
           flush=True)
-    emit_result("run", model=served.name, model_dir=str(model_dir), device=served.engine.device,
+    emit_result("run", model=served.name, model_dir=str(model_dir) if model_dir else None,
+                url=served.base_url if outside is not None else None,
+                device=served.engine.device if served.engine is not None else None,
                 adapter=str(settings.adapter_path) if settings.adapter_path else None, datasets=names,
                 offline_set=SHIPPED_BENCHMARK in names, limit=settings.limit, seconds=round(time.monotonic() - started, 1),
                 output_dir=str(out), scores=table.as_dict(),
@@ -265,8 +354,8 @@ def stress(settings: EvalSettings, served: Served, out: Path, tokenizer: Path | 
             "dataset": "line_by_line", "dataset_path": str(perf_prompts(out / "prompts.txt")),
             "outputs_dir": str(out), "name": "evalscope", "no_timestamp": True, "sleep_interval": 1, "seed": 42,
             "temperature": 0.0}
-    if settings.perf_api_key:
-        args["api_key"] = settings.perf_api_key
+    if served.api_key != "EMPTY":
+        args["api_key"] = served.api_key
     if tokenizer is not None:
         args["tokenizer_path"] = str(tokenizer)
     results = run_perf_benchmark(args)
@@ -281,15 +370,14 @@ def stress(settings: EvalSettings, served: Served, out: Path, tokenizer: Path | 
 
 
 def perf(context: RecipeContext, settings: EvalSettings) -> None:
-    """`selfllm eval perf`: PERF_URL's model, else this recipe's (base, or base + ADAPTER_PATH) served here."""
+    """`selfllm eval perf`: EVAL_URL's model, else this recipe's (base, or base + ADAPTER_PATH) served here."""
     try:
         check_adapter(settings)
-        if settings.perf_url:
-            url = settings.perf_url.rstrip("/").removesuffix("/chat/completions")
-            out = run_dir(settings, "perf")
-            result = stress(settings, Served(url, settings.perf_model or served_names(
-                context.recipe, context.family, settings, settings.served_model_name)[0]), out, None)
-            emit_result("perf", model=settings.perf_model, device=None, adapter=None, **result)
+        check_where(context, settings)
+        if settings.eval_url:
+            served = outside_model(context, settings)
+            result = stress(settings, served, run_dir(settings, "perf"), None)
+            emit_result("perf", model=served.name, device=None, adapter=None, **result)
             return
         model_dir = resolve_model(model_request(context.recipe, settings))
         out = run_dir(settings, "perf")
@@ -306,9 +394,13 @@ def perf(context: RecipeContext, settings: EvalSettings) -> None:
 # ----------------------------------------------------------------------------- command
 
 def before_download(context: RecipeContext, settings: EvalSettings) -> None:
-    """`selfllm start`, before the model is fetched: the benchmark names and the adapter must be usable."""
+    """`selfllm start`, before the model is fetched: the benchmark names and the adapter must be usable, and the
+    model must be one to load here, or a server must answer at EVAL_URL."""
     try:
         check_adapter(settings)
+        check_where(context, settings)
+        if settings.eval_url:
+            outside_model(context, settings)
         check_benchmarks(benchmarks(settings, hub=True)[0])
     except ValueError as exc:
         raise _fail(exc) from None
@@ -340,7 +432,7 @@ def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
             perf(context, settings)
             return 0
         before_download(context, settings)
-        run(context, resolve_model(model_request(context.recipe, settings)), settings)
+        run(context, resolve_model(model_request(context.recipe, settings)) if needs_model(settings) else None, settings)
     except (ValueError, ModelNotFound) as exc:
         print(f"selfllm eval: error: {exc}", file=sys.stderr, flush=True)
         return 2

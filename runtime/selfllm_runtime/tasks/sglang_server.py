@@ -8,10 +8,13 @@ a machine without GPU). Which one is installed is read from the environment's di
 
 Settings (settings.SglangSettings): SERVED_MODEL_NAME (SGLang answers to one name: by default the short name
 upstream's tutorials give it, e.g. Qwen3-8B, the last of model_source.served_names), MAX_MODEL_LEN
-(`--context-length`), TENSOR_PARALLEL_SIZE (`--tp-size`), MEM_FRACTION_STATIC, HOST, PORT, API_KEY (`--api-key`;
-never in the logged command line), CHAT_TEMPLATE (engine_server.served_chat_template, as for vLLM), SGLANG_ARGS
-(extra arguments, shell-quoted, appended last so they win). The family's reasoning and tool-call parsers are data in
-model.yaml (`reasoning.sglang_parser`, `tool_calls.sglang_parser`: SGLang's names, which differ from vLLM's).
+(`--context-length`), TENSOR_PARALLEL_SIZE / PIPELINE_PARALLEL_SIZE / ENABLE_EXPERT_PARALLEL (`--tp-size`,
+`--pp-size`, `--ep-size` of the tensor-parallel size; default: the family's model.yaml `parallel:`; more cards than
+this machine shows are refused before the download, engine_server.gpu_shortfall, as for vLLM), MEM_FRACTION_STATIC,
+HOST, PORT, API_KEY (`--api-key`; never in the logged command line), CHAT_TEMPLATE (engine_server.served_chat_template,
+as for vLLM), SGLANG_ARGS (extra arguments, shell-quoted, appended last so they win). The family's reasoning and
+tool-call parsers are data in model.yaml (`reasoning.sglang_parser`, `tool_calls.sglang_parser` or
+`sglang_tool_parser`: SGLang's names, which differ from vLLM's).
 """
 from __future__ import annotations
 
@@ -23,9 +26,10 @@ from importlib import metadata
 from pathlib import Path
 
 from ..context import RecipeContext
-from ..engine_server import API_KEY_OPTION, announce, exec_server, served_chat_template
+from ..engine_server import (API_KEY_OPTION, ParallelOptions, announce, exec_server, gpu_shortfall,
+                             served_chat_template, visible_gpus)
 from ..model_source import served_names
-from ..settings import SglangSettings
+from ..settings import SettingsError, SglangSettings
 
 log = logging.getLogger("selfllm.sglang")
 
@@ -33,6 +37,9 @@ PACKAGE = "sglang"
 CPU_KERNEL_PACKAGE = "sglang-kernel-cpu"  # SGLang's CPU kernels (sgl-kernel/pyproject_cpu.toml), in the CPU stack
 SERVER_MODULE = "sglang.launch_server"
 CPU_ENGINE_ENV = "SGLANG_USE_CPU_ENGINE"  # SGLang's CPU platform (sglang.srt.platforms), with --device cpu
+# SGLang's server_args names each option twice: the short form is the one its docs use.
+PARALLEL_OPTIONS = ParallelOptions(tensor=("--tp-size", "--tensor-parallel-size"),
+                                   pipeline=("--pp-size", "--pipeline-parallel-size"))
 
 
 @dataclass(frozen=True)
@@ -77,16 +84,20 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: SglangBuild
             "--port", str(settings.port_for(context.recipe))]
     if settings.api_key:
         argv += [API_KEY_OPTION, settings.api_key]
-    if settings.tensor_parallel_size > 1:
+    if settings.tensor_parallel_size > 1:  # SGLang's own parallelism: one scheduler process per card
         argv += ["--tp-size", str(settings.tensor_parallel_size)]
+    if settings.pipeline_parallel_size > 1:
+        argv += ["--pp-size", str(settings.pipeline_parallel_size)]
+    if settings.expert_parallel:  # the experts spread over the tensor-parallel cards (upstream: --tp-size 8 --ep-size 8)
+        argv += ["--ep-size", str(settings.tensor_parallel_size)]
     if settings.mem_fraction_static is not None:
         argv += ["--mem-fraction-static", str(settings.mem_fraction_static)]
     reasoning = context.family.reasoning
     if reasoning is not None and reasoning.sglang_parser:
         argv += ["--reasoning-parser", reasoning.sglang_parser]
-    tools = context.family.tool_calls
-    if tools is not None and tools.sglang_parser:  # `tools` in requests, parsed into tool_calls
-        argv += ["--tool-call-parser", tools.sglang_parser]
+    tool_parser = context.family.sglang_tool_call_parser
+    if tool_parser:  # `tools` in requests, parsed into tool_calls
+        argv += ["--tool-call-parser", tool_parser]
     if chat_template is not None:
         argv += ["--chat-template", str(chat_template)]
     if context.family.trust_remote_code:
@@ -95,6 +106,16 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: SglangBuild
         argv += ["--device", "cpu"]
     argv += settings.extra_argv
     return argv
+
+
+def before_download(context: RecipeContext, settings: SglangSettings) -> None:
+    """`selfllm start`, before the model is fetched: the GPU build needs the cards its layout names (the CPU build
+    runs its tensor-parallel ranks on CPU cores: nothing to count)."""
+    if installed_build().on_cpu:
+        return
+    problem = gpu_shortfall(settings, PARALLEL_OPTIONS, visible_gpus())
+    if problem is not None:
+        raise SettingsError(problem)
 
 
 def run(context: RecipeContext, model_dir: Path, settings: SglangSettings) -> None:

@@ -30,7 +30,9 @@ from importlib import metadata
 from pathlib import Path
 
 from ..context import RecipeContext
-from ..engine_server import API_KEY_OPTION, announce, exec_server, option_values, served_chat_template
+from ..engine_server import (API_KEY_OPTION, ParallelOptions, announce, exec_server, served_chat_template,
+                             visible_gpus)
+from ..engine_server import gpu_shortfall as engine_gpu_shortfall
 from ..metadata import Modalities
 from ..model_source import served_names
 from ..settings import SettingsError, VllmSettings
@@ -44,6 +46,7 @@ SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` CLI of vllm-c
 NO_COMPILE_ENV = "TORCHDYNAMO_DISABLE"  # torch.compile becomes a no-op
 # `ray start` writes this file on each machine of a Ray cluster: pipeline stages may then run on the other machines.
 RAY_CLUSTER_FILE = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+PARALLEL_OPTIONS = ParallelOptions(tensor=("--tensor-parallel-size", "-tp"), pipeline=("--pipeline-parallel-size", "-pp"))
 
 
 @dataclass(frozen=True)
@@ -188,35 +191,11 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: VllmBuild, 
     return argv
 
 
-def parallel_sizes(settings: VllmSettings) -> tuple[int, int]:
-    """(tensor, pipeline) parallel sizes the server will get: the settings, unless VLLM_ARGS give vLLM's own options
-    (they come last, so they win)."""
-    sizes = [settings.tensor_parallel_size, settings.pipeline_parallel_size]
-    for index, names in enumerate((("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"))):
-        given = [value for name in names for value in option_values(settings.vllm_argv, name)]
-        if given and given[-1].isdigit():
-            sizes[index] = int(given[-1])
-    return sizes[0], sizes[1]
-
-
 def gpu_shortfall(settings: VllmSettings, visible: int, ray_cluster: bool = False) -> str | None:
     """The one line that refuses a layout needing more GPUs than `visible` (None: it fits). With PIPELINE_PARALLEL_SIZE
     above 1 on a machine of a Ray cluster the other stages run on the other machines: then only the tensor-parallel
     cards must be here."""
-    tensor, pipeline = parallel_sizes(settings)
-    if tensor * pipeline <= visible or (pipeline > 1 and ray_cluster and tensor <= visible):
-        return None
-    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-    where = f"CUDA_VISIBLE_DEVICES={shown}" if shown is not None else "torch.cuda.device_count()"
-    return (f"TENSOR_PARALLEL_SIZE={tensor} × PIPELINE_PARALLEL_SIZE={pipeline} needs {tensor * pipeline} GPUs, but "
-            f"{visible} {'is' if visible == 1 else 'are'} visible ({where}): give the container the cards "
-            f"(docker run --gpus all), or set TENSOR_PARALLEL_SIZE lower knowingly (the weights must still fit)")
-
-
-def visible_gpus() -> int:
-    import torch  # both builds bring it; the count respects CUDA_VISIBLE_DEVICES
-
-    return torch.cuda.device_count()
+    return engine_gpu_shortfall(settings, PARALLEL_OPTIONS, visible, other_machines=ray_cluster)
 
 
 def before_download(context: RecipeContext, settings: VllmSettings) -> None:
