@@ -150,6 +150,8 @@ def load_spec(task_dir: Path, tasks_dir: Path = TASKS_DIR) -> RecipeSpec:
     model_dir = task_dir.parent
     key = f"{model_dir.name}/{task_dir.name}"
     recipe, family = load_metadata(task_dir, tasks_dir)
+    lane_bases = {name: load_base(lane.base, tasks_dir / recipe.task.value / "task.yaml", f"lanes.{name}.base")
+                  for name, lane in recipe.lanes.items()}
     check_generated(task_dir, expected_files(task_dir, recipe, family, model_dir, tasks_dir))
     stack = load_stack(recipe.stack, task_dir / RECIPE_FILE)
     pins = parse_lock(task_dir / LOCK_FILE)
@@ -164,8 +166,7 @@ def load_spec(task_dir: Path, tasks_dir: Path = TASKS_DIR) -> RecipeSpec:
         lane_stack = load_stack(lane.stack, task_dir / RECIPE_FILE)
         lane_lock = task_dir / lane.lock
         check_against_stack(lane_lock, parse_lock(lane_lock), lane_stack.dir / LOCK_FILE, list(lane_stack.pins))
-        base = load_base(lane.base, tasks_dir / recipe.task.value / "task.yaml", f"lanes.{name}.base")
-        lanes[name] = LaneSpec(name, lane, base, lane_stack)
+        lanes[name] = LaneSpec(name, lane, lane_bases[name], lane_stack)
     return RecipeSpec(key, task_dir, model_dir, recipe, family, stack, tuple(pins), cpu_stack, lanes)
 
 

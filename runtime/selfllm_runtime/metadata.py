@@ -917,5 +917,41 @@ def load_recipe(recipe_dir: Path, recipes_dir: Path | None = None, tasks_dir: Pa
     return merge_recipe(path, task, load_family(recipes_dir / own.model), own)
 
 
+def locked_version(lock: Path, package: str) -> str | None:
+    """The version a lock pins `package` at (its first `name==version` line), None where it doesn't or is missing."""
+    if not lock.is_file():
+        return None
+    found = re.search(rf"^{re.escape(package)}==([^\s;\\]+)", lock.read_text(encoding="utf-8"), re.MULTILINE | re.IGNORECASE)
+    return found.group(1) if found else None
+
+
+def installed_lane(recipe: Recipe, recipe_dir: Path) -> str | None:
+    """The lane (task.yaml `lanes:`) whose build this Python environment holds: the one whose lock beside recipe.yaml
+    pins its engine at the installed version; None for the default build (tag latest) or the CPU variant."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name, lane in recipe.lanes.items():
+        try:
+            installed = version(lane.engine)
+        except PackageNotFoundError:
+            continue
+        if installed == locked_version(Path(recipe_dir) / lane.lock, lane.engine):
+            return name
+    return None
+
+
+def build_line(recipe: Recipe, recipe_dir: Path) -> str:
+    """What `selfllm start` says of the build it runs in: its image tag and the NVIDIA driver that tag needs."""
+    lane = installed_lane(recipe, recipe_dir)
+    if lane is None:
+        cuda = recipe.gpu.cuda
+        needs = f": CUDA {cuda.cuda} wheels, NVIDIA driver >= {cuda.min_driver} on GPU" if cuda else ""
+        others = f" (other tags: {', '.join(recipe.lanes)})" if recipe.lanes else ""
+        return f"default build (tag latest, or the cpu variant){needs}{others}"
+    chosen = recipe.lanes[lane]
+    return (f"lane {lane} (tag :{lane}): {chosen.engine} {locked_version(Path(recipe_dir) / chosen.lock, chosen.engine)}, "
+            f"CUDA {chosen.cuda.cuda} wheels, NVIDIA driver >= {chosen.cuda.min_driver}")
+
+
 def chat_template_text(model_dir: Path, family: ModelFamily) -> str:
     return (Path(model_dir) / family.chat_template).read_text(encoding="utf-8")
