@@ -87,7 +87,7 @@ def tags(spec: RecipeSpec) -> str:
 
 
 def lane_notes(specs: list[RecipeSpec]) -> list[str]:
-    """One line per lane of a task kind: the engine each tag serves, the driver it needs and what the lane adds."""
+    """One line per lane of each task kind: the engine its tag serves, the driver it needs and what the lane adds."""
     lines: dict[tuple[str, str], str] = {}
     for spec in sorted(specs, key=lambda s: s.key):
         recipe = spec.recipe
@@ -103,7 +103,7 @@ def lane_notes(specs: list[RecipeSpec]) -> list[str]:
                 f"{recipe.gpu.cuda.min_driver}）。{lane.adds.zh}。\n  {label} `:{name}`: {lane.engine} {ours[lane.engine]} "
                 f"on torch {ours['torch']} (CUDA {lane.cuda.cuda}, NVIDIA driver ≥ {lane.cuda.min_driver}; the default tag: "
                 f"{lane.engine} {default[lane.engine]}, driver ≥ {recipe.gpu.cuda.min_driver}). It adds {lane.adds.en}.")
-    return list(lines.values())
+    return [lines[key] for key in sorted(lines)]  # by task kind, then lane
 
 
 def render_table(specs: list[RecipeSpec], results: dict[str, dict[str, str]]) -> str:

@@ -180,10 +180,23 @@ def test_every_vllm_recipe_has_the_cu13_tag_and_its_readme_names_each_driver():
         assert f"`{spec.image}`（`latest`） | 0.19.1 | 2.10.0 / 12.8 | ≥ 525.60.13 |" in readme, spec.key
         assert f"`{spec.image}:cu13` serves\n  vLLM 0.33.0 on torch 2.14.0" in readme, spec.key
     notes = lane_notes(good)
-    assert len(notes) == 1 and notes[0].startswith("- vLLM `:cu13`：vllm 0.33.0（torch 2.14.0，CUDA 13.0，NVIDIA 驱动 ≥ 580.65.06")
+    assert [note.split("：")[0] for note in notes] == ["- SGLang `:cu13`", "- vLLM `:cu13`"]
+    assert notes[1].startswith("- vLLM `:cu13`：vllm 0.33.0（torch 2.14.0，CUDA 13.0，NVIDIA 驱动 ≥ 580.65.06；默认标签为 "
+                               "vllm 0.19.1，驱动 ≥ 525.60.13）")
     assert [tags(s) for s in good if s.key == "qwen3/fastapi"] == ["`latest` ≥ 525"]
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    assert notes[0] in readme
+    assert all(note in readme for note in notes)
+
+
+def test_the_sglang_cu13_lock_pins_the_newest_sglang_on_its_own_torch():
+    spec = load_spec(RECIPES_DIR / "qwen3" / "sglang")
+    lane = spec.lanes["cu13"]
+    ours, stack = _pins(TASKS_DIR / "sglang" / lane.lane.lock), _pins(lane.stack.dir / LOCK_FILE)
+    assert ours["sglang"] == "0.5.23" and ours["torch"] == stack["torch"] == "2.14.1"  # vLLM's cu13 pins 2.14.0
+    assert stack["nvidia-cuda-runtime"].startswith(lane.lane.cuda.cuda + ".")
+    assert ours["cuda-python"].split(".")[:2] == ours["cuda-bindings"].split(".")[:2]  # the stack's cuda-bindings < 13.5
+    readme = (spec.dir / "README.md").read_text(encoding="utf-8")
+    assert "`selfllm/qwen3-sglang:cu13` | 0.5.23 | 2.14.1 / 13.0 | ≥ 580.65.06 |" in readme
 
 
 def test_the_runtime_knows_its_lane_from_the_engine_it_has(spec, monkeypatch):
