@@ -233,3 +233,26 @@ def test_matrix_refuses_a_lane_no_selected_recipe_has():
     result = _cli("--only", "qwen3/fastapi", "--lane", "cu13", "--no-smoke")
     assert result.returncode == 2
     assert "--lane 'cu13': no selected recipe has this lane" in result.stdout
+
+
+def _lock_calls(monkeypatch, *argv: str) -> dict[tuple[str, str], dict]:
+    from rich.console import Console
+
+    from selfllm_recipes import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "compile_lock", lambda folder, **kw: calls.append((folder.name, kw)))
+    monkeypatch.setattr(cli, "cmd_generate", lambda *args, **kw: 0)
+    assert cli.cmd_lock(cli.parse_args(["lock", "--only", "qwen3/vllm", *argv]), Console(quiet=True)) == 0
+    return {(folder, kw.get("lock_name", LOCK_FILE)): kw for folder, kw in calls}
+
+
+def test_lock_command_locks_a_lane_for_its_base_python_against_its_stack(monkeypatch):
+    lane = _lock_calls(monkeypatch, "--lane", "cu13")
+    assert set(lane) == {("torch2.14.0-cu13", LOCK_FILE), ("vllm", "requirements-cu13.lock")}  # nothing else relocked
+    ours = lane[("vllm", "requirements-cu13.lock")]
+    assert ours["python"] == "3.12" and ours["constraints"].parent.name == "torch2.14.0-cu13"
+    assert ours["platform"] == "x86_64-manylinux_2_28" and lane[("torch2.14.0-cu13", LOCK_FILE)]["python"] == "3.12"
+    every = _lock_calls(monkeypatch)
+    assert {("vllm", LOCK_FILE), ("vllm", "requirements-cpu.lock"), ("vllm", "requirements-cu13.lock")} <= set(every)
+    assert set(_lock_calls(monkeypatch, "--lane", "default")) == set(every) - set(lane)

@@ -90,9 +90,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
     context = load_context(args.recipe)
     rows = explain(task_settings(context.recipe.task), context.recipe, context.family)
     width = max(len(name) for name, _, _ in rows)
-    print(f"# {context.recipe.model}/{context.recipe.task.value}: value (from flag > environment > recipe env: > "
-          "model.yaml > default)")
-    print(f"# build: {build_line(context.recipe, context.recipe_dir)}")
+    print(f"# {context.recipe.model}/{context.recipe.task.value} ({build_line(context.recipe, context.recipe_dir)}): "
+          "value (from flag > environment > recipe env: > model.yaml > default)")
     for name, value, layer in rows:
         print(f"{name.ljust(width)}  {value or '—'}  ({layer})")
     return 0
