@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh Debian/Ubuntu machine (as root):
-#   make matrix   build and smoke-test the default recipe set (RECIPES=qwen3/fastapi to choose)
+#   make matrix   build and smoke-test the default recipe set (RECIPES=qwen3/fastapi to choose; LANES="default cu13"
+#                 or LANES=all also builds the GPU lanes of task.yaml `lanes:`, tag :cu13)
 #   make test     the test suite (Docker integration tests included)
 SHELL := /bin/bash
 PY := .venv/bin/python
@@ -15,7 +16,7 @@ setup:
 	bash scripts/setup_host.sh
 
 matrix: setup
-	$(PY) scripts/build_matrix.py $(ONLY) --base $(BASE) --report-dir $(REPORT_DIR) $(if $(STACK_FROM),--stack-from $(STACK_FROM))
+	$(PY) scripts/build_matrix.py $(ONLY) --base $(BASE) --report-dir $(REPORT_DIR) $(if $(STACK_FROM),--stack-from $(STACK_FROM)) $(foreach l,$(LANES),--lane $(l))
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

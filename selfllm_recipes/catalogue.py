@@ -11,6 +11,8 @@ from selfllm_runtime.metadata import GpuNeeds, MetadataError, kind_info, vram_te
 
 from .discover import RecipeSpec
 from .generate import write_atomically
+from .layout import LOCK_FILE
+from .locks import parse_lock
 from .layout import REPO_ROOT, RESULTS_FILE
 from .report import RecipeReport
 from .upstream import END as UPSTREAM_END
@@ -73,10 +75,41 @@ def inputs(spec: RecipeSpec) -> str:
     return " · ".join(["文 text", *(MEDIA_LABELS[kind] for kind in media)])
 
 
+def _branch(driver: str) -> str:
+    return driver.split(".")[0]
+
+
+def tags(spec: RecipeSpec) -> str:
+    """A recipe's image tags and the oldest driver branch of each: `latest` ≥ 525 · `cu13` ≥ 580."""
+    recipe = spec.recipe
+    cells = [f"`latest` ≥ {_branch(recipe.gpu.cuda.min_driver)}"] if recipe.gpu.cuda else ["`latest`"]
+    return " · ".join(cells + [f"`{name}` ≥ {_branch(lane.cuda.min_driver)}" for name, lane in recipe.lanes.items()])
+
+
+def lane_notes(specs: list[RecipeSpec]) -> list[str]:
+    """One line per lane of each task kind: the engine its tag serves, the driver it needs and what the lane adds."""
+    lines: dict[tuple[str, str], str] = {}
+    for spec in sorted(specs, key=lambda s: s.key):
+        recipe = spec.recipe
+        for name, lane in recipe.lanes.items():
+            if (recipe.task.value, name) in lines:
+                continue
+            default = {p.key: p.version for p in parse_lock(spec.dir / LOCK_FILE)}
+            ours = {p.key: p.version for p in parse_lock(spec.dir / lane.lock)}
+            label = kind_info(recipe.task).label
+            lines[(recipe.task.value, name)] = (
+                f"- {label} `:{name}`：{lane.engine} {ours[lane.engine]}（torch {ours['torch']}，CUDA {lane.cuda.cuda}，"
+                f"NVIDIA 驱动 ≥ {lane.cuda.min_driver}；默认标签为 {lane.engine} {default[lane.engine]}，驱动 ≥ "
+                f"{recipe.gpu.cuda.min_driver}）。{lane.adds.zh}。\n  {label} `:{name}`: {lane.engine} {ours[lane.engine]} "
+                f"on torch {ours['torch']} (CUDA {lane.cuda.cuda}, NVIDIA driver ≥ {lane.cuda.min_driver}; the default tag: "
+                f"{lane.engine} {default[lane.engine]}, driver ≥ {recipe.gpu.cuda.min_driver}). It adds {lane.adds.en}.")
+    return [lines[key] for key in sorted(lines)]  # by task kind, then lane
+
+
 def render_table(specs: list[RecipeSpec], results: dict[str, dict[str, str]]) -> str:
     lines = ["| 模型族 Family | 任务 Task | 输入 Input | 配方 Recipe | 默认模型 ModelScope / Hugging Face | "
-             "显存 VRAM bf16 (4bit*) | 端口 Port | 上次冒烟 Last smoke |",
-             "|---|---|---|---|---|---|---|---|"]
+             "显存 VRAM bf16 (4bit*) | 端口 Port | 标签 · 最低驱动 Tags · min driver | 上次冒烟 Last smoke |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for spec in sorted(specs, key=lambda s: s.key):
         recipe, family = spec.recipe, spec.family
         ids = recipe.default_model
@@ -84,7 +117,13 @@ def render_table(specs: list[RecipeSpec], results: dict[str, dict[str, str]]) ->
         port = str(recipe.port) if kind_info(recipe.task).health_path else "—"  # a server: it has a health path
         lines.append(f"| {family.display_name} | {kind_info(recipe.task).label} | {inputs(spec)} | "
                      f"[`{spec.key}`](recipes/{spec.key}) | "
-                     f"{checkpoint} | {_vram(recipe.gpu)} | {port} | {_cell(results.get(spec.key), recipe.smoke.needs_gpu)} |")
+                     f"{checkpoint} | {_vram(recipe.gpu)} | {port} | {tags(spec)} | "
+                     f"{_cell(results.get(spec.key), recipe.smoke.needs_gpu)} |")
+    notes = lane_notes(specs)
+    if notes:
+        lines += ["", "镜像标签按显卡驱动选（`nvidia-smi` 显示驱动版本）：`latest` 是默认构建，其余标签是同一配方较新的引擎。",
+                  "Pick the image tag by driver (`nvidia-smi` shows it): `latest` is the default build, another tag the same "
+                  "recipe on a newer engine.", "", *notes]
     return "\n".join(lines)
 
 

@@ -25,14 +25,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from selfllm_runtime.metadata import MetadataError, TaskKind, kind_info
+from selfllm_runtime.metadata import TASK_FILE, MetadataError, TaskKind, kind_info
 
 from . import catalogue
 from .build import BuildError, BuildResult, build_node
-from .discover import BrokenRecipe, RecipeSpec, discover, load_metadata, recipe_dirs
+from .discover import BrokenRecipe, RecipeSpec, default_base, discover, load_base, load_metadata, recipe_dirs
 from .engine import EngineError, choose_base, connect, has_nvidia_runtime
 from .generate import expected_files, own_lock_input, write_generated
-from .images import NodeKind, plan_images
+from .images import DEFAULT_LANE, NodeKind, plan_images, recipe_of
 from .layout import CACHE_DIR, LOCK_FILE, LOCK_INPUT, RECIPES_DIR, REPO_ROOT, STACKS_DIR, TASKS_DIR
 from .locks import LOCK_PYTHON, compile_lock
 from .scaffold import new_family
@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke-jobs", type=int, default=int(os.environ.get("SMOKE_JOBS", "2")), metavar="N",
                    help="smoke tests run side by side (builds stay one at a time, beside them); default $SMOKE_JOBS or 2 "
                    "(on 2 cores: 5 qwen2.5 smoke tests in 88 s instead of 128 s one at a time)")
+    p.add_argument("--lane", action="append", metavar="NAME", help="which GPU builds: `default` (tag latest, or the CPU "
+                   "variant without a GPU), a lane of task.yaml `lanes:` (e.g. cu13, tag :cu13) or `all`; repeatable. "
+                   "matrix: default only unless given; lock: every one unless given")
     p.add_argument("--rebuild", action="store_true", help="rebuild even when inputs are unchanged")
     p.add_argument("--pip-index-url", help="PIP_INDEX_URL for image builds (e.g. the Tsinghua mirror); a build arg, "
                    "recorded in `docker history`: no credentials")
@@ -108,6 +111,24 @@ def repo_recipes() -> bool:
     return RECIPES_DIR == (REPO_ROOT / "recipes").resolve()
 
 
+def lane_asked(asked: list[str], lane: str) -> bool:
+    return "all" in asked or lane in asked
+
+
+def lane_of_lock(recipe, lock_name: str) -> str:
+    """The lane a lock of the recipe belongs to (the default build's and the CPU variant's: `default`)."""
+    return next((name for name, lane in recipe.lanes.items() if lane.lock == lock_name), DEFAULT_LANE)
+
+
+def check_lanes(asked: list[str], specs: list[RecipeSpec]) -> None:
+    """--lane names the default build, `all` or a lane some selected recipe has; else a SelectionError."""
+    known = {name for spec in specs for name in spec.recipe.lanes}
+    for name in asked:
+        if name not in (DEFAULT_LANE, "all") and name not in known:
+            raise SelectionError(f"--lane {name!r}: no selected recipe has this lane (theirs: "
+                                 f"{', '.join(sorted(known)) or 'none'}; `default` is the default build, `all` every one)")
+
+
 def cmd_lock(args: argparse.Namespace, console: Console) -> int:
     """Regenerate locks, stacks first: each selected recipe's task kind (tasks/<task>/, one lock per
     task kind) or the recipe's own requirements.in where it has one; then copy them into the recipe
@@ -128,15 +149,25 @@ def cmd_lock(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[red]{key}[/]: {exc}")
             failures += 1
             continue
-        builds = [(recipe.stack, LOCK_PYTHON, LOCK_FILE, [])]
+        platform = kind_info(recipe.task).lock_platform
+        builds = [(recipe.stack, LOCK_PYTHON, LOCK_FILE, [], platform)]
         if (variant := recipe.cpu_variant) is not None:
             excluded = [arg for name in variant.lock_exclude for arg in ("--no-emit-package", name)]
-            builds.append((variant.stack, variant.python, variant.lock, excluded))
-        for stack, python, lock_name, extra in builds:
+            builds.append((variant.stack, variant.python, variant.lock, excluded, platform))
+        try:  # a lane's lock is resolved for its base's Python
+            builds += [(lane.stack, load_base(lane.base, TASKS_DIR / recipe.task.value / TASK_FILE,
+                                              f"lanes.{name}.base").python, lane.lock, [], lane.lock_platform or platform)
+                       for name, lane in recipe.lanes.items()]
+        except MetadataError as exc:
+            console.print(f"[red]{key}[/]: {exc}")
+            failures += 1
+            continue
+        for stack, python, lock_name, extra, lock_platform in builds:
+            if args.lane and not lane_asked(args.lane, lane_of_lock(recipe, lock_name)):
+                continue
             own = own_lock_input(folders[key], lock_name).is_file()
             folder = folders[key] if own else TASKS_DIR / recipe.task.value
-            platform = kind_info(recipe.task).lock_platform
-            stacks.setdefault((STACKS_DIR / stack, python, platform), {})[(folder, lock_name)] = extra
+            stacks.setdefault((STACKS_DIR / stack, python, lock_platform), {})[(folder, lock_name)] = extra
     for (stack_dir, python, platform), members in sorted(stacks.items()):
         if not (stack_dir / LOCK_INPUT).is_file():
             console.print(f"[red]{stack_dir.name}[/]: no stack {stack_dir.name!r} ({stack_dir / LOCK_INPUT} missing)")
@@ -270,11 +301,21 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
         console.print("no recipe selected" + (" (all selected ones are broken)" if broken else ""))
         return finish(list(rows.values()), args, console, {})
 
+    lanes = args.lane or [DEFAULT_LANE]
+    check_lanes(lanes, recipes)
     client = connect()
     gpu = {"on": True, "off": False}.get(args.gpu, has_nvidia_runtime(client))
-    base = choose_base(client, args.base)
+    default = default_base()
+    base = choose_base(client, args.base, default.image)
     log.info("CUDA base: %s (%s)", base.image, base.reason)
-    nodes = plan_images(recipes, base.image, client.images.get(base.image).id, extra, cpu=not gpu)
+    lane_bases = {}  # the lanes' own bases: their official image, or the same stand-in
+    for lane_base in {lane.base.name: lane.base for spec in recipes for name, lane in spec.lanes.items()
+                      if lane_asked(lanes, name)}.values():
+        choice = choose_base(client, args.base, lane_base.image)
+        log.info("CUDA base of %s: %s (%s)", lane_base.name, choice.image, choice.reason)
+        lane_bases[lane_base.name] = (choice.image, client.images.get(choice.image).id)
+    nodes = plan_images(recipes, base.image, client.images.get(base.image).id, extra, cpu=not gpu, lanes=lanes,
+                        lane_bases=lane_bases)
     by_key = {spec.key: spec for spec in recipes}
     built: dict[str, BuildResult] = {}
     failed_parents: dict[str, str] = {}
@@ -319,7 +360,7 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
             finish_step(progress, task, f"[green]✓[/] {how} {node.key} ({node.tag})")
             if node.kind is not NodeKind.recipe:
                 continue
-            spec = by_key[node.key]
+            spec = by_key[recipe_of(node.key)]
             build_seconds = time.monotonic() - started
             row = RecipeReport(node.key, "pass", build_seconds, node.tag, build=how,
                                image_id=result.image_id, input_hash=node.input_hash,
@@ -327,6 +368,11 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
             rows[node.key] = row
             if args.no_smoke:
                 row.status, row.smoke = "skip", "--no-smoke"
+                continue
+            if not gpu and node.key != spec.key:  # a lane is a GPU build only: its engine's CPU build is the variant
+                row.status, row.level = "skip", "cpu"
+                row.smoke = f"not run without a GPU: the {node.tag.rsplit(':', 1)[1]} lane is a GPU build only"
+                log.warning("%s: smoke test not run (no GPU): a lane has no CPU variant", node.key)
                 continue
             if not gpu and spec.recipe.smoke.needs_gpu:  # said in the table, the reports and the README
                 row.status, row.level, row.needs_gpu = "skip", "cpu", True

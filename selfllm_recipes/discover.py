@@ -4,20 +4,58 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field
 from selfllm_runtime.metadata import (
     MODEL_FILE,
     task_kind_names,
     RECIPE_FILE,
+    GpuLane,
     MetadataError,
     ModelFamily,
     Recipe,
+    Strict,
+    _validate,
     load_family,
     load_recipe,
 )
 
 from .generate import check_generated, expected_files
-from .layout import LOCK_FILE, RECIPES_DIR, SHARED_STACK_DOCKERFILE, STACKS_DIR, TASKS_DIR, image_name
+from .layout import (BASE_FILE, BASE_IMAGES_DIR, DEFAULT_BASE, LOCK_FILE, RECIPES_DIR, SHARED_STACK_DOCKERFILE,
+                     STACKS_DIR, TASKS_DIR, image_name)
 from .locks import Pin, check_against_stack, parse_lock
+
+
+class CudaBase(Strict):
+    """base-images/<base>/base.yaml: what the builder needs of a CUDA base besides its Dockerfile."""
+
+    image: str = Field(pattern=r"^[\w./-]+:[\w.-]+$", description="the official image it builds on (--base official)")
+    python: str = Field(pattern=r"^3\.\d+$", description="its python3: the locks of the builds on it are resolved for it")
+    dockerfile: str = Field("Dockerfile", description="its Dockerfile, relative to its folder (another base's: the "
+                            "same steps on another image)")
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    name: str  # folder under base-images/, e.g. cuda13.0; its image is selfllm/base:<name>
+    dir: Path
+    image: str  # the official image (base.yaml)
+    python: str
+    dockerfile: Path
+
+
+def load_base(name: str, referenced_by: Path, field_name: str = "base") -> BaseSpec:
+    folder = BASE_IMAGES_DIR / name
+    if not (folder / BASE_FILE).is_file():
+        raise MetadataError(referenced_by, field_name, f"no CUDA base {name!r} (expected {folder / BASE_FILE})")
+    data: CudaBase = _validate(CudaBase, folder / BASE_FILE)
+    dockerfile = (folder / data.dockerfile).resolve()
+    if not dockerfile.is_file():
+        raise MetadataError(folder / BASE_FILE, "dockerfile", f"{dockerfile} not found")
+    return BaseSpec(name, folder, data.image, data.python, dockerfile)
+
+
+def default_base() -> BaseSpec:
+    return load_base(DEFAULT_BASE, BASE_IMAGES_DIR / DEFAULT_BASE)
 
 
 @dataclass(frozen=True)
@@ -26,6 +64,19 @@ class StackSpec:
     dir: Path
     pins: tuple[Pin, ...]
     dockerfile: Path  # the folder's own, else base-images/stacks/Dockerfile (shared by the CUDA stacks)
+
+
+@dataclass(frozen=True)
+class LaneSpec:
+    """One of a recipe's lanes (task.yaml lanes:, GpuLane): its base, stack and lock, tagged :<name>."""
+
+    name: str
+    lane: GpuLane
+    base: BaseSpec
+    stack: StackSpec
+
+    def build_args(self) -> dict[str, str]:
+        return {"RECIPE_LOCK": self.lane.lock}
 
 
 @dataclass(frozen=True)
@@ -38,6 +89,7 @@ class RecipeSpec:
     stack: StackSpec
     pins: tuple[Pin, ...] = field(repr=False)
     cpu_stack: StackSpec | None = None  # recipe.cpu_variant's stack, when the recipe has a CPU build
+    lanes: dict[str, LaneSpec] = field(default_factory=dict)  # its GPU builds besides the default one, by tag
 
     def variant(self, cpu: bool) -> tuple[StackSpec, str, dict[str, str]]:
         """(stack, lock file name, build args) of the build to make: the CPU variant when asked for
@@ -98,6 +150,8 @@ def load_spec(task_dir: Path, tasks_dir: Path = TASKS_DIR) -> RecipeSpec:
     model_dir = task_dir.parent
     key = f"{model_dir.name}/{task_dir.name}"
     recipe, family = load_metadata(task_dir, tasks_dir)
+    lane_bases = {name: load_base(lane.base, tasks_dir / recipe.task.value / "task.yaml", f"lanes.{name}.base")
+                  for name, lane in recipe.lanes.items()}
     check_generated(task_dir, expected_files(task_dir, recipe, family, model_dir, tasks_dir))
     stack = load_stack(recipe.stack, task_dir / RECIPE_FILE)
     pins = parse_lock(task_dir / LOCK_FILE)
@@ -107,7 +161,13 @@ def load_spec(task_dir: Path, tasks_dir: Path = TASKS_DIR) -> RecipeSpec:
         cpu_stack = load_stack(recipe.cpu_variant.stack, task_dir / RECIPE_FILE)
         cpu_lock = task_dir / recipe.cpu_variant.lock
         check_against_stack(cpu_lock, parse_lock(cpu_lock), cpu_stack.dir / LOCK_FILE, list(cpu_stack.pins))
-    return RecipeSpec(key, task_dir, model_dir, recipe, family, stack, tuple(pins), cpu_stack)
+    lanes = {}
+    for name, lane in recipe.lanes.items():
+        lane_stack = load_stack(lane.stack, task_dir / RECIPE_FILE)
+        lane_lock = task_dir / lane.lock
+        check_against_stack(lane_lock, parse_lock(lane_lock), lane_stack.dir / LOCK_FILE, list(lane_stack.pins))
+        lanes[name] = LaneSpec(name, lane, lane_bases[name], lane_stack)
+    return RecipeSpec(key, task_dir, model_dir, recipe, family, stack, tuple(pins), cpu_stack, lanes)
 
 
 def discover(root: Path = RECIPES_DIR, tasks_dir: Path = TASKS_DIR) -> tuple[list[RecipeSpec], list[BrokenRecipe]]:
@@ -122,4 +182,4 @@ def discover(root: Path = RECIPES_DIR, tasks_dir: Path = TASKS_DIR) -> tuple[lis
     return good, broken
 
 
-__all__ = ["BrokenRecipe", "RecipeSpec", "StackSpec", "discover", "load_metadata", "load_spec", "recipe_dirs", "MODEL_FILE"]
+__all__ = ["BaseSpec", "BrokenRecipe", "LaneSpec", "RecipeSpec", "StackSpec", "discover", "load_metadata", "load_spec", "recipe_dirs", "MODEL_FILE"]

@@ -17,7 +17,6 @@ from .layout import LABEL_PREFIX
 
 log = logging.getLogger("selfllm")
 
-OFFICIAL_BASE = "nvidia/cuda:12.1.1-runtime-ubuntu22.04"
 DOCKER_HUB = "registry-1.docker.io"
 LOCAL_BASE = "selfllm/local-base:bookworm"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -67,22 +66,23 @@ def registry_reachable(client: docker.DockerClient, timeout_s: float = 5.0) -> b
         return False
 
 
-def choose_base(client: docker.DockerClient, mode: str) -> BaseChoice:
-    """mode: official | local | auto (official when it is present or can be pulled, else local)."""
+def choose_base(client: docker.DockerClient, mode: str, official: str) -> BaseChoice:
+    """What a CUDA base (base-images/<base>/base.yaml) builds on: its official image, or the local stand-in, which
+    serves every base alike. mode: official | local | auto (official when present or pullable, else local)."""
     if mode == "official":
-        return BaseChoice(OFFICIAL_BASE, "--base official")
+        return BaseChoice(official, "--base official")
     if mode == "local":
         return BaseChoice(ensure_local_base(client), "--base local")
-    if _image_present(client, OFFICIAL_BASE):
-        return BaseChoice(OFFICIAL_BASE, "present in the engine")
+    if _image_present(client, official):
+        return BaseChoice(official, "present in the engine")
     if not registry_reachable(client):
-        return BaseChoice(ensure_local_base(client), f"{OFFICIAL_BASE} not present and {DOCKER_HUB} unreachable")
+        return BaseChoice(ensure_local_base(client), f"{official} not present and {DOCKER_HUB} unreachable")
     try:
-        client.images.pull(OFFICIAL_BASE)
-        return BaseChoice(OFFICIAL_BASE, "pulled from its registry")
+        client.images.pull(official)
+        return BaseChoice(official, "pulled from its registry")
     except DockerException as exc:
         first_line = str(exc).splitlines()[0][:160]
-        return BaseChoice(ensure_local_base(client), f"{OFFICIAL_BASE} can't be pulled ({first_line})")
+        return BaseChoice(ensure_local_base(client), f"{official} can't be pulled ({first_line})")
 
 
 def trust_host_bundle(rootfs: Path, ca_bundle: Path) -> None:

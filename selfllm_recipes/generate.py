@@ -32,7 +32,7 @@ class GeneratedFile:
     sources: tuple[Path, ...]  # the inputs it is made from
 
 
-SHARED_README_PARTS = ("access.md.j2", "settings.md.j2", "vram.md.j2")  # macros the README templates import
+SHARED_README_PARTS = ("access.md.j2", "lanes.md.j2", "settings.md.j2", "vram.md.j2")  # macros the README templates import
 SETTINGS_SOURCE = REPO_ROOT / "runtime" / "selfllm_runtime" / "settings.py"  # the READMEs' settings tables
 
 
@@ -54,7 +54,9 @@ def own_lock_input(recipe_dir: Path, lock_name: str) -> Path:
 
 
 def lock_names(recipe: Recipe) -> list[str]:
-    return [LOCK_FILE] + ([recipe.cpu_variant.lock] if recipe.cpu_variant else [])
+    """Its locks: the default build's, the CPU variant's, each lane's."""
+    return [LOCK_FILE] + ([recipe.cpu_variant.lock] if recipe.cpu_variant else []) + [
+        lane.lock for lane in recipe.lanes.values()]
 
 
 def vram_table(family: ModelFamily, task: TaskKind, lang: str) -> str:
@@ -73,10 +75,13 @@ def vram_table(family: ModelFamily, task: TaskKind, lang: str) -> str:
 
 
 def pinned_versions(task_dir: Path, recipe: Recipe) -> dict[str, dict[str, str]]:
-    """{"gpu": {package: version}, "cpu": {...}} from the task kind's locks, for the README's version lines."""
+    """{"gpu": {package: version}, "cpu": {...}, <lane>: {...}} from the task kind's locks, for the README's version
+    lines."""
     found = {"gpu": {p.key: p.version for p in parse_lock(task_dir / LOCK_FILE)}, "cpu": {}}
     if recipe.cpu_variant is not None:
         found["cpu"] = {p.key: p.version for p in parse_lock(task_dir / recipe.cpu_variant.lock)}
+    for name, lane in recipe.lanes.items():
+        found[name] = {p.key: p.version for p in parse_lock(task_dir / lane.lock)}
     return found
 
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import tarfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from selfllm_runtime.metadata import MODEL_FILE, TASK_FILE, MetadataError
 
 from .discover import RecipeSpec
-from .layout import CUDA_BASE_DIR, IMAGE_PREFIX, RUNTIME_DIR, TASKS_DIR
+from .layout import CUDA_BASE_DIR, DEFAULT_BASE, IMAGE_PREFIX, RUNTIME_DIR, TASKS_DIR
 from .runtime_closure import task_context_files
 
 IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
@@ -143,44 +144,81 @@ def digest(node: ImageNode, parent_hashes: list[str], external: str = "") -> str
 PIP_BUILD_ARGS = frozenset({"PIP_INDEX_URL"})
 
 
+DEFAULT_LANE = "default"  # the default GPU build (tag latest; its CPU variant, tag cpu, on an engine without GPU)
+
+
+def lane_key(recipe_key: str, lane: str) -> str:
+    """A build's node key (and report row): the recipe's for the default build, `<recipe>:<lane>` for a lane's."""
+    return recipe_key if lane == DEFAULT_LANE else f"{recipe_key}:{lane}"
+
+
+def recipe_of(node_key: str) -> str:
+    """The recipe key of a recipe node's key (lane_key's inverse)."""
+    return node_key.split(":", 1)[0]
+
+
+def _base_node(name: str, dockerfile: Path, image: str, image_id: str, args: dict[str, str]) -> ImageNode:
+    # The default base keeps its key "base"; a lane's base is "base/<name>". Only the Dockerfile is the context.
+    key = "base" if name == DEFAULT_BASE else f"base/{name}"
+    node = ImageNode(key, NodeKind.base, f"{IMAGE_PREFIX}/base:{name}", {"Dockerfile": dockerfile},
+                     buildargs={"BASE_IMAGE": image, **args})
+    node.input_hash = digest(node, [], image_id)
+    return node
+
+
 def plan_images(recipes: list[RecipeSpec], base_image: str, base_image_id: str, extra_args: dict[str, str],
-                cpu: bool = False) -> list[ImageNode]:
+                cpu: bool = False, lanes: Sequence[str] = (DEFAULT_LANE,),
+                lane_bases: Mapping[str, tuple[str, str]] | None = None) -> list[ImageNode]:
     """Nodes in build order (parents first); only what the selected recipes need. cpu: build a
-    recipe's CPU variant (tag :cpu) instead of its GPU build where it declares one. extra_args:
-    PIP_BUILD_ARGS go to every build that runs pip (stacks, recipes), the others (HF_ENDPOINT) to the base."""
+    recipe's CPU variant (tag :cpu) instead of its GPU build where it declares one. lanes: the builds to make of
+    each recipe: `default` (tag latest, or the CPU variant), and each lane of task.yaml `lanes:` named (or `all`)
+    that the recipe has (tag :<lane>; always the GPU build, on the lane's own base and stack). lane_bases: base
+    folder → (image, image id) a lane's base builds on; a base not there builds on base_image (the local stand-in
+    serves every base alike). extra_args: PIP_BUILD_ARGS go to every build that runs pip (stacks, recipes), the
+    others (HF_ENDPOINT) to the bases."""
     pip_args = {k: v for k, v in extra_args.items() if k in PIP_BUILD_ARGS}
     base_args = {k: v for k, v in extra_args.items() if k not in PIP_BUILD_ARGS}
-    base = ImageNode("base", NodeKind.base, f"{IMAGE_PREFIX}/base:cuda12.1", folder_files(CUDA_BASE_DIR),
-                     buildargs={"BASE_IMAGE": base_image, **base_args})
-    base.input_hash = digest(base, [], base_image_id)
-    nodes: dict[str, ImageNode] = {"base": base}
+    wanted = lambda lane: "all" in lanes or lane in lanes  # noqa: E731
+    # (lane, recipe, base folder, base Dockerfile, stack, build args, tag) of every build asked for
+    builds = []
     for spec in recipes:
-        stack_spec = spec.variant(cpu)[0]
+        if wanted(DEFAULT_LANE):
+            stack_spec, _lock, variant_args = spec.variant(cpu)
+            tag = f"{spec.image}:{'latest' if stack_spec is spec.stack else 'cpu'}"
+            builds.append((DEFAULT_LANE, spec, DEFAULT_BASE, CUDA_BASE_DIR / "Dockerfile", stack_spec, variant_args, tag))
+        builds += [(name, spec, lane.base.name, lane.base.dockerfile, lane.stack, lane.build_args(), f"{spec.image}:{name}")
+                   for name, lane in spec.lanes.items() if wanted(name)]
+    nodes: dict[str, ImageNode] = {}
+    for _lane, _spec, base_name, dockerfile, _stack, _args, _tag in builds:
+        image, image_id = (lane_bases or {}).get(base_name, (base_image, base_image_id))
+        base = _base_node(base_name, dockerfile, image, image_id, base_args)
+        nodes.setdefault(base.key, base)
+    for _lane, _spec, base_name, _dockerfile, stack_spec, _args, _tag in builds:
         stack_key = f"stack/{stack_spec.name}"
         if stack_key not in nodes:
+            base = nodes["base" if base_name == DEFAULT_BASE else f"base/{base_name}"]
             wheels = local_wheels(stack_spec.pins)
             stack = ImageNode(stack_key, NodeKind.stack, f"{IMAGE_PREFIX}/stack:{stack_spec.name}",
                               folder_files(stack_spec.dir) | {"Dockerfile": stack_spec.dockerfile} | wheels
                               | local_sources(stack_spec.dir),
-                              parents=["base"],
+                              parents=[base.key],
                               buildargs={"BASE_IMAGE": base.tag, **pip_args,
                                          **({"FIND_LINKS": "/opt/selfllm/stack"} if wheels else {})})
             stack.input_hash = digest(stack, [base.input_hash])
             nodes[stack_key] = stack
-    for spec in recipes:
-        runtime = ImageNode(f"runtime/{spec.key}", NodeKind.runtime, runtime_tag(spec), runtime_files(spec))
-        runtime.input_hash = digest(runtime, [])
-        nodes[runtime.key] = runtime
-    for spec in recipes:
+    for _lane, spec, *_ in builds:
+        if f"runtime/{spec.key}" not in nodes:
+            runtime = ImageNode(f"runtime/{spec.key}", NodeKind.runtime, runtime_tag(spec), runtime_files(spec))
+            runtime.input_hash = digest(runtime, [])
+            nodes[runtime.key] = runtime
+    for lane, spec, _base, _dockerfile, stack_spec, build_args, tag in builds:
         runtime = nodes[f"runtime/{spec.key}"]
-        stack_spec, _lock, variant_args = spec.variant(cpu)
         stack = nodes[f"stack/{stack_spec.name}"]
-        tag = f"{spec.image}:{'latest' if stack_spec is spec.stack else 'cpu'}"
         # The README is documentation: editing it must not rebuild or re-test an image.
         files = {name: path for name, path in folder_files(spec.dir).items() if name != "README.md"}
-        node = ImageNode(spec.key, NodeKind.recipe, tag, files,
+        node = ImageNode(lane_key(spec.key, lane), NodeKind.recipe, tag, files,
                          parents=[stack.key, runtime.key],
-                         buildargs={"STACK_IMAGE": stack.tag, "RUNTIME_IMAGE": runtime.tag, **pip_args, **variant_args})
+                         buildargs={"STACK_IMAGE": stack.tag, "RUNTIME_IMAGE": runtime.tag, **pip_args, **build_args})
         node.input_hash = digest(node, [stack.input_hash, runtime.input_hash])
-        nodes[spec.key] = node
+        nodes[node.key] = node
     return list(nodes.values())

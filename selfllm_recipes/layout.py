@@ -8,7 +8,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # SELFLLM_RECIPES_DIR points the builder at another recipes tree (tests use a temporary one).
 RECIPES_DIR = Path(os.environ.get("SELFLLM_RECIPES_DIR") or REPO_ROOT / "recipes").resolve()
 BASE_IMAGES_DIR = REPO_ROOT / "base-images"
-CUDA_BASE_DIR = BASE_IMAGES_DIR / "cuda12.1"
+DEFAULT_BASE = "cuda12.1"  # the CUDA base of every recipe's default build; a lane (task.yaml lanes:) names its own
+CUDA_BASE_DIR = BASE_IMAGES_DIR / DEFAULT_BASE
+BASE_FILE = "base.yaml"  # base-images/<base>/base.yaml: the official image it builds on and its Python (CudaBase)
 STACKS_DIR = BASE_IMAGES_DIR / "stacks"
 # The Dockerfile of every stack folder that has none of its own (the CUDA torch stacks: they differ only in their lock).
 SHARED_STACK_DOCKERFILE = STACKS_DIR / "Dockerfile"

@@ -60,6 +60,7 @@ def recipe_inputs(spec: RecipeSpec) -> list[str]:
     code = [rel(spec.model_dir) + spec.family.remote_code.folder + "/"] if spec.family.remote_code else []
     return ([rel(spec.dir), rel(spec.model_dir) + "model.yaml", rel(spec.model_dir) + spec.family.chat_template, *code,
              f"tasks/{task.value}/", rel(spec.stack.dir)] + ([rel(spec.cpu_stack.dir)] if spec.cpu_stack else [])
+            + [rel(folder) for lane in spec.lanes.values() for folder in (lane.stack.dir, lane.base.dir)]
             + [rel(p).rstrip("/") for p in sorted(task_files(task))]
             + [rel(p).rstrip("/") for p in check_files(task.value)])
 

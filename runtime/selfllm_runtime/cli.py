@@ -24,7 +24,7 @@ from pathlib import Path
 from .access import check_port_free
 from .chat_template import choose_chat_template
 from .context import RUNTIME_ROOT, RecipeContext, load_context
-from .metadata import TASK_FILE, TASK_NAME, MetadataError, kind_info, tasks_root
+from .metadata import TASK_FILE, TASK_NAME, MetadataError, build_line, kind_info, tasks_root
 from .model_source import ModelNotFound, model_request, request_from_env, resolve_model
 from .remote_code import RemoteCodeMismatch, shipped_model_dir
 from .settings import AccessSettings, SettingsError, TemplateSettings, explain, task_settings
@@ -41,6 +41,8 @@ def task_module(context: RecipeContext):
 def cmd_start(args: argparse.Namespace) -> int:
     context = load_context(args.recipe)
     settings = context.settings()  # every task setting is checked before anything is downloaded
+    logging.getLogger("selfllm").info("selfllm: %s, %s", context.recipe.model + "/" + context.recipe.task.value,
+                                      build_line(context.recipe, context.recipe_dir))
     if isinstance(settings, AccessSettings):  # a server: its port must be free (PORT), before any download
         check_port_free(*settings.address(context.recipe))
     module = task_module(context)
@@ -92,8 +94,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
     context = load_context(args.recipe)
     rows = explain(task_settings(context.recipe.task), context.recipe, context.family)
     width = max(len(name) for name, _, _ in rows)
-    print(f"# {context.recipe.model}/{context.recipe.task.value}: value (from flag > environment > recipe env: > "
-          "model.yaml > default)")
+    print(f"# {context.recipe.model}/{context.recipe.task.value} ({build_line(context.recipe, context.recipe_dir)}): "
+          "value (from flag > environment > recipe env: > model.yaml > default)")
     for name, value, layer in rows:
         print(f"{name.ljust(width)}  {value or '—'}  ({layer})")
     return 0

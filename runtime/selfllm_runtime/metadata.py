@@ -636,15 +636,32 @@ class ModelFamily(Strict):
         return _ceil_half(self.parameters_b.weights_gb(quantization, full_bytes) + room)
 
 
+# The oldest Linux driver of each CUDA major release's minor-version compatibility (NVIDIA's CUDA Compatibility
+# guide): a wheel built with any 12.x runs on >= 525, any 13.x on >= 580.
+MIN_DRIVER_OF_CUDA = {12: 525, 13: 580}
+
+
 class CudaNeeds(Strict):
     """The CUDA release of a stack's torch wheels (they bring their own CUDA libraries) and the NVIDIA
     driver they need; a test holds `cuda` to the stack lock's nvidia-cuda-runtime pin."""
 
-    cuda: str = Field(pattern=r"^12\.\d+$", description="CUDA release of the wheels, e.g. 12.8")
+    cuda: str = Field(pattern=r"^1[23]\.\d+$", description="CUDA release of the wheels, e.g. 12.8 or 13.0")
     min_driver: str = Field(pattern=r"^\d+\.\d+(\.\d+)?$",
-                            description="the oldest Linux driver that runs them (CUDA 12 minor-version compatibility)")
+                            description="the oldest Linux driver that runs them (minor-version compatibility of "
+                            "their CUDA major release: 12.x from 525, 13.x from 580)")
     release_driver: str = Field(pattern=r"^\d+\.\d+(\.\d+)?$",
                                 description="the driver of that CUDA release itself (every feature, PTX JIT included)")
+
+    @property
+    def major(self) -> int:
+        return int(self.cuda.split(".")[0])
+
+    @model_validator(mode="after")
+    def _driver_of_its_major(self) -> "CudaNeeds":
+        floor = MIN_DRIVER_OF_CUDA[self.major]
+        if int(self.min_driver.split(".")[0]) < floor:
+            raise ValueError(f"min_driver {self.min_driver} is older than CUDA {self.major}.x runs on (driver >= {floor})")
+        return self
 
 
 class GpuNeeds(Strict):
@@ -695,6 +712,44 @@ class CpuVariant(Strict):
     lock_exclude: list[str] = Field([], description="packages the resolver pulls in that must not be installed")
 
 
+class Bilingual(Strict):
+    """A short text for the READMEs and the catalogue, in Chinese (first) and English."""
+
+    zh: str = Field(min_length=1)
+    en: str = Field(min_length=1)
+
+
+LANE_NAME = r"^[a-z][a-z0-9]*$"
+# Tags a lane can't take: the default GPU build's and the CPU variant's.
+RESERVED_TAGS = ("latest", "cpu")
+
+
+class GpuLane(Strict):
+    """task.yaml `lanes.<name>`: another GPU build of every recipe of the kind beside its default one, with its own
+    base, stack and lock, tagged `:<name>` (selfllm/qwen3-vllm:cu13) where the default build is `latest`: a newer
+    engine for the newer drivers that run it, so a user picks the tag by driver. recipe.yaml `lanes:` names the
+    lanes a recipe is built in (all of its task's by default)."""
+
+    base: str = Field(pattern=r"^[\w.-]+$", description="folder under base-images/ of its CUDA base")
+    stack: str = Field(pattern=r"^[\w.-]+$", description="folder under base-images/stacks/ of its torch stack")
+    lock: str = Field(pattern=r"^requirements-[\w.-]+\.lock$",
+                      description="its lock beside recipe.yaml; the hand-edited input has the same name with .in")
+    lock_platform: str | None = Field(None, pattern=r"^x86_64-manylinux_2_\d+$",
+                                      description="uv's --python-platform of its locks; none: the kind's")
+    cuda: CudaNeeds = Field(description="what its stack's CUDA wheels need: the driver a user must have for this tag")
+    engine: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$",
+                        description="the package (a key of the lock) whose pinned version names what the lane serves")
+    adds: Bilingual = Field(description="what this tag brings over the default one, for the READMEs and catalogue")
+
+
+def _lane_names(lanes: dict[str, Any]) -> dict[str, Any]:
+    for name in lanes:
+        if not re.match(LANE_NAME, name) or name in RESERVED_TAGS:
+            raise ValueError(f"lane {name!r}: a lane is named as its image tag, lowercase letters and digits "
+                             f"(e.g. cu13), and not {' or '.join(RESERVED_TAGS)}")
+    return lanes
+
+
 class TaskDefaults(Strict):
     """tasks/<task>/task.yaml: the defaults of every recipe of one task kind."""
 
@@ -707,7 +762,10 @@ class TaskDefaults(Strict):
     smoke: SmokeSettings = SmokeSettings()
     smoke_model: SmokeModelShape | None = None
     cpu_variant: CpuVariant | None = None
+    lanes: dict[str, GpuLane] = Field({}, description="GPU builds besides the default one, by tag (GpuLane)")
     env: dict[str, str] = {}
+
+    _lanes_are_tags = field_validator("lanes")(_lane_names)
 
 
 class RecipeOverrides(Strict):
@@ -725,6 +783,8 @@ class RecipeOverrides(Strict):
     smoke: SmokeSettings | None = None
     smoke_model: SmokeModelShape | None = None
     cpu_variant: CpuVariant | None = None
+    lanes: list[str] | None = Field(None, description="the task's lanes this recipe is built in (default: all of "
+                                    "them); [] leaves it in the default build only")
     env: dict[str, str] | None = None
 
 
@@ -743,6 +803,7 @@ class Recipe(Strict):
     smoke: SmokeSettings = SmokeSettings()
     smoke_model: SmokeModelShape | None = Field(None, description="overrides the family's smoke shape for this task")
     cpu_variant: CpuVariant | None = None
+    lanes: dict[str, GpuLane] = Field({}, description="its GPU builds besides the default one, by tag")
     env: dict[str, str] = {}
 
     @field_validator("contributors")
@@ -840,6 +901,12 @@ def merge_recipe(path: Path, task: TaskDefaults, family: ModelFamily, own: Recip
         "contributors": family.credits(own.task),
     }
     given = own.model_dump(exclude_none=True, exclude_unset=True)
+    if "lanes" in given:  # recipe.yaml names which of its task's lanes it is built in
+        unknown = [name for name in given["lanes"] if name not in task.lanes]
+        if unknown:
+            raise MetadataError(path, "lanes", f"{unknown[0]!r}: task kind {own.task.value!r} has no such lane "
+                                f"(its lanes: {', '.join(task.lanes) or 'none'})")
+        fields["lanes"] = {name: fields["lanes"][name] for name in given.pop("lanes")}
     if "smoke" in given:  # a recipe's smoke settings add to its task's (timeout_s stays unless given)
         given["smoke"] = {**fields.get("smoke", {}), **given["smoke"]}
     fields |= given
@@ -861,6 +928,42 @@ def load_recipe(recipe_dir: Path, recipes_dir: Path | None = None, tasks_dir: Pa
     path = recipe_dir / RECIPE_FILE
     task = load_task_defaults(tasks_dir, own.task, path)
     return merge_recipe(path, task, load_family(recipes_dir / own.model), own)
+
+
+def locked_version(lock: Path, package: str) -> str | None:
+    """The version a lock pins `package` at (its first `name==version` line), None where it doesn't or is missing."""
+    if not lock.is_file():
+        return None
+    found = re.search(rf"^{re.escape(package)}==([^\s;\\]+)", lock.read_text(encoding="utf-8"), re.MULTILINE | re.IGNORECASE)
+    return found.group(1) if found else None
+
+
+def installed_lane(recipe: Recipe, recipe_dir: Path) -> str | None:
+    """The lane (task.yaml `lanes:`) whose build this Python environment holds: the one whose lock beside recipe.yaml
+    pins its engine at the installed version; None for the default build (tag latest) or the CPU variant."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name, lane in recipe.lanes.items():
+        try:
+            installed = version(lane.engine)
+        except PackageNotFoundError:
+            continue
+        if installed == locked_version(Path(recipe_dir) / lane.lock, lane.engine):
+            return name
+    return None
+
+
+def build_line(recipe: Recipe, recipe_dir: Path) -> str:
+    """What `selfllm start` says of the build it runs in: its image tag and the NVIDIA driver that tag needs."""
+    lane = installed_lane(recipe, recipe_dir)
+    if lane is None:
+        cuda = recipe.gpu.cuda
+        needs = f": CUDA {cuda.cuda} wheels, NVIDIA driver >= {cuda.min_driver} on GPU" if cuda else ""
+        others = f" (other tags: {', '.join(recipe.lanes)})" if recipe.lanes else ""
+        return f"default build (tag latest, or the cpu variant){needs}{others}"
+    chosen = recipe.lanes[lane]
+    return (f"lane {lane} (tag :{lane}): {chosen.engine} {locked_version(Path(recipe_dir) / chosen.lock, chosen.engine)}, "
+            f"CUDA {chosen.cuda.cuda} wheels, NVIDIA driver >= {chosen.cuda.min_driver}")
 
 
 def chat_template_text(model_dir: Path, family: ModelFamily) -> str:
