@@ -16,7 +16,7 @@ import re
 import requests
 
 from .checks import SMOKE_MODEL_DIR, SYSTEM, SmokeCheck, SmokeSession, expect, family_of, recipe_context, start_on_smoke_model
-from .task_vllm import image_tokens_per_image, png_data_url
+from .task_vllm import image_tokens_per_image, verify_images
 
 SERVING_LINE = re.compile(r"selfllm: serving with sglang (?P<version>\S+) on (?P<device>CPU|GPU)")
 # What the constrained answer's thinking and answer are made of: short runs of ASCII letters, which any byte-level
@@ -77,16 +77,8 @@ def verify_reasoning(session: SmokeSession, model: str, markers: tuple[str, str,
     return f"; {raw!r} split into reasoning_content {thought!r} and content {answer!r}"
 
 
-def ask_with_image(session: SmokeSession, model: str, image: str | None) -> dict:
-    """One greedy token with its top logprobs; the same text, with or without an image."""
-    content: list[dict] = [{"type": "text", "text": "这张图片里有什么？"}]
-    if image is not None:
-        content.insert(0, {"type": "image_url", "image_url": {"url": image}})
-    response = requests.post(session.base_url + "/v1/chat/completions", timeout=300, json={
-        "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0,
-        "logprobs": True, "top_logprobs": 5})
-    expect(response.status_code == 200, f"a request with an image got {response.status_code}: {response.text[:300]}")
-    return response.json()
+# SGLang returns no prompt logprobs in chat completions: the first output token's top logprobs tell images apart.
+TOP_LOGPROBS = {"logprobs": True, "top_logprobs": 5}
 
 
 def output_fingerprint(answer: dict) -> tuple[tuple[str, float], ...]:
@@ -95,21 +87,6 @@ def output_fingerprint(answer: dict) -> tuple[tuple[str, float], ...]:
     content = (answer["choices"][0].get("logprobs") or {}).get("content") or []
     expect(bool(content) and bool(content[0].get("top_logprobs")), f"no top_logprobs came back: {str(answer)[:300]}")
     return tuple((entry["token"], round(entry["logprob"], 4)) for entry in content[0]["top_logprobs"])
-
-
-def verify_images(session: SmokeSession, model: str, image_tokens: int) -> str:
-    text_only = ask_with_image(session, model, None)
-    first, second = png_data_url((220, 30, 30)), png_data_url((30, 30, 220))
-    with_first, again = ask_with_image(session, model, first), ask_with_image(session, model, first)
-    with_second = ask_with_image(session, model, second)
-    grown = with_first["usage"]["prompt_tokens"] - text_only["usage"]["prompt_tokens"]
-    expect(grown >= image_tokens, f"the image added {grown} prompt tokens, fewer than its {image_tokens} image tokens")
-    expect(output_fingerprint(with_first) == output_fingerprint(again), "the same image twice gave different logprobs")
-    expect(output_fingerprint(with_first) != output_fingerprint(with_second),
-           "two different images gave the same logprobs: the model does not see the image")
-    return (f"; an image_url (PNG data: URL): 200, prompt {text_only['usage']['prompt_tokens']} → "
-            f"{with_first['usage']['prompt_tokens']} tokens (+{grown}, at least {image_tokens} expected), two images "
-            f"give different first-token logprobs, one image twice the same")
 
 
 def thinking_in_content(recipe_key: str, content: str, reasoning: str, streamed: str) -> str:
@@ -151,7 +128,8 @@ def verify_sglang(session: SmokeSession) -> str:
     markers = reasoning_markers(session.recipe_key)
     split = verify_reasoning(session, name, markers) if markers is not None else ""
     image_tokens = image_tokens_per_image(session.recipe_key)
-    split += verify_images(session, name, image_tokens) if image_tokens is not None else ""
+    split += verify_images(session, name, image_tokens, output_fingerprint, TOP_LOGPROBS,
+                           "first-token logprobs") if image_tokens is not None else ""
     split += thinking_in_content(session.recipe_key, message.content or "", reasoning, streamed)
     return (f"served by {served_by(session.logs())} as {name}: chat completion (system + user) answered "
             f"{len(message.content or '')} chars of content + {len(reasoning)} of reasoning ({tokens} tokens), "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+from collections.abc import Callable
 
 import requests
 
@@ -46,15 +47,20 @@ def png_data_url(color: tuple[int, int, int], size: int = 96) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def ask_with_image(session: SmokeSession, model: str, image: str | None, kind: str = "image") -> dict:
-    """One chat completion (1 token, greedy) with the prompt's logprobs; the same text, with or without an image
-    (or a video: kind "video")."""
+# What a request asks for to see what the model made of its prompt: vLLM's prompt logprobs.
+PROMPT_LOGPROBS = {"prompt_logprobs": 0}
+
+
+def ask_with_image(session: SmokeSession, model: str, image: str | None, kind: str = "image",
+                   logprobs: dict = PROMPT_LOGPROBS) -> dict:
+    """One chat completion (1 token, greedy) with `logprobs` (the prompt's by default); the same text, with or without
+    an image (or a video: kind "video")."""
     content: list[dict] = [{"type": "text", "text": "这张图片里有什么？"}]
     if image is not None:
         content.insert(0, {"type": f"{kind}_url", f"{kind}_url": {"url": image}})
     response = requests.post(session.base_url + "/v1/chat/completions", timeout=300, json={
         "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0,
-        "prompt_logprobs": 0})
+        **logprobs})
     expect(response.status_code == 200, f"a request with a{'n image' if kind == 'image' else ' video'} got "
            f"{response.status_code}: {response.text[:300]}")
     return response.json()
@@ -69,23 +75,26 @@ def prompt_fingerprint(answer: dict) -> tuple[float, ...]:
                  for _, value in sorted(entry.items()))
 
 
-def verify_images(session: SmokeSession, model: str, image_tokens: int) -> str:
+def verify_images(session: SmokeSession, model: str, image_tokens: int,
+                  fingerprint: Callable[[dict], tuple] = prompt_fingerprint, logprobs: dict = PROMPT_LOGPROBS,
+                  what: str = "prompt logprobs") -> str:
     """A family that takes images: an OpenAI image_url (a generated PNG as a data: URL) gets 200, the prompt grows by
-    the image's tokens, and the model sees the image: two images give different prompt logprobs, one image twice the
-    same."""
-    text_only = ask_with_image(session, model, None)
+    the image's tokens, and the model sees the image: two images give different `what` (the engine's `fingerprint` of
+    an answer asked with `logprobs`), one image twice the same."""
+    def ask(image: str | None) -> dict:
+        return ask_with_image(session, model, image, logprobs=logprobs)
+
+    text_only = ask(None)
     first, second = png_data_url((220, 40, 30)), png_data_url((20, 60, 230))
-    with_first = ask_with_image(session, model, first)
-    again = ask_with_image(session, model, first)
-    with_second = ask_with_image(session, model, second)
+    with_first, again, with_second = ask(first), ask(first), ask(second)
     grown = with_first["usage"]["prompt_tokens"] - text_only["usage"]["prompt_tokens"]
     expect(grown >= image_tokens, f"the image added {grown} prompt tokens, fewer than its {image_tokens} image tokens")
-    expect(prompt_fingerprint(with_first) == prompt_fingerprint(again), "the same image twice gave different prompt logprobs")
-    expect(prompt_fingerprint(with_first) != prompt_fingerprint(with_second),
-           "two different images gave the same prompt logprobs: the model does not see the image")
+    expect(fingerprint(with_first) == fingerprint(again), f"the same image twice gave different {what}")
+    expect(fingerprint(with_first) != fingerprint(with_second),
+           f"two different images gave the same {what}: the model does not see the image")
     return (f"; an image_url (PNG data: URL): 200, prompt {text_only['usage']['prompt_tokens']} → "
             f"{with_first['usage']['prompt_tokens']} tokens (+{grown} for the image, at least {image_tokens} "
-            f"expected), two images give different prompt logprobs, one image twice the same")
+            f"expected), two images give different {what}, one image twice the same")
 
 
 def verify_videos(session: SmokeSession, model: str) -> str:
