@@ -306,12 +306,13 @@ def cmd_matrix(args: argparse.Namespace, console: Console) -> int:
     client = connect()
     gpu = {"on": True, "off": False}.get(args.gpu, has_nvidia_runtime(client))
     default = default_base()
-    base = choose_base(client, args.base, default.image)
+    # A GPU build's stand-in has the base's python3 (its locks); the CPU variants' has Debian 12's (theirs).
+    base = choose_base(client, args.base, default.image, default.python if gpu else None)
     log.info("CUDA base: %s (%s)", base.image, base.reason)
     lane_bases = {}  # the lanes' own bases: their official image, or the same stand-in
     for lane_base in {lane.base.name: lane.base for spec in recipes for name, lane in spec.lanes.items()
                       if lane_asked(lanes, name)}.values():
-        choice = choose_base(client, args.base, lane_base.image)
+        choice = choose_base(client, args.base, lane_base.image, lane_base.python)
         log.info("CUDA base of %s: %s (%s)", lane_base.name, choice.image, choice.reason)
         lane_bases[lane_base.name] = (choice.image, client.images.get(choice.image).id)
     nodes = plan_images(recipes, base.image, client.images.get(base.image).id, extra, cpu=not gpu, lanes=lanes,

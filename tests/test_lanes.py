@@ -256,3 +256,28 @@ def test_lock_command_locks_a_lane_for_its_base_python_against_its_stack(monkeyp
     every = _lock_calls(monkeypatch)
     assert {("vllm", LOCK_FILE), ("vllm", "requirements-cpu.lock"), ("vllm", "requirements-cu13.lock")} <= set(every)
     assert set(_lock_calls(monkeypatch, "--lane", "default")) == set(every) - set(lane)
+
+
+def test_every_base_has_a_stand_in_of_its_python():
+    """Offline, a GPU build's base stands in on a release whose python3 is the base's (the locks are resolved for
+    it: Ubuntu 22.04 for cuda12.1's 3.10, 24.04 for cuda13.0's 3.12); the CPU variants' stays Debian 12's 3.11."""
+    from selfllm_recipes.engine import DEBIAN_MIRROR, UBUNTU_MIRROR, debootstrap_command, stand_in_for
+
+    for name, suite in (("cuda12.1", "jammy"), ("cuda13.0", "noble")):
+        base = load_base(name, BASE_IMAGES_DIR / name)
+        stand_in = stand_in_for(base.python)
+        assert stand_in.suite == suite and stand_in.image == f"selfllm/local-base:{suite}"
+        assert debootstrap_command(stand_in, Path("/tmp/rootfs"), Path("/k.gpg")) == [
+            "debootstrap", "--variant=minbase", "--keyring=/k.gpg", suite, "/tmp/rootfs", UBUNTU_MIRROR,
+            "/usr/share/debootstrap/scripts/gutsy"]
+    cpu = stand_in_for(None)
+    assert (cpu.suite, cpu.python, cpu.image) == ("bookworm", "3.11", "selfllm/local-base:bookworm")
+    assert debootstrap_command(cpu, Path("/tmp/rootfs"), None) == [
+        "debootstrap", "--variant=minbase", "bookworm", "/tmp/rootfs", DEBIAN_MIRROR]
+
+
+def test_a_python_without_a_stand_in_is_named():
+    from selfllm_recipes.engine import EngineError, stand_in_for
+
+    with pytest.raises(EngineError, match=r"Python 3\.9 \(base\.yaml `python`\)"):
+        stand_in_for("3.9")
