@@ -22,6 +22,7 @@ DOCKER_HUB = "registry-1.docker.io"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 DEBIAN_MIRROR = os.environ.get("SELFLLM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 UBUNTU_MIRROR = os.environ.get("SELFLLM_UBUNTU_MIRROR", "http://archive.ubuntu.com/ubuntu")
+UBUNTU_COMPONENTS = "main,restricted,universe,multiverse"
 # Ubuntu's archive keys (2012: 790B C727 7767 219C 42C8 6F93 3B4F E6AC C0B2 1F32, 2018: F6EC B376 2474 EDA9 D21B 7022
 # 8719 20D1 991B C93C, which signs jammy and noble), as jammy's ubuntu-keyring package ships them; pinned by sha256.
 UBUNTU_KEYRING_DEB = ("pool/main/u/ubuntu-keyring/ubuntu-keyring_2021.03.26_all.deb",
@@ -160,8 +161,9 @@ def debootstrap_command(stand_in: StandIn, rootfs: Path, keyring: Path | None) -
     if not stand_in.ubuntu:
         return ["debootstrap", "--variant=minbase", stand_in.suite, str(rootfs), DEBIAN_MIRROR]
     # Ubuntu's releases since gutsy share one debootstrap script (a Debian 12 host's debootstrap predates noble).
-    return ["debootstrap", "--variant=minbase", f"--keyring={keyring}", stand_in.suite, str(rootfs), UBUNTU_MIRROR,
-            "/usr/share/debootstrap/scripts/gutsy"]
+    # The components the official CUDA images enable (noble's python3-venv is in universe).
+    return ["debootstrap", "--variant=minbase", f"--keyring={keyring}", f"--components={UBUNTU_COMPONENTS}",
+            stand_in.suite, str(rootfs), UBUNTU_MIRROR, "/usr/share/debootstrap/scripts/gutsy"]
 
 
 def ensure_local_base(client: docker.DockerClient, stand_in: StandIn = CPU_STAND_IN,

@@ -268,7 +268,8 @@ def test_every_base_has_a_stand_in_of_its_python():
         stand_in = stand_in_for(base.python)
         assert stand_in.suite == suite and stand_in.image == f"selfllm/local-base:{suite}"
         assert debootstrap_command(stand_in, Path("/tmp/rootfs"), Path("/k.gpg")) == [
-            "debootstrap", "--variant=minbase", "--keyring=/k.gpg", suite, "/tmp/rootfs", UBUNTU_MIRROR,
+            "debootstrap", "--variant=minbase", "--keyring=/k.gpg", "--components=main,restricted,universe,multiverse",
+            suite, "/tmp/rootfs", UBUNTU_MIRROR,
             "/usr/share/debootstrap/scripts/gutsy"]
     cpu = stand_in_for(None)
     assert (cpu.suite, cpu.python, cpu.image) == ("bookworm", "3.11", "selfllm/local-base:bookworm")
