@@ -54,7 +54,9 @@ SERVE_CODE = "; ".join([
     "from selfllm_runtime.tasks.evaluation import serve",
     "ctx = load_context()",
     "settings = ctx.settings(EvalSettings)",
-    "served = serve(ctx, settings.model_path, settings).__enter__()",
+    # held in a name: a context manager left to the garbage collector closes its generator, which stops the server
+    "running = serve(ctx, settings.model_path, settings)",
+    "served = running.__enter__()",
     f"Path('{URL_FILE}').write_text(served.base_url)",
     "time.sleep(86400)",
 ])
