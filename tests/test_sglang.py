@@ -96,21 +96,25 @@ def test_a_bad_setting_is_named(context, env, named):
 
 
 def test_run_execs_the_server_with_the_cpu_engine_on_the_cpu_build_only(context, monkeypatch, tmp_path: Path):
-    """run(): SGLANG_USE_CPU_ENGINE=1 (SGLang's CPU platform) for the CPU build, not for the GPU build; the logged
-    command line hides the API key."""
+    """run(): SGLANG_USE_CPU_ENGINE=1 (SGLang's CPU platform) and eager ops (TORCHDYNAMO_DISABLE=1: no C++ compiler
+    for inductor in the image) for the CPU build, not for the GPU build; the logged command line hides the API key."""
     from selfllm_runtime.tasks import sglang_server
 
     execs: list[list[str]] = []
     monkeypatch.setattr(sglang_server.os, "execv", lambda path, argv: execs.append(argv))
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "")  # recorded, so what run() sets is undone after the test
     monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "")
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
     settings = context.settings(env={"HOST": "127.0.0.1", "API_KEY": "sk-secret"})
     monkeypatch.setattr(sglang_server, "installed_build", lambda: GPU)
     sglang_server.run(context, tmp_path, settings)
     assert "SGLANG_USE_CPU_ENGINE" not in os.environ and "--device" not in execs[-1]
+    assert "TORCHDYNAMO_DISABLE" not in os.environ
     monkeypatch.setattr(sglang_server, "installed_build", lambda: CPU)
     sglang_server.run(context, tmp_path, settings)
     assert os.environ["SGLANG_USE_CPU_ENGINE"] == "1" and execs[-1][-2:] == ["--device", "cpu"]
+    assert os.environ["TORCHDYNAMO_DISABLE"] == "1"
     assert _option(execs[-1], "--api-key") == "sk-secret"
 
 

@@ -125,4 +125,8 @@ def run(context: RecipeContext, model_dir: Path, settings: SglangSettings) -> No
     announce(log, argv, build, model_dir, template)
     if build.on_cpu:
         os.environ[CPU_ENGINE_ENV] = "1"
+        # SGLang torch.compile()s some ops (the vision towers' rotary embedding); on CPU, inductor needs a C++
+        # compiler the image doesn't carry (measured: "InvalidCxxCompiler: No working C++ compiler found", glm4.1v
+        # with an image): run them eagerly. An explicit TORCHDYNAMO_DISABLE=0 wins.
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     exec_server(argv)
