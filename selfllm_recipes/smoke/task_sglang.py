@@ -22,6 +22,7 @@ SERVING_LINE = re.compile(r"selfllm: serving with sglang (?P<version>\S+) on (?P
 # What the constrained answer's thinking and answer are made of: short runs of ASCII letters, which any byte-level
 # tokenizer spells.
 THOUGHT, ANSWER = "[a-z]{3,8}", "[a-z]{3,8}"
+MAX_TOKENS = 16
 
 
 def served_by(logs: str) -> str:
@@ -111,14 +112,18 @@ def verify_sglang(session: SmokeSession) -> str:
     models = [m.id for m in client.models.list().data]
     expect(models == [name], f"/v1/models lists {models}, not [{name!r}] (upstream's short name)")
     messages = [SYSTEM, {"role": "user", "content": "你好，请介绍一下你自己"}]
-    answer = client.chat.completions.create(model=name, messages=messages, max_tokens=16, temperature=0.7)
+    # ignore_eos (SGLang's sampling extra): a random tiny model may draw a stop token first (measured: qwen3-moe
+    # answered 0 chars); so every answer is MAX_TOKENS tokens and has text to check
+    sampling = {"max_tokens": MAX_TOKENS, "temperature": 0.7, "extra_body": {"ignore_eos": True}}
+    answer = client.chat.completions.create(model=name, messages=messages, **sampling)
     message = answer.choices[0].message
     reasoning = getattr(message, "reasoning_content", None) or ""
     tokens = answer.usage.completion_tokens if answer.usage else 0
-    expect(tokens > 0 and ((message.content or "") + reasoning).strip() != "",
-           f"chat completion came back empty: {answer!r}"[:300])
-    chunks = list(client.chat.completions.create(model=name, messages=messages, max_tokens=16, temperature=0.7,
-                                                 stream=True, stream_options={"include_usage": True}))
+    expect(tokens == MAX_TOKENS and ((message.content or "") + reasoning).strip() != "",
+           f"chat completion: {tokens} tokens (asked {MAX_TOKENS}, ignore_eos), finish_reason "
+           f"{answer.choices[0].finish_reason}, content {message.content!r}, reasoning_content {reasoning!r}")
+    chunks = list(client.chat.completions.create(model=name, messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **sampling))
     streamed = "".join((c.choices[0].delta.content or "") + (getattr(c.choices[0].delta, "reasoning_content", None) or "")
                        for c in chunks if c.choices)
     expect(streamed.strip() != "", "the stream carried no text")
