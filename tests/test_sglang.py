@@ -54,8 +54,16 @@ def test_gpu_argv_serves_upstreams_name_with_the_family_parsers(context):
     assert _option(argv, "--host") == "0.0.0.0"
     assert _option(argv, "--reasoning-parser") == "qwen3" and _option(argv, "--tool-call-parser") == "qwen"
     for absent in ("--device", "--api-key", "--tp-size", "--mem-fraction-static", "--trust-remote-code",
-                   "--chat-template"):
+                   "--chat-template", "--enable-multimodal"):
         assert absent not in argv
+
+
+def test_a_family_that_takes_images_is_served_multimodal():
+    """SGLang serves some vision-language classes text-only unless --enable-multimodal (Gemma-3: "Multimodal is
+    disabled for gemma3"); every family whose model.yaml takes images or video asks for it, text families don't."""
+    for family in ("gemma3", "qwen2-vl", "qwen3-vl", "qwen3.5", "glm4.1v"):
+        context = load_context(RECIPES_DIR / family / "sglang")
+        assert "--enable-multimodal" in build_argv(context, "/m", CPU, context.settings(env={}), python="/py"), family
 
 
 def test_cpu_argv_adds_the_cpu_device_only(context):

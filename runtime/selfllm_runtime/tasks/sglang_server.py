@@ -98,6 +98,8 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: SglangBuild
     tool_parser = context.family.sglang_tool_call_parser
     if tool_parser:  # `tools` in requests, parsed into tool_calls
         argv += ["--tool-call-parser", tool_parser]
+    if context.family.modalities.vision:  # SGLang serves some VL classes text-only unless asked (measured: Gemma-3)
+        argv += ["--enable-multimodal"]
     if chat_template is not None:
         argv += ["--chat-template", str(chat_template)]
     if context.family.trust_remote_code:
