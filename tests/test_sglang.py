@@ -4,6 +4,7 @@ stack's kernel source, and how the smoke check names the build."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +57,21 @@ def test_gpu_argv_serves_upstreams_name_with_the_family_parsers(context):
     for absent in ("--device", "--api-key", "--tp-size", "--mem-fraction-static", "--trust-remote-code",
                    "--chat-template", "--enable-multimodal"):
         assert absent not in argv
+
+
+def test_the_cpu_build_serves_a_hybrid_linear_attention_model_without_the_extra_buffer(tmp_path: Path):
+    """Qwen3.5 (Gated DeltaNet layers in text_config.layer_types) on the CPU build: SGLang's no_buffer radix cache and
+    no overlap schedule (its auto choice, extra_buffer, needs CUDA kernels); the GPU build and other models keep
+    SGLang's own choice."""
+    context = load_context(RECIPES_DIR / "qwen3.5" / "sglang")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"text_config": {"layer_types": ["linear_attention", "full_attention"]}}), encoding="utf-8")
+    settings = context.settings(env={})
+    cpu = build_argv(context, tmp_path, CPU, settings, python="/py")
+    assert _option(cpu, "--mamba-radix-cache-strategy") == "no_buffer" and "--disable-overlap-schedule" in cpu
+    assert "--mamba-radix-cache-strategy" not in build_argv(context, tmp_path, GPU, settings, python="/py")
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}), encoding="utf-8")
+    assert "--mamba-radix-cache-strategy" not in build_argv(context, tmp_path, CPU, settings, python="/py")
 
 
 def test_a_family_that_takes_images_is_served_multimodal():

@@ -18,6 +18,7 @@ tool-call parsers are data in model.yaml (`reasoning.sglang_parser`, `tool_calls
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -106,8 +107,24 @@ def build_argv(context: RecipeContext, model_dir: Path | str, build: SglangBuild
         argv.append("--trust-remote-code")
     if build.on_cpu:
         argv += ["--device", "cpu"]
+        if has_linear_attention(model_dir):
+            # SGLang 0.5.21 picks the extra_buffer radix cache for hybrid linear-attention models without asking the
+            # platform, then refuses it on CPU ("extra_buffer needs CUDA/MUSA/NPU/ROCm/XPU (FLA)", measured:
+            # Qwen3.5); no_buffer is the CPU's, and it runs without the overlap schedule.
+            argv += ["--mamba-radix-cache-strategy", "no_buffer", "--disable-overlap-schedule"]
     argv += settings.extra_argv
     return argv
+
+
+def has_linear_attention(model_dir: Path | str) -> bool:
+    """The checkpoint's config.json (its text_config for a composite one) has linear-attention layers (Qwen3.5's
+    Gated DeltaNet: `layer_types`); False where there is no config.json to read."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text(encoding="utf-8"))
+    layer_types = (config.get("text_config") or config).get("layer_types") or []
+    return "linear_attention" in layer_types
 
 
 def before_download(context: RecipeContext, settings: SglangSettings) -> None:
