@@ -253,8 +253,10 @@ def test_two_recipes_serve_side_by_side_on_their_ports_and_a_taken_port_is_refus
                               env=start_env("llama3.1/fastapi", tiny_recipe("llama3.1/fastapi")[1], taken),
                               timeout=120)
         assert done.returncode == 2, done.stderr
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"selfllm: error: PORT={taken}: can't listen on 127.0.0.1:"), lines
+        # the start's one INFO line naming the build it runs in (metadata.build_line), then the refusal in one line
+        info, *errors = done.stderr.strip().splitlines()
+        assert " INFO selfllm: llama3.1/fastapi, default build " in info, done.stderr
+        assert len(errors) == 1 and errors[0].startswith(f"selfllm: error: PORT={taken}: can't listen on 127.0.0.1:"), errors
     finally:
         for server in servers.values():
             server.terminate()
