@@ -516,7 +516,7 @@ def test_swanlab_local_mode_trains_with_the_network_off(context, tiny_model, tmp
     assert [step for step, _ in run_files(done["adapter_dir"])["swanlab_points"]] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("recipe", ["qwen3-moe/lora", "glm4.7-flash/lora"])
+@pytest.mark.parametrize("recipe", ["qwen3-moe/lora", "glm4.7-flash/lora", "hunyuan-a13b/lora", "glm4.5-air/lora"])
 def test_moe_lora_trains_the_fused_experts_and_merges(tiny_recipe, tmp_path, recipe):
     """Qwen3-MoE, GLM-4.7-Flash (MLA attention with a query LoRA, a dense layer 0, a shared expert): transformers 5
     keeps each layer's experts as 3-D parameters; model.yaml's lora.target_parameters puts LoRA on them (peft

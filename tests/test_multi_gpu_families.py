@@ -35,8 +35,112 @@ def test_a_one_card_family_and_a_kind_without_layout_keep_one_gpu():
     assert qwen.recipe.gpu.count == 1 and qwen.recipe.gpu.vram_shown == "80 GB"
     assert qwen.settings(env={}).tensor_parallel_size == 1
     glm = load_family(RECIPES_DIR / "glm4.5-air")
-    assert kind_info("vllm").parallel and not kind_info("lora").parallel
-    assert glm.gpus_for("lora") == 1 and glm.gpus_for("vllm") == 4
+    assert kind_info("vllm").parallel and not kind_info("lora").parallel and kind_info("lora").spreads
+    assert glm.gpus_for("fastapi") == 1 and glm.gpus_for("vllm") == 4 and glm.gpus_for("lora") == 4
+    assert load_family(RECIPES_DIR / "qwen3-moe").gpus_for("lora") == 1
+
+
+# ----------------------------------------------------------------------------- LoRA across cards (GPU_LAYOUT)
+
+@pytest.mark.parametrize("family, shown, need", [("hunyuan-a13b", "4 × 46 GB", 184), ("glm4.5-air", "4 × 60 GB", 240)])
+def test_the_lora_recipe_spreads_the_layers_over_the_familys_training_cards(family, shown, need):
+    """Upstream's LoRA tutorials of these families train in one process with device_map="auto": the recipe needs
+    model.yaml parallel.training_gpus cards, GPU_LAYOUT resolves to spread (one process), and its README says so."""
+    context = load_context(RECIPES_DIR / family / "lora")
+    gpu = context.recipe.gpu
+    assert gpu.count == context.family.parallel.training_gpus == 4
+    assert gpu.min_vram_gb == need and gpu.vram_shown == shown
+    settings = context.settings(env={})
+    assert settings.gpu_layout == "auto" and settings.layout(gpu.count) == "spread"
+    assert settings.layout(1) == "data"
+    # asking for data parallelism keeps it (and is then checked against each card)
+    assert context.settings(env={"NPROC": "4"}).layout(gpu.count) == "data"
+    readme = (RECIPES_DIR / family / "lora" / "README.md").read_text(encoding="utf-8")
+    assert f"各层分到 4 张卡（`GPU_LAYOUT=spread`）" in readme and "QLoRA 帮不上" in readme
+    assert "one process** whose layers `device_map=\"auto\"` spreads over every" in readme
+
+
+@pytest.mark.parametrize("recipe, qlora", [("qwen3/lora", True), ("qwen3-moe/lora", False)])
+def test_a_one_card_lora_recipe_keeps_data_parallel_and_offers_qlora_where_it_shrinks(recipe, qlora):
+    """QLoRA is offered where the 4-bit estimate is below bf16's; a MoE's fused experts stay unquantized and QLoRA
+    upcasts them to fp32 (qwen3-moe: 146 GB with 4bit vs 88 GB bf16), so its README says to train in bf16."""
+    context = load_context(RECIPES_DIR / recipe)
+    gpu = context.recipe.gpu
+    assert gpu.count == 1 and context.settings(env={}).layout(1) == "data"
+    assert (gpu.quantized_vram_gb["4bit"] < gpu.min_vram_gb) == qlora
+    readme = (RECIPES_DIR / recipe / "README.md").read_text(encoding="utf-8")
+    assert ("显存不够：QLoRA" in readme) == qlora and ("QLoRA 帮不上" in readme) != qlora
+    assert "GPU_LAYOUT=spread`）" not in readme
+    if not qlora:
+        assert "MoE 的融合专家权重是三维参数" in readme and "a MoE's fused experts are 3-D parameters" in readme
+
+
+def test_spread_is_one_process_and_says_so_by_name():
+    from selfllm_runtime.settings import SettingsError
+
+    context = load_context(RECIPES_DIR / "hunyuan-a13b" / "lora")
+    with pytest.raises(SettingsError, match=r"GPU_LAYOUT=spread trains in one process .*NPROC=2 is for GPU_LAYOUT=data"):
+        context.settings(env={"GPU_LAYOUT": "spread", "NPROC": "2"})
+    with pytest.raises(SettingsError, match=r"FSDP=full_shard is for GPU_LAYOUT=data"):
+        context.settings(env={"GPU_LAYOUT": "Spread", "FSDP": "full_shard"})
+    with pytest.raises(SettingsError, match=r"GPU_LAYOUT='pipeline'"):
+        context.settings(env={"GPU_LAYOUT": "pipeline"})
+    assert context.settings(env={"GPU_LAYOUT": "spread"}).layout(1) == "spread"  # any recipe may ask for it
+
+
+def cards(*sizes_gb: float):
+    from selfllm_runtime.finetune.layout import Card
+
+    return [Card(i, "NVIDIA H100 80GB HBM3", int(gb * 1e9)) for i, gb in enumerate(sizes_gb)]
+
+
+def test_the_visible_cards_must_hold_the_estimate():
+    """spread (and FSDP) count the cards together, plain data parallelism each card alone; no card (CPU): no check."""
+    from selfllm_runtime.finetune.layout import memory_shortfall
+
+    assert memory_shortfall("Hunyuan-A13B lora", 184, "spread", False, cards(85, 85, 85, 85)) is None
+    assert memory_shortfall("Hunyuan-A13B lora", 184, "spread", False, cards(151, 151)) is None  # 2 × H200
+    assert memory_shortfall("Hunyuan-A13B lora", 184, "spread", False, []) is None
+    line = memory_shortfall("Hunyuan-A13B lora", 184, "spread", False, cards(85))
+    assert line == ("Hunyuan-A13B lora needs about 184 GB of GPU memory, but GPU_LAYOUT=spread puts the model on all "
+                    "the cards together, which hold 85 GB (cuda:0 NVIDIA H100 80GB HBM3 85 GB): give the container "
+                    "more cards (docker run --gpus all)")
+    line = memory_shortfall("Hunyuan-A13B lora", 184, "data", False, cards(85, 85, 85, 85))
+    assert "GPU_LAYOUT=data puts a whole copy on each card, and the smallest holds 85 GB" in line
+    assert line.endswith("set GPU_LAYOUT=spread (one process, the layers over all the cards), or FSDP=full_shard")
+    assert memory_shortfall("Hunyuan-A13B lora", 184, "data", True, cards(85, 85, 85)) is None  # FSDP shards
+
+
+def test_start_refuses_too_few_cards_in_one_line_before_the_download(monkeypatch, capsys):
+    """`selfllm start` of the lora recipe on one 80 GB card: status 2, one line naming the card, nothing fetched."""
+    import selfllm_runtime.cli as cli
+    from selfllm_runtime.finetune import layout
+
+    monkeypatch.setattr(layout, "visible_cards", lambda: cards(85))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(cli, "resolve_model", lambda *a, **k: pytest.fail("the model was fetched"))
+    for name in ("GPU_LAYOUT", "NPROC", "FSDP", "QUANTIZATION"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["start", "--recipe", str(RECIPES_DIR / "glm4.5-air" / "lora")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["selfllm lora: error: GLM-4.5-Air lora needs about 240 GB of GPU memory, but GPU_LAYOUT=spread "
+                   "puts the model on all the cards together, which hold 85 GB (cuda:0 NVIDIA H100 80GB HBM3 85 GB; "
+                   "CUDA_VISIBLE_DEVICES=0): give the container more cards (docker run --gpus all)"]
+
+
+def test_a_multi_card_family_without_training_cards_is_refused_by_field():
+    from selfllm_runtime.metadata import (MetadataError, Parallelism, load_family, load_overrides,
+                                          load_task_defaults, merge_recipe)
+
+    recipe_dir = RECIPES_DIR / "hunyuan-a13b" / "lora"
+    own = load_overrides(recipe_dir)
+    family = load_family(RECIPES_DIR / "hunyuan-a13b")
+    family = family.model_copy(update={"parallel": Parallelism(tensor_parallel_size=4)})
+    task = load_task_defaults(RECIPES_DIR.parent / "tasks", own.task, recipe_dir / "recipe.yaml")
+    with pytest.raises(MetadataError, match=r"recipe.yaml: parallel.training_gpus: Hunyuan-A13B needs several cards"):
+        merge_recipe(recipe_dir / "recipe.yaml", task, family, own)
 
 
 def test_the_catalogue_shows_each_cards_share_also_of_the_4bit_estimate():
@@ -280,3 +384,31 @@ def test_the_vllm_smoke_holds_minimax_m2s_thinking_to_content():
         with pytest.raises(SmokeFailure):
             thinking_in_content("minimax-m2/vllm", content, reasoning)
     assert thinking_in_content("glm4.5-air/vllm", "", "thinking") == ""
+
+
+@pytest.mark.parametrize(("recipe", "prompt", "learned"), [
+    # Hunyuan-A13B: no assistant tag, the reply follows the user turn's <|extra_0|> and the pre-filled empty thinking
+    ("hunyuan-a13b/lora", "<|startoftext|>S<|extra_4|>Q<|extra_0|><think>\n\n</think>\n", "A<|eos|>"),
+    # GLM-4.5-Air: /nothink after the user turn, <think></think> pre-filled; the open reply learns <|endoftext|>
+    ("glm4.5-air/lora", "[gMASK]<sop><|system|>\nS<|user|>\nQ/nothink<|assistant|>\n<think></think>", "\nA<|endoftext|>"),
+])
+def test_lora_learns_the_reply_after_the_templates_thinking_off_prompt(tiny_recipe, recipe, prompt, learned):
+    """Training encodes with enable_thinking=false (ENABLE_THINKING's default): the masked prompt is the template's,
+    the learned part the reply up to the family's end token."""
+    from transformers import AutoTokenizer
+
+    from selfllm_runtime.finetune.data import IGNORE_INDEX, ChatTokenizer
+    from selfllm_runtime.finetune.lora import thinking_kwargs
+
+    context, folder = tiny_recipe(recipe)
+    family = context.family
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, False), family.special_tokens.eos, 512,
+                         closes_reply=family.template_closes_reply, reasoning=family.reasoning,
+                         system_role=family.system_role)
+    encoded = chat.encode([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+                          {"role": "assistant", "content": "A"})
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert tokenizer.decode(ids[:first]) == prompt
+    assert tokenizer.decode(labels[first:]) == learned

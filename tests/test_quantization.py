@@ -109,7 +109,7 @@ def test_generation_spreads_over_the_visible_cards_or_pins_the_named_ones(monkey
     is refused by name (the CUDA calls are stand-ins: this machine has no GPU)."""
     import torch
 
-    from selfllm_runtime.loading import generation_placement
+    from selfllm_runtime.loading import card_placement
 
     class Props:
         total_memory = 24 * 2**30
@@ -117,13 +117,13 @@ def test_generation_spreads_over_the_visible_cards_or_pins_the_named_ones(monkey
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "RTX 4090")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
-    kwargs, where = generation_placement(None)
+    kwargs, where = card_placement(None)
     assert kwargs == {"device_map": "auto", "max_memory": {0: 24 * 2**30, 1: 24 * 2**30}}
     assert where == "layers spread over 2 cards (device_map=auto): cuda:0 RTX 4090 24 GiB, cuda:1 RTX 4090 24 GiB"
-    kwargs, where = generation_placement([1])
+    kwargs, where = card_placement([1])
     assert kwargs == {"device_map": {"": 1}} and where == "on one card: cuda:1 RTX 4090 24 GiB"
     with pytest.raises(ValueError, match="GPUS=3: no card 3"):
-        generation_placement([3])
+        card_placement([3])
 
 
 def test_gpus_setting_is_checked_by_name():

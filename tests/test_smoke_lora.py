@@ -35,10 +35,11 @@ def infer(adapter: str | None, output: str, lp: float, model: str = "/m", quanti
             "prompt_logprob": lp, "quantization": quantization, "weights_gb": weights_gb}
 
 
-def trained(quantization: str = "none", losses: tuple[float, ...] = (6.3, 6.2, 6.1, 6.0, 5.9, 5.8)) -> dict:
+def trained(quantization: str = "none", losses: tuple[float, ...] = (6.3, 6.2, 6.1, 6.0, 5.9, 5.8),
+            gpu_layout: str = "data") -> dict:
     return {"action": "train", "steps": 20, "losses": list(losses), "examples": 48, "quantization": quantization,
             "adapter_files": ["adapter_config.json", "adapter_model.safetensors"], "tokens_per_s": 1.0,
-            "device": "cpu"}
+            "device": "cpu", "gpu_layout": gpu_layout, "devices": ["cpu"]}
 
 
 def qlora(base_lp: float = -6.6, adapter_lp: float = -6.4, weights_gb: float = 0.00056, merged_dtype: str = "float32",
@@ -70,14 +71,15 @@ def run_files(steps: int = 20, losses: tuple[float, ...] = (6.3, 6.2, 6.1, 6.0, 
 
 
 def run(base_lp: float, adapter_lp: float, merged_lp: float, base_out: str, adapter_out: str,
-        qlora_results: list[dict] | None = None, recipe_key: str = "qwen3/lora", files: dict | None = None) -> str:
+        qlora_results: list[dict] | None = None, recipe_key: str = "qwen3/lora", files: dict | None = None,
+        gpu_layout: str = "data") -> str:
     merged = {"action": "merge", "files": ["config.json", "model.safetensors"], "trained_on": "none",
               "merged_dtype": "float32"}
     refusal = ([{"action": "refused", "code": 2, "stderr": f"selfllm lora: error: {task_lora.BAD_IMAGE_DATA}: record 0: "
                  "image /root/autodl-tmp/data/latex-ocr/missing.png not found\n"}]
                if task_lora.takes_images(recipe_key) else [])  # an image family's check starts with that refusal
     return task_lora.verify_lora(FakeSession([
-        *refusal, trained(), files or run_files(), infer(None, base_out, base_lp), infer(task_lora.ADAPTER, adapter_out, adapter_lp), merged,
+        *refusal, trained(gpu_layout=gpu_layout), files or run_files(), infer(None, base_out, base_lp), infer(task_lora.ADAPTER, adapter_out, adapter_lp), merged,
         infer(None, adapter_out, merged_lp, model=task_lora.MERGED), *(qlora() if qlora_results is None else qlora_results)],
         recipe_key=recipe_key))
 
@@ -96,6 +98,16 @@ def test_a_family_shipped_quantized_runs_no_qlora():
         run(-6.5, -6.3, -6.300001, "ab", "cd", recipe_key="gpt-oss/lora")
     with pytest.raises(SmokeFailure, match="then QLoRA's train"):
         run(-6.5, -6.3, -6.300001, "ab", "cd", qlora_results=[])
+
+
+def test_a_multi_card_recipe_must_train_in_the_spread_layout():
+    """hunyuan-a13b/lora needs 4 cards: its run must report GPU_LAYOUT=spread (one process), a one-card recipe data."""
+    report = run(-6.5, -6.3, -6.300001, "ab", "cd", recipe_key="hunyuan-a13b/lora", gpu_layout="spread")
+    assert "GPU_LAYOUT=spread as on 4 cards: one process, weights on ['cpu']" in report
+    with pytest.raises(SmokeFailure, match="GPU_LAYOUT should be spread for a recipe of 4 card"):
+        run(-6.5, -6.3, -6.300001, "ab", "cd", recipe_key="hunyuan-a13b/lora", gpu_layout="data")
+    with pytest.raises(SmokeFailure, match="GPU_LAYOUT should be data for a recipe of 1 card"):
+        run(-6.5, -6.3, -6.300001, "ab", "cd", gpu_layout="spread")
 
 
 def test_a_trained_adapter_passes():

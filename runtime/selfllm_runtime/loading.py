@@ -184,9 +184,10 @@ class LoadedModel:
         return round(self.model.get_memory_footprint() / 1e9, 6)
 
 
-def generation_placement(gpus: list[int] | None) -> tuple[dict[str, Any], str]:
-    """from_pretrained's device_map (and max_memory) for generation on CUDA, and a line saying where it goes:
-    every visible card (None) or the listed ones; one card is a plain pin, several share the layers."""
+def card_placement(gpus: list[int] | None) -> tuple[dict[str, Any], str]:
+    """from_pretrained's device_map (and max_memory) for one process's model on CUDA (generation; training with
+    GPU_LAYOUT=spread), and a line saying where it goes: every visible card (None) or the listed ones; one card is
+    a plain pin, several share the layers."""
     import torch
 
     visible = list(range(torch.cuda.device_count()))
@@ -217,11 +218,12 @@ def model_class(context: RecipeContext, model_dir: Path) -> Any:
 
 
 def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quantization = "none",
-                   training: bool = False, gpus: list[int] | None = None) -> LoadedModel:
+                   training: bool = False, gpus: list[int] | None = None, spread: bool = False) -> LoadedModel:
     """The checkpoint in model_dir, on the GPU when there is one. Generation spreads it over the visible
-    GPUs (device_map=auto), or the cards `gpus` lists (GPUS); training leaves placement to the Trainer
-    (one process per card under torchrun), except that a quantized model can't be moved after loading: it
-    is loaded onto this process's GPU."""
+    GPUs (device_map=auto), or the cards `gpus` lists (GPUS); so does training with `spread` (GPU_LAYOUT=spread:
+    one process, the Trainer sees the layers' device map and leaves them where they are). Other training leaves
+    placement to the Trainer (one process per card under torchrun), except that a quantized model can't be moved
+    after loading: it is loaded onto this process's GPU."""
     device, dtype = pick_device()
     shipped = shipped_quantization(model_dir)
     kwargs: dict[str, Any] = prequantized_kwargs(shipped, quantization, training)
@@ -238,8 +240,8 @@ def load_causal_lm(context: RecipeContext, model_dir: Path, quantization: Quanti
     config = quantization_config(quantization, dtype, keep)
     if config is not None:
         kwargs["quantization_config"] = config
-    if device == "cuda" and not training:
-        placement, where = generation_placement(gpus)
+    if device == "cuda" and (spread or not training):
+        placement, where = card_placement(gpus)
         kwargs |= placement
         log.info("GPUs: %s", where)
     elif device == "cuda" and config is not None:

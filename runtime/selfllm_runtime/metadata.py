@@ -66,6 +66,9 @@ class TaskKindInfo(Strict):
                                "writes it); false: only the families whose model.yaml credits an upstream tutorial of it")
     parallel: bool = Field(False, description="serves across cards by the family's layout (model.yaml `parallel:`, "
                            "TENSOR_PARALLEL_SIZE × PIPELINE_PARALLEL_SIZE): the recipe needs that many GPUs")
+    spreads: bool = Field(False, description="trains a family one card can't hold in one process, its layers spread "
+                          "over the family's training cards (model.yaml parallel.training_gpus; GPU_LAYOUT=spread, "
+                          "device_map=auto as upstream's LoRA tutorials): the recipe needs that many GPUs")
 
 
 def task_kind_names(root: Path) -> list[str]:
@@ -410,6 +413,11 @@ class Parallelism(Strict):
     expert_parallel: bool = Field(False, description="the MoE experts are spread over the cards instead of split "
                                   "(vLLM --enable-expert-parallel, SGLang --ep-size = the tensor-parallel size)")
 
+    training_gpus: int | None = Field(
+        None, ge=2, description="cards a training recipe (task.yaml kind.spreads) spreads the layers over in one "
+        "process (device_map=auto, as upstream's LoRA tutorials of the big MoE models); vram_gb.<kind> is their sum. "
+        "Required where the family has such a recipe")
+
     @property
     def gpus(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
@@ -617,8 +625,14 @@ class ModelFamily(Strict):
         return (info.every_family and (self.parallel is None or info.parallel)) or credited
 
     def gpus_for(self, task: "TaskKind") -> int:
-        """Cards a recipe of `task` needs: the family's parallel layout for a kind that reads it, else 1."""
-        return self.parallel.gpus if self.parallel is not None and kind_info(task).parallel else 1
+        """Cards a recipe of `task` needs: the family's parallel layout for a kind that serves by it, its training
+        cards for a kind that spreads the layers, else 1."""
+        if self.parallel is None:
+            return 1
+        info = kind_info(task)
+        if info.parallel:
+            return self.parallel.gpus
+        return (self.parallel.training_gpus or 1) if info.spreads else 1
 
     def vram_estimate(self, task: "TaskKind", quantization: Quantization) -> float | None:
         """GB of VRAM `task` needs with QUANTIZATION (None: the task has no such setting). bf16 is
@@ -667,7 +681,8 @@ class CudaNeeds(Strict):
 class GpuNeeds(Strict):
     required: bool = True
     min_vram_gb: float = Field(gt=0, description="in bf16, all cards together")
-    count: int = Field(1, ge=1, description="cards the default layout uses (model.yaml parallel: tensor × pipeline)")
+    count: int = Field(1, ge=1, description="cards the default layout uses (model.yaml parallel: tensor × pipeline, "
+                       "or training_gpus for a kind that spreads the layers)")
     quantized_vram_gb: dict[Quantization, float] = Field(
         {}, description="estimates with QUANTIZATION=8bit / 4bit (ModelFamily.vram_estimate); empty: no such setting")
     cuda: CudaNeeds | None = None
@@ -900,6 +915,10 @@ def merge_recipe(path: Path, task: TaskDefaults, family: ModelFamily, own: Recip
                 "cuda": task.cuda.model_dump()},
         "contributors": family.credits(own.task),
     }
+    if family.parallel is not None and task.kind.spreads and family.parallel.training_gpus is None:
+        raise MetadataError(path, "parallel.training_gpus", f"{family.display_name} needs several cards "
+                            f"(model.yaml parallel:): its {own.task.value} recipe spreads the layers over "
+                            "parallel.training_gpus cards, which model.yaml doesn't give")
     given = own.model_dump(exclude_none=True, exclude_unset=True)
     if "lanes" in given:  # recipe.yaml names which of its task's lanes it is built in
         unknown = [name for name in given["lanes"] if name not in task.lanes]

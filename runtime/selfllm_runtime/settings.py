@@ -605,6 +605,32 @@ class LoraSettings(TrackingSettings, AdapterSettings):
         "`full_shard`：FSDP 把基座权重分到各卡（单卡放不下的模型；需 `NPROC` > 1 且在 GPU 上）",
         "`full_shard`: FSDP shards the base weights across the cards (a model one card can't hold; needs `NPROC` > 1, on GPUs)")
 
+    gpu_layout: Annotated[Literal["auto", "data", "spread"], BeforeValidator(_lower)] = setting(
+        "auto", "GPU_LAYOUT",
+        "`data`：每个进程（`NPROC`，每卡一个）各放一份完整模型，数据并行；`spread`：一个进程，模型各层分到所有可见的卡上"
+        "（`device_map=auto`，上游大 MoE 模型 LoRA 教程的做法），单卡放不下的模型用它；启动时可见卡的显存总和不够配方的估计就拒绝",
+        "`data`: each process (`NPROC`, one per card) holds a whole copy, data-parallel; `spread`: one process, the "
+        "layers spread over every visible card (`device_map=auto`, as upstream's LoRA tutorials of the big MoE "
+        "models), for a model one card can't hold; refused at start when the visible cards hold less than the "
+        "recipe's estimate", flag="--gpu-layout",
+        shown=("配方需要多张卡（`gpu.count` > 1）时为 `spread`，否则 `data`", "`spread` where the recipe needs several "
+               "cards (`gpu.count` > 1), else `data`"))
+
+    @model_validator(mode="after")
+    def _spread_is_one_process(self) -> "LoraSettings":
+        if self.gpu_layout == "spread" and (self.nproc != "1" or self.fsdp != "off"):
+            given = f"NPROC={self.nproc}" if self.nproc != "1" else f"FSDP={self.fsdp}"
+            raise ValueError(f"GPU_LAYOUT=spread trains in one process whose layers spread over the cards: {given} "
+                             "is for GPU_LAYOUT=data (a copy, or with FSDP a shard, per process)")
+        return self
+
+    def layout(self, recipe_gpus: int) -> Literal["data", "spread"]:
+        """GPU_LAYOUT as it applies to a recipe needing `recipe_gpus` cards: `auto` spreads a model that needs
+        several (unless NPROC or FSDP asks for data parallelism), else one copy per process."""
+        if self.gpu_layout != "auto":
+            return self.gpu_layout
+        return "spread" if recipe_gpus > 1 and self.nproc == "1" and self.fsdp == "off" else "data"
+
     def processes(self) -> int:
         """NPROC as a number: `auto` is the visible CUDA devices (1 without any)."""
         if self.nproc != "auto":

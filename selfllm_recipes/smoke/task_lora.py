@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from selfllm_runtime.finetune.vision_data import LATEX_OCR_PROMPT
 
-from .checks import family_of, LOGPROB_MOVED, LOGPROB_SAME, SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect, results
+from .checks import (family_of, LOGPROB_MOVED, LOGPROB_SAME, SMOKE_MODEL_DIR, SmokeCheck, SmokeSession, expect,
+                     recipe_context, results)
 from .run_files import run_files, run_files_step, verify_run_files  # noqa: F401  (run_files: tests read a native run)
 
 DATA = "/root/autodl-tmp/data/lora-sample.json"
@@ -88,6 +89,17 @@ def verify_training(trained: dict, label: str) -> tuple[float, float]:
     return first, last
 
 
+def verify_layout(trained: dict, recipe_key: str) -> str:
+    """GPU_LAYOUT as the recipe's card count asks (spread: a family one card can't hold) and where the weights went;
+    '' for the usual one-card data layout, else a note for the result line."""
+    gpus = recipe_context(recipe_key).recipe.gpu.count
+    expected = "spread" if gpus > 1 else "data"
+    expect(trained.get("gpu_layout") == expected and trained.get("devices"),
+           f"GPU_LAYOUT should be {expected} for a recipe of {gpus} card(s), with the weights' devices: "
+           f"{trained.get('gpu_layout')} on {trained.get('devices')}")
+    return "" if gpus == 1 else f", GPU_LAYOUT=spread as on {gpus} cards: one process, weights on {trained['devices']}"
+
+
 def verify_refusal(refused: dict) -> str:
     """`selfllm lora train` on a file naming a missing image: status 2, one line naming the file and the record."""
     lines = [line for line in refused["stderr"].splitlines() if line.strip() and "WARN" not in line]
@@ -122,6 +134,7 @@ def verify_lora(session: SmokeSession) -> str:
         variant_line = f"; 4 steps on a tiny {other} (its own LoRA modules)"
     trained, files, infer_base, infer_adapter, merged, infer_merged = found[:len(LORA_ACTIONS)]
     first, last = verify_training(trained, "LoRA")
+    layout = verify_layout(trained, session.recipe_key)
     tracked = verify_run_files(files, trained["steps"], trained["losses"], "loss", session)
     expect(infer_adapter["adapter"] == ADAPTER and infer_adapter["completion_tokens"] > 0,
            f"inference with the adapter: {infer_adapter}")
@@ -144,7 +157,7 @@ def verify_lora(session: SmokeSession) -> str:
            and infer_merged["output"] == infer_adapter["output"],
            f"the merged model answers {infer_merged['output']!r}, the adapter {infer_adapter['output']!r}")
     return (f"trained {trained['steps']} steps on {trained['examples']} examples, loss {first:.2f} → {last:.2f}, "
-            f"{trained['tokens_per_s']} tokens/s ({trained['device']}); "
+            f"{trained['tokens_per_s']} tokens/s ({trained['device']}{layout}); "
             + ("on the LaTeX-OCR set's images, " if images else "")
             + f"the adapter moves the {'image-conditioned ' if images else ''}prompt log-prob {base_lp:.4f} → "
               f"{adapter_lp:.4f}"

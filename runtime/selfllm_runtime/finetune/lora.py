@@ -16,7 +16,7 @@ from ..chat_engine import end_of_turn
 from ..chat_template import use_chat_template
 from ..context import RecipeContext
 from .data import ChatTokenizer, DataSourceError, EncodedData, default_data, encode_files
-from . import resume, vision
+from . import layout, resume, vision
 from .tracking import swanlog_dir, tracking_for
 from ..loading import apply_torch_threads, load_causal_lm
 from ..remote_code import source_model_dir
@@ -153,7 +153,11 @@ def adapter_model(context: RecipeContext, model_dir: Path, settings: LoraSetting
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     images = vision.reads_images(context, model_dir)  # a vision checkpoint: LoRA's options for its projector
-    loaded = load_causal_lm(context, model_dir, settings.quantization, training=True)
+    spread = layout.choose(context, settings) == "spread"
+    log.info("GPU_LAYOUT=%s: %s", "spread" if spread else "data",
+             "one process, the layers spread over the visible cards" if spread
+             else "a whole model in each process (NPROC)" + (", sharded by FSDP" if settings.fsdp != "off" else ""))
+    loaded = load_causal_lm(context, model_dir, settings.quantization, training=True, spread=spread)
     model = loaded.model
     model.config.use_cache = False
     if settings.quantization != "none":  # QLoRA: freezes the base, upcasts the unquantized layers to fp32
@@ -319,7 +323,13 @@ def train(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> di
         loss_min=min(losses) if losses else None, losses=[round(x, 4) for x in losses[:200]],
         train_tokens=tokens, peak_gpu_memory_gb=peak_gb, seconds=round(seconds, 3), tokens_per_s=round(tokens / seconds, 1) if seconds else None,
         adapter_files=sorted(p.name for p in run_dir.glob("adapter_*")), report_to=settings.report_to,
+        gpu_layout=settings.layout(context.recipe.gpu.count), devices=placed_on(model),
         curves=str(run_dir / CURVES_PNG), swanlog=str(swanlog_dir(run_dir)) if settings.report_to == "swanlab" else None)
+
+
+def placed_on(model: Any) -> list[str]:
+    """The devices a model's parameters are on (GPU_LAYOUT=spread: every card the layers went to)."""
+    return sorted({str(p.device) for p in model.parameters()})
 
 
 def read_run_info(adapter_dir: Path | None) -> dict[str, Any]:

@@ -24,12 +24,21 @@ from pathlib import Path
 
 from ..context import RecipeContext, load_context
 from ..finetune.data import DataError, write_sample_data
-from ..finetune import commands
+from ..finetune import commands, layout
 from ..finetune.lora import train
 from ..finetune.vision import check_data as check_image_data
 from ..finetune.vision_data import copy_image_data
 from ..model_source import ModelNotFound
 from ..settings import LoraSettings
+
+
+def before_download(context: RecipeContext, settings: LoraSettings) -> None:
+    """`selfllm start`, before the model is fetched: a recipe that needs several cards must see enough of them."""
+    try:
+        layout.choose(context, settings)
+    except ValueError as exc:
+        print(f"selfllm lora: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def run(context: RecipeContext, model_dir: Path, settings: LoraSettings) -> None:
@@ -62,6 +71,7 @@ def main(argv: list[str] | None = None, recipe: str | None = None) -> int:
         if args.action == "train":
             settings = context.settings(LoraSettings, cli=vars(args))  # checked before the model is fetched
             check_image_data(context, settings)  # every image of DATA_PATH decodes, before the model is fetched
+            layout.choose(context, settings)  # enough cards for a recipe that needs several
             train(context, commands.model_dir(context, settings), settings)
             return 0
         commands.run_adapter_action(context, args)
