@@ -176,6 +176,11 @@ def test_gemma2_learns_with_the_system_prompt_in_its_first_user_turn(tiny_recipe
     ("phi3/lora", "<|system|>\nS<|end|>\n<|user|>\nQ<|end|>\n<|assistant|>\n", "A<|end|>"),
     # Gemma 1: no system role (merged into the first user turn), <bos> written by the template.
     ("gemma/lora", "<bos><start_of_turn>user\nS\n\nQ<end_of_turn>\n<start_of_turn>model\n", "A<end_of_turn>"),
+    # Hunyuan-A13B (thinking off, ENABLE_THINKING's default): no assistant tag, the reply follows the user turn's
+    # <|extra_0|> and the pre-filled empty thinking
+    ("hunyuan-a13b/lora", "<|startoftext|>S<|extra_4|>Q<|extra_0|><think>\n\n</think>\n", "A<|eos|>"),
+    # GLM-4.5-Air: /nothink after the user turn, <think></think> pre-filled; the open reply learns <|endoftext|>
+    ("glm4.5-air/lora", "[gMASK]<sop><|system|>\nS<|user|>\nQ/nothink<|assistant|>\n<think></think>", "\nA<|endoftext|>"),
 ])
 def test_lora_learns_each_reply_up_to_the_family_end_of_turn(tiny_recipe, recipe, prompt, learned):
     from transformers import AutoTokenizer
@@ -183,7 +188,8 @@ def test_lora_learns_each_reply_up_to_the_family_end_of_turn(tiny_recipe, recipe
     context, folder = tiny_recipe(recipe)
     family = context.family
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    chat = ChatTokenizer(tokenizer, {}, family.special_tokens.eos, 512, closes_reply=family.template_closes_reply,
+    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, False), family.special_tokens.eos, 512,
+                         closes_reply=family.template_closes_reply,
                          reasoning=family.reasoning, system_role=family.system_role)
     encoded = chat.encode([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
                           {"role": "assistant", "content": "A"})

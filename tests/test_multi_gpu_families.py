@@ -385,30 +385,3 @@ def test_the_vllm_smoke_holds_minimax_m2s_thinking_to_content():
             thinking_in_content("minimax-m2/vllm", content, reasoning)
     assert thinking_in_content("glm4.5-air/vllm", "", "thinking") == ""
 
-
-@pytest.mark.parametrize(("recipe", "prompt", "learned"), [
-    # Hunyuan-A13B: no assistant tag, the reply follows the user turn's <|extra_0|> and the pre-filled empty thinking
-    ("hunyuan-a13b/lora", "<|startoftext|>S<|extra_4|>Q<|extra_0|><think>\n\n</think>\n", "A<|eos|>"),
-    # GLM-4.5-Air: /nothink after the user turn, <think></think> pre-filled; the open reply learns <|endoftext|>
-    ("glm4.5-air/lora", "[gMASK]<sop><|system|>\nS<|user|>\nQ/nothink<|assistant|>\n<think></think>", "\nA<|endoftext|>"),
-])
-def test_lora_learns_the_reply_after_the_templates_thinking_off_prompt(tiny_recipe, recipe, prompt, learned):
-    """Training encodes with enable_thinking=false (ENABLE_THINKING's default): the masked prompt is the template's,
-    the learned part the reply up to the family's end token."""
-    from transformers import AutoTokenizer
-
-    from selfllm_runtime.finetune.data import IGNORE_INDEX, ChatTokenizer
-    from selfllm_runtime.finetune.lora import thinking_kwargs
-
-    context, folder = tiny_recipe(recipe)
-    family = context.family
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, False), family.special_tokens.eos, 512,
-                         closes_reply=family.template_closes_reply, reasoning=family.reasoning,
-                         system_role=family.system_role)
-    encoded = chat.encode([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
-                          {"role": "assistant", "content": "A"})
-    ids, labels = encoded["input_ids"], encoded["labels"]
-    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    assert tokenizer.decode(ids[:first]) == prompt
-    assert tokenizer.decode(labels[first:]) == learned
