@@ -177,8 +177,9 @@ def test_gemma2_learns_with_the_system_prompt_in_its_first_user_turn(tiny_recipe
     # Gemma 1: no system role (merged into the first user turn), <bos> written by the template.
     ("gemma/lora", "<bos><start_of_turn>user\nS\n\nQ<end_of_turn>\n<start_of_turn>model\n", "A<end_of_turn>"),
     # Hunyuan-A13B (thinking off, ENABLE_THINKING's default): no assistant tag, the reply follows the user turn's
-    # <|extra_0|> and the pre-filled empty thinking
-    ("hunyuan-a13b/lora", "<|startoftext|>S<|extra_4|>Q<|extra_0|><think>\n\n</think>\n", "A<|eos|>"),
+    # <|extra_0|> and the pre-filled empty thinking, inside the checkpoint's answer markers (model.yaml reasoning)
+    ("hunyuan-a13b/lora", "<|startoftext|>S<|extra_4|>Q<|extra_0|><think>\n\n</think>\n",
+     "<answer>\nA\n</answer><|eos|>"),
     # GLM-4.5-Air: /nothink after the user turn, <think></think> pre-filled; the open reply learns <|endoftext|>
     ("glm4.5-air/lora", "[gMASK]<sop><|system|>\nS<|user|>\nQ/nothink<|assistant|>\n<think></think>", "\nA<|endoftext|>"),
 ])

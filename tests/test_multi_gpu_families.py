@@ -385,3 +385,19 @@ def test_the_vllm_smoke_holds_minimax_m2s_thinking_to_content():
             thinking_in_content("minimax-m2/vllm", content, reasoning)
     assert thinking_in_content("glm4.5-air/vllm", "", "thinking") == ""
 
+
+
+def test_hunyuans_answer_markers_wrap_a_reply_once_and_go_in_pairs():
+    from pydantic import ValidationError
+
+    from selfllm_runtime.metadata import Reasoning, load_family
+
+    reasoning = load_family(RECIPES_DIR / "hunyuan-a13b").reasoning
+    assert reasoning.wrap_answer("家父是大理寺少卿甄远道。") == "<answer>\n家父是大理寺少卿甄远道。\n</answer>"
+    assert reasoning.wrap_answer("<answer>\nA\n</answer>") == "<answer>\nA\n</answer>"
+    assert load_family(RECIPES_DIR / "glm4.5-air").reasoning.wrap_answer("A") == "A"
+    with pytest.raises(ValidationError, match="answer_start and answer_end go together"):
+        Reasoning(start="<think>", end="</think>", answer_start="<answer>\n")
+    readme = (RECIPES_DIR / "hunyuan-a13b" / "lora" / "README.md").read_text(encoding="utf-8")
+    assert "回答写进模型自己的答案标记 `<answer>…</answer>` 里" in readme
+    assert "each reply inside the model's own answer markers `<answer>…</answer>`" in readme

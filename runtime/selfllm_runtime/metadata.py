@@ -150,6 +150,22 @@ class Reasoning(Strict):
     sglang_parser: str | None = None
     sglang_in_content: bool = Field(False, description="the SGLang parser keeps the thinking, markers included, in "
                                     "`content` (MiniMax-M2's minimax-append-think)")
+    answer_start: str | None = Field(None, description="the marker the model writes before its answer, after the "
+                                     "reasoning (Hunyuan-A13B: `<answer>\n`): LoRA learns replies inside the markers, "
+                                     "as the checkpoint answers")
+    answer_end: str | None = Field(None, description="the marker after the answer (Hunyuan-A13B: `\n</answer>`)")
+
+    @model_validator(mode="after")
+    def _answer_markers_pair(self) -> "Reasoning":
+        if (self.answer_start is None) != (self.answer_end is None):
+            raise ValueError("answer_start and answer_end go together")
+        return self
+
+    def wrap_answer(self, text: str) -> str:
+        """A reply as the model writes it: inside the answer markers where the family has them (once)."""
+        if self.answer_start is None or self.answer_end is None or text.startswith(self.answer_start):
+            return text
+        return self.answer_start + text + self.answer_end
 
 
 class ToolCalls(Strict):

@@ -153,7 +153,8 @@ class ChatTokenizer:
     - a prompt that ends in an empty closed block (thinking off) that the rendered conversation does not
       hold (MiniCPM5's template drops it from a finished turn): the prompt keeps it, the reply follows it;
     - `system_role` (Gemma-2: merge_into_first_user): rendered as at inference time (system_role.render_chat),
-      so a SYSTEM_PROMPT goes into the first user turn of the prompt, never into the learned part.
+      so a SYSTEM_PROMPT goes into the first user turn of the prompt, never into the learned part;
+    - reasoning answer markers (Hunyuan-A13B: `<answer>\n…\n</answer>`): the reply is learned inside them.
     """
 
     tokenizer: Any
@@ -187,6 +188,8 @@ class ChatTokenizer:
                          f"cannot mask the prompt (prompt ends {prompt[-40:]!r})")
 
     def render(self, context: list[Message], reply: Message) -> tuple[str, str]:
+        if self.reasoning is not None and isinstance(reply.get("content"), str):  # Hunyuan: <answer>\n…\n</answer>
+            reply = {**reply, "content": self.reasoning.wrap_answer(reply["content"])}
         prompt = render_chat(self.tokenizer, context, self.system_role, add_generation_prompt=True,
                              **self.template_kwargs)
         full = render_chat(self.tokenizer, [*context, reply], self.system_role, add_generation_prompt=False,
