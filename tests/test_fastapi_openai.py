@@ -304,7 +304,7 @@ def _crash(*args: Any, **kwargs: Any) -> Any:
 def test_500_hides_the_exception_and_gives_a_request_id_found_in_the_log(engine, monkeypatch, caplog, path, body):
     from selfllm_runtime.tasks.fastapi_server import create_app
 
-    monkeypatch.setattr(engine, "generate", _crash)
+    monkeypatch.setattr(engine.model, "generate", _crash)  # fails inside the engine, as a real failure would
     with TestClient(create_app(engine), raise_server_exceptions=False) as crashing:
         with caplog.at_level("ERROR", logger="selfllm.openai"):
             answer = crashing.post(path, json=body)

@@ -7,9 +7,10 @@ the model; each request reads its own tokens back, so answers never interleave.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,11 +378,18 @@ class ChatEngine:
         return self.scheduler.submit(job), len(prompt.ids), self.opens_reasoning(prompt.text)
 
     def generate(self, messages: list[Message], params: GenerationParams) -> Completion:
+        return self.submit(messages, params)()
+
+    def submit(self, messages: list[Message], params: GenerationParams) -> Callable[[], Completion]:
+        """Queue the request now (EngineBusy when the queue is full); the returned call waits for the whole
+        answer. A server queues on a short-lived thread and waits on one of its own (tasks/openai_api.py)."""
         if params.stop:  # stop strings are found token by token, as in a stream
-            for piece in self.stream(messages, params):
-                if isinstance(piece, Completion):
-                    return piece
+            pieces = self.stream(messages, params)
+            return lambda: next(piece for piece in pieces if isinstance(piece, Completion))
         job, prompt_tokens, opened = self._submit(messages, params, streaming=False)
+        return functools.partial(self._wait, job, prompt_tokens, opened, params)
+
+    def _wait(self, job: Job, prompt_tokens: int, opened: bool, params: GenerationParams) -> Completion:
         try:
             item = job.out.get()  # only DONE or an exception: the tokens are in job.tokens
         finally:

@@ -18,7 +18,7 @@ from ..chat_engine import ChatEngine, Message
 from ..chat_template import template_failure
 from ..context import RecipeContext
 from ..settings import FastapiSettings
-from .openai_api import ErrorResponse, add_openai_routes, whole_number
+from .openai_api import ErrorResponse, add_openai_routes, engine_threads, whole_number
 
 log = logging.getLogger("selfllm.fastapi")
 
@@ -82,6 +82,7 @@ def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
 
     recipe = engine.context.recipe
     app = FastAPI(title=recipe.name, version="1")
+    threads = engine_threads(app, engine)  # waits on the model: threads of their own (tasks/openai_api.py)
 
     @app.get("/health")  # async: answered on the event loop, never behind queued generations
     async def health() -> dict[str, Any]:
@@ -99,7 +100,8 @@ def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
         messages.append({"role": "user", "content": body.prompt})
         params = engine.params(max_new_tokens=body.max_length, temperature=body.temperature, top_p=body.top_p)
         try:
-            completion = await run_in_threadpool(engine.generate, messages, params)
+            answer = await run_in_threadpool(engine.submit, messages, params)  # queued (or EngineBusy) at once
+            completion = await threads.run(answer)
         except TemplateError as exc:  # as /v1 answers it: the template named, not a traceback
             raise HTTPException(*template_failure(engine.chat_template, exc)) from None
         pairs_style = not body.history or isinstance(body.history[0], tuple)

@@ -47,7 +47,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from jinja2 import TemplateError
@@ -327,21 +327,47 @@ class ApiKeyMiddleware:
         await answer(scope, receive, send)
 
 
-async def iterate_in_thread(iterator: Iterator[str]) -> AsyncIterator[str]:
-    """Pull a blocking iterator from worker threads; close it (freeing the model) if the client leaves."""
-    from fastapi.concurrency import run_in_threadpool
+def engine_threads(app: Any, engine: ChatEngine) -> EngineThreads:
+    """The app's one EngineThreads (the legacy route and /v1 share it)."""
+    if getattr(app.state, "engine_threads", None) is None:
+        app.state.engine_threads = EngineThreads(engine)
+    return app.state.engine_threads
 
-    done = object()
-    try:
-        while True:
-            item = await run_in_threadpool(next, iterator, done)
-            if item is done:
-                return
-            yield item
-    finally:  # not awaited: a cancelled scope (client gone) would skip an await here
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()  # GeneratorExit in the engine's stream: its request is cancelled (queue slot, batch row)
+
+class EngineThreads:
+    """Threads for the calls that wait on the model (a whole answer, a stream's next piece), apart from the
+    event loop's shared pool (anyio's, 40 threads). Every request the engine admits may hold one while it
+    waits, so there are as many as it admits (MAX_BATCH running + MAX_QUEUE waiting): requests waiting on the
+    model never take the threads that new requests need to be prepared and queued, or refused with a 503."""
+
+    def __init__(self, engine: ChatEngine) -> None:
+        self.size = engine.scheduler.max_batch + engine.scheduler.max_queue
+        self._loop: object = None
+        self._limiter: Any = None
+
+    async def run(self, call: Callable[..., Any], *args: Any) -> Any:
+        import asyncio
+
+        import anyio
+
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a limiter serves one event loop (a server has one; tests start several)
+            self._loop, self._limiter = loop, anyio.CapacityLimiter(self.size)
+        return await anyio.to_thread.run_sync(call, *args, limiter=self._limiter)
+
+    async def iterate(self, iterator: Iterator[str]) -> AsyncIterator[str]:
+        """Pull a blocking iterator; close it (freeing the model) if the client leaves."""
+        done = object()
+        try:
+            while True:
+                item = await self.run(next, iterator, done)
+                if item is done:
+                    return
+                yield item
+        finally:  # not awaited: a cancelled scope (client gone) would skip an await here
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # GeneratorExit in the engine's stream: its request is cancelled (queue slot, batch row)
 
 
 def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | None = None) -> OpenAIChat:
@@ -356,6 +382,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
 
     settings = engine.context.settings(FastapiSettings) if settings is None else settings
     chat = OpenAIChat(engine, settings)
+    threads = engine_threads(app, engine)
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
     # response_model=None with documented `responses`: the schema describes the answers, which are
@@ -381,9 +408,10 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = chat.sse_events(model, engine.stream(messages, params), include_usage, params.tools)
-            return StreamingResponse(iterate_in_thread(events), media_type="text/event-stream",
+            return StreamingResponse(threads.iterate(events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        completion = await run_in_threadpool(engine.generate, messages, params)
+        answer = await run_in_threadpool(engine.submit, messages, params)  # queued (or EngineBusy) at once
+        completion = await threads.run(answer)
         return chat.response(model, completion, params.tools)
 
     app.include_router(router)
