@@ -112,3 +112,20 @@ def test_real_locks_are_fully_pinned_and_hashed():
     for lock in [*RECIPES_DIR.glob("*/*/requirements.lock")]:
         pins = parse_lock(lock)
         assert all(p.hashes for p in pins)
+
+
+@pytest.mark.parametrize("own_shape,expected", [
+    ({"extra": {"num_experts": 4}}, {"hidden_size": 128, "head_dim": 64, "extra": {"num_experts": 4}}),
+    ({"hidden_size": 64, "extra": {"vocab_size": 2048}}, {"hidden_size": 64, "head_dim": 64, "num_attention_heads": 2,
+                                                           "extra": {"vocab_size": 2048}}),
+])
+def test_a_recipes_smoke_shape_adds_to_its_tasks(own_shape, expected):
+    """recipe.yaml's smoke_model changes only what it gives; the rest is the task's engine shape (head_dim 64)."""
+    from selfllm_runtime.metadata import RecipeOverrides, TaskKind, load_task_defaults, merge_recipe
+
+    task = load_task_defaults(TASKS_DIR, TaskKind.vllm, QWEN3 / "vllm/recipe.yaml")
+    assert task.smoke_model is not None and task.smoke_model.hidden_size == 128 and task.smoke_model.extra == {}
+    own = RecipeOverrides.model_validate({"model": "qwen3", "task": "vllm", "smoke_model": own_shape})
+    shape = merge_recipe(QWEN3 / "vllm/recipe.yaml", task, load_family(QWEN3), own).smoke_model
+    assert shape is not None and shape.model_dump(include=set(expected)) == expected
+    assert shape.intermediate_size == task.smoke_model.intermediate_size

@@ -812,7 +812,8 @@ class RecipeOverrides(Strict):
     contributors: list[str] | None = Field(None, min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None
     smoke: SmokeSettings | None = None
-    smoke_model: SmokeModelShape | None = None
+    smoke_model: SmokeModelShape | None = Field(
+        None, description="what this recipe's smoke shape adds to or changes in its task's (`extra` key by key)")
     cpu_variant: CpuVariant | None = None
     lanes: list[str] | None = Field(None, description="the task's lanes this recipe is built in (default: all of "
                                     "them); [] leaves it in the default build only")
@@ -832,7 +833,9 @@ class Recipe(Strict):
     contributors: list[str] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] = {}
     smoke: SmokeSettings = SmokeSettings()
-    smoke_model: SmokeModelShape | None = Field(None, description="overrides the family's smoke shape for this task")
+    smoke_model: SmokeModelShape | None = Field(
+        None, description="the smoke shape of this task (the task's, with what recipe.yaml adds or changes): replaces "
+        "the family's sizes, its `extra` goes over the family's")
     cpu_variant: CpuVariant | None = None
     lanes: dict[str, GpuLane] = Field({}, description="its GPU builds besides the default one, by tag")
     env: dict[str, str] = {}
@@ -944,6 +947,9 @@ def merge_recipe(path: Path, task: TaskDefaults, family: ModelFamily, own: Recip
         fields["lanes"] = {name: fields["lanes"][name] for name in given.pop("lanes")}
     if "smoke" in given:  # a recipe's smoke settings add to its task's (timeout_s stays unless given)
         given["smoke"] = {**fields.get("smoke", {}), **given["smoke"]}
+    if "smoke_model" in given and "smoke_model" in fields:  # so does its smoke shape, `extra` key by key
+        task_shape, shape = fields["smoke_model"], given["smoke_model"]
+        given["smoke_model"] = {**task_shape, **shape, "extra": {**task_shape["extra"], **shape.get("extra", {})}}
     fields |= given
     try:
         return Recipe.model_validate(fields)
