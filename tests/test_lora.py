@@ -200,6 +200,23 @@ def test_lora_learns_each_reply_up_to_the_family_end_of_turn(tiny_recipe, recipe
     assert tokenizer.decode(labels[first_learned:]) == learned
 
 
+def test_hunyuan_learns_a_reply_with_its_reasoning_as_the_checkpoint_writes_it(tiny_recipe):
+    """Thinking on, a data reply holding its reasoning: the answer markers go around what follows </think> only."""
+    from transformers import AutoTokenizer
+
+    context, folder = tiny_recipe("hunyuan-a13b/lora")
+    family = context.family
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, True), family.special_tokens.eos, 512,
+                         closes_reply=family.template_closes_reply, reasoning=family.reasoning,
+                         system_role=family.system_role)
+    encoded = chat.encode([{"role": "user", "content": "Q"}], {"role": "assistant", "content": "<think>\nR\n</think>\nA"})
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert tokenizer.decode(ids[:first_learned]) == "<|startoftext|>Q<|extra_0|>"
+    assert tokenizer.decode(labels[first_learned:]) == "<think>\nR\n</think>\n<answer>\nA\n</answer><|eos|>"
+
+
 @pytest.mark.parametrize(("model", "prompt", "learned"), [
     # Yi-6B-Chat's own template: a first system message's text bare before the first turn; the assistant
     # turn opened after every user turn, generation prompt or not.

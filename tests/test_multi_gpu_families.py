@@ -395,6 +395,9 @@ def test_hunyuans_answer_markers_wrap_a_reply_once_and_go_in_pairs():
     reasoning = load_family(RECIPES_DIR / "hunyuan-a13b").reasoning
     assert reasoning.wrap_answer("家父是大理寺少卿甄远道。") == "<answer>\n家父是大理寺少卿甄远道。\n</answer>"
     assert reasoning.wrap_answer("<answer>\nA\n</answer>") == "<answer>\nA\n</answer>"
+    thought = "<think>\n想一想\n</think>\n"  # a reply that holds its reasoning: only what follows it is the answer
+    assert reasoning.wrap_answer(thought + "A") == thought + "<answer>\nA\n</answer>"
+    assert reasoning.wrap_answer(thought + "<answer>\nA\n</answer>") == thought + "<answer>\nA\n</answer>"
     assert load_family(RECIPES_DIR / "glm4.5-air").reasoning.wrap_answer("A") == "A"
     with pytest.raises(ValidationError, match="answer_start and answer_end go together"):
         Reasoning(start="<think>", end="</think>", answer_start="<answer>\n")

@@ -162,10 +162,17 @@ class Reasoning(Strict):
         return self
 
     def wrap_answer(self, text: str) -> str:
-        """A reply as the model writes it: inside the answer markers where the family has them (once)."""
-        if self.answer_start is None or self.answer_end is None or text.startswith(self.answer_start):
+        """A reply as the model writes it: its answer inside the answer markers where the family has them (once).
+        A reply that holds its reasoning keeps that before the markers, as the model writes it."""
+        if self.answer_start is None or self.answer_end is None:
             return text
-        return self.answer_start + text + self.answer_end
+        cut = text.find(self.end)
+        cut = 0 if cut < 0 else cut + len(self.end)
+        answer = text[cut:].lstrip()
+        head = text[:len(text) - len(answer)]
+        if answer.startswith(self.answer_start):
+            return text
+        return head + self.answer_start + answer + self.answer_end
 
 
 class ToolCalls(Strict):
