@@ -9,7 +9,8 @@ after the other, on 127.0.0.1; client threads in this process send the same gree
 
 Prints requests/s and p50/p95 latency at 1, 8 and 32 concurrent clients (and the selfllm/tutorial
 ratio: the batching scheduler's gain), and the streaming
-time-to-first-token of /v1/chat/completions. Request counts are bounded (under 2 minutes on 2 cores).
+time-to-first-token of /v1/chat/completions, and /health's latency with 64 streamed requests in flight
+(what Docker's health check waits for; tests only demand `selfllm health`'s timeout). Request counts are bounded (under 2 minutes on 2 cores).
 
     .venv/bin/python benchmarks/fastapi_throughput.py [--max-tokens 32] [--requests 8] [--rounds 2] [--threads 1]
 """
@@ -143,6 +144,35 @@ def load(send, n_requests: int, concurrency: int) -> dict[str, float]:
             "p95": percentile(latencies, 0.95) * 1000}
 
 
+def health_under_load(url: str, prompts: list[str], max_tokens: int, clients: int = 64,
+                      probes: int = 10) -> list[float]:
+    """/health latencies (ms, a new connection each, as Docker's check makes) while `clients` streamed requests
+    are in flight: MAX_BATCH of them generating, the rest in the engine's queue."""
+    import httpx
+
+    from selfllm_runtime.cli import HEALTH_TIMEOUT_S
+
+    def stream(i: int) -> None:
+        body = {"messages": [{"role": "user", "content": prompts[i % len(prompts)]}], "max_tokens": max_tokens,
+                "temperature": 1.0, "seed": i, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as answer:
+            for _ in answer.iter_lines():
+                pass
+
+    latencies: list[float] = []
+    with ThreadPoolExecutor(clients) as pool:
+        streams = [pool.submit(stream, i) for i in range(clients)]
+        time.sleep(1.0)  # every request sent
+        while len(latencies) < probes and not all(s.done() for s in streams):
+            t0 = time.perf_counter()
+            httpx.get(url + "/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
+            latencies.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.1)
+        for s in streams:
+            s.result()
+    return latencies
+
+
 def main() -> int:
     import httpx
 
@@ -215,6 +245,7 @@ def main() -> int:
                         if delta.get("content") or delta.get("reasoning_content"):
                             first = time.perf_counter() - t0
             ttft.append((first if first is not None else time.perf_counter() - t0) * 1000)
+        health = health_under_load(base_s, prompts, 4 * args.max_tokens)
     finally:
         for proc in procs:
             stop(proc)
@@ -235,6 +266,9 @@ def main() -> int:
     # model's random tokens this includes a few decode steps; the role chunk comes at once
     print(f"streaming time to first text chunk ({next(iter(results))}, 1 client, {len(ttft)} requests): "
           f"p50 {statistics.median(ttft):.1f} ms, max {max(ttft):.1f} ms")
+    print(f"/health with 64 streamed requests in flight ({next(iter(results))}): " + (
+        f"p50 {statistics.median(health):.1f} ms, max {max(health):.1f} ms ({len(health)} probes)" if health
+        else "the requests finished before the first probe"))
     print(f"total benchmark time {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -13,6 +13,7 @@ from conftest import uvicorn_on_loopback
 
 from selfllm_runtime.batching import EngineBusy  # noqa: E402
 from selfllm_runtime.chat_engine import ChatEngine, GenerationParams  # noqa: E402
+from selfllm_runtime.cli import HEALTH_TIMEOUT_S  # noqa: E402
 
 PROMPTS = [[{"role": "user", "content": f"第 {i} 个问题：你好，请介绍一下你自己。"}] for i in range(8)]
 
@@ -126,8 +127,9 @@ def test_full_queue_answers_503_with_retry_after(tiny_recipe, monkeypatch):
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
-def test_health_answers_fast_with_64_requests_queued(tiny_recipe, monkeypatch, stream):
-    """64 requests queue behind a held generation; /health and /v1/models still answer at once. 64 is more
+def test_health_answers_with_64_requests_queued(tiny_recipe, monkeypatch, stream):
+    """64 requests queue behind a held generation; /health and /v1/models still answer within `selfllm health`'s
+    timeout while they wait (its latency: benchmarks/fastapi_throughput.py). 64 is more
     than the event loop's shared pool has threads (40): requests waiting on the model must not hold those."""
     import httpx
     import requests
@@ -143,7 +145,7 @@ def test_health_answers_fast_with_64_requests_queued(tiny_recipe, monkeypatch, s
             await answer.aread()
             return answer.status_code
 
-    async def load_and_probe(url: str) -> tuple[list[int], list[float], int]:
+    async def load_and_probe(url: str) -> tuple[list[int], list[int]]:
         async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=80)) as http:
             idle = await asyncio.to_thread(requests.get, url + "/health", timeout=5)  # client warm-up, idle server
             assert idle.status_code == 200
@@ -157,20 +159,17 @@ def test_health_answers_fast_with_64_requests_queued(tiny_recipe, monkeypatch, s
                 await asyncio.sleep(0.01)
             queued = engine.scheduler.waiting()
             await asyncio.sleep(0.5)  # past the burst of 64 responses starting: the queue stays full (held)
-            probes = []
             for path in ("/health", "/v1/models", "/health"):  # a new connection each, as Docker's check makes
-                started = time.monotonic()
-                answer = await asyncio.to_thread(requests.get, url + path, timeout=5)
-                probes.append(time.monotonic() - started)
+                answer = await asyncio.to_thread(requests.get, url + path, timeout=HEALTH_TIMEOUT_S)
                 assert answer.status_code == 200
+            still_queued = engine.scheduler.waiting()  # the probes answered while all of them waited
             release.set()
             codes = [await blocker] + [await task for task in tasks]
-            return codes, probes, queued
+            return codes, [queued, still_queued]
 
     with uvicorn_on_loopback(create_app(engine)) as url:
-        codes, probes, queued = asyncio.run(load_and_probe(url))
-    assert queued == 64 and codes == [200] * 65
-    assert max(probes) < 0.1, f"/health and /v1/models took {probes} s with {queued} requests queued"
+        codes, queued = asyncio.run(load_and_probe(url))
+    assert queued == [64, 64] and codes == [200] * 65
 
 
 def test_bad_queue_settings_name_the_variable(tiny_recipe, monkeypatch):

@@ -59,6 +59,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+# `selfllm health` (the image's HEALTHCHECK, --timeout=5s) gives the server this long to answer.
+HEALTH_TIMEOUT_S = 4
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     context = load_context(args.recipe)
     path = kind_info(context.recipe.task).health_path  # none: no server, healthy while the process runs
@@ -67,7 +71,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     host, port = context.settings().address(context.recipe)  # HOST, PORT as `selfllm start` read them
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
     host = f"[{host}]" if ":" in host else host
-    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=4) as answer:
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=HEALTH_TIMEOUT_S) as answer:
         return 0 if answer.status == 200 else 1
 
 
