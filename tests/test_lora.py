@@ -135,39 +135,50 @@ def test_default_data_ships_with_the_runtime_and_needs_no_network(context, token
     assert settings.run_dir(Path("/m/Qwen3-8B")).name == "Qwen3-8B-huanhuan"
 
 
+def encode_as_the_family(tiny_recipe, recipe: str, conversation: list[dict], reply: dict,
+                         thinking: bool = False) -> tuple[str, str, list[int], list[int]]:
+    """One training example through the family's ChatTokenizer (its tiny model's tokenizer): (the masked prompt,
+    the learned part, decoded; input_ids, labels)."""
+    from transformers import AutoTokenizer
+
+    context, folder = tiny_recipe(recipe)
+    family = context.family
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, thinking), family.special_tokens.eos, 512,
+                         closes_reply=family.template_closes_reply, reasoning=family.reasoning,
+                         system_role=family.system_role)
+    encoded = chat.encode(conversation, reply)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    return tokenizer.decode(ids[:first_learned]), tokenizer.decode(labels[first_learned:]), ids, labels
+
+
 def test_gemma2_learns_with_the_system_prompt_in_its_first_user_turn(tiny_recipe):
     """Gemma-2's template has no system role (system_role: merge_into_first_user): the default data's
     SYSTEM_PROMPT goes into the first user turn of the prompt, the prompt stays masked, and the learned
     part is the reply and <end_of_turn>, as at inference time."""
-    from transformers import AutoTokenizer
-
     from selfllm_runtime.finetune.lora import load_tokenizer
 
-    context, folder = tiny_recipe("gemma2/lora")
-    family = context.family
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, False), family.special_tokens.eos, 512,
-                         closes_reply=family.template_closes_reply, reasoning=family.reasoning,
-                         system_role=family.system_role)
     system = "现在你要扮演皇帝身边的女人--甄嬛"
-    encoded = chat.encode([{"role": "system", "content": system}, {"role": "user", "content": "你是谁？"}],
-                          {"role": "assistant", "content": "我是甄嬛。"})
-    ids, labels = encoded["input_ids"], encoded["labels"]
+    prompt, learned, ids, labels = encode_as_the_family(
+        tiny_recipe, "gemma2/lora", [{"role": "system", "content": system}, {"role": "user", "content": "你是谁？"}],
+        {"role": "assistant", "content": "我是甄嬛。"})
     first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     assert all(label == IGNORE_INDEX for label in labels[:first_learned]) and labels[first_learned:] == ids[first_learned:]
-    assert tokenizer.decode(ids[:first_learned]) == (
-        f"<bos><start_of_turn>user\n{system}\n\n你是谁？<end_of_turn>\n<start_of_turn>model\n")
-    assert tokenizer.decode(labels[first_learned:]) == "我是甄嬛。<end_of_turn>"
+    assert prompt == f"<bos><start_of_turn>user\n{system}\n\n你是谁？<end_of_turn>\n<start_of_turn>model\n"
+    assert learned == "我是甄嬛。<end_of_turn>"
     # the task's own path: the shipped data with the recipe's SYSTEM_PROMPT, through prepare_data
+    context, folder = tiny_recipe("gemma2/lora")
+    tokenizer = load_tokenizer(context, folder)
     settings = context.settings(LoraSettings, env={"MAX_SAMPLES": "4"})
     assert settings.system_prompt == system
-    _, data, _ = prepare_data(context, load_tokenizer(context, folder), settings)
+    _, data, _ = prepare_data(context, tokenizer, settings)
     assert data.records == 4 and len(data.examples) == 4
     prompt = tokenizer.decode([t for t, label in zip(data.examples[0]["input_ids"], data.examples[0]["labels"])
                                if label == IGNORE_INDEX])
     assert prompt.startswith(f"<bos><start_of_turn>user\n{system}\n\n") and "<start_of_turn>system" not in prompt
     # a native family keeps ChatTokenizer's default: the template's own system turn
-    assert ChatTokenizer(tokenizer, {}, family.special_tokens.eos).system_role == "native"
+    assert ChatTokenizer(tokenizer, {}, context.family.special_tokens.eos).system_role == "native"
 
 
 @pytest.mark.parametrize(("recipe", "prompt", "learned"), [
@@ -184,37 +195,16 @@ def test_gemma2_learns_with_the_system_prompt_in_its_first_user_turn(tiny_recipe
     ("glm4.5-air/lora", "[gMASK]<sop><|system|>\nS<|user|>\nQ/nothink<|assistant|>\n<think></think>", "\nA<|endoftext|>"),
 ])
 def test_lora_learns_each_reply_up_to_the_family_end_of_turn(tiny_recipe, recipe, prompt, learned):
-    from transformers import AutoTokenizer
-
-    context, folder = tiny_recipe(recipe)
-    family = context.family
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, False), family.special_tokens.eos, 512,
-                         closes_reply=family.template_closes_reply,
-                         reasoning=family.reasoning, system_role=family.system_role)
-    encoded = chat.encode([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
-                          {"role": "assistant", "content": "A"})
-    ids, labels = encoded["input_ids"], encoded["labels"]
-    first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    assert tokenizer.decode(ids[:first_learned]) == prompt
-    assert tokenizer.decode(labels[first_learned:]) == learned
+    conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    encoded = encode_as_the_family(tiny_recipe, recipe, conversation, {"role": "assistant", "content": "A"})
+    assert encoded[:2] == (prompt, learned)
 
 
 def test_hunyuan_learns_a_reply_with_its_reasoning_as_the_checkpoint_writes_it(tiny_recipe):
     """Thinking on, a data reply holding its reasoning: the answer markers go around what follows </think> only."""
-    from transformers import AutoTokenizer
-
-    context, folder = tiny_recipe("hunyuan-a13b/lora")
-    family = context.family
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    chat = ChatTokenizer(tokenizer, thinking_kwargs(context, True), family.special_tokens.eos, 512,
-                         closes_reply=family.template_closes_reply, reasoning=family.reasoning,
-                         system_role=family.system_role)
-    encoded = chat.encode([{"role": "user", "content": "Q"}], {"role": "assistant", "content": "<think>\nR\n</think>\nA"})
-    ids, labels = encoded["input_ids"], encoded["labels"]
-    first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    assert tokenizer.decode(ids[:first_learned]) == "<|startoftext|>Q<|extra_0|>"
-    assert tokenizer.decode(labels[first_learned:]) == "<think>\nR\n</think>\n<answer>\nA\n</answer><|eos|>"
+    encoded = encode_as_the_family(tiny_recipe, "hunyuan-a13b/lora", [{"role": "user", "content": "Q"}],
+                                   {"role": "assistant", "content": "<think>\nR\n</think>\nA"}, thinking=True)
+    assert encoded[:2] == ("<|startoftext|>Q<|extra_0|>", "<think>\nR\n</think>\n<answer>\nA\n</answer><|eos|>")
 
 
 @pytest.mark.parametrize(("model", "prompt", "learned"), [
