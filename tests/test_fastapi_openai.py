@@ -401,21 +401,27 @@ def test_sixteen_concurrent_requests_are_all_answered_correctly(server):
         assert http.get(server + "/health").status_code == 200
 
 
-def test_client_leaving_a_stream_frees_the_model(server, engine):
+def test_client_leaving_a_stream_frees_the_model(server, engine, monkeypatch):
     """A stream whose client disconnects stops generating, so queued requests are not held up."""
     import httpx
 
+    jobs = []
+    submit = engine.scheduler.submit
+    monkeypatch.setattr(engine.scheduler, "submit", lambda job: jobs.append(job) or submit(job))
     body = {"messages": HELLO, "max_tokens": 3000, "temperature": 1.0, "seed": 1, "stream": True}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", server + URL, json=body) as answer:
             for line in answer.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:
                     break  # generating now; leave
-        assert engine.scheduler.running, "the generation ended before the client left; raise max_tokens"
+    [job] = jobs
     deadline = time.monotonic() + 10
-    while engine.scheduler.running:
+    while engine.scheduler.running or not job.closed:
         assert time.monotonic() < deadline, "the model is still generating for a client that left"
         time.sleep(0.05)
+    assert job.cancelled.is_set()
+    # ended by the client leaving, not by the model (a stop token) or its budget
+    assert job.produced < job.max_new_tokens and job.tokens[-1] not in engine.scheduler.stop_token_ids, job.produced
 
 
 def test_stream_holds_back_a_possible_stop_string(client, engine, monkeypatch):
