@@ -18,7 +18,7 @@ from ..chat_engine import ChatEngine, Message
 from ..chat_template import template_failure
 from ..context import RecipeContext
 from ..settings import FastapiSettings
-from .openai_api import ErrorResponse, add_openai_routes, engine_threads, whole_number
+from .openai_api import ErrorResponse, EngineThreads, add_openai_routes, whole_number
 
 log = logging.getLogger("selfllm.fastapi")
 
@@ -78,11 +78,10 @@ def history_to_messages(history: list[tuple[Any, Any] | HistoryMessage]) -> list
 def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
     """settings: default resolved from the environment and the recipe (settings.py)."""
     from fastapi import FastAPI, HTTPException
-    from fastapi.concurrency import run_in_threadpool
 
     recipe = engine.context.recipe
     app = FastAPI(title=recipe.name, version="1")
-    threads = engine_threads(app, engine)  # waits on the model: threads of their own (tasks/openai_api.py)
+    threads = EngineThreads(engine)  # waits on the model: threads of their own, shared with /v1 (tasks/openai_api.py)
 
     @app.get("/health")  # async: answered on the event loop, never behind queued generations
     async def health() -> dict[str, Any]:
@@ -100,8 +99,7 @@ def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
         messages.append({"role": "user", "content": body.prompt})
         params = engine.params(max_new_tokens=body.max_length, temperature=body.temperature, top_p=body.top_p)
         try:
-            answer = await run_in_threadpool(engine.submit, messages, params)  # queued (or EngineBusy) at once
-            completion = await threads.run(answer)
+            completion = await threads.generate(messages, params)
         except TemplateError as exc:  # as /v1 answers it: the template named, not a traceback
             raise HTTPException(*template_failure(engine.chat_template, exc)) from None
         pairs_style = not body.history or isinstance(body.history[0], tuple)
@@ -116,7 +114,7 @@ def create_app(engine: ChatEngine, settings: FastapiSettings | None = None):
             reply.response, reply.think, reply.answer = completion.raw, completion.reasoning or "", completion.text
         return reply
 
-    add_openai_routes(app, engine, settings)  # GET /v1/models, POST /v1/chat/completions (tasks/openai_api.py)
+    add_openai_routes(app, engine, settings, threads)  # GET /v1/models, POST /v1/chat/completions (tasks/openai_api.py)
     return app
 
 

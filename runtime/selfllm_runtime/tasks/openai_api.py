@@ -327,13 +327,6 @@ class ApiKeyMiddleware:
         await answer(scope, receive, send)
 
 
-def engine_threads(app: Any, engine: ChatEngine) -> EngineThreads:
-    """The app's one EngineThreads (the legacy route and /v1 share it)."""
-    if getattr(app.state, "engine_threads", None) is None:
-        app.state.engine_threads = EngineThreads(engine)
-    return app.state.engine_threads
-
-
 class EngineThreads:
     """Threads for the calls that wait on the model (a whole answer, a stream's next piece), apart from the
     event loop's shared pool (anyio's, 40 threads). Every request the engine admits may hold one while it
@@ -341,6 +334,7 @@ class EngineThreads:
     model never take the threads that new requests need to be prepared and queued, or refused with a 503."""
 
     def __init__(self, engine: ChatEngine) -> None:
+        self.engine = engine
         self.size = engine.scheduler.max_batch + engine.scheduler.max_queue
         self._loop: object = None
         self._limiter: Any = None
@@ -354,6 +348,13 @@ class EngineThreads:
         if loop is not self._loop:  # a limiter serves one event loop (a server has one; tests start several)
             self._loop, self._limiter = loop, anyio.CapacityLimiter(self.size)
         return await anyio.to_thread.run_sync(call, *args, limiter=self._limiter)
+
+    async def generate(self, messages: list[Message], params: GenerationParams) -> Completion:
+        """A whole answer: queued (or EngineBusy) at once on a short-lived thread of the shared pool, waited for
+        on one of these."""
+        from fastapi.concurrency import run_in_threadpool
+
+        return await self.run(await run_in_threadpool(self.engine.submit, messages, params))
 
     async def iterate(self, iterator: Iterator[str]) -> AsyncIterator[str]:
         """Pull a blocking iterator; close it (freeing the model) if the client leaves."""
@@ -370,9 +371,11 @@ class EngineThreads:
                 close()  # GeneratorExit in the engine's stream: its request is cancelled (queue slot, batch row)
 
 
-def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | None = None) -> OpenAIChat:
+def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | None = None,
+                      threads: EngineThreads | None = None) -> OpenAIChat:
     """Add /v1/models and /v1/chat/completions (+ OpenAI-shaped errors and the optional API key) to app.
-    settings: API_KEY, MODEL_ID, SERVED_MODEL_NAME (default: resolved from the environment and the recipe)."""
+    settings: API_KEY, MODEL_ID, SERVED_MODEL_NAME (default: resolved from the environment and the recipe);
+    threads: the app's EngineThreads when its other routes wait on the engine too (default: its own)."""
     from fastapi import APIRouter, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
@@ -382,7 +385,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
 
     settings = engine.context.settings(FastapiSettings) if settings is None else settings
     chat = OpenAIChat(engine, settings)
-    threads = engine_threads(app, engine)
+    threads = EngineThreads(engine) if threads is None else threads
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
     # response_model=None with documented `responses`: the schema describes the answers, which are
@@ -410,8 +413,7 @@ def add_openai_routes(app: Any, engine: ChatEngine, settings: FastapiSettings | 
             events = chat.sse_events(model, engine.stream(messages, params), include_usage, params.tools)
             return StreamingResponse(threads.iterate(events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        answer = await run_in_threadpool(engine.submit, messages, params)  # queued (or EngineBusy) at once
-        completion = await threads.run(answer)
+        completion = await threads.generate(messages, params)
         return chat.response(model, completion, params.tools)
 
     app.include_router(router)
